@@ -1,0 +1,117 @@
+"""The two halves of a sharpness-aware step, shared by ``fastasam.ASAM``/``SAM`` and the ``compat`` classes.
+
+``first_step`` buckets the parameters, asks each bucket's backend for its share of the squared norm, combines the
+shares into the one global norm on the device (never on the host), and perturbs. ``restore`` undoes it. Nothing here
+reads a tensor's value on the host, so the step does not synchronise with the device.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from . import backends
+from ._plan import RESTORE_MODES, Bucket, build_buckets, subset
+
+
+def check_nonnegative(name: str, value: object, where: str = "") -> None:
+    """Raise a ``ValueError`` naming the option unless ``value`` is a real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # also rejects NaN
+        raise ValueError(f"fastasam: invalid {name}={value!r}{where}; it must be a number >= 0.")
+
+
+def check_group_options(groups: Iterable[Mapping]) -> None:
+    for i, group in enumerate(groups):
+        check_nonnegative("rho", group["rho"], f" in param_groups[{i}]")
+        check_nonnegative("eta", group["eta"], f" in param_groups[{i}]")
+
+
+class SharpnessEngine:
+    """Holds the backend choice, ``eps``, the restore mode and, between the two steps, what to restore.
+
+    Attributes readable after ``first_step`` (device tensors; reading them on the host synchronises):
+    ``grad_norm`` (0-d, the global norm) and ``found_inf`` (0-d bool, the norm was not finite, nothing was perturbed).
+    """
+
+    def __init__(self, backend: str = "auto", eps: float = 1e-12, restore: str = "copy") -> None:
+        backends.check_name(backend)
+        check_nonnegative("eps", eps)
+        if restore not in RESTORE_MODES:
+            raise ValueError(f"fastasam: invalid restore={restore!r}; choose one of {RESTORE_MODES}.")
+        self.backend = backend
+        self.eps = float(eps)
+        self.restore_mode = restore
+        self.grad_norm: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None
+        self._pending: list[Bucket] | None = None  # perturbed buckets awaiting restore; None = not perturbed
+        self._buffers: dict[torch.Tensor, torch.Tensor] = {}
+
+    @property
+    def perturbed(self) -> bool:
+        return self._pending is not None
+
+    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._buffers[p] = torch.empty_like(p)
+        return buf
+
+    @torch.no_grad()
+    def first_step(self, groups: list[Mapping], names: Mapping[int, str] | None = None) -> None:
+        if self._pending is not None:
+            raise RuntimeError(
+                "fastasam: first_step() called twice in a row; the weights already hold w + e. "
+                "Call second_step() before the next first_step()."
+            )
+        check_group_options(groups)
+        buckets = build_buckets(groups, names=names)
+        if not buckets:  # no gradients at all: nothing to perturb, second_step still steps the base optimizer
+            self.grad_norm = self.found_inf = None
+            self._pending = []
+            return
+        impl = {b.device: backends.resolve(self.backend, b.device) for b in buckets}
+
+        shares = [impl[b.device].grad_sqnorm(b) for b in buckets]
+        main = buckets[0].device
+        acc = torch.float64 if any(s.dtype == torch.float64 for s in shares) else torch.float32
+        total = shares[0].to(acc) if len(shares) == 1 else torch.stack([s.to(main, acc) for s in shares]).sum()
+        norm = total.sqrt()
+        finite = torch.isfinite(norm)
+        ok = finite & (norm > 0)
+        self.grad_norm, self.found_inf = norm, ~finite
+
+        pending = []
+        per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for b in buckets:
+            if b.device not in per_device:
+                per_device[b.device] = (norm.to(b.device), ok.to(b.device), finite.to(b.device))
+            norm_d, ok_d, finite_d = per_device[b.device]
+            scale_of: dict[float, torch.Tensor] = {}
+            for rho in b.rho:
+                if rho not in scale_of:
+                    scale_of[rho] = torch.where(ok_d, rho / (norm_d + self.eps), 0.0)
+            keep = [rho > 0 for rho in b.rho]  # rho = 0: counted in the norm, never touched
+            if not any(keep):
+                continue
+            b.scales = [scale_of[rho] for rho in b.rho]
+            b.finite = finite_d
+            b.buffers = [self._buffer(p) for p in b.params]
+            if not all(keep):
+                b = subset(b, keep)
+            impl[b.device].perturb_(b, self.restore_mode)
+            b.grads = []  # the first pass's gradients must not outlive zero_grad()
+            b.scales = []
+            pending.append(b)
+        self._pending = pending
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._pending is None:
+            raise RuntimeError(
+                "fastasam: second_step() called without a first_step() before it; there is no perturbation to undo. "
+                "Call first_step() after the first backward pass."
+            )
+        for b in self._pending:
+            backends.resolve(self.backend, b.device).restore_(b, self.restore_mode)
+        self._pending = None

@@ -1,0 +1,106 @@
+"""What one ``first_step`` works on: the parameters that have a gradient, bucketed by (device, dtype).
+
+Every backend receives :class:`Bucket` objects and nothing else, so the optimizer classes, the reference oracle and
+the fast paths agree on one description of the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+RESTORE_MODES = ("copy", "subtract")
+
+
+@dataclass
+class Bucket:
+    """All tensors of one (device, dtype) that take part in one step.
+
+    ``params[i]`` / ``grads[i]`` share shape, device and dtype. ``adaptive[i]``, ``eta[i]`` and ``rho[i]`` are the
+    options of the group the tensor came from. ``buffers[i]`` is the one parameter-sized buffer kept for the restore:
+    the original weight (``restore="copy"``) or the perturbation ``e`` (``restore="subtract"``), in the storage dtype.
+    ``scales[i]`` is a 0-d tensor on ``device`` holding ``rho / (norm + eps)`` (0 when the norm is not finite or is 0);
+    tensors of one group share the same scale tensor object.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    adaptive: list[bool] = field(default_factory=list)
+    eta: list[float] = field(default_factory=list)
+    rho: list[float] = field(default_factory=list)
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    scales: list[torch.Tensor] = field(default_factory=list)
+    finite: torch.Tensor | None = None  # 0-d bool on device: the global norm is finite
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def option_runs(self) -> list[tuple[bool, float, torch.Tensor | None, list[int]]]:
+        """Indices grouped by (adaptive, eta, scale), in first-seen order: one foreach call per run.
+
+        Before the norm is known (``scales`` empty) the runs are grouped by (adaptive, eta) and carry no scale."""
+        runs: dict[tuple[bool, float, int], tuple[bool, float, torch.Tensor | None, list[int]]] = {}
+        scales = self.scales or [None] * len(self.params)
+        for i, (a, eta, s) in enumerate(zip(self.adaptive, self.eta, scales, strict=True)):
+            key = (a, eta if a else 0.0, id(s))
+            if key not in runs:
+                runs[key] = (a, eta if a else 0.0, s, [])
+            runs[key][3].append(i)
+        return list(runs.values())
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: fp32 for fp32/fp16/bf16 storage, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def build_buckets(groups: Iterable[Mapping], *, names: Mapping[int, str] | None = None) -> list[Bucket]:
+    """Bucket every parameter of ``groups`` that has a gradient, validating what the kernels rely on.
+
+    ``groups`` are param-group-like mappings with ``params``, ``rho``, ``eta`` and ``adaptive``. Raises on sparse
+    gradients and on gradients whose shape, dtype or device differ from the parameter's.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+    for gi, group in enumerate(groups):
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = (names or {}).get(id(p)) or f"param_groups[{gi}]['params'][{pi}]"
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(
+                    f"fastasam: {where} has a sparse gradient; ASAM/SAM need dense gradients. "
+                    "Use dense embeddings (sparse=False) or leave this parameter out of the optimizer."
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"fastasam: {where} has dtype {p.dtype}; only floating-point parameters are supported.")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise RuntimeError(
+                    f"fastasam: {where} has a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device} but the "
+                    f"parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; they must match."
+                )
+            key = (p.device, p.dtype)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = Bucket(device=p.device, dtype=p.dtype)
+            bucket.params.append(p)
+            bucket.grads.append(g)
+            bucket.adaptive.append(bool(group["adaptive"]))
+            bucket.eta.append(float(group["eta"]))
+            bucket.rho.append(float(group["rho"]))
+    return list(buckets.values())
+
+
+def subset(bucket: Bucket, keep: Sequence[bool]) -> Bucket:
+    """The bucket restricted to the tensors where ``keep`` is true (shares tensors, not lists)."""
+    out = Bucket(device=bucket.device, dtype=bucket.dtype, finite=bucket.finite)
+    for name in ("params", "grads", "adaptive", "eta", "rho", "buffers", "scales"):
+        src = getattr(bucket, name)
+        if src:
+            setattr(out, name, [x for x, k in zip(src, keep) if k])
+    return out

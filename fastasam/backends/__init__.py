@@ -1,0 +1,98 @@
+"""Backend registry: which implementations exist, which work on a device, and what ``auto`` picks.
+
+A backend is a module exposing ``name``, ``device_supported(device) -> str | None`` (None when usable, else the
+reason), ``grad_sqnorm(bucket)``, ``perturb_(bucket, restore)`` and ``restore_(bucket, restore)`` (see
+``fastasam.reference`` for the contract). ``auto`` takes, per device type, the available backend with the highest
+priority and never raises: ``reference`` works everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One registered backend: the module that implements it and its ``auto`` priority per device type."""
+
+    name: str
+    module: str
+    auto_priority: dict[str, int] = field(default_factory=dict)  # device type -> priority; missing = never auto
+    fix: str = ""  # what to do when it is unavailable
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+_LOADED: dict[str, ModuleType | str] = {}  # name -> module, or the import error's text
+
+
+def register(spec: BackendSpec) -> None:
+    """Add (or replace) a backend. Later issues' backends (triton, cuda) plug in here."""
+    _REGISTRY[spec.name] = spec
+    _LOADED.pop(spec.name, None)
+
+
+def _load(name: str) -> ModuleType | str:
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(_REGISTRY[name].module)
+        except Exception as exc:  # an optional dependency is missing or broken
+            _LOADED[name] = f"{type(exc).__name__}: {exc}"
+    return _LOADED[name]
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """None when backend ``name`` works for tensors on ``device``, else why not."""
+    device = torch.device(device)
+    mod = _load(name)
+    if isinstance(mod, str):
+        return f"it could not be imported ({mod})"
+    return mod.device_supported(device)
+
+
+def names() -> list[str]:
+    return ["auto", *_REGISTRY]
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that work here: for ``device`` when given, else for any device this machine has."""
+    if device is None:
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        devices = [torch.device(device)]
+    return [n for n in _REGISTRY if any(unavailable_reason(n, d) is None for d in devices)]
+
+
+def check_name(name: str) -> None:
+    """Raise ``ValueError`` for a name that is not a backend at all (checked at construction)."""
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"fastasam: unknown backend {name!r}; choose one of {names()}.")
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module to run for tensors on ``device``. ``auto`` never raises; a named backend that cannot run
+    there raises ``RuntimeError`` with the reason and the fix."""
+    check_name(name)
+    if name == "auto":
+        ranked = sorted(
+            (spec for spec in _REGISTRY.values() if device.type in spec.auto_priority),
+            key=lambda spec: -spec.auto_priority[device.type],
+        )
+        for spec in ranked:
+            if unavailable_reason(spec.name, device) is None:
+                return _load(spec.name)  # type: ignore[return-value]
+        return _load("reference")  # type: ignore[return-value]
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        fix = _REGISTRY[name].fix or 'use backend="auto", which falls back to what works'
+        raise RuntimeError(f"fastasam: backend {name!r} cannot run on {device}: {reason}. Fix: {fix}.")
+    return _load(name)  # type: ignore[return-value]
+
+
+register(BackendSpec("reference", "fastasam.reference", auto_priority={"cpu": 10, "cuda": 0, "mps": 0, "xpu": 0}))
+register(BackendSpec("foreach", "fastasam.backends.foreach", auto_priority={"cpu": 20, "cuda": 10, "xpu": 10}))

@@ -1,0 +1,211 @@
+"""``fastasam.ASAM`` and ``fastasam.SAM``: sharpness-aware minimisation around any ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ._engine import SharpnessEngine, check_nonnegative
+
+_OWN_GROUP_KEYS = ("rho", "eta", "adaptive")
+
+
+def _check_base_optimizer(base_optimizer: Any) -> None:
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        return
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"fastasam: base_optimizer must be a torch.optim.Optimizer class, got an instance of "
+            f"{type(base_optimizer).__name__}. Pass the class and its options, e.g. "
+            "ASAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9); to wrap an existing optimizer "
+            "use fastasam.compat.ASAM(optimizer, model)."
+        )
+    raise TypeError(
+        f"fastasam: base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, "
+        f"got {base_optimizer!r}."
+    )
+
+
+class ASAM(torch.optim.Optimizer):
+    """Adaptive Sharpness-Aware Minimization around a base optimizer.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer. Groups may set ``rho``, ``eta``
+            and ``adaptive`` as well as the base optimizer's options.
+        base_optimizer: a ``torch.optim.Optimizer`` class (``torch.optim.SGD``, ``torch.optim.AdamW``, ...).
+        rho: neighbourhood radius (>= 0). ``rho=0`` reproduces the base optimizer exactly.
+        eta: added to ``|w|`` in adaptive tensors (>= 0).
+        adaptive: scale the perturbation by ``(|w| + eta)^2`` (ASAM); ``False`` gives SAM.
+        eps: added to the global norm (>= 0).
+        restore: ``"copy"`` saves ``w`` and copies it back (bit-exact, like the community sam.py) or
+            ``"subtract"`` saves ``e`` and subtracts it (like the official asam.py). Either keeps one buffer
+            per parameter.
+        backend: ``"auto"`` or a name from ``fastasam.available_backends()``.
+        base_optimizer_kwargs: options for the base optimizer whose names clash with this class's (``eps`` of Adam).
+        **base_kwargs: the base optimizer's options (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    ``param_groups`` and ``state`` are the base optimizer's own, so LR schedulers, ``state_dict`` and per-group
+    options work as with the base optimizer alone. After ``first_step``, ``grad_norm`` holds the global norm and
+    ``found_inf`` whether it was non-finite (then nothing was perturbed); both are device tensors.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer],
+        *,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        adaptive: bool = True,
+        eps: float = 1e-12,
+        restore: str = "copy",
+        backend: str = "auto",
+        base_optimizer_kwargs: Mapping[str, Any] | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_base_optimizer(base_optimizer)
+        check_nonnegative("rho", rho)
+        check_nonnegative("eta", eta)
+        self._engine = SharpnessEngine(backend=backend, eps=eps, restore=restore)
+        super().__init__(params, dict(rho=rho, eta=eta, adaptive=bool(adaptive)))
+        base = base_optimizer(self.param_groups, **{**base_kwargs, **(base_optimizer_kwargs or {})})
+        clash = set(_OWN_GROUP_KEYS) & set(base.defaults)
+        if clash:
+            raise ValueError(
+                f"fastasam: {base_optimizer.__name__} has its own option(s) {sorted(clash)}, which would share a "
+                "param-group key with ASAM's; this base optimizer is not supported."
+            )
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.defaults.update(base.defaults)
+
+    # --- the API of SPEC §2 -------------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self._engine.backend
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        return self._engine.grad_norm
+
+    @property
+    def found_inf(self) -> torch.Tensor | None:
+        return self._engine.found_inf
+
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step`` and ``second_step``: the weights hold ``w + e``."""
+        return self._engine.perturbed
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Ascent: ``w <- w + e`` from the current gradients (first backward pass). Mutates the parameters."""
+        self._engine.first_step(self.param_groups, _group_names(self.param_groups))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass)."""
+        self._engine.restore()
+        self.base_optimizer.step()
+        self._opt_called = True  # what LR schedulers check to confirm optimizer.step() came first
+        if zero_grad:
+            self.zero_grad()
+
+    ascent_step = first_step
+    descent_step = second_step
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Both passes: ``closure`` runs forward and backward and returns the loss; returns the first pass's loss.
+
+        Unlike the community sam.py, ``step`` runs the first backward pass itself, so do not call ``backward``
+        before it.
+        """
+        if closure is None:
+            raise RuntimeError(
+                "fastasam: step() needs a closure that runs forward and backward and returns the loss, e.g. "
+                "opt.step(lambda: loss_fn(model(x), y).backward() or ...); or call first_step() and second_step()."
+            )
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("rho", "eta"):
+            if key in param_group:
+                check_nonnegative(key, param_group[key], " in the new param group")
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # during __init__
+            super().add_param_group(param_group)
+            return
+        for key in _OWN_GROUP_KEYS:
+            param_group.setdefault(key, self.defaults[key])
+        base.add_param_group(param_group)
+
+    def _check_not_perturbed(self, what: str) -> None:
+        if self._engine.perturbed:
+            raise RuntimeError(
+                f"fastasam: {what} called between first_step() and second_step(); the weights hold w + e and the "
+                "saved state would not match them. Call second_step() first, or save before first_step()."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        self._check_not_perturbed("state_dict()")
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_not_perturbed("load_state_dict()")
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:  # a checkpoint of the plain base optimizer has no ASAM options
+            for key in _OWN_GROUP_KEYS:
+                group.setdefault(key, self.defaults[key])
+
+
+class SAM(ASAM):
+    """Sharpness-Aware Minimization (Foret et al.): :class:`ASAM` with nothing adaptive."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer],
+        *,
+        rho: float = 0.05,
+        eps: float = 1e-12,
+        restore: str = "copy",
+        backend: str = "auto",
+        base_optimizer_kwargs: Mapping[str, Any] | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params, base_optimizer, rho=rho, eta=0.0, adaptive=False, eps=eps, restore=restore, backend=backend,
+            base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
+        )
+
+
+def _group_names(groups: list[dict[str, Any]]) -> dict[int, str] | None:
+    """Parameter names for error messages, where the groups carry ``param_names``."""
+    names = {id(p): n for g in groups for p, n in zip(g["params"], g.get("param_names", ()))}
+    return names or None
+
+
+def adaptive_param_groups(model: nn.Module, **group_kwargs: Any) -> list[dict[str, Any]]:
+    """The official ASAM code's split: parameters whose name contains ``weight`` are adaptive (BatchNorm weights
+    included), the others (biases) are not. ``group_kwargs`` (``lr``, ``rho``, ...) go into both groups; empty groups
+    are left out."""
+    adaptive, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (adaptive if "weight" in name else plain).append(p)
+    groups = [{"params": adaptive, "adaptive": True}, {"params": plain, "adaptive": False}]
+    return [{**g, **group_kwargs} for g in groups if g["params"]]

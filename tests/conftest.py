@@ -1,0 +1,130 @@
+"""Devices, backends, dtype tolerances and the synthetic problems shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import pytest
+import torch
+
+import fastasam
+from fastasam import backends
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (dtype, atol, rtol): the tolerance sits next to its dtype.
+DTYPE_TOLERANCES = [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-4, 1e-3), (torch.bfloat16, 1e-3, 1e-2)]
+CHUNK = 1 << 16  # the CPU foreach chunk: sizes around it exercise the chunking
+
+
+def fast_backend_cases() -> list[tuple[str, str]]:
+    """Every (backend, device) pair other than the oracle that works on this machine."""
+    return [
+        (name, dev)
+        for dev in DEVICES
+        for name in backends.available_backends(dev)
+        if name != "reference"
+    ]
+
+
+FAST_CASES = fast_backend_cases()
+FAST_IDS = [f"{b}-{d}" for b, d in FAST_CASES]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def awkward_params(device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Shapes that break naive multi-tensor code: size 1, 9x41, 4097, empty, chunk boundaries, channels_last,
+    non-contiguous, and many tiny tensors."""
+    gen = torch.Generator().manual_seed(1234)
+
+    def make(shape: tuple[int, ...], layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.nn.Parameter:
+        data = torch.randn(shape, generator=gen) * 0.5
+        return torch.nn.Parameter(layout(data.to(device, dtype)))
+
+    params = [
+        make((1,)), make((9, 41)), make((4097,)), make((0,)), make((3, 0, 2)),
+        make((CHUNK - 1,)), make((CHUNK + 3,)),
+        make((8, 3, 5, 5), lambda t: t.contiguous(memory_format=torch.channels_last)),
+        make((41, 9), lambda t: t.t()),  # non-contiguous leaf
+    ]
+    params += [make((n,)) for n in range(1, 41)]  # many tiny tensors
+    return params
+
+
+def soup_loss(params: list[torch.Tensor]) -> torch.Tensor:
+    """A smooth non-quadratic loss whose gradient depends on the weights, computed in fp32."""
+    total = torch.zeros((), device=params[0].device)
+    for i, p in enumerate(params):
+        w = p.float()
+        total = total + ((w - 0.1 * (i % 3)) ** 2).sum() * 0.5 + torch.sin(3 * w).sum() * 0.1 + (w.mean() ** 2 if w.numel() else 0)
+    return total
+
+
+def three_groups(params: list[torch.nn.Parameter]) -> list[dict]:
+    """Adaptive, non-adaptive and rho=0 groups with their own base options."""
+    n = len(params)
+    return [
+        {"params": params[: n // 2], "rho": 0.5, "eta": 0.01, "adaptive": True, "lr": 0.1},
+        {"params": params[n // 2 : n - 3], "rho": 0.05, "adaptive": False, "lr": 0.05},
+        {"params": params[n - 3 :], "rho": 0.0, "eta": 0.2, "lr": 0.02},
+    ]
+
+
+def trajectory(
+    backend: str, device: str, dtype: torch.dtype, *, steps: int = 8, reload_at: int | None = 4,
+    base: type[torch.optim.Optimizer] = torch.optim.SGD, restore: str = "copy",
+    base_kwargs: dict | None = None, unused: bool = True, base_optimizer_kwargs: dict | None = None,
+) -> list[list[torch.Tensor]]:
+    """Run ``steps`` ASAM steps on the awkward parameter soup; reload a ``state_dict`` into a new optimizer midway.
+
+    Returns the parameters after each step (copies). One parameter gets no gradient at all (``grad is None``)."""
+    params = awkward_params(device, dtype)
+    extra = torch.nn.Parameter(torch.ones(5, device=device, dtype=dtype))  # never used: grad stays None
+    trained = params
+    groups = three_groups(params)
+    if unused:
+        groups[0]["params"] = [*groups[0]["params"], extra]
+    kwargs = base_kwargs if base_kwargs is not None else {"momentum": 0.9, "weight_decay": 5e-4}
+
+    def make_opt() -> fastasam.ASAM:
+        return fastasam.ASAM(
+            [dict(g) for g in groups], base, backend=backend, restore=restore,
+            base_optimizer_kwargs=base_optimizer_kwargs, **kwargs,
+        )
+
+    opt = make_opt()
+    history = []
+    for step in range(steps):
+        if step == reload_at:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = make_opt()
+            opt.load_state_dict(saved)
+        soup_loss(trained).backward()
+        opt.first_step(zero_grad=True)
+        soup_loss(trained).backward()
+        opt.second_step(zero_grad=True)
+        history.append([p.detach().clone() for p in [*params, extra]])
+    return history
+
+
+def assert_trajectories_close(got, want, atol: float, rtol: float) -> None:
+    assert len(got) == len(want)
+    for step, (g_step, w_step) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(g_step, w_step)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"step {step}, tensor {i}: {m}")
+
+
+def assert_trajectories_equal(got, want) -> None:
+    for step, (g_step, w_step) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(g_step, w_step)):
+            assert torch.equal(g, w), f"step {step}, tensor {i} differs"
+
+
+def numel(params) -> int:
+    return sum(math.prod(p.shape) for p in params)
