@@ -142,7 +142,7 @@ class ASAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in ("rho", "eta"):
             if key in param_group:
-                check_nonnegative(key, param_group[key], " in the new param group")
+                check_nonnegative(key, param_group[key], f" in param_groups[{len(self.param_groups)}]")
         base = self.__dict__.get("base_optimizer")
         if base is None:  # during __init__
             super().add_param_group(param_group)
