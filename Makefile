@@ -1,0 +1,20 @@
+# `make bench`: set up and run the main job (the benchmark suite on whatever device is present).
+# `make test`:  set up and run the tests.
+# torch is installed first and only when missing (a CPU machine here takes the local 2.13.0 CPU wheel); the package
+# is then built with --no-build-isolation so pip never resolves a second, CUDA, torch.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup bench test lint
+setup:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench]"
+
+bench: setup
+	$(PYTHON) -m benchmarks.step_time
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check .
