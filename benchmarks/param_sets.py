@@ -11,7 +11,9 @@ import torch
 
 
 def resnet50(num_classes: int = 1000) -> list[tuple[str, tuple[int, ...]]]:
-    shapes: list[tuple[str, tuple[int, ...]]] = [("conv1.weight", (64, 3, 7, 7)), ("bn1.weight", (64,)), ("bn1.bias", (64,))]
+    shapes: list[tuple[str, tuple[int, ...]]] = [
+        ("conv1.weight", (64, 3, 7, 7)), ("bn1.weight", (64,)), ("bn1.bias", (64,)),
+    ]
     inplanes = 64
     for li, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
         for bi in range(blocks):

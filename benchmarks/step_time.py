@@ -19,8 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -159,7 +159,8 @@ def plot(result: dict, env: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.5))
     ax.barh([r["name"] for r in rows], [r["median_s"] * 1e3 for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
-        label = f"{r['median_s'] * 1e3:.1f} ms" + (f"  ({r['speedup_vs_reference']:.2f}x)" if r["speedup_vs_reference"] else "")
+        speed = f"  ({r['speedup_vs_reference']:.2f}x)" if r["speedup_vs_reference"] else ""
+        label = f"{r['median_s'] * 1e3:.1f} ms{speed}"
         ax.text(r["median_s"] * 1e3, i, " " + label, va="center")
     ax.invert_yaxis()
     ax.set_xlabel("median optimizer step time (ms), lower is better")

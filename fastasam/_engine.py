@@ -7,7 +7,7 @@ reads a tensor's value on the host, so the step does not synchronise with the de
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 

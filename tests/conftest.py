@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -42,7 +42,7 @@ def awkward_params(device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:
     non-contiguous, and many tiny tensors."""
     gen = torch.Generator().manual_seed(1234)
 
-    def make(shape: tuple[int, ...], layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.nn.Parameter:
+    def make(shape: tuple[int, ...], layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
         data = torch.randn(shape, generator=gen) * 0.5
         return torch.nn.Parameter(layout(data.to(device, dtype)))
 
@@ -61,7 +61,9 @@ def soup_loss(params: list[torch.Tensor]) -> torch.Tensor:
     total = torch.zeros((), device=params[0].device)
     for i, p in enumerate(params):
         w = p.float()
-        total = total + ((w - 0.1 * (i % 3)) ** 2).sum() * 0.5 + torch.sin(3 * w).sum() * 0.1 + (w.mean() ** 2 if w.numel() else 0)
+        total = total + ((w - 0.1 * (i % 3)) ** 2).sum() * 0.5 + torch.sin(3 * w).sum() * 0.1
+        if w.numel():
+            total = total + w.mean() ** 2
     return total
 
 
@@ -117,7 +119,8 @@ def assert_trajectories_close(got, want, atol: float, rtol: float) -> None:
     for step, (g_step, w_step) in enumerate(zip(got, want)):
         for i, (g, w) in enumerate(zip(g_step, w_step)):
             assert g.dtype == w.dtype and g.shape == w.shape
-            torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"step {step}, tensor {i}: {m}")
+            where = f"step {step}, tensor {i}"
+            torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, where=where: f"{where}: {m}")
 
 
 def assert_trajectories_equal(got, want) -> None:

@@ -9,7 +9,7 @@ fp16/bf16 chunks are upcast to fp32 for the math and rounded once when written b
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
