@@ -281,22 +281,27 @@ def test_second_step_before_first_step():
         opt.second_step()
 
 
-def test_first_step_twice_is_refused():
+def perturbed_optimizer() -> fastasam.ASAM:
+    """An optimizer between its first_step and its second_step."""
     model = torch.nn.Linear(2, 2)
     opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1)
     model(torch.ones(1, 2)).sum().backward()
     opt.first_step()
+    return opt
+
+
+def test_first_step_twice_is_refused():
+    opt = perturbed_optimizer()
     with pytest.raises(RuntimeError, match="first_step.. called twice"):
         opt.first_step()
 
 
 def test_state_dict_between_the_two_steps_is_refused():
-    model = torch.nn.Linear(2, 2)
-    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    model(torch.ones(1, 2)).sum().backward()
-    opt.first_step()
+    opt = perturbed_optimizer()
     with pytest.raises(RuntimeError, match="between first_step.. and second_step"):
         opt.state_dict()
+    with pytest.raises(RuntimeError, match="between first_step.. and second_step"):
+        opt.load_state_dict({})
     opt.second_step()
     opt.state_dict()
 
