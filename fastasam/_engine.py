@@ -31,7 +31,8 @@ class SharpnessEngine:
     """Holds the backend choice, ``eps``, the restore mode and, between the two steps, what to restore.
 
     Attributes readable after ``first_step`` (device tensors; reading them on the host synchronises):
-    ``grad_norm`` (0-d, the global norm) and ``found_inf`` (0-d bool, the norm was not finite, nothing was perturbed).
+    ``grad_norm`` (0-d, the global norm) and ``perturbation_skipped`` (0-d bool: the norm was not finite, so nothing
+    was perturbed).
     """
 
     def __init__(self, backend: str = "auto", eps: float = 1e-12, restore: str = "copy") -> None:
@@ -43,7 +44,7 @@ class SharpnessEngine:
         self.eps = float(eps)
         self.restore_mode = restore
         self.grad_norm: torch.Tensor | None = None
-        self.found_inf: torch.Tensor | None = None
+        self.perturbation_skipped: torch.Tensor | None = None
         self._pending: list[Bucket] | None = None  # perturbed buckets awaiting restore; None = not perturbed
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}
 
@@ -67,7 +68,7 @@ class SharpnessEngine:
         check_group_options(groups)
         buckets = build_buckets(groups, names=names)
         if not buckets:  # no gradients at all: nothing to perturb, second_step still steps the base optimizer
-            self.grad_norm = self.found_inf = None
+            self.grad_norm = self.perturbation_skipped = None
             self._pending = []
             return
         impl = {b.device: backends.resolve(self.backend, b.device) for b in buckets}
@@ -79,7 +80,7 @@ class SharpnessEngine:
         norm = total.sqrt()
         finite = torch.isfinite(norm)
         ok = finite & (norm > 0)
-        self.grad_norm, self.found_inf = norm, ~finite
+        self.grad_norm, self.perturbation_skipped = norm, ~finite
 
         pending = []
         per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

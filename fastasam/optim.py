@@ -49,7 +49,7 @@ class ASAM(torch.optim.Optimizer):
 
     ``param_groups`` and ``state`` are the base optimizer's own, so LR schedulers, ``state_dict`` and per-group
     options work as with the base optimizer alone. After ``first_step``, ``grad_norm`` holds the global norm and
-    ``found_inf`` whether it was non-finite (then nothing was perturbed); both are device tensors.
+    ``perturbation_skipped`` whether it was inf/NaN (then nothing was perturbed); both are device tensors.
     """
 
     def __init__(
@@ -94,8 +94,8 @@ class ASAM(torch.optim.Optimizer):
         return self._engine.grad_norm
 
     @property
-    def found_inf(self) -> torch.Tensor | None:
-        return self._engine.found_inf
+    def perturbation_skipped(self) -> torch.Tensor | None:
+        return self._engine.perturbation_skipped
 
     @property
     def perturbed(self) -> bool:

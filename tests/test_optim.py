@@ -50,7 +50,7 @@ def test_zero_gradient_gives_no_perturbation_and_no_nan(backend, device, eps):
     opt.first_step()
     for p, b in zip(params, before):
         assert torch.equal(p, b)
-    assert opt.grad_norm.item() == 0 and not opt.found_inf.item()
+    assert opt.grad_norm.item() == 0 and not opt.perturbation_skipped.item()
     opt.second_step()
     assert all(torch.isfinite(p).all() for p in params)
 
@@ -66,7 +66,7 @@ def test_non_finite_first_pass_leaves_weights_untouched(backend, device, restore
     before = [p.detach().clone() for p in params]
     opt = fastasam.ASAM(params, torch.optim.SGD, backend=backend, restore=restore, lr=0.1)
     opt.first_step(zero_grad=True)
-    assert opt.found_inf.item()
+    assert opt.perturbation_skipped.item()
     for p, b in zip(params, before):
         assert torch.equal(p, b), "a non-finite norm must not perturb any weight"
     soup_loss(params).backward()
