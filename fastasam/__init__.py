@@ -8,6 +8,7 @@
 from . import compat
 from .backends import available_backends
 from .optim import ASAM, SAM, adaptive_param_groups
+from .utils import frozen_batchnorm_stats
 
-__all__ = ["ASAM", "SAM", "adaptive_param_groups", "available_backends", "compat"]
+__all__ = ["ASAM", "SAM", "adaptive_param_groups", "available_backends", "compat", "frozen_batchnorm_stats"]
 __version__ = "0.1.0"

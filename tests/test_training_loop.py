@@ -1,0 +1,84 @@
+"""Training-loop behaviour: BatchNorm in the second pass, gradient accumulation, bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastasam
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d, nn.BatchNorm2d])
+def test_second_pass_leaves_running_stats_alone(momentum, bn):
+    layer = bn(4, momentum=momentum)
+    model = nn.Sequential(layer)
+    shape = (8, 4) if bn is nn.BatchNorm1d else (8, 4, 3, 3)
+    x1, x2 = torch.randn(shape), torch.randn(shape) * 3 + 1
+    model(x1)
+    stats = {k: v.clone() for k, v in layer.state_dict().items()}
+    free = model(x2).detach()  # what the second pass computes without the helper
+    layer.load_state_dict(stats)
+    with fastasam.frozen_batchnorm_stats(model):
+        frozen = model(x2)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, stats[k]), k
+    torch.testing.assert_close(frozen, free)  # normalised with the batch statistics, as in the first pass
+    assert layer.track_running_stats
+    model(x2)
+    assert layer.num_batches_tracked.item() == 2 and not torch.equal(layer.running_mean, stats["running_mean"])
+
+
+def test_frozen_stats_restore_flags_after_an_exception_and_keep_untracked_layers():
+    tracked, untracked = nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False)
+    model = nn.Sequential(tracked, untracked)
+    with pytest.raises(ZeroDivisionError), fastasam.frozen_batchnorm_stats(model):
+        assert not tracked.track_running_stats
+        raise ZeroDivisionError
+    assert tracked.track_running_stats and not untracked.track_running_stats
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+    big, small = nn.Linear(6, 2), nn.Linear(6, 2)
+    small.load_state_dict(big.state_dict())
+    opt_big = fastasam.ASAM(big.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    opt_small = fastasam.ASAM(small.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    loss_fn = nn.MSELoss()
+    for _ in range(4):
+        loss_fn(big(x), y).backward()
+        opt_big.first_step(zero_grad=True)
+        loss_fn(big(x), y).backward()
+        opt_big.second_step(zero_grad=True)
+        for xs, ys in zip(x.chunk(4), y.chunk(4)):  # micro-batches, both passes
+            (loss_fn(small(xs), ys) / 4).backward()
+        opt_small.first_step(zero_grad=True)
+        for xs, ys in zip(x.chunk(4), y.chunk(4)):
+            (loss_fn(small(xs), ys) / 4).backward()
+        opt_small.second_step(zero_grad=True)
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(big.weight, nn.Linear(6, 2).weight)
+
+
+def test_bf16_autocast_recipe_trains():
+    """bf16 autocast needs no GradScaler: gradients stay fp32 on fp32 parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.05, momentum=0.9)
+    x = torch.randn(64, 8)
+    y = x.sum(1, keepdim=True)
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.mse_loss(model(x).float(), y)
+        loss.backward()
+        opt.first_step(zero_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.functional.mse_loss(model(x).float(), y).backward()
+        opt.second_step(zero_grad=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert not bool(opt.perturbation_skipped)
