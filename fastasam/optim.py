@@ -118,6 +118,39 @@ class ASAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    # GradScaler (fp16): scaler.step(opt) sets ``grad_scale`` and ``found_inf`` on an optimizer that declares this
+    # and calls opt.step() whatever it found, so the restore can never be skipped.
+    _step_supports_amp_scaling = True
+
+    @torch.no_grad()
+    def _scaled_second_step(self) -> None:
+        """``second_step`` under ``scaler.step(opt)``: restore always; the base step sees unscaled gradients and is
+        skipped when either pass overflowed (weights and base state untouched)."""
+        grad_scale: torch.Tensor | None = self.__dict__["grad_scale"]  # None: the user already called unscale_
+        found_inf: torch.Tensor = self.__dict__["found_inf"]
+        self._engine.restore()
+        skip = found_inf.float().clamp(max=1.0)  # fused kernels test found_inf == 1
+        first = self._engine.perturbation_skipped
+        if first is not None:
+            skip = torch.maximum(skip, first.to(skip.device, torch.float32))
+        base = self.base_optimizer
+        if getattr(base, "_step_supports_amp_scaling", False):  # fused=True SGD/Adam/AdamW: no host sync
+            base.grad_scale, base.found_inf = grad_scale, skip  # type: ignore[attr-defined]
+            try:
+                base.step()
+            finally:
+                del base.grad_scale, base.found_inf  # type: ignore[attr-defined]
+        else:  # what GradScaler itself does for such optimizers: unscale, then one host read of the flag
+            if grad_scale is not None:
+                inv = grad_scale.double().reciprocal().float()
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(inv.to(p.grad.device))
+            if not skip.item():
+                base.step()
+        self._opt_called = True
+
     ascent_step = first_step
     descent_step = second_step
 
@@ -127,10 +160,14 @@ class ASAM(torch.optim.Optimizer):
         Unlike the community sam.py, ``step`` runs the first backward pass itself, so do not call ``backward``
         before it.
         """
+        if closure is None and "found_inf" in self.__dict__:  # called by torch.amp.GradScaler.step(opt)
+            self._scaled_second_step()
+            return None
         if closure is None:
             raise RuntimeError(
                 "fastasam: step() needs a closure that runs forward and backward and returns the loss, e.g. "
-                "opt.step(lambda: loss_fn(model(x), y).backward() or ...); or call first_step() and second_step()."
+                "opt.step(lambda: loss_fn(model(x), y).backward() or ...); or call first_step() and second_step(), or "
+                "scaler.step(opt) after the second backward under a torch.amp.GradScaler."
             )
         with torch.enable_grad():
             loss = closure()

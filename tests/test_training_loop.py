@@ -82,3 +82,60 @@ def test_bf16_autocast_recipe_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert not bool(opt.perturbation_skipped)
+
+
+def _scaler_step(model, opt, scaler, x, y, poison=None):
+    """One ASAM step under a GradScaler; ``poison`` = 'first' or 'second' writes an inf into that pass's gradient."""
+    loss_fn = nn.MSELoss()
+    scaler.scale(loss_fn(model(x), y)).backward()
+    if poison == "first":
+        model.weight.grad[0, 0] = float("inf")
+    opt.first_step(zero_grad=True)
+    scaler.scale(loss_fn(model(x), y)).backward()
+    if poison == "second":
+        model.bias.grad[0] = float("nan")
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_recipe_matches_unscaled_training(fused):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    a, b = nn.Linear(6, 2), nn.Linear(6, 2)
+    b.load_state_dict(a.state_dict())
+    opt_a = fastasam.ASAM(a.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    opt_b = fastasam.ASAM(b.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    for _ in range(4):
+        nn.functional.mse_loss(a(x), y).backward()
+        opt_a.first_step(zero_grad=True)
+        nn.functional.mse_loss(a(x), y).backward()
+        opt_a.second_step(zero_grad=True)
+        _scaler_step(b, opt_b, scaler, x, y)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    assert scaler.get_scale() == 2.0**12
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("poison", ["first", "second"])
+def test_grad_scaler_overflow_in_either_pass_skips_the_step(fused, poison):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    model = nn.Linear(6, 2)
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    _scaler_step(model, opt, scaler, x, y)  # one good step: momentum exists
+    weights = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    _scaler_step(model, opt, scaler, x, y, poison=poison)
+    assert not opt.perturbed
+    for p, w, m in zip(model.parameters(), weights, momentum):
+        assert torch.equal(p, w), "weights must be untouched"
+        assert torch.equal(opt.state[p]["momentum_buffer"], m), "base optimizer state must be untouched"
+    if poison == "second":
+        assert scaler.get_scale() == 2.0**11  # the scale backs off as usual
+    _scaler_step(model, opt, scaler, x, y)  # and training goes on
+    assert not torch.equal(model.weight, weights[0])
