@@ -139,3 +139,67 @@ def test_grad_scaler_overflow_in_either_pass_skips_the_step(fused, poison):
         assert scaler.get_scale() == 2.0**11  # the scale backs off as usual
     _scaler_step(model, opt, scaler, x, y)  # and training goes on
     assert not torch.equal(model.weight, weights[0])
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_torch_compile_of_a_training_step_that_calls_fastasam():
+    """The whole two-pass step under torch.compile runs and matches eager (dynamo traces or breaks around the
+    optimizer; it must not fail on it)."""
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    results = []
+    for compiled in (False, True):
+        model = _tiny_model()
+        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+
+        fn = torch.compile(step, backend="aot_eager") if compiled else step
+        for _ in range(3):
+            fn()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_captured_optimizer_step_replays_like_eager():
+    device = "cuda"
+    ref_model, model = _tiny_model().to(device), _tiny_model().to(device)
+    x, y = torch.randn(16, 6, device=device), torch.randn(16, 2, device=device)
+    ref_opt = fastasam.ASAM(ref_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+
+    def step(m, o):
+        nn.functional.mse_loss(m(x), y).backward()
+        o.first_step()
+        o.zero_grad(set_to_none=False)
+        nn.functional.mse_loss(m(x), y).backward()
+        o.second_step()
+        o.zero_grad(set_to_none=False)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: buffers and momentum allocated outside the graph
+            step(model, opt)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        step(ref_model, ref_opt)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt)
+    for _ in range(4):
+        graph.replay()
+        step(ref_model, ref_opt)
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
