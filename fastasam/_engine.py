@@ -45,7 +45,8 @@ class SharpnessEngine:
         self.restore_mode = restore
         self.grad_norm: torch.Tensor | None = None
         self.perturbation_skipped: torch.Tensor | None = None
-        self._pending: list[Bucket] | None = None  # perturbed buckets awaiting restore; None = not perturbed
+        # perturbed buckets awaiting restore, with the backend that perturbed them; None = not perturbed
+        self._pending: list[tuple[ModuleType, Bucket]] | None = None
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}
 
     @property
@@ -103,7 +104,7 @@ class SharpnessEngine:
             impl[b.device].perturb_(b, self.restore_mode)
             b.grads = []  # the first pass's gradients must not outlive zero_grad()
             b.scales = []
-            pending.append(b)
+            pending.append((impl[b.device], b))
         self._pending = pending
 
     @torch.no_grad()
@@ -113,6 +114,6 @@ class SharpnessEngine:
                 "fastasam: second_step() called without a first_step() before it; there is no perturbation to undo. "
                 "Call first_step() after the first backward pass."
             )
-        for b in self._pending:
-            backends.resolve(self.backend, b.device).restore_(b, self.restore_mode)
+        for impl, b in self._pending:
+            impl.restore_(b, self.restore_mode)
         self._pending = None

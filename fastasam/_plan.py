@@ -36,10 +36,6 @@ class Bucket:
     scales: list[torch.Tensor] = field(default_factory=list)
     finite: torch.Tensor | None = None  # 0-d bool on device: the global norm is finite
 
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
-
     def option_runs(self) -> list[tuple[bool, float, torch.Tensor | None, list[int]]]:
         """Indices grouped by (adaptive, eta, scale), in first-seen order: one foreach call per run.
 
