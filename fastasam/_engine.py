@@ -8,6 +8,7 @@ reads a tensor's value on the host, so the step does not synchronise with the de
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from types import ModuleType
 
 import torch
 
