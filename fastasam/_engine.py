@@ -61,14 +61,14 @@ class SharpnessEngine:
         return buf
 
     @torch.no_grad()
-    def first_step(self, groups: list[Mapping], names: Mapping[int, str] | None = None) -> None:
+    def first_step(self, groups: list[Mapping]) -> None:
         if self._pending is not None:
             raise RuntimeError(
                 "fastasam: first_step() called twice in a row; the weights already hold w + e. "
                 "Call second_step() before the next first_step()."
             )
         check_group_options(groups)
-        buckets = build_buckets(groups, names=names)
+        buckets = build_buckets(groups)
         if not buckets:  # no gradients at all: nothing to perturb, second_step still steps the base optimizer
             self.grad_norm = self.perturbation_skipped = None
             self._pending = []

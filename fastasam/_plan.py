@@ -55,11 +55,18 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def build_buckets(groups: Iterable[Mapping], *, names: Mapping[int, str] | None = None) -> list[Bucket]:
+def _param_name(group: Mapping, gi: int, pi: int) -> str:
+    """How an error message names a parameter: its ``param_names`` entry where the group has one."""
+    names = group.get("param_names")
+    return names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
+
+
+def build_buckets(groups: Iterable[Mapping]) -> list[Bucket]:
     """Bucket every parameter of ``groups`` that has a gradient, validating what the kernels rely on.
 
-    ``groups`` are param-group-like mappings with ``params``, ``rho``, ``eta`` and ``adaptive``. Raises on sparse
-    gradients and on gradients whose shape, dtype or device differ from the parameter's.
+    ``groups`` are param-group-like mappings with ``params``, ``rho``, ``eta``, ``adaptive`` and optionally
+    ``param_names`` (used in error messages). Raises on sparse gradients and on gradients whose shape, dtype or device
+    differ from the parameter's.
     """
     buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
     for gi, group in enumerate(groups):
@@ -67,17 +74,20 @@ def build_buckets(groups: Iterable[Mapping], *, names: Mapping[int, str] | None 
             g = p.grad
             if g is None:
                 continue
-            where = (names or {}).get(id(p)) or f"param_groups[{gi}]['params'][{pi}]"
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(
-                    f"fastasam: {where} has a sparse gradient; ASAM/SAM need dense gradients. "
+                    f"fastasam: {_param_name(group, gi, pi)} has a sparse gradient; ASAM/SAM need dense gradients. "
                     "Use dense embeddings (sparse=False) or leave this parameter out of the optimizer."
                 )
             if not p.is_floating_point():
-                raise TypeError(f"fastasam: {where} has dtype {p.dtype}; only floating-point parameters are supported.")
+                raise TypeError(
+                    f"fastasam: {_param_name(group, gi, pi)} has dtype {p.dtype}; only floating-point parameters "
+                    "are supported."
+                )
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise RuntimeError(
-                    f"fastasam: {where} has a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device} but the "
+                    f"fastasam: {_param_name(group, gi, pi)} has a gradient of shape {tuple(g.shape)}, {g.dtype} on "
+                    f"{g.device} but the "
                     f"parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; they must match."
                 )
             key = (p.device, p.dtype)

@@ -44,20 +44,22 @@ class ASAM:
         self.eta = eta
         self._engine = SharpnessEngine(backend=backend, eps=OFFICIAL_EPS, restore="subtract")
 
-    def _groups(self) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    def _groups(self) -> list[dict[str, Any]]:
         named = list(self.model.named_parameters())
-        names = {id(p): n for n, p in named}
         common = {"rho": self.rho, "eta": self.eta}
-        if not self.adaptive:
-            return [{"params": [p for _, p in named], "adaptive": False, **common}], names
-        weights = [p for n, p in named if "weight" in n]
-        others = [p for n, p in named if "weight" not in n]
-        return [{"params": weights, "adaptive": True, **common}, {"params": others, "adaptive": False, **common}], names
+        if self.adaptive:  # the official rule: a name containing "weight" is adaptive
+            splits = [(True, [(n, p) for n, p in named if "weight" in n]),
+                      (False, [(n, p) for n, p in named if "weight" not in n])]
+        else:
+            splits = [(False, named)]
+        return [
+            {"params": [p for _, p in part], "param_names": [n for n, _ in part], "adaptive": adaptive, **common}
+            for adaptive, part in splits
+        ]
 
     @torch.no_grad()
     def ascent_step(self) -> None:
-        groups, names = self._groups()
-        self._engine.first_step(groups, names)
+        self._engine.first_step(self._groups())
         self.optimizer.zero_grad()
 
     @torch.no_grad()

@@ -105,7 +105,7 @@ class ASAM(torch.optim.Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Ascent: ``w <- w + e`` from the current gradients (first backward pass). Mutates the parameters."""
-        self._engine.first_step(self.param_groups, _group_names(self.param_groups))
+        self._engine.first_step(self.param_groups)
         if zero_grad:
             self.zero_grad()
 
@@ -229,12 +229,6 @@ class SAM(ASAM):
             params, base_optimizer, rho=rho, eta=0.0, adaptive=False, eps=eps, restore=restore, backend=backend,
             base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
         )
-
-
-def _group_names(groups: list[dict[str, Any]]) -> dict[int, str] | None:
-    """Parameter names for error messages, where the groups carry ``param_names``."""
-    names = {id(p): n for g in groups for p, n in zip(g["params"], g.get("param_names", ()))}
-    return names or None
 
 
 def adaptive_param_groups(model: nn.Module, **group_kwargs: Any) -> list[dict[str, Any]]:
