@@ -109,6 +109,34 @@ class SharpnessEngine:
         self._pending = pending
 
     @torch.no_grad()
+    def restore_and_step(self, base: torch.optim.Optimizer) -> None:
+        """Restore, then ``base.step()``; fused into one pass over memory where every perturbed bucket's backend
+        can apply ``base``'s update itself and the perturbed tensors are exactly those the base optimizer steps."""
+        fused = self._fused_steps(base)
+        if fused is None:
+            self.restore()
+            base.step()
+            return
+        for run in fused:
+            run()
+        self._pending = None
+
+    def _fused_steps(self, base: torch.optim.Optimizer) -> list | None:
+        pending = self._pending
+        if not pending or any(getattr(impl, "prepare_fused_step", None) is None for impl, _ in pending):
+            return None
+        owner = {p: gi for gi, group in enumerate(base.param_groups) for p in group["params"] if p.grad is not None}
+        if len(owner) != sum(len(b.params) for _, b in pending):
+            return None  # rho = 0 groups, or a gradient present in only one of the two passes
+        runs = []
+        for impl, b in pending:
+            groups = [owner.get(p, -1) for p in b.params]
+            if -1 in groups:
+                return None
+            runs.append(impl.prepare_fused_step(b, groups, base, self.restore_mode))
+        return None if any(r is None for r in runs) else runs
+
+    @torch.no_grad()
     def restore(self) -> None:
         if self._pending is None:
             raise RuntimeError(

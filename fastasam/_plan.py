@@ -19,7 +19,7 @@ class Bucket:
     """All tensors of one (device, dtype) that take part in one step.
 
     ``params[i]`` / ``grads[i]`` share shape, device and dtype. ``adaptive[i]``, ``eta[i]`` and ``rho[i]`` are the
-    options of the group the tensor came from. ``buffers[i]`` is the one parameter-sized buffer kept for the restore:
+    options of the group the tensor came from (``group[i]`` its index; a group's tensors are consecutive). ``buffers[i]`` is the one parameter-sized buffer kept for the restore:
     the original weight (``restore="copy"``) or the perturbation ``e`` (``restore="subtract"``), in the storage dtype.
     ``scales[i]`` is a 0-d tensor on ``device`` holding ``rho / (norm + eps)`` (0 when the norm is not finite or is 0);
     tensors of one group share the same scale tensor object.
@@ -35,6 +35,8 @@ class Bucket:
     buffers: list[torch.Tensor] = field(default_factory=list)
     scales: list[torch.Tensor] = field(default_factory=list)
     finite: torch.Tensor | None = None  # 0-d bool on device: the global norm is finite
+    group: list[int] = field(default_factory=list)  # index of the param group each tensor came from
+    plan: object = None  # a backend's own description of the bucket (kept from perturb_ to restore_)
 
     def option_runs(self) -> list[tuple[bool, float, torch.Tensor | None, list[int]]]:
         """Indices grouped by (adaptive, eta, scale), in first-seen order: one foreach call per run.
@@ -99,13 +101,14 @@ def build_buckets(groups: Iterable[Mapping]) -> list[Bucket]:
             bucket.adaptive.append(bool(group["adaptive"]))
             bucket.eta.append(float(group["eta"]))
             bucket.rho.append(float(group["rho"]))
+            bucket.group.append(gi)
     return list(buckets.values())
 
 
 def subset(bucket: Bucket, keep: Sequence[bool]) -> Bucket:
     """The bucket restricted to the tensors where ``keep`` is true (shares tensors, not lists)."""
     out = Bucket(device=bucket.device, dtype=bucket.dtype, finite=bucket.finite)
-    for name in ("params", "grads", "adaptive", "eta", "rho", "buffers", "scales"):
+    for name in ("params", "grads", "adaptive", "eta", "rho", "buffers", "scales", "group"):
         src = getattr(bucket, name)
         if src:
             setattr(out, name, [x for x, k in zip(src, keep) if k])

@@ -64,8 +64,7 @@ class ASAM:
 
     @torch.no_grad()
     def descent_step(self) -> None:
-        self._engine.restore()
-        self.optimizer.step()
+        self._engine.restore_and_step(self.optimizer)
         self.optimizer.zero_grad()
 
 

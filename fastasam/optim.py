@@ -112,8 +112,7 @@ class ASAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass)."""
-        self._engine.restore()
-        self.base_optimizer.step()
+        self._engine.restore_and_step(self.base_optimizer)
         self._opt_called = True  # what LR schedulers check to confirm optimizer.step() came first
         if zero_grad:
             self.zero_grad()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: its kernels then run on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastasam
 from fastasam import backends

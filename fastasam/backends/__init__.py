@@ -96,3 +96,9 @@ def resolve(name: str, device: torch.device) -> ModuleType:
 
 register(BackendSpec("reference", "fastasam.reference", auto_priority={"cpu": 10, "cuda": 0, "mps": 0, "xpu": 0}))
 register(BackendSpec("foreach", "fastasam.backends.foreach", auto_priority={"cpu": 20, "cuda": 10, "xpu": 10}))
+register(
+    BackendSpec(
+        "triton", "fastasam.backends.triton_backend", auto_priority={"cuda": 30},
+        fix="pip install triton (Linux, with a CUDA build of PyTorch) and use CUDA tensors, or backend=\"auto\"",
+    )
+)

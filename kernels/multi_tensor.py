@@ -1,0 +1,337 @@
+"""Triton multi-tensor kernels: every phase of a sharpness-aware step over all tensors of one (device, dtype) bucket in
+one launch.
+
+The host (``fastasam/backends/triton.py``) describes the bucket with two small device tables, built once and reused
+while the tensors stay where they are:
+
+* the tensor table, ``int64[N, NCOL]``, one row per tensor: the addresses of the parameter, its gradient, the restore
+  buffer and up to three optimizer-state tensors, the element count and a flags word (bit 0: adaptive; bit 1: the
+  optimizer state is new this step; bits 8..: index of the tensor's scale);
+* the chunk table, ``int32[C, 2]``: (tensor row, chunk number). Program ``pid`` handles elements
+  ``[chunk * CHUNK, min((chunk + 1) * CHUNK, numel))`` of its tensor, so a 2-element bias and a 2M-element
+  convolution weight are scheduled alike and one launch covers the whole model.
+
+Inside a chunk, full blocks of ``BLOCK`` elements are loaded without a mask (so 16-byte aligned tensors get vector
+loads) and one masked block finishes the tail. Math runs in ``ACC`` (fp32, or fp64 for fp64 storage); every store
+rounds once to the storage dtype. Offsets are int64, so tensors over 2^31 elements are addressed correctly.
+
+The squared norm is reduced deterministically without float atomics: each program writes its partial sum to its own
+slot; an integer counter tells the program that finishes last, which then sums the partials in a fixed order and
+resets the counter (so the same launch can be replayed, e.g. in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# columns of the tensor table
+COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_NUMEL, COL_FLAGS = range(8)
+NCOL = 8
+FLAG_ADAPTIVE = 1
+FLAG_FRESH_STATE = 2
+SCALE_SHIFT = 8
+# Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest even; under the interpreter the kernels
+# round explicitly so that CI checks the numbers a GPU produces.
+_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _to(x, DT: tl.constexpr):
+    """``x`` rounded to nearest even in dtype ``DT``."""
+    if DT == tl.bfloat16 and _ROUND_BF16_BY_HAND:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _ptr(tab, row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(tab + row * 8 + col).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _chunk(tab, chunks, pid, CHUNK: tl.constexpr):
+    """(row, first element, element count) of program ``pid``'s chunk."""
+    row = tl.load(chunks + pid * 2).to(tl.int64)
+    start = tl.load(chunks + pid * 2 + 1).to(tl.int64) * CHUNK
+    numel = tl.load(tab + row * 8 + 6)
+    return row, start, tl.minimum(numel - start, CHUNK)
+
+
+@triton.jit
+def _ld(ptr, idx, n, MASKED: tl.constexpr, ACC: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + idx, mask=idx < n, other=0.0).to(ACC)
+    else:
+        return tl.load(ptr + idx).to(ACC)
+
+
+@triton.jit
+def _st(ptr, idx, n, x, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + idx, _to(x, ptr.dtype.element_ty), mask=idx < n)
+    else:
+        tl.store(ptr + idx, _to(x, ptr.dtype.element_ty))
+
+
+# --- phase 1: the squared norm ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sq_block(w, g, idx, n, eta, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
+    x = _ld(g, idx, n, MASKED, ACC)
+    if ADAPTIVE:
+        x = (tl.abs(_ld(w, idx, n, MASKED, ACC)) + eta) * x
+    return x * x
+
+
+@triton.jit
+def _sq_chunk(w, g, start, length, eta, ADAPTIVE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], ACC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    for j in range(0, full):
+        acc += _sq_block(w, g, start + j * BLOCK + lanes, start + length, eta, ADAPTIVE, False, ACC)
+    if full * BLOCK < length:
+        acc += _sq_block(w, g, start + full * BLOCK + lanes, start + length, eta, ADAPTIVE, True, ACC)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def sqnorm_kernel(
+    tab, etas, chunks, partials, counter, out, n_programs,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """``out = sum over all chunks of sum((T_w * g)^2)``; ``T_w = |w| + eta`` for adaptive rows, else 1."""
+    pid = tl.program_id(0)
+    row, start, length = _chunk(tab, chunks, pid, CHUNK)
+    flags = tl.load(tab + row * 8 + 7)
+    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
+    if (flags & 1) != 0:
+        w = _ptr(tab, row, 0, DTYPE, ALIGNED)
+        part = _sq_chunk(w, g, start, length, tl.load(etas + row), True, ACC, BLOCK)
+    else:
+        part = _sq_chunk(g, g, start, length, 0.0, False, ACC, BLOCK)
+    tl.store(partials + pid, part)
+    tl.debug_barrier()  # every thread's share of the store is issued before the counter moves
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+    if ticket == n_programs - 1:  # the last program to finish: fixed-order sum of the partials
+        tl.debug_barrier()
+        lanes = tl.arange(0, BLOCK)
+        total = tl.zeros([BLOCK], ACC)
+        for base in range(0, n_programs, BLOCK):
+            idx = base + lanes
+            total += tl.load(partials + idx, mask=idx < n_programs, other=0.0, volatile=True)
+        tl.store(out, tl.sum(total, axis=0))
+        tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA-graph replay included)
+
+
+# --- phase 2: the perturbation ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _perturb_block(
+    w, g, b, idx, n, eta, scale, finite,
+    ADAPTIVE: tl.constexpr, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+):
+    wv = _ld(w, idx, n, MASKED, ACC)
+    gv = _ld(g, idx, n, MASKED, ACC)
+    if ADAPTIVE:
+        t = tl.abs(wv) + eta
+        e = t * (t * gv) * scale
+    else:
+        e = gv * scale
+    e = tl.where(finite, e, 0.0)  # a non-finite norm means inf/NaN in g: e is exactly 0, never NaN
+    if COPY:
+        _st(b, idx, n, wv, MASKED)
+    else:
+        e = _to(e, b.dtype.element_ty)  # the stored e is rounded once; that rounded value is added
+        _st(b, idx, n, e, MASKED)
+        e = e.to(ACC)
+    _st(w, idx, n, wv + e, MASKED)
+
+
+@triton.jit
+def _perturb_chunk(
+    w, g, b, start, length, eta, scale, finite,
+    ADAPTIVE: tl.constexpr, COPY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    for j in range(0, full):
+        _perturb_block(w, g, b, start + j * BLOCK + lanes, start + length, eta, scale, finite,
+                       ADAPTIVE, COPY, False, ACC)
+    if full * BLOCK < length:
+        _perturb_block(w, g, b, start + full * BLOCK + lanes, start + length, eta, scale, finite,
+                       ADAPTIVE, COPY, True, ACC)
+
+
+@triton.jit
+def perturb_kernel(
+    tab, etas, chunks, scales, finite_ptr,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """``w <- w + e`` with ``e = T_w^2 * g * scale`` (masked to 0 unless ``finite``); the buffer gets ``w``
+    (``COPY``) or ``e``."""
+    pid = tl.program_id(0)
+    row, start, length = _chunk(tab, chunks, pid, CHUNK)
+    flags = tl.load(tab + row * 8 + 7)
+    scale = tl.load(scales + (flags >> 8)).to(ACC)
+    finite = tl.load(finite_ptr) != 0
+    w = _ptr(tab, row, 0, DTYPE, ALIGNED)
+    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
+    b = _ptr(tab, row, 2, DTYPE, ALIGNED)
+    if (flags & 1) != 0:
+        _perturb_chunk(w, g, b, start, length, tl.load(etas + row), scale, finite, True, COPY, ACC, BLOCK)
+    else:
+        _perturb_chunk(w, g, b, start, length, 0.0, scale, finite, False, COPY, ACC, BLOCK)
+
+
+# --- phase 3: restore, alone or fused with the base optimizer's update -----------------------------------------------
+
+
+@triton.jit
+def _restored(w, b, idx, n, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
+    """The original weight, as the storage dtype holds it, in ``ACC``."""
+    if COPY:
+        return _ld(b, idx, n, MASKED, ACC)
+    else:
+        return _to(_ld(w, idx, n, MASKED, ACC) - _ld(b, idx, n, MASKED, ACC), w.dtype.element_ty).to(ACC)
+
+
+@triton.jit
+def _restore_chunk(w, b, start, length, COPY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    for j in range(0, full):
+        idx = start + j * BLOCK + lanes
+        _st(w, idx, start + length, _restored(w, b, idx, start + length, COPY, False, ACC), False)
+    if full * BLOCK < length:
+        idx = start + full * BLOCK + lanes
+        _st(w, idx, start + length, _restored(w, b, idx, start + length, COPY, True, ACC), True)
+
+
+@triton.jit
+def restore_kernel(
+    tab, chunks,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """``w <- saved w`` (``COPY``) or ``w <- w - e``."""
+    pid = tl.program_id(0)
+    row, start, length = _chunk(tab, chunks, pid, CHUNK)
+    _restore_chunk(_ptr(tab, row, 0, DTYPE, ALIGNED), _ptr(tab, row, 2, DTYPE, ALIGNED), start, length, COPY, ACC,
+                   BLOCK)
+
+
+@triton.jit
+def _sgd_block(
+    w, g, b, m, idx, n, fresh, lr, momentum, dampening, weight_decay,
+    COPY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    MASKED: tl.constexpr, ACC: tl.constexpr,
+):
+    p = _restored(w, b, idx, n, COPY, MASKED, ACC)
+    d = _ld(g, idx, n, MASKED, ACC)
+    if MAXIMIZE:
+        d = -d
+    d = d + weight_decay * p
+    if MOMENTUM:
+        buf = _ld(m, idx, n, MASKED, ACC)
+        buf = tl.where(fresh, d, buf * momentum + (1.0 - dampening) * d)  # torch.optim.SGD: first buffer = d
+        buf = _to(buf, m.dtype.element_ty).to(ACC)
+        _st(m, idx, n, buf, MASKED)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    _st(w, idx, n, p - lr * d, MASKED)
+
+
+@triton.jit
+def restore_sgd_kernel(
+    tab, chunks, first_chunk, lr, momentum, dampening, weight_decay,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+):
+    """Restore, then ``torch.optim.SGD``'s update with the second-pass gradient, in one pass over memory.
+
+    Rows: W parameter, G gradient, B restore buffer, S1 momentum buffer (flag bit 1: the buffer is new)."""
+    pid = tl.program_id(0) + first_chunk
+    row, start, length = _chunk(tab, chunks, pid, CHUNK)
+    fresh = (tl.load(tab + row * 8 + 7) & 2) != 0
+    w = _ptr(tab, row, 0, DTYPE, ALIGNED)
+    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
+    b = _ptr(tab, row, 2, DTYPE, ALIGNED)
+    m = _ptr(tab, row, 3, DTYPE, ALIGNED)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    end = start + length
+    for j in range(0, full):
+        _sgd_block(w, g, b, m, start + j * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
+                   COPY, MOMENTUM, NESTEROV, MAXIMIZE, False, ACC)
+    if full * BLOCK < length:
+        _sgd_block(w, g, b, m, start + full * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
+                   COPY, MOMENTUM, NESTEROV, MAXIMIZE, True, ACC)
+
+
+@triton.jit
+def _adam_block(
+    w, g, b, m1, m2, vmax, idx, n, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+    COPY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    MASKED: tl.constexpr, ACC: tl.constexpr,
+):
+    p = _restored(w, b, idx, n, COPY, MASKED, ACC)
+    d = _ld(g, idx, n, MASKED, ACC)
+    if MAXIMIZE:
+        d = -d
+    if DECOUPLED:
+        p = p * (1.0 - lr * weight_decay)
+    else:
+        d = d + weight_decay * p
+    mv = _ld(m1, idx, n, MASKED, ACC)
+    mv = mv + (1.0 - beta1) * (d - mv)
+    vv = _ld(m2, idx, n, MASKED, ACC)
+    vv = vv * beta2 + (1.0 - beta2) * d * d
+    _st(m1, idx, n, mv, MASKED)
+    _st(m2, idx, n, vv, MASKED)
+    if AMSGRAD:
+        vv = tl.maximum(_ld(vmax, idx, n, MASKED, ACC), vv)
+        _st(vmax, idx, n, vv, MASKED)
+    denom = tl.sqrt(vv) / bc2_sqrt + eps
+    _st(w, idx, n, p - step_size * (mv / denom), MASKED)
+
+
+@triton.jit
+def restore_adam_kernel(
+    tab, chunks, first_chunk, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+):
+    """Restore, then ``torch.optim.Adam`` / ``AdamW``'s update (bias corrections computed on the host from the
+    group's step count). Rows: W, G, B, S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq (amsgrad)."""
+    pid = tl.program_id(0) + first_chunk
+    row, start, length = _chunk(tab, chunks, pid, CHUNK)
+    w = _ptr(tab, row, 0, DTYPE, ALIGNED)
+    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
+    b = _ptr(tab, row, 2, DTYPE, ALIGNED)
+    m1 = _ptr(tab, row, 3, DTYPE, ALIGNED)
+    m2 = _ptr(tab, row, 4, DTYPE, ALIGNED)
+    vmax = _ptr(tab, row, 5, DTYPE, ALIGNED)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    end = start + length
+    for j in range(0, full):
+        _adam_block(w, g, b, m1, m2, vmax, start + j * BLOCK + lanes, end, lr, beta1, beta2, eps, weight_decay,
+                    step_size, bc2_sqrt, COPY, DECOUPLED, AMSGRAD, MAXIMIZE, False, ACC)
+    if full * BLOCK < length:
+        _adam_block(w, g, b, m1, m2, vmax, start + full * BLOCK + lanes, end, lr, beta1, beta2, eps, weight_decay,
+                    step_size, bc2_sqrt, COPY, DECOUPLED, AMSGRAD, MAXIMIZE, True, ACC)
