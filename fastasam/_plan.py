@@ -19,7 +19,8 @@ class Bucket:
     """All tensors of one (device, dtype) that take part in one step.
 
     ``params[i]`` / ``grads[i]`` share shape, device and dtype. ``adaptive[i]``, ``eta[i]`` and ``rho[i]`` are the
-    options of the group the tensor came from (``group[i]`` its index; a group's tensors are consecutive). ``buffers[i]`` is the one parameter-sized buffer kept for the restore:
+    options of the group the tensor came from (``group[i]`` its index; a group's tensors are consecutive).
+    ``buffers[i]`` is the one parameter-sized buffer kept for the restore:
     the original weight (``restore="copy"``) or the perturbation ``e`` (``restore="subtract"``), in the storage dtype.
     ``scales[i]`` is a 0-d tensor on ``device`` holding ``rho / (norm + eps)`` (0 when the norm is not finite or is 0);
     tensors of one group share the same scale tensor object.

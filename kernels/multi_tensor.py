@@ -66,30 +66,16 @@ def _chunk(tab, chunks, pid, CHUNK: tl.constexpr):
     return row, start, tl.minimum(numel - start, CHUNK)
 
 
-@triton.jit
-def _ld(ptr, idx, n, MASKED: tl.constexpr, ACC: tl.constexpr):
-    if MASKED:
-        return tl.load(ptr + idx, mask=idx < n, other=0.0).to(ACC)
-    else:
-        return tl.load(ptr + idx).to(ACC)
-
-
-@triton.jit
-def _st(ptr, idx, n, x, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + idx, _to(x, ptr.dtype.element_ty), mask=idx < n)
-    else:
-        tl.store(ptr + idx, _to(x, ptr.dtype.element_ty))
-
-
 # --- phase 1: the squared norm ---------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _sq_block(w, g, idx, n, eta, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
-    x = _ld(g, idx, n, MASKED, ACC)
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
+    x = tl.load(g + idx, mask=m, other=o).to(ACC)
     if ADAPTIVE:
-        x = (tl.abs(_ld(w, idx, n, MASKED, ACC)) + eta) * x
+        x = (tl.abs(tl.load(w + idx, mask=m, other=o).to(ACC)) + eta) * x
     return x * x
 
 
@@ -142,8 +128,10 @@ def _perturb_block(
     w, g, b, idx, n, eta, scale, finite,
     ADAPTIVE: tl.constexpr, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
 ):
-    wv = _ld(w, idx, n, MASKED, ACC)
-    gv = _ld(g, idx, n, MASKED, ACC)
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
+    wv = tl.load(w + idx, mask=m, other=o).to(ACC)
+    gv = tl.load(g + idx, mask=m, other=o).to(ACC)
     if ADAPTIVE:
         t = tl.abs(wv) + eta
         e = t * (t * gv) * scale
@@ -151,12 +139,12 @@ def _perturb_block(
         e = gv * scale
     e = tl.where(finite, e, 0.0)  # a non-finite norm means inf/NaN in g: e is exactly 0, never NaN
     if COPY:
-        _st(b, idx, n, wv, MASKED)
+        tl.store(b + idx, _to(wv, b.dtype.element_ty), mask=m)
     else:
         e = _to(e, b.dtype.element_ty)  # the stored e is rounded once; that rounded value is added
-        _st(b, idx, n, e, MASKED)
+        tl.store(b + idx, _to(e, b.dtype.element_ty), mask=m)
         e = e.to(ACC)
-    _st(w, idx, n, wv + e, MASKED)
+    tl.store(w + idx, _to(wv + e, w.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -202,10 +190,19 @@ def perturb_kernel(
 @triton.jit
 def _restored(w, b, idx, n, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
     """The original weight, as the storage dtype holds it, in ``ACC``."""
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
     if COPY:
-        return _ld(b, idx, n, MASKED, ACC)
+        return tl.load(b + idx, mask=m, other=o).to(ACC)
     else:
-        return _to(_ld(w, idx, n, MASKED, ACC) - _ld(b, idx, n, MASKED, ACC), w.dtype.element_ty).to(ACC)
+        x = tl.load(w + idx, mask=m, other=o).to(ACC) - tl.load(b + idx, mask=m, other=o).to(ACC)
+        return _to(x, w.dtype.element_ty).to(ACC)
+
+
+@triton.jit
+def _restore_block(w, b, idx, n, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
+    m = idx < n if MASKED else None
+    tl.store(w + idx, _to(_restored(w, b, idx, n, COPY, MASKED, ACC), w.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -213,11 +210,9 @@ def _restore_chunk(w, b, start, length, COPY: tl.constexpr, ACC: tl.constexpr, B
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     for j in range(0, full):
-        idx = start + j * BLOCK + lanes
-        _st(w, idx, start + length, _restored(w, b, idx, start + length, COPY, False, ACC), False)
+        _restore_block(w, b, start + j * BLOCK + lanes, start + length, COPY, False, ACC)
     if full * BLOCK < length:
-        idx = start + full * BLOCK + lanes
-        _st(w, idx, start + length, _restored(w, b, idx, start + length, COPY, True, ACC), True)
+        _restore_block(w, b, start + full * BLOCK + lanes, start + length, COPY, True, ACC)
 
 
 @triton.jit
@@ -235,25 +230,27 @@ def restore_kernel(
 
 @triton.jit
 def _sgd_block(
-    w, g, b, m, idx, n, fresh, lr, momentum, dampening, weight_decay,
+    w, g, b, mom, idx, n, fresh, lr, momentum, dampening, weight_decay,
     COPY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     MASKED: tl.constexpr, ACC: tl.constexpr,
 ):
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
     p = _restored(w, b, idx, n, COPY, MASKED, ACC)
-    d = _ld(g, idx, n, MASKED, ACC)
+    d = tl.load(g + idx, mask=m, other=o).to(ACC)
     if MAXIMIZE:
         d = -d
     d = d + weight_decay * p
     if MOMENTUM:
-        buf = _ld(m, idx, n, MASKED, ACC)
+        buf = tl.load(mom + idx, mask=m, other=o).to(ACC)
         buf = tl.where(fresh, d, buf * momentum + (1.0 - dampening) * d)  # torch.optim.SGD: first buffer = d
-        buf = _to(buf, m.dtype.element_ty).to(ACC)
-        _st(m, idx, n, buf, MASKED)
+        buf = _to(buf, mom.dtype.element_ty).to(ACC)
+        tl.store(mom + idx, _to(buf, mom.dtype.element_ty), mask=m)
         if NESTEROV:
             d = d + momentum * buf
         else:
             d = buf
-    _st(w, idx, n, p - lr * d, MASKED)
+    tl.store(w + idx, _to(p - lr * d, w.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -271,15 +268,15 @@ def restore_sgd_kernel(
     w = _ptr(tab, row, 0, DTYPE, ALIGNED)
     g = _ptr(tab, row, 1, DTYPE, ALIGNED)
     b = _ptr(tab, row, 2, DTYPE, ALIGNED)
-    m = _ptr(tab, row, 3, DTYPE, ALIGNED)
+    mom = _ptr(tab, row, 3, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     end = start + length
     for j in range(0, full):
-        _sgd_block(w, g, b, m, start + j * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
+        _sgd_block(w, g, b, mom, start + j * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
                    COPY, MOMENTUM, NESTEROV, MAXIMIZE, False, ACC)
     if full * BLOCK < length:
-        _sgd_block(w, g, b, m, start + full * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
+        _sgd_block(w, g, b, mom, start + full * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
                    COPY, MOMENTUM, NESTEROV, MAXIMIZE, True, ACC)
 
 
@@ -289,25 +286,27 @@ def _adam_block(
     COPY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     MASKED: tl.constexpr, ACC: tl.constexpr,
 ):
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
     p = _restored(w, b, idx, n, COPY, MASKED, ACC)
-    d = _ld(g, idx, n, MASKED, ACC)
+    d = tl.load(g + idx, mask=m, other=o).to(ACC)
     if MAXIMIZE:
         d = -d
     if DECOUPLED:
         p = p * (1.0 - lr * weight_decay)
     else:
         d = d + weight_decay * p
-    mv = _ld(m1, idx, n, MASKED, ACC)
+    mv = tl.load(m1 + idx, mask=m, other=o).to(ACC)
     mv = mv + (1.0 - beta1) * (d - mv)
-    vv = _ld(m2, idx, n, MASKED, ACC)
+    vv = tl.load(m2 + idx, mask=m, other=o).to(ACC)
     vv = vv * beta2 + (1.0 - beta2) * d * d
-    _st(m1, idx, n, mv, MASKED)
-    _st(m2, idx, n, vv, MASKED)
+    tl.store(m1 + idx, _to(mv, m1.dtype.element_ty), mask=m)
+    tl.store(m2 + idx, _to(vv, m2.dtype.element_ty), mask=m)
     if AMSGRAD:
-        vv = tl.maximum(_ld(vmax, idx, n, MASKED, ACC), vv)
-        _st(vmax, idx, n, vv, MASKED)
+        vv = tl.maximum(tl.load(vmax + idx, mask=m, other=o).to(ACC), vv)
+        tl.store(vmax + idx, _to(vv, vmax.dtype.element_ty), mask=m)
     denom = tl.sqrt(vv) / bc2_sqrt + eps
-    _st(w, idx, n, p - step_size * (mv / denom), MASKED)
+    tl.store(w + idx, _to(p - step_size * (mv / denom), w.dtype.element_ty), mask=m)
 
 
 @triton.jit

@@ -23,13 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import triton.language as tl  # optional dependency: if missing, the registry reports the ImportError
 
 from .._plan import Bucket, accumulate_dtype, subset
-from . import foreach
-
-import triton.language as tl  # noqa: E402,I001  (optional dependency: the registry reports an ImportError)
-
 from ..kernels import multi_tensor as K
+from . import foreach
 
 name = "triton"
 
@@ -37,8 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
 # elements per program and per block; the interpreter gets small ones so CI's small tensors cross chunk boundaries
-CHUNK = 1 << 10 if INTERPRET else 1 << 14
-BLOCK = 1 << 8 if INTERPRET else 1 << 10
+CHUNK = 1 << 12 if INTERPRET else 1 << 14
+BLOCK = 1 << 9 if INTERPRET else 1 << 10
 NUM_WARPS = 4
 _CACHE_SIZE = 32
 
@@ -63,7 +61,8 @@ def device_supported(device: torch.device) -> str | None:
 
 @dataclass
 class _Plan:
-    """One bucket as the kernels see it: ``rows`` are the bucket indices in the table, ``rest`` those left to foreach."""
+    """One bucket as the kernels see it: ``rows`` are the bucket indices in the table; ``rest``, those left to
+    foreach."""
 
     tab: torch.Tensor
     etas: torch.Tensor
