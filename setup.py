@@ -27,6 +27,10 @@ setup(
     package_dir={"fastasam.kernels": "kernels"},
     package_data={"fastasam": ["py.typed"]},
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark", "ruff", "triton; platform_system == 'Linux'"], "bench": ["matplotlib"], "triton": ["triton"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark", "ruff", "triton; platform_system == 'Linux'"],
+        "bench": ["matplotlib"],
+        "triton": ["triton"],
+    },
     zip_safe=False,
 )
