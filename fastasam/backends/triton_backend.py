@@ -258,6 +258,8 @@ def prepare_fused_step(bucket: Bucket, groups: list[int], base: torch.optim.Opti
     kind = _fused_kind(base)
     if kind is None or bucket.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None
+    if kind == "adam" and bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None  # the bias corrections are host numbers a graph would freeze; torch's capturable Adam handles it
     bucket = replace(bucket, group=groups)
     grads = []
     for p, buf in zip(bucket.params, bucket.buffers, strict=True):
