@@ -5,10 +5,12 @@
     loss_fn(model(x), y).backward(); opt.second_step(zero_grad=True)
 """
 
-from . import compat
+from . import compat, distributed
 from .backends import available_backends
 from .optim import ASAM, SAM, adaptive_param_groups
 from .utils import frozen_batchnorm_stats
 
-__all__ = ["ASAM", "SAM", "adaptive_param_groups", "available_backends", "compat", "frozen_batchnorm_stats"]
+__all__ = [
+    "ASAM", "SAM", "adaptive_param_groups", "available_backends", "compat", "distributed", "frozen_batchnorm_stats",
+]
 __version__ = "0.1.0"

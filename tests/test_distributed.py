@@ -1,0 +1,147 @@
+"""DDP on CPU: two processes with the gloo backend, spawned by the test.
+
+"Global" mode needs nothing from fastasam beyond host-sync-free steps: DDP all-reduces (averages) the gradients of
+both backward passes, so every rank computes the same norm, the same perturbation and the same update. The run must
+equal one process training on the global batch. "m-sharpness" mode (``fastasam.distributed.replica_perturbation``)
+perturbs each replica with its own norm; it must equal a hand-written emulation in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastasam
+
+WORLD = 2
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(STEPS)]
+
+
+RHO, ETA, LR = 0.5, 0.01, 0.1
+
+
+def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    per = x.shape[0] // world
+    return x[rank * per : (rank + 1) * per]
+
+
+def _train(model: nn.Module, opt: fastasam.ASAM, batches, rank: int = 0, world: int = 1, mode: str = "global") -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in batches:
+        xs, ys = _shard(x, rank, world), _shard(y, rank, world)
+        if mode == "global":
+            loss_fn(model(xs), ys).backward()
+            opt.first_step(zero_grad=True)
+        else:
+            with fastasam.distributed.replica_perturbation(model, opt):
+                loss_fn(model(xs), ys).backward()
+        loss_fn(model(xs), ys).backward()
+        opt.second_step(zero_grad=True)
+
+
+def _worker(rank: int, port: int, backend: str, mode: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
+                            backend=backend)
+        _train(model, opt, _batches(), rank, WORLD, mode)
+        torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ddp(backend: str, mode: str) -> list[list[torch.Tensor]]:
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(_free_port(), backend, mode, out), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_ddp_global_mode_equals_one_process_on_the_global_batch(backend):
+    model = _model()
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9, backend=backend)
+    _train(model, opt, _batches())
+    want = [p.detach() for p in model.parameters()]
+    assert not torch.equal(want[0], _model()[0].weight)  # it trained
+    ranks = _run_ddp(backend, "global")
+    for r in range(1, WORLD):
+        for a, b in zip(ranks[0], ranks[r]):
+            assert torch.equal(a, b), "ranks diverged"
+    for got, ref in zip(ranks[0], want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def _m_sharpness_emulation() -> list[torch.Tensor]:
+    """One process, written out by hand: each replica's perturbation from its own shard's gradient and norm, the
+    second-pass gradients averaged over replicas, then SGD with momentum on the average."""
+    model = _model()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in _batches():
+        start = [p.detach().clone() for p in params]
+        second = [torch.zeros_like(p) for p in params]
+        for rank in range(WORLD):
+            xs, ys = _shard(x, rank, WORLD), _shard(y, rank, WORLD)
+            grads = torch.autograd.grad(loss_fn(model(xs), ys), params)
+            t = [w.abs() + ETA for w in start]
+            norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, grads)))
+            with torch.no_grad():
+                for p, w, ti, g in zip(params, start, t, grads):
+                    p.copy_(w + RHO * ti * ti * g / (norm + 1e-12))
+            for acc, g in zip(second, torch.autograd.grad(loss_fn(model(xs), ys), params)):
+                acc += g / WORLD
+            with torch.no_grad():
+                for p, w in zip(params, start):
+                    p.copy_(w)
+        for p, g in zip(params, second):
+            p.grad = g
+        base.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("backend", ["foreach"])
+def test_ddp_m_sharpness_perturbs_each_replica_with_its_own_norm(backend):
+    want = _m_sharpness_emulation()
+    ranks = _run_ddp(backend, "m-sharpness")
+    for a, b in zip(ranks[0], ranks[1]):
+        assert torch.equal(a, b), "ranks diverged: the second pass must be synchronised"
+    for got, ref in zip(ranks[0], want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    # and it is not global mode in disguise
+    global_mode = _run_ddp(backend, "global")[0]
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(ranks[0], global_mode))
+
+
+def test_replica_perturbation_rejects_a_model_without_no_sync():
+    model = _model()
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        with fastasam.distributed.replica_perturbation(model, opt):
+            pass
