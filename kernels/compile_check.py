@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-_PTR = {"fp32": "*fp32", "bf16": "*bf16"}
+_DTYPES = ("fp32", "bf16")
 
 # kernel name -> runtime arguments (name, Triton type; "P" = pointer of the storage dtype's accumulate type) and the
 # constexpr options besides DTYPE/ACC/CHUNK/BLOCK/ALIGNED
@@ -73,7 +73,7 @@ def compile_all(archs: list[int], dtypes: list[str], chunk: int = 1 << 14, block
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(_PTR))
+    parser.add_argument("--dtype", nargs="+", default=list(_DTYPES), choices=_DTYPES)
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows = compile_all(args.arch, args.dtype)

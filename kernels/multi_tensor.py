@@ -27,15 +27,20 @@ import os
 import triton
 import triton.language as tl
 
-# columns of the tensor table
+# the tables' layout, shared by the host (plain ints) and the kernels (the same values as constexprs)
 COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_NUMEL, COL_FLAGS = range(8)
 NCOL = 8
 FLAG_ADAPTIVE = 1
 FLAG_FRESH_STATE = 2
 SCALE_SHIFT = 8
+_W, _G, _B, _S1, _S2, _S3 = (tl.constexpr(c) for c in (COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3))
+_NUMEL, _FLAGS, _NCOL = tl.constexpr(COL_NUMEL), tl.constexpr(COL_FLAGS), tl.constexpr(NCOL)
+_ADAPTIVE, _FRESH, _SHIFT = tl.constexpr(FLAG_ADAPTIVE), tl.constexpr(FLAG_FRESH_STATE), tl.constexpr(SCALE_SHIFT)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest even; under the interpreter the kernels
 # round explicitly so that CI checks the numbers a GPU produces.
-_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -51,7 +56,7 @@ def _to(x, DT: tl.constexpr):
 
 @triton.jit
 def _ptr(tab, row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p = tl.load(tab + row * 8 + col).to(tl.pointer_type(DTYPE))
+    p = tl.load(tab + row * _NCOL + col).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p
@@ -62,7 +67,7 @@ def _chunk(tab, chunks, pid, CHUNK: tl.constexpr):
     """(row, first element, element count) of program ``pid``'s chunk."""
     row = tl.load(chunks + pid * 2).to(tl.int64)
     start = tl.load(chunks + pid * 2 + 1).to(tl.int64) * CHUNK
-    numel = tl.load(tab + row * 8 + 6)
+    numel = tl.load(tab + row * _NCOL + _NUMEL)
     return row, start, tl.minimum(numel - start, CHUNK)
 
 
@@ -99,10 +104,10 @@ def sqnorm_kernel(
     """``out = sum over all chunks of sum((T_w * g)^2)``; ``T_w = |w| + eta`` for adaptive rows, else 1."""
     pid = tl.program_id(0)
     row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    flags = tl.load(tab + row * 8 + 7)
-    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
-    if (flags & 1) != 0:
-        w = _ptr(tab, row, 0, DTYPE, ALIGNED)
+    flags = tl.load(tab + row * _NCOL + _FLAGS)
+    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
+    if (flags & _ADAPTIVE) != 0:
+        w = _ptr(tab, row, _W, DTYPE, ALIGNED)
         part = _sq_chunk(w, g, start, length, tl.load(etas + row), True, ACC, BLOCK)
     else:
         part = _sq_chunk(g, g, start, length, 0.0, False, ACC, BLOCK)
@@ -172,13 +177,13 @@ def perturb_kernel(
     (``COPY``) or ``e``."""
     pid = tl.program_id(0)
     row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    flags = tl.load(tab + row * 8 + 7)
-    scale = tl.load(scales + (flags >> 8)).to(ACC)
+    flags = tl.load(tab + row * _NCOL + _FLAGS)
+    scale = tl.load(scales + (flags >> _SHIFT)).to(ACC)
     finite = tl.load(finite_ptr) != 0
-    w = _ptr(tab, row, 0, DTYPE, ALIGNED)
-    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
-    b = _ptr(tab, row, 2, DTYPE, ALIGNED)
-    if (flags & 1) != 0:
+    w = _ptr(tab, row, _W, DTYPE, ALIGNED)
+    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
+    b = _ptr(tab, row, _B, DTYPE, ALIGNED)
+    if (flags & _ADAPTIVE) != 0:
         _perturb_chunk(w, g, b, start, length, tl.load(etas + row), scale, finite, True, COPY, ACC, BLOCK)
     else:
         _perturb_chunk(w, g, b, start, length, 0.0, scale, finite, False, COPY, ACC, BLOCK)
@@ -224,7 +229,7 @@ def restore_kernel(
     """``w <- saved w`` (``COPY``) or ``w <- w - e``."""
     pid = tl.program_id(0)
     row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    _restore_chunk(_ptr(tab, row, 0, DTYPE, ALIGNED), _ptr(tab, row, 2, DTYPE, ALIGNED), start, length, COPY, ACC,
+    _restore_chunk(_ptr(tab, row, _W, DTYPE, ALIGNED), _ptr(tab, row, _B, DTYPE, ALIGNED), start, length, COPY, ACC,
                    BLOCK)
 
 
@@ -264,11 +269,11 @@ def restore_sgd_kernel(
     Rows: W parameter, G gradient, B restore buffer, S1 momentum buffer (flag bit 1: the buffer is new)."""
     pid = tl.program_id(0) + first_chunk
     row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    fresh = (tl.load(tab + row * 8 + 7) & 2) != 0
-    w = _ptr(tab, row, 0, DTYPE, ALIGNED)
-    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
-    b = _ptr(tab, row, 2, DTYPE, ALIGNED)
-    mom = _ptr(tab, row, 3, DTYPE, ALIGNED)
+    fresh = (tl.load(tab + row * _NCOL + _FLAGS) & _FRESH) != 0
+    w = _ptr(tab, row, _W, DTYPE, ALIGNED)
+    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
+    b = _ptr(tab, row, _B, DTYPE, ALIGNED)
+    mom = _ptr(tab, row, _S1, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     end = start + length
@@ -319,12 +324,12 @@ def restore_adam_kernel(
     group's step count). Rows: W, G, B, S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq (amsgrad)."""
     pid = tl.program_id(0) + first_chunk
     row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    w = _ptr(tab, row, 0, DTYPE, ALIGNED)
-    g = _ptr(tab, row, 1, DTYPE, ALIGNED)
-    b = _ptr(tab, row, 2, DTYPE, ALIGNED)
-    m1 = _ptr(tab, row, 3, DTYPE, ALIGNED)
-    m2 = _ptr(tab, row, 4, DTYPE, ALIGNED)
-    vmax = _ptr(tab, row, 5, DTYPE, ALIGNED)
+    w = _ptr(tab, row, _W, DTYPE, ALIGNED)
+    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
+    b = _ptr(tab, row, _B, DTYPE, ALIGNED)
+    m1 = _ptr(tab, row, _S1, DTYPE, ALIGNED)
+    m2 = _ptr(tab, row, _S2, DTYPE, ALIGNED)
+    vmax = _ptr(tab, row, _S3, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     end = start + length

@@ -17,7 +17,6 @@ Triton's interpreter (slowly): this is how CI tests them without a GPU.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from . import foreach
 
 name = "triton"
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = K.INTERPRET
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
 # elements per program and per block; the interpreter gets small ones so CI's small tensors cross chunk boundaries
@@ -61,17 +60,15 @@ def device_supported(device: torch.device) -> str | None:
 
 @dataclass
 class _Plan:
-    """One bucket as the kernels see it: ``rows`` are the bucket indices in the table; ``rest``, those left to
-    foreach."""
+    """One bucket as the kernels see it. ``rest`` marks the bucket's tensors left to foreach (None: none are)."""
 
     tab: torch.Tensor
     etas: torch.Tensor
     chunks: torch.Tensor
     n_chunks: int
     aligned: bool
-    rows: list[int]
-    rest: list[int]
-    group_chunks: list[tuple[int, int, int]]  # (group index, first chunk, end chunk), in table order
+    rest: list[bool] | None
+    group_chunks: list[tuple[int, int, int]]  # (group index, first chunk, end chunk), in table order; never empty
     partials: torch.Tensor | None = None
     counter: torch.Tensor | None = None
 
@@ -119,10 +116,10 @@ def _plan(kind: str, bucket: Bucket, columns: Sequence[Sequence[torch.Tensor | N
 
 def _build(bucket: Bucket, columns: Sequence[Sequence[torch.Tensor | None]], flags: Sequence[int]) -> _Plan:
     params = columns[0]
-    rows, rest = [], []
+    rows, rest = [], [False] * len(params)
     for i, p in enumerate(params):
         if p.dtype not in _TL_DTYPE or not all(c[i] is None or _flat(c[i], p) for c in columns):
-            rest.append(i)
+            rest[i] = True
         elif p.numel() > 0:
             rows.append(i)
     tab = torch.zeros((len(rows), K.NCOL), dtype=torch.int64)
@@ -151,7 +148,7 @@ def _build(bucket: Bucket, columns: Sequence[Sequence[torch.Tensor | None]], fla
     dev = bucket.device
     return _Plan(
         tab=tab.to(dev), etas=etas.to(dev), chunks=chunk_tab.to(dev), n_chunks=len(chunks), aligned=aligned,
-        rows=rows, rest=rest, group_chunks=group_chunks,
+        rest=rest if any(rest) else None, group_chunks=group_chunks,
     )
 
 
@@ -184,15 +181,8 @@ def grad_sqnorm(bucket: Bucket) -> torch.Tensor:
             **_meta(bucket, plan),
         )
     if plan.rest:
-        total = total + foreach.grad_sqnorm(subset(bucket, _mask(len(bucket.params), plan.rest)))
+        total = total + foreach.grad_sqnorm(subset(bucket, plan.rest))
     return total
-
-
-def _mask(n: int, indices: Sequence[int]) -> list[bool]:
-    keep = [False] * n
-    for i in indices:
-        keep[i] = True
-    return keep
 
 
 def _scales(bucket: Bucket) -> tuple[torch.Tensor, list[int]]:
@@ -218,7 +208,7 @@ def perturb_(bucket: Bucket, restore: str) -> None:
             plan.tab, plan.etas, plan.chunks, scales, bucket.finite, COPY=restore == "copy", **_meta(bucket, plan),
         )
     if plan.rest:
-        foreach.perturb_(subset(bucket, _mask(len(bucket.params), plan.rest)), restore)
+        foreach.perturb_(subset(bucket, plan.rest), restore)
 
 
 def restore_(bucket: Bucket, restore: str) -> None:
@@ -226,7 +216,7 @@ def restore_(bucket: Bucket, restore: str) -> None:
     if plan.n_chunks:
         K.restore_kernel[(plan.n_chunks,)](plan.tab, plan.chunks, COPY=restore == "copy", **_meta(bucket, plan))
     if plan.rest:
-        foreach.restore_(subset(bucket, _mask(len(bucket.params), plan.rest)), restore)
+        foreach.restore_(subset(bucket, plan.rest), restore)
 
 
 # --- restore fused with the base optimizer's update ------------------------------------------------------------------
@@ -309,12 +299,11 @@ def _sgd_step(bucket: Bucket, base: torch.optim.Optimizer, grads: list[torch.Ten
     meta = _meta(bucket, plan)
     for gi, first, end in plan.group_chunks:
         group = base.param_groups[gi]
-        if end > first:
-            K.restore_sgd_kernel[(end - first,)](
-                plan.tab, plan.chunks, first, group["lr"], group["momentum"], group["dampening"],
-                group["weight_decay"], COPY=restore == "copy", MOMENTUM=group["momentum"] != 0,
-                NESTEROV=bool(group["nesterov"]), MAXIMIZE=bool(group["maximize"]), **meta,
-            )
+        K.restore_sgd_kernel[(end - first,)](
+            plan.tab, plan.chunks, first, group["lr"], group["momentum"], group["dampening"],
+            group["weight_decay"], COPY=restore == "copy", MOMENTUM=group["momentum"] != 0,
+            NESTEROV=bool(group["nesterov"]), MAXIMIZE=bool(group["maximize"]), **meta,
+        )
 
 
 def _adam_step(bucket: Bucket, base: torch.optim.Optimizer, grads: list[torch.Tensor], restore: str) -> None:
