@@ -28,6 +28,28 @@ def check_group_options(groups: Iterable[Mapping]) -> None:
         check_nonnegative("eta", group["eta"], f" in param_groups[{i}]")
 
 
+def _all_reduce_shards(buckets: list[Bucket], shares: list[torch.Tensor], acc: torch.dtype) -> list[torch.Tensor]:
+    """Sum the norm shares of sharded buckets over their process groups (one all-reduce per set of groups, on the
+    device, asynchronous to the host), so every rank holds the squared norm of the whole, unsharded gradient."""
+    sharded: dict[tuple, list[int]] = {}
+    for i, b in enumerate(buckets):
+        if b.reduce_over:
+            sharded.setdefault((b.reduce_over, b.device), []).append(i)
+    if not sharded:
+        return shares
+    import torch.distributed as dist
+
+    out = list(shares)
+    for (over, _), idx in sharded.items():
+        part = torch.stack([shares[i].to(acc) for i in idx]).sum()
+        for pg in over:
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+        for i in idx:
+            out[i] = torch.zeros_like(part)
+        out[idx[0]] = part
+    return out
+
+
 class SharpnessEngine:
     """Holds the backend choice, ``eps``, the restore mode and, between the two steps, what to restore.
 
@@ -54,10 +76,11 @@ class SharpnessEngine:
     def perturbed(self) -> bool:
         return self._pending is not None
 
-    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(p)
+    def _buffer(self, key: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The restore buffer for ``p`` (a parameter, or the local shard of the DTensor parameter ``key``)."""
+        buf = self._buffers.get(key)
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = self._buffers[p] = torch.empty_like(p)
+            buf = self._buffers[key] = torch.empty_like(p)
         return buf
 
     @torch.no_grad()
@@ -78,6 +101,7 @@ class SharpnessEngine:
         shares = [impl[b.device].grad_sqnorm(b) for b in buckets]
         main = buckets[0].device
         acc = torch.float64 if any(s.dtype == torch.float64 for s in shares) else torch.float32
+        shares = _all_reduce_shards(buckets, shares, acc)
         total = shares[0].to(acc) if len(shares) == 1 else torch.stack([s.to(main, acc) for s in shares]).sum()
         norm = total.sqrt()
         finite = torch.isfinite(norm)
@@ -99,7 +123,7 @@ class SharpnessEngine:
                 continue
             b.scales = [scale_of[rho] for rho in b.rho]
             b.finite = finite_d
-            b.buffers = [self._buffer(p) for p in b.params]
+            b.buffers = [self._buffer(k, p) for k, p in zip(b.keys, b.params)]
             if not all(keep):
                 b = subset(b, keep)
             impl[b.device].perturb_(b, self.restore_mode)
@@ -125,6 +149,8 @@ class SharpnessEngine:
         pending = self._pending
         if not pending or any(getattr(impl, "prepare_fused_step", None) is None for impl, _ in pending):
             return None
+        if any(b.dtensor_shards for _, b in pending):
+            return None  # the base optimizer keeps DTensor state; let it step the DTensors itself
         owner = {p: gi for gi, group in enumerate(base.param_groups) for p in group["params"] if p.grad is not None}
         if len(owner) != sum(len(b.params) for _, b in pending):
             return None  # rho = 0 groups, or a gradient present in only one of the two passes

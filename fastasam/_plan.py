@@ -38,6 +38,16 @@ class Bucket:
     finite: torch.Tensor | None = None  # 0-d bool on device: the global norm is finite
     group: list[int] = field(default_factory=list)  # index of the param group each tensor came from
     plan: object = None  # a backend's own description of the bucket (kept from perturb_ to restore_)
+    # the parameter objects themselves (``params[i]`` is their local shard for a DTensor, else the same object)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    # process groups over which the squared norm share is summed (the Shard dims of the DTensors' mesh); empty when
+    # the tensors are whole (or replicated) on every rank
+    reduce_over: tuple = ()
+
+    @property
+    def dtensor_shards(self) -> bool:
+        """The tensors are local shards of DTensor parameters (the optimizer's state is keyed by ``keys``)."""
+        return any(k is not p for k, p in zip(self.keys, self.params))
 
     def option_runs(self) -> list[tuple[bool, float, torch.Tensor | None, list[int]]]:
         """Indices grouped by (adaptive, eta, scale), in first-seen order: one foreach call per run.
@@ -64,19 +74,47 @@ def _param_name(group: Mapping, gi: int, pi: int) -> str:
     return names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "placements") and hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def _local(p: torch.Tensor, g: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """A DTensor parameter (FSDP2 ``fully_shard``, tensor parallel) as its local shard and the process groups its
+    squared-norm share must be summed over: one per mesh dim the parameter is sharded on (replicated dims hold equal
+    copies, so summing over them would count the shard twice)."""
+    if not _is_dtensor(g) or tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
+        got = tuple(g.placements) if _is_dtensor(g) else "a plain tensor"
+        raise RuntimeError(
+            f"fastasam: {name} is a DTensor with placements {tuple(p.placements)} but its gradient is {got}; they "
+            "must match (a Partial gradient has not been reduced yet). Call first_step() after backward() has "
+            "finished, with FSDP2 or DTensor-aware data parallelism doing the reduction."
+        )
+    for placement in p.placements:
+        if not (placement.is_shard() or placement.is_replicate()):
+            raise RuntimeError(f"fastasam: {name} has placement {placement}; only Shard and Replicate are supported.")
+    mesh = p.device_mesh
+    over = tuple(mesh.get_group(d) for d, placement in enumerate(p.placements) if placement.is_shard())
+    return p.to_local(), g.to_local(), over
+
+
 def build_buckets(groups: Iterable[Mapping]) -> list[Bucket]:
     """Bucket every parameter of ``groups`` that has a gradient, validating what the kernels rely on.
 
     ``groups`` are param-group-like mappings with ``params``, ``rho``, ``eta``, ``adaptive`` and optionally
     ``param_names`` (used in error messages). Raises on sparse gradients and on gradients whose shape, dtype or device
-    differ from the parameter's.
+    differ from the parameter's. DTensor parameters are bucketed as their local shards, separately per set of
+    process groups their norm share is summed over.
     """
-    buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+    buckets: dict[tuple, Bucket] = {}
     for gi, group in enumerate(groups):
         for pi, p in enumerate(group["params"]):
+            key_p = p
             g = p.grad
             if g is None:
                 continue
+            over: tuple = ()
+            if _is_dtensor(p):
+                p, g, over = _local(p, g, _param_name(group, gi, pi))
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(
                     f"fastasam: {_param_name(group, gi, pi)} has a sparse gradient; ASAM/SAM need dense gradients. "
@@ -93,10 +131,11 @@ def build_buckets(groups: Iterable[Mapping]) -> list[Bucket]:
                     f"{g.device} but the "
                     f"parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; they must match."
                 )
-            key = (p.device, p.dtype)
+            key = (p.device, p.dtype, over)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = Bucket(device=p.device, dtype=p.dtype)
+                bucket = buckets[key] = Bucket(device=p.device, dtype=p.dtype, reduce_over=over)
+            bucket.keys.append(key_p)
             bucket.params.append(p)
             bucket.grads.append(g)
             bucket.adaptive.append(bool(group["adaptive"]))
@@ -108,8 +147,8 @@ def build_buckets(groups: Iterable[Mapping]) -> list[Bucket]:
 
 def subset(bucket: Bucket, keep: Sequence[bool]) -> Bucket:
     """The bucket restricted to the tensors where ``keep`` is true (shares tensors, not lists)."""
-    out = Bucket(device=bucket.device, dtype=bucket.dtype, finite=bucket.finite)
-    for name in ("params", "grads", "adaptive", "eta", "rho", "buffers", "scales", "group"):
+    out = Bucket(device=bucket.device, dtype=bucket.dtype, finite=bucket.finite, reduce_over=bucket.reduce_over)
+    for name in ("params", "grads", "adaptive", "eta", "rho", "buffers", "scales", "group", "keys"):
         src = getattr(bucket, name)
         if src:
             setattr(out, name, [x for x, k in zip(src, keep) if k])

@@ -145,3 +145,73 @@ def test_replica_perturbation_rejects_a_model_without_no_sync():
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         with fastasam.distributed.replica_perturbation(model, opt):
             pass
+
+
+# FSDP2 -------------------------------------------------------------------------------------------------------------
+# fully_shard turns every parameter into a DTensor sharded on dim 0 (here unevenly: 15 rows over 2 ranks, and a
+# 1-row layer that leaves rank 1 an empty shard). The backends work on the local shards; the norm shares are summed
+# over the shard group, so training equals one process on the global batch.
+
+
+def _fsdp_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 1, bias=False), nn.Tanh(), nn.Linear(1, 3))
+
+
+def _fsdp_worker(rank: int, port: int, backend: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = _fsdp_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
+                            weight_decay=1e-2, backend=backend)
+        _train(model, opt, _batches(), rank, WORLD, "global")
+        local = [p.to_local().detach().clone() for p in model.parameters()]
+        full = [p.full_tensor().detach() for p in model.parameters()]
+        norm = opt.grad_norm.detach().clone()
+        torch.save({"full": full, "local": local, "norm": norm}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["reference", *fastasam.backends.available_backends("cpu")[1:]])
+def test_fsdp2_sharded_run_equals_one_process_on_the_global_batch(backend):
+    model = _fsdp_model()
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
+                        weight_decay=1e-2, backend=backend)
+    _train(model, opt, _batches())
+    want = [p.detach() for p in model.parameters()]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_fsdp_worker, args=(_free_port(), backend, out), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    # the shards really are shards (rank 1 holds 7 of 15 rows, and nothing of the 1-row layer)
+    assert [t.shape[0] for t in ranks[0]["local"]] == [8, 8, 1, 2, 2]
+    assert [t.shape[0] for t in ranks[1]["local"]] == [7, 7, 0, 1, 1]
+    # the norm is the global one on every rank (a per-shard norm would differ between ranks)
+    torch.testing.assert_close(ranks[0]["norm"], ranks[1]["norm"], atol=0, rtol=0)
+    torch.testing.assert_close(ranks[0]["norm"].double(), opt.grad_norm.double(), atol=1e-6, rtol=1e-5)
+    for got, ref in zip(ranks[0]["full"], want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_a_dtensor_gradient_that_is_not_reduced_yet_is_refused():
+    from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        p = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        p.grad = DTensor.from_local(torch.randn(4, 3), mesh, [Partial()])
+        opt = fastasam.ASAM([p], torch.optim.SGD, lr=0.1)
+        with pytest.raises(RuntimeError, match="Partial gradient has not been reduced"):
+            opt.first_step()
+        assert not opt.perturbed
+    finally:
+        dist.destroy_process_group()
