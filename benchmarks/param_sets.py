@@ -1,6 +1,9 @@
 """Parameter sets of well-known models, as (name, shape) lists built locally (no torchvision, nothing downloaded).
 
 ``resnet50()`` matches torchvision's ResNet-50: 25,557,032 elements in 161 tensors, 107 of them named ``weight``.
+``vit_b16()`` matches torchvision's ViT-B/16: 86,567,656 elements in 152 tensors.
+``gpt2_medium()`` matches GPT-2 medium (Hugging Face layout, LM head tied to the token embedding): 354,823,168
+elements in 292 tensors.
 """
 
 from __future__ import annotations
@@ -30,7 +33,45 @@ def resnet50(num_classes: int = 1000) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-PARAM_SETS = {"resnet50": resnet50}
+def vit_b16(num_classes: int = 1000) -> list[tuple[str, tuple[int, ...]]]:
+    d, mlp, tokens = 768, 3072, (224 // 16) ** 2 + 1
+    shapes: list[tuple[str, tuple[int, ...]]] = [
+        ("class_token", (1, 1, d)), ("conv_proj.weight", (d, 3, 16, 16)), ("conv_proj.bias", (d,)),
+        ("encoder.pos_embedding", (1, tokens, d)),
+    ]
+    for i in range(12):
+        pre = f"encoder.layers.encoder_layer_{i}"
+        shapes += [
+            (f"{pre}.ln_1.weight", (d,)), (f"{pre}.ln_1.bias", (d,)),
+            (f"{pre}.self_attention.in_proj_weight", (3 * d, d)), (f"{pre}.self_attention.in_proj_bias", (3 * d,)),
+            (f"{pre}.self_attention.out_proj.weight", (d, d)), (f"{pre}.self_attention.out_proj.bias", (d,)),
+            (f"{pre}.ln_2.weight", (d,)), (f"{pre}.ln_2.bias", (d,)),
+            (f"{pre}.mlp.0.weight", (mlp, d)), (f"{pre}.mlp.0.bias", (mlp,)),
+            (f"{pre}.mlp.3.weight", (d, mlp)), (f"{pre}.mlp.3.bias", (d,)),
+        ]
+    shapes += [("encoder.ln.weight", (d,)), ("encoder.ln.bias", (d,)),
+               ("heads.head.weight", (num_classes, d)), ("heads.head.bias", (num_classes,))]
+    return shapes
+
+
+def gpt2_medium() -> list[tuple[str, tuple[int, ...]]]:
+    d, vocab, positions = 1024, 50257, 1024
+    shapes: list[tuple[str, tuple[int, ...]]] = [("wte.weight", (vocab, d)), ("wpe.weight", (positions, d))]
+    for i in range(24):
+        pre = f"h.{i}"
+        shapes += [
+            (f"{pre}.ln_1.weight", (d,)), (f"{pre}.ln_1.bias", (d,)),
+            (f"{pre}.attn.c_attn.weight", (d, 3 * d)), (f"{pre}.attn.c_attn.bias", (3 * d,)),
+            (f"{pre}.attn.c_proj.weight", (d, d)), (f"{pre}.attn.c_proj.bias", (d,)),
+            (f"{pre}.ln_2.weight", (d,)), (f"{pre}.ln_2.bias", (d,)),
+            (f"{pre}.mlp.c_fc.weight", (d, 4 * d)), (f"{pre}.mlp.c_fc.bias", (4 * d,)),
+            (f"{pre}.mlp.c_proj.weight", (4 * d, d)), (f"{pre}.mlp.c_proj.bias", (d,)),
+        ]
+    shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return shapes
+
+
+PARAM_SETS = {"resnet50": resnet50, "vit_b16": vit_b16, "gpt2_medium": gpt2_medium}
 
 
 def numel(shapes: list[tuple[str, tuple[int, ...]]]) -> int:

@@ -2,10 +2,13 @@
 SGD (momentum 0.9, weight decay 5e-4), against the per-tensor ``reference`` loop, in one run.
 
     python -m benchmarks.step_time                     # the device present (cuda if any, else cpu)
-    python -m benchmarks.step_time --device cpu --steps 10
+    python -m benchmarks.step_time --device cpu --steps 10 --param-sets resnet50 vit_b16
+    python -m benchmarks.step_time --variants asam-reference asam-foreach sgd
 
-Prints a table (median ms, speed-up over reference, achieved GB/s, % of the memory floor) and writes JSON, markdown
-and a PNG plot to benchmarks/results/. Times on CUDA come from CUDA events; on the CPU from perf_counter.
+Variants: every fastasam backend available on the device, ``auto``, the same step written in foreach ops under
+``torch.compile``, NVIDIA apex where installed, and plain ``torch.optim.SGD`` for scale. Prints a table (median ms,
+speed-up over reference, achieved GB/s, % of peak bandwidth where the device's peak is known, peak memory) and writes
+JSON, markdown and a PNG plot to benchmarks/results/. Times on CUDA come from CUDA events; on the CPU from perf_counter.
 The memory floor counts ~11 passes over the parameter bytes for ASAM + SGD-momentum (SPEC §4).
 """
 
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 import fastasam
+from benchmarks import baselines
 from benchmarks.param_sets import PARAM_SETS, make_params, numel
 from fastasam.backends import resolve as resolve_backend
 
@@ -69,11 +73,34 @@ def measure(name: str, make_step: Callable[[], Callable[[], None]], device: torc
             "peak_mem_bytes": peak}
 
 
+HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+# peak DRAM bandwidth in GB/s by device name (SPEC §4); % of peak is reported where the device is known
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
+
+
+def peak_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def default_variants(device: torch.device) -> list[str]:
+    """Every fastasam backend that works on ``device``, ``auto``, the compiled-foreach and apex baselines where they
+    run, and plain SGD for scale."""
+    names = [f"asam-{b}" for b in fastasam.available_backends(device)] + ["asam-auto", "asam-compile-foreach"]
+    if device.type == "cuda" and baselines.apex_unavailable_reason() is None:
+        names.append("asam-apex")
+    return [*names, "sgd"]
+
+
 def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, warmup: int,
-        backends: list[str]) -> dict:
+        variants: list[str]) -> dict:
     shapes = PARAM_SETS[param_set]()
     named = make_params(shapes, device=device, dtype=dtype)
     params = [p for _, p in named]
+    adaptive = [p for n, p in named if "weight" in n]
+    plain = [p for n, p in named if "weight" not in n]
     grads = [p.grad.clone() for p in params]
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     param_bytes = numel(shapes) * elem_bytes
@@ -85,39 +112,62 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             step()
         return wrapped
 
-    def asam(backend: str) -> Callable[[], Callable[[], None]]:
-        def make() -> Callable[[], None]:
-            groups = [{"params": [p for n, p in named if "weight" in n], "adaptive": True},
-                      {"params": [p for n, p in named if "weight" not in n], "adaptive": False}]
-            opt = fastasam.ASAM(groups, torch.optim.SGD, rho=0.5, eta=0.01, backend=backend,
-                                lr=0.1, momentum=0.9, weight_decay=5e-4)
+    def asam(backend: str) -> Callable[[], None]:
+        groups = [{"params": adaptive, "adaptive": True}, {"params": plain, "adaptive": False}]
+        opt = fastasam.ASAM(groups, torch.optim.SGD, backend=backend, **HPARAMS)
 
-            def step() -> None:
-                opt.first_step()
-                opt.second_step()
-            return with_grads(step)
-        return make
+        def step() -> None:
+            opt.first_step()
+            opt.second_step()
+        return with_grads(step)
 
-    def plain_sgd() -> Callable[[], None]:
-        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
-        return with_grads(opt.step)
+    def make(variant: str) -> Callable[[], None]:
+        if variant == "sgd":
+            opt = torch.optim.SGD(params, lr=HPARAMS["lr"], momentum=HPARAMS["momentum"],
+                                  weight_decay=HPARAMS["weight_decay"])
+            return with_grads(opt.step)
+        if variant == "asam-compile-foreach":
+            return with_grads(baselines.compiled_foreach(adaptive, plain, **HPARAMS))
+        if variant == "asam-apex":
+            return with_grads(baselines.apex_asam(adaptive, plain, **HPARAMS))
+        return asam(variant.removeprefix("asam-"))
+
+    def why_not(variant: str) -> str | None:
+        if variant == "asam-apex":
+            return baselines.apex_unavailable_reason() or (None if device.type == "cuda" else "apex needs CUDA")
+        if variant in ("sgd", "asam-compile-foreach", "asam-auto"):
+            return None
+        name = variant.removeprefix("asam-")
+        return fastasam.backends.unavailable_reason(name, device) if name in fastasam.backends.names() else (
+            f"unknown variant {variant!r}")
 
     rows = []
     print(f"{param_set}: {len(shapes)} tensors, {numel(shapes):,} elements, {dtype}, on {device}", flush=True)
-    for backend in backends:
-        label = f"asam-{backend}"
-        if backend == "auto":
+    for variant in variants:
+        reason = why_not(variant)
+        if reason is not None:
+            print(f"  {variant}: skipped, {reason}", flush=True)
+            continue
+        label = variant
+        if variant == "asam-auto":
             label += f" (= {resolve_backend('auto', device).name})"
-        rows.append({**measure(label, asam(backend), device, steps, warmup), "backend": backend})
-    rows.append({**measure("torch.optim.SGD (no ASAM)", plain_sgd, device, steps, warmup), "backend": None})
+        if variant == "asam-compile-foreach":
+            print(f"  {variant}: compiling (a minute on a CPU)...", flush=True)
+        rows.append({**measure(label, lambda v=variant: make(v), device, steps, warmup), "variant": variant})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    ref = next((r for r in rows if r["backend"] == "reference"), None)
+    ref = next((r for r in rows if r["variant"] == "asam-reference"), None)
     floor_bytes = PASSES_ASAM_SGD * param_bytes
+    peak = peak_gbps(device)
     for r in rows:
+        is_asam = r["variant"] != "sgd"
         r["speedup_vs_reference"] = ref["median_s"] / r["median_s"] if ref else None
-        r["achieved_GBps"] = floor_bytes / r["median_s"] / 1e9 if r["backend"] else None
+        r["achieved_GBps"] = floor_bytes / r["median_s"] / 1e9 if is_asam else None
+        r["pct_of_peak"] = 100 * r["achieved_GBps"] / peak if is_asam and peak else None
     return {"param_set": param_set, "tensors": len(shapes), "elements": numel(shapes), "dtype": str(dtype),
-            "memory_floor_bytes": floor_bytes, "rows": rows}
+            "memory_floor_bytes": floor_bytes, "peak_GBps": peak,
+            "floor_ms": floor_bytes / peak / 1e6 if peak else None, "rows": rows}
 
 
 def environment(device: torch.device) -> dict:
@@ -137,16 +187,38 @@ def markdown(result: dict, env: dict) -> str:
              f"{result['dtype']}) on {env['device_name']} ({env['device']})", "",
              f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}, "
              f"{env['cpu_threads']} CPU threads. Optimizer time only (first_step + second_step, SGD momentum + wd).",
-             "", "| implementation | median ms | speed-up vs reference | GB/s over the 11-pass floor |",
-             "|---|---:|---:|---:|"]
+             "", "| implementation | median ms | speed-up vs reference | GB/s (11-pass floor) | % of peak | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    if result["floor_ms"]:
+        lines.insert(3, f"Memory floor: {result['memory_floor_bytes'] / 1e6:.1f} MB at {result['peak_GBps']:.0f} GB/s "
+                        f"= {result['floor_ms']:.3f} ms.")
     for r in result["rows"]:
         speed = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
         gbps = f"{r['achieved_GBps']:.1f}" if r["achieved_GBps"] else "-"
-        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {speed} | {gbps} |")
+        pct = f"{r['pct_of_peak']:.0f}%" if r["pct_of_peak"] else "-"
+        mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
+        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {speed} | {gbps} | {pct} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, env: dict, path: Path) -> bool:
+def draw(ax, result: dict, title: str) -> None:
+    """One horizontal bar per row: median step time, labelled with the speed-up over ``reference``."""
+    rows = result["rows"]
+    ax.barh([r["name"] for r in rows], [r["median_s"] * 1e3 for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        speed = f"  ({r['speedup_vs_reference']:.2f}x)" if r.get("speedup_vs_reference") else ""
+        ax.text(r["median_s"] * 1e3, i, f" {r['median_s'] * 1e3:.2f} ms{speed}", va="center", fontsize=8)
+    if result.get("floor_ms"):
+        ax.axvline(result["floor_ms"], color="tab:red", linestyle="--", label="memory floor")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median step time (ms), lower is better")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(0, max(r["median_s"] for r in rows) * 1e3 * 1.6)
+
+
+def plot(panels: list[tuple[dict, str]], path: Path) -> bool:
+    """Write one figure with a panel per (result, title); False (and a message) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -155,49 +227,53 @@ def plot(result: dict, env: dict, path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.5))
-    ax.barh([r["name"] for r in rows], [r["median_s"] * 1e3 for r in rows], color="tab:blue")
-    for i, r in enumerate(rows):
-        speed = f"  ({r['speedup_vs_reference']:.2f}x)" if r["speedup_vs_reference"] else ""
-        label = f"{r['median_s'] * 1e3:.1f} ms{speed}"
-        ax.text(r["median_s"] * 1e3, i, " " + label, va="center")
-    ax.invert_yaxis()
-    ax.set_xlabel("median optimizer step time (ms), lower is better")
-    ax.set_title(f"{result['param_set']} parameter set on {env['device_name']} ({env['device']})")
-    ax.set_xlim(0, max(r["median_s"] for r in rows) * 1e3 * 1.45)
+    heights = [0.45 * len(r["rows"]) + 1.2 for r, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (result, title) in zip(axes[:, 0], panels):
+        draw(ax, result, title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def main(argv: list[str] | None = None) -> dict:
+def title(result: dict, env: dict) -> str:
+    return (f"{result['param_set']} optimizer step, {result['dtype'].removeprefix('torch.')}, "
+            f"{env['device_name']} ({env['device']})")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--param-set", default="resnet50", choices=sorted(PARAM_SETS))
+    parser.add_argument("--param-sets", nargs="+", default=["resnet50"], choices=sorted(PARAM_SETS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 10 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--backends", nargs="*", default=None, help="default: every backend available on the device")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="asam-<backend>, asam-auto, asam-compile-foreach, asam-apex, sgd "
+                             "(default: all that run on the device)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     steps = args.steps or (50 if on_gpu else 10)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 2)
-    names = args.backends or [*fastasam.available_backends(device), "auto"]
-    result = run(args.param_set, device, getattr(torch, args.dtype), steps, warmup, names)
+    variants = args.variants or default_variants(device)
     env = environment(device)
-    md = markdown(result, env)
-    print("\n" + md)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_time-{result['param_set']}-{args.dtype}-{device.type}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, **result}, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    if plot(result, env, args.out / f"{stem}.png"):
-        print(f"wrote {args.out / stem}.json, .md and .png")
-    return result
+    results = []
+    for param_set in args.param_sets:
+        result = run(param_set, device, getattr(torch, args.dtype), steps, warmup, variants)
+        md = markdown(result, env)
+        print("\n" + md)
+        stem = f"step_time-{param_set}-{args.dtype}-{device.type}"
+        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, **result}, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(md)
+        if plot([(result, title(result, env))], args.out / f"{stem}.png"):
+            print(f"wrote {args.out / stem}.json, .md and .png")
+        results.append(result)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,15 +1,45 @@
 import json
 
-from benchmarks import step_time
+import torch
+
+import fastasam
+from benchmarks import baselines, step_time
 
 
 def test_step_time_benchmark_runs_and_writes_results(tmp_path):
-    result = step_time.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--backends", "reference", "auto",
-                             "--out", str(tmp_path)])
+    (result,) = step_time.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--variants", "asam-reference",
+                                "asam-auto", "asam-apex", "sgd", "--out", str(tmp_path)])
     names = [r["name"] for r in result["rows"]]
-    assert names[0] == "asam-reference" and names[1].startswith("asam-auto (= ")
+    assert names[0] == "asam-reference" and names[1].startswith("asam-auto (= ") and names[2] == "sgd"  # apex: skipped
     assert result["rows"][0]["speedup_vs_reference"] == 1.0
     (js,) = tmp_path.glob("*.json")
     data = json.loads(js.read_text())
     assert data["environment"]["torch"] and data["elements"] == 25_557_032
     assert (tmp_path / js.name.replace(".json", ".md")).read_text().count("| asam-") == 2
+    assert (tmp_path / js.name.replace(".json", ".png")).stat().st_size > 0
+
+
+def test_compiled_foreach_baseline_computes_the_reference_asam_step():
+    """The compiled baseline must do the same work as fastasam, or the comparison means nothing."""
+    def params() -> list[torch.nn.Parameter]:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(5, 3), (7,), (4, 4, 3), (1,)]]
+
+    mine, ref = params(), params()
+    hp = step_time.HPARAMS
+    step = baselines.compiled_foreach(mine[::2], mine[1::2], **hp)
+    opt = fastasam.ASAM([{"params": ref[::2], "adaptive": True}, {"params": ref[1::2], "adaptive": False}],
+                        torch.optim.SGD, backend="reference", **hp)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in mine]
+        for p, q, g in zip(mine, ref, grads):
+            p.grad, q.grad = g, g.clone()
+        step()
+        opt.first_step()
+        for q, g in zip(ref, grads):
+            q.grad = g.clone()
+        opt.second_step()
+    for p, q in zip(mine, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(mine[0], params()[0])
