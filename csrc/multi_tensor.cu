@@ -1,0 +1,364 @@
+// fastasam multi-tensor CUDA kernels. Pure CUDA (no PyTorch headers), so csrc/check.sh can compile them anywhere
+// nvcc is; binding.cpp exposes them to PyTorch. Interface and table layout: multi_tensor.h.
+//
+// One block per chunk. A row whose tensors are all 16-byte aligned is processed 16 bytes per thread per iteration
+// (4 fp32 or 8 fp16/bf16 values, one vector load per tensor); other rows, and the last few elements of a chunk,
+// element by element. Offsets are int64 (tensors over 2^31 elements).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "multi_tensor.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// x rounded to the storage dtype and back: the value the storage holds
+template <typename T> __device__ __forceinline__ float rounded(float x) { return to_f<T>(from_f<T>(x)); }
+
+// W values of p starting at element i, in fp32 (W > 1: one 16-byte load; p + i must be 16-byte aligned).
+// The table's addresses are plain integers, so plain dereferences would compile to generic loads; the __ldcg /
+// __stcg intrinsics make them ld.global / st.global (cached in L2, not L1: every element is touched once per kernel).
+template <int W, typename T> __device__ __forceinline__ void load(const T* p, int64_t i, float (&x)[W]) {
+  if constexpr (W == 1) {
+    x[0] = to_f<T>(__ldcg(p + i));
+  } else {
+    static_assert(W * sizeof(T) == 16, "vector width must be 16 bytes");
+    uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p + i));
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < W; ++k) x[k] = to_f<T>(v[k]);
+  }
+}
+
+template <int W, typename T> __device__ __forceinline__ void store(T* p, int64_t i, const float (&x)[W]) {
+  if constexpr (W == 1) {
+    __stcg(p + i, from_f<T>(x[0]));
+  } else {
+    uint4 raw;
+    T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = from_f<T>(x[k]);
+    __stcg(reinterpret_cast<uint4*>(p + i), raw);
+  }
+}
+
+struct Chunk {
+  const int64_t* row;  // the tensor's table row
+  int64_t start, length;
+};
+
+__device__ __forceinline__ Chunk chunk_of(const int64_t* tab, const int32_t* chunks, int64_t b, int64_t size) {
+  const int64_t r = chunks[2 * b];
+  const int64_t start = static_cast<int64_t>(chunks[2 * b + 1]) * size;
+  const int64_t* row = tab + r * FA_NCOL;
+  const int64_t left = row[FA_COL_NUMEL] - start;
+  return {row, start, left < size ? left : size};
+}
+
+template <typename T> __device__ __forceinline__ T* col(const Chunk& c, int k) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(c.row[k]));
+}
+
+// 16-byte aligned: every listed column's address (unused columns hold 0, which is aligned)
+__device__ __forceinline__ bool aligned(const Chunk& c, int ncols) {
+  int64_t bits = 0;
+  for (int k = 0; k < ncols; ++k) bits |= c.row[k];
+  return (bits & 15) == 0;
+}
+
+// Calls f(std::integral_constant<int, W>, i) over the chunk: W = 16 / sizeof(T) for the vector part (when `vec`),
+// then W = 1 for the rest. The chunk start is a multiple of the chunk size, so aligned rows stay aligned.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_element(const Chunk& c, bool vec, F&& f) {
+  constexpr int V = 16 / sizeof(T);
+  int64_t done = 0;
+  if (vec) {
+    const int64_t nvec = c.length / V;
+    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) f(std::integral_constant<int, V>{}, c.start + k * V);
+    done = nvec * V;
+  }
+  for (int64_t i = done + threadIdx.x; i < c.length; i += blockDim.x) f(std::integral_constant<int, 1>{}, c.start + i);
+}
+
+// sum over the block in a fixed order (warp tree, then the warps' sums by warp 0); the result in thread 0
+__device__ __forceinline__ float block_sum(float x) {
+  __shared__ float warp_sums[kThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffffu, x, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = x;
+  __syncthreads();
+  x = 0.f;
+  if (warp == 0) {
+    if (lane < static_cast<int>(blockDim.x >> 5)) x = warp_sums[lane];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffffu, x, off);
+  }
+  __syncthreads();  // warp_sums may be reused by a second call
+  return x;
+}
+
+// --- phase 1: the squared norm ------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sqnorm_kernel(const int64_t* tab, const float* etas, const int32_t* chunks,
+                                                          int n_chunks, int64_t size, float* partials, int* counter,
+                                                          float* out) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const bool adaptive = (c.row[FA_COL_FLAGS] & FA_FLAG_ADAPTIVE) != 0;
+  const float eta = adaptive ? etas[(c.row - tab) / FA_NCOL] : 0.f;
+  const T* w = col<T>(c, FA_COL_W);
+  const T* g = col<T>(c, FA_COL_G);
+  float acc = 0.f;
+  for_each_element<T>(c, aligned(c, 2), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float gv[W];
+    load<W>(g, i, gv);
+    if (adaptive) {
+      float wv[W];
+      load<W>(w, i, wv);
+#pragma unroll
+      for (int k = 0; k < W; ++k) gv[k] *= fabsf(wv[k]) + eta;
+    }
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc += gv[k] * gv[k];
+  });
+  const float part = block_sum(acc);
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = part;
+    __threadfence();  // the partial is visible device-wide before the counter moves
+    last = atomicAdd(counter, 1) == n_chunks - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  float total = 0.f;
+  for (int i = threadIdx.x; i < n_chunks; i += blockDim.x) total += *(volatile float*)(partials + i);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    *out = total;
+    *counter = 0;  // ready for the next launch, CUDA-graph replays included
+  }
+}
+
+// --- phase 2: the perturbation --------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(const int64_t* tab, const float* etas, const int32_t* chunks,
+                                                           int64_t size, const float* scales, const bool* finite_ptr,
+                                                           bool copy) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const int64_t flags = c.row[FA_COL_FLAGS];
+  const bool adaptive = (flags & FA_FLAG_ADAPTIVE) != 0;
+  const float eta = adaptive ? etas[(c.row - tab) / FA_NCOL] : 0.f;
+  const float scale = scales[flags >> FA_SCALE_SHIFT];
+  const bool finite = *finite_ptr;
+  T* w = col<T>(c, FA_COL_W);
+  const T* g = col<T>(c, FA_COL_G);
+  T* b = col<T>(c, FA_COL_B);
+  for_each_element<T>(c, aligned(c, 3), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float wv[W], gv[W], e[W];
+    load<W>(w, i, wv);
+    load<W>(g, i, gv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float t = adaptive ? fabsf(wv[k]) + eta : 1.f;
+      e[k] = adaptive ? t * (t * gv[k]) * scale : gv[k] * scale;
+      e[k] = finite ? e[k] : 0.f;  // a non-finite norm means inf/NaN in g: e is exactly 0, never NaN
+      if (!copy) e[k] = rounded<T>(e[k]);  // the stored e is rounded once; that value is added
+    }
+    if (copy) {
+      store<W>(b, i, wv);
+    } else {
+      store<W>(b, i, e);
+    }
+#pragma unroll
+    for (int k = 0; k < W; ++k) wv[k] += e[k];
+    store<W>(w, i, wv);
+  });
+}
+
+// --- phase 3: restore, alone or fused with the base optimizer's update -------------------------------------------
+
+// the original weights, as the storage dtype holds them
+template <int W, typename T>
+__device__ __forceinline__ void restored(const T* w, const T* b, int64_t i, bool copy, float (&p)[W]) {
+  load<W>(b, i, p);
+  if (!copy) {
+    float wv[W];
+    load<W>(w, i, wv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) p[k] = rounded<T>(wv[k] - p[k]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) restore_kernel(const int64_t* tab, const int32_t* chunks, int64_t size,
+                                                           bool copy) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  T* w = col<T>(c, FA_COL_W);
+  const T* b = col<T>(c, FA_COL_B);
+  for_each_element<T>(c, aligned(c, 3), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float p[W];
+    restored<W>(w, b, i, copy, p);
+    store<W>(w, i, p);
+  });
+}
+
+struct SgdArgs {
+  float lr, momentum, dampening, weight_decay;
+  bool copy, has_momentum, nesterov, maximize;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* tab, const int32_t* chunks, int first,
+                                                               int64_t size, SgdArgs a) {
+  const Chunk c = chunk_of(tab, chunks, first + static_cast<int64_t>(blockIdx.x), size);
+  const bool fresh = (c.row[FA_COL_FLAGS] & FA_FLAG_FRESH_STATE) != 0;
+  T* w = col<T>(c, FA_COL_W);
+  const T* g = col<T>(c, FA_COL_G);
+  const T* b = col<T>(c, FA_COL_B);
+  T* mom = col<T>(c, FA_COL_S1);
+  for_each_element<T>(c, aligned(c, 4), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float p[W], d[W];
+    restored<W>(w, b, i, a.copy, p);
+    load<W>(g, i, d);
+#pragma unroll
+    for (int k = 0; k < W; ++k) d[k] = (a.maximize ? -d[k] : d[k]) + a.weight_decay * p[k];
+    if (a.has_momentum) {
+      float m[W];
+      if (!fresh) load<W>(mom, i, m);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        m[k] = rounded<T>(fresh ? d[k] : m[k] * a.momentum + (1.f - a.dampening) * d[k]);  // first buffer = d
+        d[k] = a.nesterov ? d[k] + a.momentum * m[k] : m[k];
+      }
+      store<W>(mom, i, m);
+    }
+#pragma unroll
+    for (int k = 0; k < W; ++k) p[k] -= a.lr * d[k];
+    store<W>(w, i, p);
+  });
+}
+
+struct AdamArgs {
+  float lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt;
+  bool copy, decoupled, amsgrad, maximize;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* tab, const int32_t* chunks, int first,
+                                                                int64_t size, AdamArgs a) {
+  const Chunk c = chunk_of(tab, chunks, first + static_cast<int64_t>(blockIdx.x), size);
+  T* w = col<T>(c, FA_COL_W);
+  const T* g = col<T>(c, FA_COL_G);
+  const T* b = col<T>(c, FA_COL_B);
+  T* m1 = col<T>(c, FA_COL_S1);
+  T* m2 = col<T>(c, FA_COL_S2);
+  T* vmax = col<T>(c, FA_COL_S3);
+  for_each_element<T>(c, aligned(c, 6), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float p[W], d[W], m[W], v[W];
+    restored<W>(w, b, i, a.copy, p);
+    load<W>(g, i, d);
+    load<W>(m1, i, m);
+    load<W>(m2, i, v);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      if (a.maximize) d[k] = -d[k];
+      if (a.decoupled) {
+        p[k] *= 1.f - a.lr * a.weight_decay;
+      } else {
+        d[k] += a.weight_decay * p[k];
+      }
+      m[k] += (1.f - a.beta1) * (d[k] - m[k]);
+      v[k] = v[k] * a.beta2 + (1.f - a.beta2) * d[k] * d[k];
+    }
+    store<W>(m1, i, m);
+    store<W>(m2, i, v);
+    if (a.amsgrad) {
+      float vm[W];
+      load<W>(vmax, i, vm);
+#pragma unroll
+      for (int k = 0; k < W; ++k) v[k] = fmaxf(vm[k], v[k]);
+      store<W>(vmax, i, v);
+    }
+#pragma unroll
+    for (int k = 0; k < W; ++k) p[k] -= a.step_size * (m[k] / (sqrtf(v[k]) / a.bc2_sqrt + a.eps));
+    store<W>(w, i, p);
+  });
+}
+
+// dispatch on the storage dtype; an unknown dtype is a launch error, never a silent no-op
+
+#define FA_DISPATCH(KERNEL, ...)                                                                   \
+  switch (dtype) {                                                                                 \
+    case FA_FLOAT32: KERNEL<float><<<blocks, kThreads, 0, stream>>>(__VA_ARGS__); break;           \
+    case FA_FLOAT16: KERNEL<__half><<<blocks, kThreads, 0, stream>>>(__VA_ARGS__); break;          \
+    case FA_BFLOAT16: KERNEL<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(__VA_ARGS__); break;  \
+    default: return static_cast<int>(cudaErrorInvalidValue);                                       \
+  }                                                                                                \
+  return static_cast<int>(cudaGetLastError());
+
+}  // namespace
+
+extern "C" {
+
+int fa_sqnorm(int dtype, const int64_t* tab, const float* etas, const int32_t* chunks, int n_chunks,
+              int64_t chunk_size, float* partials, int* counter, float* out, cudaStream_t stream) {
+  if (n_chunks <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = n_chunks;
+  FA_DISPATCH(sqnorm_kernel, tab, etas, chunks, n_chunks, chunk_size, partials, counter, out)
+}
+
+int fa_perturb(int dtype, const int64_t* tab, const float* etas, const int32_t* chunks, int n_chunks,
+               int64_t chunk_size, const float* scales, const bool* finite, int copy, cudaStream_t stream) {
+  if (n_chunks <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = n_chunks;
+  FA_DISPATCH(perturb_kernel, tab, etas, chunks, chunk_size, scales, finite, copy != 0)
+}
+
+int fa_restore(int dtype, const int64_t* tab, const int32_t* chunks, int n_chunks, int64_t chunk_size, int copy,
+               cudaStream_t stream) {
+  if (n_chunks <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = n_chunks;
+  FA_DISPATCH(restore_kernel, tab, chunks, chunk_size, copy != 0)
+}
+
+int fa_restore_sgd(int dtype, const int64_t* tab, const int32_t* chunks, int first, int count, int64_t chunk_size,
+                   float lr, float momentum, float dampening, float weight_decay, int copy, int has_momentum,
+                   int nesterov, int maximize, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  const SgdArgs a{lr, momentum, dampening, weight_decay, copy != 0, has_momentum != 0, nesterov != 0, maximize != 0};
+  FA_DISPATCH(restore_sgd_kernel, tab, chunks, first, chunk_size, a)
+}
+
+int fa_restore_adam(int dtype, const int64_t* tab, const int32_t* chunks, int first, int count, int64_t chunk_size,
+                    float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
+                    float bc2_sqrt, int copy, int decoupled, int amsgrad, int maximize, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  const AdamArgs a{lr,       beta1,          beta2,         eps,         weight_decay, step_size,
+                   bc2_sqrt, copy != 0, decoupled != 0, amsgrad != 0, maximize != 0};
+  FA_DISPATCH(restore_adam_kernel, tab, chunks, first, chunk_size, a)
+}
+
+}  // extern "C"
