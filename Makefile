@@ -11,7 +11,7 @@ setup:
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench]"
 
 bench: setup
-	$(PYTHON) -m benchmarks.step_time
+	$(PYTHON) -m benchmarks
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -71,7 +71,14 @@ def gpt2_medium() -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-PARAM_SETS = {"resnet50": resnet50, "vit_b16": vit_b16, "gpt2_medium": gpt2_medium}
+def resnet_tiny() -> list[tuple[str, tuple[int, ...]]]:
+    """``benchmarks.models.resnet_tiny``'s parameters: a few thousand elements, for smoke runs and CI."""
+    from benchmarks.models import resnet_tiny as model
+
+    return [(n, tuple(p.shape)) for n, p in model().named_parameters()]
+
+
+PARAM_SETS = {"resnet50": resnet50, "vit_b16": vit_b16, "gpt2_medium": gpt2_medium, "resnet_tiny": resnet_tiny}
 
 
 def numel(shapes: list[tuple[str, tuple[int, ...]]]) -> int:

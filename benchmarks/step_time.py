@@ -172,8 +172,12 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        here = Path(__file__).parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, check=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")

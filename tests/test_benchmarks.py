@@ -43,3 +43,31 @@ def test_compiled_foreach_baseline_computes_the_reference_asam_step():
     for p, q in zip(mine, ref):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert not torch.equal(mine[0], params()[0])
+
+
+def test_suite_smoke_configuration_writes_table_and_plot(tmp_path):
+    from benchmarks.__main__ import main as suite
+
+    out = suite(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    kinds = [r["param_set"] for r in out["results"]]
+    assert kinds == ["resnet_tiny", "resnet_tiny training step"]
+    e2e_rows = {r["variant"]: r for r in out["results"][1]["rows"]}
+    assert e2e_rows["sgd"]["ratio_vs_sgd"] == 1.0 and e2e_rows["asam-auto"]["images_per_s"] > 0
+    md = (tmp_path / "suite-cpu-smoke.md").read_text()
+    assert md.count("### ") == 2 and "step time / SGD's" in md
+    assert (tmp_path / "suite-cpu-smoke.png").stat().st_size > 0
+    assert json.loads((tmp_path / "suite-cpu-smoke.json").read_text())["environment"]["commit"]
+
+
+def test_op_level_pytest_benchmarks_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FASTASAM_BENCH_SET": "resnet_tiny"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_ops.py",
+                           "--benchmark-disable"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{3 * len(fastasam.available_backends('cpu'))} passed" in proc.stdout

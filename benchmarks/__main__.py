@@ -1,0 +1,76 @@
+"""The benchmark suite (the README's main job) on the device present:
+
+    python -m benchmarks            # GPU: every parameter set, fp32 + bf16 ResNet-50, end to end at batch 256
+                                    # CPU: the ResNet-50 parameter set and a small end-to-end step (a few minutes)
+    python -m benchmarks --smoke    # seconds: the tiny model, for CI
+
+Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per table), with
+the device, versions, commit and date, plus the per-benchmark files of ``step_time`` and ``e2e``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks import e2e, step_time
+
+
+def plan(device: torch.device, smoke: bool) -> dict:
+    """What to run: step-time (param set, dtype) pairs with their step counts, and the end-to-end configuration."""
+    if smoke:
+        return {"step_time": [("resnet_tiny", torch.float32)], "steps": 2, "warmup": 1,
+                "variants": ["asam-reference", "asam-auto", "sgd"],
+                "e2e": {"arch": "resnet_tiny", "batch": 4, "image_size": 32, "amp": "none", "channels_last": True,
+                        "steps": 2, "warmup": 1}}
+    if device.type == "cuda":
+        return {"step_time": [("resnet50", torch.float32), ("resnet50", torch.bfloat16), ("vit_b16", torch.float32),
+                              ("gpt2_medium", torch.float32)], "steps": 50, "warmup": 10, "variants": None,
+                "e2e": {"arch": "resnet50", "batch": 256, "image_size": 224, "amp": "bf16", "channels_last": True,
+                        "steps": 30, "warmup": 5}}
+    return {"step_time": [("resnet50", torch.float32)], "steps": 10, "warmup": 2, "variants": None,
+            "e2e": {"arch": "resnet50", "batch": 8, "image_size": 64, "amp": "none", "channels_last": True,
+                    "steps": 3, "warmup": 1}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="the tiny configuration CI runs (seconds)")
+    parser.add_argument("--out", type=Path, default=step_time.RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    todo = plan(device, args.smoke)
+    env = step_time.environment(device)
+    print(f"fastasam benchmark suite on {env['device_name']} ({device}), torch {env['torch']}, commit {env['commit']}",
+          flush=True)
+    results, sections = [], []
+    total = len(todo["step_time"]) + 1
+    for i, (param_set, dtype) in enumerate(todo["step_time"], start=1):
+        print(f"[{i}/{total}] optimizer step time: {param_set}, {dtype}", flush=True)
+        variants = todo["variants"] or step_time.default_variants(device)
+        result = step_time.run(param_set, device, dtype, todo["steps"], todo["warmup"], variants)
+        results.append(result)
+        sections.append((step_time.markdown(result, env), (result, step_time.title(result, env))))
+    print(f"[{total}/{total}] end-to-end training step", flush=True)
+    result = e2e.run(device, **todo["e2e"])
+    results.append(result)
+    sections.append((e2e.markdown(result, env), (result, f"{result['param_set']}, batch {result['batch']}, "
+                                                          f"{env['device_name']} ({env['device']})")))
+
+    md = "\n".join(m for m, _ in sections)
+    print("\n" + md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"suite-{device.type}{'-smoke' if args.smoke else ''}"
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(f"# fastasam benchmark suite\n\n{md}")
+    if step_time.plot([p for _, p in sections], stem.with_suffix(".png")):
+        print(f"wrote {stem}.json, .md and .png")
+    return {"environment": env, "results": results}
+
+
+if __name__ == "__main__":
+    main()
