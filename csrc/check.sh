@@ -29,3 +29,22 @@ for src in *.cu; do
         echo "ok: $src sm_$arch"
     done
 done
+
+# binding.cpp: a syntax check against the installed PyTorch's headers where they are (the CPU wheel ships c10/cuda but
+# not the header CMake generates for CUDA builds, which a stub stands in for here).
+PYTHON="${PYTHON:-python3}"
+if inc="$("$PYTHON" -c 'import sysconfig, torch.utils.cpp_extension as c
+print(" ".join(["-isystem" + p for p in c.include_paths()] + ["-isystem" + sysconfig.get_paths()["include"]]))' \
+        2>/dev/null)"; then
+    mkdir -p "$out/stub/c10/cuda/impl"
+    echo '#pragma once' > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+    # the CUDA headers nvcc itself uses (CUDA_HOME/include when set)
+    cuda_inc="${CUDA_HOME:+$CUDA_HOME/include}"
+    cuda_inc="${cuda_inc:-$("$NVCC" -v -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)}"
+    # shellcheck disable=SC2086
+    "${CXX:-g++}" -std=c++17 -fsyntax-only -Wall -Wextra -Werror $inc -isystem "$out/stub" -isystem "$cuda_inc" \
+        -DTORCH_EXTENSION_NAME=_C binding.cpp
+    echo "ok: binding.cpp (syntax, against torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+else
+    echo "csrc/check.sh: PyTorch not importable with $PYTHON: binding.cpp not checked"
+fi

@@ -1,15 +1,9 @@
 """Triton multi-tensor kernels: every phase of a sharpness-aware step over all tensors of one (device, dtype) bucket in
 one launch.
 
-The host (``fastasam/backends/triton.py``) describes the bucket with two small device tables, built once and reused
-while the tensors stay where they are:
-
-* the tensor table, ``int64[N, NCOL]``, one row per tensor: the addresses of the parameter, its gradient, the restore
-  buffer and up to three optimizer-state tensors, the element count and a flags word (bit 0: adaptive; bit 1: the
-  optimizer state is new this step; bits 8..: index of the tensor's scale);
-* the chunk table, ``int32[C, 2]``: (tensor row, chunk number). Program ``pid`` handles elements
-  ``[chunk * CHUNK, min((chunk + 1) * CHUNK, numel))`` of its tensor, so a 2-element bias and a 2M-element
-  convolution weight are scheduled alike and one launch covers the whole model.
+The host (``fastasam/backends/_multi_tensor.py``, shared with the CUDA C++ kernels in ``csrc/``) describes the
+bucket with two small device tables, a tensor table (addresses, element count, flags per tensor) and a chunk table
+((tensor row, chunk number) per program); see that module for the layout.
 
 Inside a chunk, full blocks of ``BLOCK`` elements are loaded without a mask (so 16-byte aligned tensors get vector
 loads) and one masked block finishes the tail. Math runs in ``ACC`` (fp32, or fp64 for fp64 storage); every store
@@ -27,12 +21,13 @@ import os
 import triton
 import triton.language as tl
 
-# the tables' layout, shared by the host (plain ints) and the kernels (the same values as constexprs)
-COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_NUMEL, COL_FLAGS = range(8)
-NCOL = 8
-FLAG_ADAPTIVE = 1
-FLAG_FRESH_STATE = 2
-SCALE_SHIFT = 8
+from fastasam.backends import _multi_tensor as layout
+
+# the tables' layout, defined by the host (plain ints), here as constexprs
+COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3 = (layout.COL_W, layout.COL_G, layout.COL_B, layout.COL_S1,
+                                               layout.COL_S2, layout.COL_S3)
+COL_NUMEL, COL_FLAGS, NCOL = layout.COL_NUMEL, layout.COL_FLAGS, layout.NCOL
+FLAG_ADAPTIVE, FLAG_FRESH_STATE, SCALE_SHIFT = layout.FLAG_ADAPTIVE, layout.FLAG_FRESH_STATE, layout.SCALE_SHIFT
 _W, _G, _B, _S1, _S2, _S3 = (tl.constexpr(c) for c in (COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3))
 _NUMEL, _FLAGS, _NCOL = tl.constexpr(COL_NUMEL), tl.constexpr(COL_FLAGS), tl.constexpr(NCOL)
 _ADAPTIVE, _FRESH, _SHIFT = tl.constexpr(FLAG_ADAPTIVE), tl.constexpr(FLAG_FRESH_STATE), tl.constexpr(SCALE_SHIFT)

@@ -102,3 +102,10 @@ register(
         fix="pip install triton (Linux, with a CUDA build of PyTorch) and use CUDA tensors, or backend=\"auto\"",
     )
 )
+register(
+    BackendSpec(
+        "cuda", "fastasam.backends.cuda_backend", auto_priority={"cuda": 25},
+        fix="build the extension on a machine with a CUDA toolkit and a CUDA build of PyTorch: "
+            "FASTASAM_BUILD_CUDA=1 pip install --no-build-isolation -e . (or use backend=\"auto\")",
+    )
+)
