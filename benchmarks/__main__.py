@@ -5,7 +5,8 @@
     python -m benchmarks --smoke    # seconds: the tiny model, for CI
 
 Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per table), with
-the device, versions, commit and date, plus the per-benchmark files of ``step_time`` and ``e2e``.
+the device, versions, commit and date. ``python -m benchmarks.step_time`` / ``benchmarks.e2e`` run one part with
+more options.
 """
 
 from __future__ import annotations
