@@ -249,7 +249,7 @@ def train(args: argparse.Namespace, run: Run) -> dict:
         run.barrier()
 
     args.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    log = open(args.ckpt_dir / "log.jsonl", "a") if run.rank == 0 else None  # noqa: SIM115
+    log = open(args.ckpt_dir / "log.jsonl", "a") if run.rank == 0 else None
     stop = Stop()
     run.print(f"{args.arch} {args.opt} ({args.impl}), {run.world} process(es) on {run.device}, {len(train_set)} "
               f"images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {args.global_batch}")
@@ -293,7 +293,10 @@ def train(args: argparse.Namespace, run: Run) -> dict:
                         log.write(json.dumps(entry) + "\n")
                         log.flush()
                 if (args.max_steps is not None and step >= args.max_steps) or stop.requested:
-                    checkpoint(epoch, i) if not last else checkpoint(epoch + 1, 0)
+                    if last:
+                        checkpoint(epoch + 1, 0)
+                    else:
+                        checkpoint(epoch, i)
                     run.print(f"stopped at step {step}; continue with --resume")
                     return {"steps": step, "stopped": True}
                 if step % args.ckpt_every == 0 and not last:

@@ -29,25 +29,25 @@ def check_group_options(groups: Iterable[Mapping]) -> None:
 
 
 def _all_reduce_shards(buckets: list[Bucket], shares: list[torch.Tensor], acc: torch.dtype) -> list[torch.Tensor]:
-    """Sum the norm shares of sharded buckets over their process groups (one all-reduce per set of groups, on the
-    device, asynchronous to the host), so every rank holds the squared norm of the whole, unsharded gradient."""
-    sharded: dict[tuple, list[int]] = {}
-    for i, b in enumerate(buckets):
+    """The shares with those of sharded buckets summed over their process groups (one all-reduce per set of groups, on
+    the device, asynchronous to the host), so that their sum is the squared norm of the whole, unsharded gradient."""
+    whole: list[torch.Tensor] = []
+    sharded: dict[tuple, list[torch.Tensor]] = {}
+    for b, share in zip(buckets, shares, strict=True):
         if b.reduce_over:
-            sharded.setdefault((b.reduce_over, b.device), []).append(i)
+            sharded.setdefault((b.reduce_over, b.device), []).append(share.to(acc))
+        else:
+            whole.append(share)
     if not sharded:
         return shares
     import torch.distributed as dist
 
-    out = list(shares)
-    for (over, _), idx in sharded.items():
-        part = torch.stack([shares[i].to(acc) for i in idx]).sum()
+    for (over, _), parts in sharded.items():
+        part = torch.stack(parts).sum()
         for pg in over:
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
-        for i in idx:
-            out[i] = torch.zeros_like(part)
-        out[idx[0]] = part
-    return out
+        whole.append(part)
+    return whole
 
 
 class SharpnessEngine:

@@ -128,8 +128,7 @@ def build_buckets(groups: Iterable[Mapping]) -> list[Bucket]:
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise RuntimeError(
                     f"fastasam: {_param_name(group, gi, pi)} has a gradient of shape {tuple(g.shape)}, {g.dtype} on "
-                    f"{g.device} but the "
-                    f"parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; they must match."
+                    f"{g.device} but the parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; they must match."
                 )
             key = (p.device, p.dtype, over)
             bucket = buckets.get(key)

@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -60,11 +64,6 @@ def test_suite_smoke_configuration_writes_table_and_plot(tmp_path):
 
 
 def test_op_level_pytest_benchmarks_run(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "FASTASAM_BENCH_SET": "resnet_tiny"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_ops.py",
