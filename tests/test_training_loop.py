@@ -1,12 +1,21 @@
-"""Training-loop behaviour: BatchNorm in the second pass, gradient accumulation, bf16 autocast."""
+"""Training-loop behaviour: BatchNorm in the second pass, gradient accumulation, bf16 autocast, GradScaler,
+torch.compile and CUDA-graph capture."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 import fastasam
+from fastasam import backends
+from fastasam.backends import _multi_tensor
+
+from conftest import FAST_CASES
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -146,14 +155,20 @@ def _tiny_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
-def test_torch_compile_of_a_training_step_that_calls_fastasam():
-    """The whole two-pass step under torch.compile runs and matches eager (dynamo traces or breaks around the
-    optimizer; it must not fail on it)."""
-    x, y = torch.randn(16, 6), torch.randn(16, 2)
+_COMPILE_CASES = [("reference", "cpu", "aot_eager"), *((b, d, "aot_eager") for b, d in FAST_CASES),
+                  ("auto", "cpu", "inductor")]
+
+
+@pytest.mark.parametrize("backend,device,compiler", _COMPILE_CASES, ids=[f"{b}-{d}-{c}" for b, d, c in _COMPILE_CASES])
+def test_torch_compile_of_a_training_step_that_calls_fastasam(backend, device, compiler):
+    """The whole two-pass step under torch.compile runs, warns of nothing and matches eager: dynamo traces the
+    per-tensor and foreach paths and runs the multi-tensor backends' launches between its graphs."""
+    torch._dynamo.reset()
+    x, y = torch.randn(16, 6, device=device), torch.randn(16, 2, device=device)
     results = []
     for compiled in (False, True):
-        model = _tiny_model()
-        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        model = _tiny_model().to(device)
+        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
 
         def step(model=model, opt=opt):
             nn.functional.mse_loss(model(x), y).backward()
@@ -161,9 +176,12 @@ def test_torch_compile_of_a_training_step_that_calls_fastasam():
             nn.functional.mse_loss(model(x), y).backward()
             opt.second_step(zero_grad=True)
 
-        fn = torch.compile(step, backend="aot_eager") if compiled else step
-        for _ in range(3):
-            fn()
+        fn = torch.compile(step, backend=compiler) if compiled else step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                fn()
+        assert not [str(w.message) for w in caught if "ynamo" in str(w.message)]
         results.append([p.detach().clone() for p in model.parameters()])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
@@ -203,3 +221,145 @@ def test_cuda_graph_captured_optimizer_step_replays_like_eager():
     torch.cuda.synchronize()
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+# --- what stream capture demands, checked on any device -------------------------------------------------------------
+#
+# A CUDA graph records one step's kernel launches and replays them with the same arguments. A step can be captured and
+# replayed faithfully only if, once warm, it (1) never reads a device value on the host, (2) never makes a device
+# tensor from host data (a pageable host-to-device copy, which capture forbids), (3) allocates no new persistent
+# state, so the tables the kernels read keep their addresses, and (4) issues exactly the same operations with the same
+# host arguments every step (a host number that changes from step to step would be frozen in the graph). The trace
+# below records every ATen op and every multi-tensor launch of a warm step, on whatever device runs the tests, and
+# checks all four; the replay test after it runs the real capture where a GPU is present.
+
+_HOST_READS = {"aten._local_scalar_dense.default", "aten.equal.default", "aten.is_nonzero.default"}
+_FROM_HOST = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype, x.device.type)
+    if isinstance(x, _multi_tensor.Plan):
+        return ("plan", id(x))
+    if isinstance(x, dict):  # a param group: its hyperparameters, not its tensors
+        return tuple(sorted((k, v) for k, v in x.items() if k != "params"))
+    if isinstance(x, (bool, int, float, str, torch.dtype, torch.device, type(None))):
+        return x
+    return type(x).__name__
+
+
+class _StepTrace(TorchDispatchMode):
+    """Every ATen op of the traced region with its arguments as a graph sees them: tensors by shape/dtype/device,
+    everything else by value. Multi-tensor launches are recorded as one entry each (the Triton interpreter's own host
+    work inside a launch is not part of the step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused:
+            name = str(func)
+            self.ops.append((name, tree_map(_describe, args), tree_map(_describe, kwargs)))
+            if name == "aten._to_copy.default" and "device" in kwargs:
+                src = args[0].device
+                if kwargs["device"] is not None and torch.device(kwargs["device"]).type != src.type:
+                    self.ops.append(("device-change", src.type, str(kwargs["device"])))
+            if name == "aten.copy_.default" and args[0].device.type != args[1].device.type:
+                self.ops.append(("device-change", args[1].device.type, args[0].device.type))
+        return func(*args, **kwargs)
+
+
+class _RecordedKernels:
+    """Stands in for a multi-tensor backend's launcher: records each launch in ``trace``, then launches."""
+
+    def __init__(self, kernels, trace_of):
+        self._kernels, self._trace_of = kernels, trace_of
+
+    def __getattr__(self, phase):
+        launch = getattr(self._kernels, phase)
+
+        def recorded(*args):
+            trace = self._trace_of()
+            if trace is None:
+                return launch(*args)
+            trace.ops.append(("launch", phase, tuple(_describe(a) for a in args[1:])))
+            trace.paused = True
+            try:
+                return launch(*args)
+            finally:
+                trace.paused = False
+
+        return recorded
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), *FAST_CASES],
+                         ids=["reference-cpu", *(f"{b}-{d}" for b, d in FAST_CASES)])
+def test_a_warm_step_obeys_the_rules_of_cuda_graph_capture(backend, device, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).to(device)
+    groups = fastasam.adaptive_param_groups(model)
+    groups[1]["rho"] = 0.2  # a second rho: two scales in one bucket
+    opt = fastasam.ASAM(groups, torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                        backend=backend)
+    x, y = torch.randn(16, 6, device=device), torch.randn(16, 2, device=device)
+
+    current: list[_StepTrace | None] = [None]
+    module = backends.resolve(backend, torch.device(device))
+    host = getattr(module, "_BACKEND", None)
+    builds = [0]
+    if host is not None:  # a multi-tensor backend: record its launches and count table builds
+        monkeypatch.setattr(host, "kernels", _RecordedKernels(host.kernels, lambda: current[0]))
+        build = host._build
+
+        def counted_build(*args):
+            builds[0] += 1
+            return build(*args)
+
+        monkeypatch.setattr(host, "_build", counted_build)
+
+    def step() -> _StepTrace:
+        nn.functional.mse_loss(model(x), y).backward()
+        trace = current[0] = _StepTrace()
+        with trace:
+            opt.first_step()
+            opt.zero_grad(set_to_none=False)
+        nn.functional.mse_loss(model(x), y).backward()
+        with trace:
+            opt.second_step()
+            opt.zero_grad(set_to_none=False)
+        current[0] = None
+        return trace
+
+    for _ in range(2):  # warm-up: restore buffers, momentum and the kernels' tables are made here
+        step()
+    built = builds[0]
+    traces = [step(), step()]
+    ops = traces[0].ops
+    names = [op[0] for op in ops]
+    assert not _HOST_READS & set(names), "a warm step reads a device value on the host"
+    assert not _FROM_HOST & set(names), "a warm step makes a tensor from host data"
+    assert "device-change" not in names, "a warm step copies between host and device"
+    assert builds[0] == built, "a warm step rebuilt the kernels' tables (their addresses would change)"
+    if host is not None:
+        assert any(op[0] == "launch" for op in ops)
+    assert traces[1].ops == ops, "two warm steps differ in their operations or host arguments"
+
+
+def test_the_capture_trace_sees_what_capture_forbids():
+    """The probe itself: a host read, a tensor from host data and a changing host number are all caught."""
+    t = torch.ones(3)
+    with _StepTrace() as trace:
+        (t * 2).sum().item()
+        torch.tensor([1.0, 2.0])
+    names = [op[0] for op in trace.ops]
+    assert "aten._local_scalar_dense.default" in names and "aten.lift_fresh.default" in names
+    runs = []
+    for lr in (0.1, 0.2):
+        with _StepTrace() as trace:
+            t.mul(lr)
+        runs.append(trace.ops)
+    assert runs[0] != runs[1]

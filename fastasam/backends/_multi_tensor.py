@@ -18,7 +18,8 @@ strides differ from its parameter's) and storage dtypes a backend's kernels lack
 step, so every bucket is served.
 
 A backend supplies a :class:`Kernels` object (how to launch each phase) and gets a :class:`MultiTensorBackend` whose
-methods are the backend interface.
+methods are the backend interface. ``torch.compile`` does not trace them (they read addresses, which it cannot, and
+the kernels are already one launch per phase): a compiled training step runs them as they are, between its graphs.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class MultiTensorBackend:
 
     # --- the backend interface -----------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def grad_sqnorm(self, bucket: Bucket) -> torch.Tensor:
         plan = self.plan("norm", bucket, (bucket.params, bucket.grads), _adaptive_flags(bucket))
         acc = accumulate_dtype(bucket.dtype)
@@ -173,6 +175,7 @@ class MultiTensorBackend:
             total = total + foreach.grad_sqnorm(subset(bucket, plan.rest))
         return total
 
+    @torch.compiler.disable
     def perturb_(self, bucket: Bucket, restore: str) -> None:
         scales, index = _scales(bucket)
         flags = [a | (k << SCALE_SHIFT) for a, k in zip(_adaptive_flags(bucket), index, strict=True)]
@@ -183,6 +186,7 @@ class MultiTensorBackend:
         if plan.rest:
             foreach.perturb_(subset(bucket, plan.rest), restore)
 
+    @torch.compiler.disable
     def restore_(self, bucket: Bucket, restore: str) -> None:
         plan: Plan = bucket.plan  # type: ignore[assignment]
         if plan.n_chunks:
@@ -190,6 +194,7 @@ class MultiTensorBackend:
         if plan.rest:
             foreach.restore_(subset(bucket, plan.rest), restore)
 
+    @torch.compiler.disable
     def prepare_fused_step(self, bucket: Bucket, groups: list[int], base: torch.optim.Optimizer,
                            restore: str) -> Callable[[], None] | None:
         """A function that restores the bucket and applies ``base``'s update to it in one pass, or None when this
@@ -223,7 +228,7 @@ class MultiTensorBackend:
                 if len(steps) > 1 and not bool(torch.stack(steps).eq(steps[0]).all()):
                     return None
         step = self._sgd_step if kind == "sgd" else self._adam_step
-        return lambda: step(bucket, base, grads, restore == "copy")
+        return torch.compiler.disable(lambda: step(bucket, base, grads, restore == "copy"))
 
     def _sgd_step(self, bucket: Bucket, base: torch.optim.Optimizer, grads: list[torch.Tensor], copy: bool) -> None:
         n = len(bucket.params)

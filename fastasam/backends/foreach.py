@@ -50,10 +50,13 @@ def _upcast(tensors: list[torch.Tensor], acc: torch.dtype) -> list[torch.Tensor]
 
 
 def _sqsum(tensors: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
-    powsum = getattr(torch, "_foreach_powsum", None)  # newer PyTorch; older ones square the norms
-    parts = powsum(tensors, 2, dtype=acc) if powsum is not None else torch._foreach_pow(
-        torch._foreach_norm(tensors, 2, dtype=acc), 2
-    )
+    # _foreach_powsum (newer PyTorch) sums the squares directly; older versions, and torch.compile, which cannot
+    # trace it yet (it would break the graph here with a warning), square the norms instead
+    powsum = getattr(torch, "_foreach_powsum", None)
+    if powsum is not None and not torch.compiler.is_compiling():
+        parts = powsum(tensors, 2, dtype=acc)
+    else:
+        parts = torch._foreach_pow(torch._foreach_norm(tensors, 2, dtype=acc), 2)
     return torch.stack(parts).sum()
 
 
