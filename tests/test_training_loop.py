@@ -187,16 +187,29 @@ def test_torch_compile_of_a_training_step_that_calls_fastasam(backend, device, c
         torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
 
 
+_REPLAY_CASES = [(b, base) for b, d in FAST_CASES if d == "cuda" for base in ("sgd", "adamw-capturable")] or [
+    ("auto", "sgd")]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_captured_optimizer_step_replays_like_eager():
+@pytest.mark.parametrize("backend,base", _REPLAY_CASES, ids=["-".join(c) for c in _REPLAY_CASES])
+def test_cuda_graph_captured_step_replays_like_eager(backend, base):
+    """Both passes and both optimizer steps captured in one graph; each replay on a new batch (copied into the
+    static inputs) equals an eager step of an identical model on that batch."""
     device = "cuda"
     ref_model, model = _tiny_model().to(device), _tiny_model().to(device)
-    x, y = torch.randn(16, 6, device=device), torch.randn(16, 2, device=device)
-    ref_opt = fastasam.ASAM(ref_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
-    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
 
-    def step(m, o):
+    def make(m):
+        if base == "sgd":
+            return fastasam.ASAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+        return fastasam.ASAM(m.parameters(), torch.optim.AdamW, lr=1e-2, capturable=True, backend=backend)
+
+    ref_opt, opt = make(ref_model), make(model)
+    batches = [(torch.randn(16, 6, device=device), torch.randn(16, 2, device=device)) for _ in range(7)]
+    static_x, static_y = torch.empty(16, 6, device=device), torch.empty(16, 2, device=device)
+
+    def step(m, o, x, y):
         nn.functional.mse_loss(m(x), y).backward()
         o.first_step()
         o.zero_grad(set_to_none=False)
@@ -207,20 +220,23 @@ def test_cuda_graph_captured_optimizer_step_replays_like_eager():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up: buffers and momentum allocated outside the graph
-            step(model, opt)
+        for x, y in batches[:3]:  # warm-up: buffers, optimizer state and tables made outside the graph
+            static_x.copy_(x), static_y.copy_(y)
+            step(model, opt, static_x, static_y)
     torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(3):
-        step(ref_model, ref_opt)
+    for x, y in batches[:3]:
+        step(ref_model, ref_opt, x, y)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step(model, opt)
-    for _ in range(4):
+        step(model, opt, static_x, static_y)
+    for x, y in batches[3:]:
+        static_x.copy_(x), static_y.copy_(y)
         graph.replay()
-        step(ref_model, ref_opt)
+        step(ref_model, ref_opt, x, y)
     torch.cuda.synchronize()
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(model[0].weight, _tiny_model()[0].weight.to(device))
 
 
 # --- what stream capture demands, checked on any device -------------------------------------------------------------
@@ -296,15 +312,22 @@ class _RecordedKernels:
         return recorded
 
 
-@pytest.mark.parametrize("backend,device", [("reference", "cpu"), *FAST_CASES],
-                         ids=["reference-cpu", *(f"{b}-{d}" for b, d in FAST_CASES)])
-def test_a_warm_step_obeys_the_rules_of_cuda_graph_capture(backend, device, monkeypatch):
+# torch's Adam keeps its step count on the host unless capturable=True, which only accelerators support
+_CAPTURE_CASES = [(b, d, "sgd") for b, d in [("reference", "cpu"), *FAST_CASES]]
+_CAPTURE_CASES += [(b, d, "adamw-capturable") for b, d, _ in _CAPTURE_CASES if d != "cpu"]
+
+
+@pytest.mark.parametrize("backend,device,base", _CAPTURE_CASES, ids=["-".join(c) for c in _CAPTURE_CASES])
+def test_a_warm_step_obeys_the_rules_of_cuda_graph_capture(backend, device, base, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).to(device)
     groups = fastasam.adaptive_param_groups(model)
     groups[1]["rho"] = 0.2  # a second rho: two scales in one bucket
-    opt = fastasam.ASAM(groups, torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                        backend=backend)
+    if base == "sgd":
+        opt = fastasam.ASAM(groups, torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                            backend=backend)
+    else:
+        opt = fastasam.ASAM(groups, torch.optim.AdamW, lr=1e-3, capturable=True, backend=backend)
     x, y = torch.randn(16, 6, device=device), torch.randn(16, 2, device=device)
 
     current: list[_StepTrace | None] = [None]
