@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import FAST_CASES
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
@@ -14,8 +15,6 @@ from torch.utils._pytree import tree_map
 import fastasam
 from fastasam import backends
 from fastasam.backends import _multi_tensor
-
-from conftest import FAST_CASES
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
