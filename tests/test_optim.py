@@ -89,6 +89,47 @@ def test_copy_restore_is_bit_exact(backend, device, dtype):
         assert torch.equal(p, b)
 
 
+def _free_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+# the oracle's per-tensor fp32 temporaries would need 16 GB more and the Triton interpreter hours; on a GPU every
+# fast backend runs it
+_HUGE_CASES = [("foreach", "cpu")] + [(b, d) for b, d in FAST_CASES if d == "cuda"]
+
+
+@pytest.mark.parametrize("backend,device", _HUGE_CASES, ids=[f"{b}-{d}" for b, d in _HUGE_CASES])
+def test_a_tensor_of_more_than_2_31_elements(backend, device):
+    """A bf16 tensor of 2^31 + 7 elements (4 GiB, 12 GiB with its gradient and restore buffer): elements on both
+    sides of 2^31 are perturbed and stepped exactly as computed by hand."""
+    n = 2**31 + 7
+    need = 16 << 30  # three 4 GiB tensors and a 2 GiB comparison
+    if _free_bytes(device) < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB free on {device}, has {_free_bytes(device) / 2**30:.0f}")
+    probes = {0: (2.0, -3.0), 2**31 - 1: (-0.5, 4.0), 2**31: (3.0, 0.25), 2**31 + 1: (-1.5, -2.0), n - 1: (0.75, 8.0)}
+    w = torch.nn.Parameter(torch.empty(n, dtype=torch.bfloat16, device=device).fill_(1.0))
+    g = torch.empty(n, dtype=torch.bfloat16, device=device).fill_(1.0)
+    at = torch.tensor(list(probes), device=device)
+    w.data[at] = torch.tensor([v for v, _ in probes.values()], dtype=torch.bfloat16, device=device)
+    g[at] = torch.tensor([v for _, v in probes.values()], dtype=torch.bfloat16, device=device)
+    w.grad = g
+    norm = ((n - len(probes)) + sum((v * d) ** 2 for v, d in probes.values())) ** 0.5
+    # ASAM with eta = 0: e = rho * w^2 * g / norm; rho = norm / 4 makes every e exact in bf16
+    opt = fastasam.ASAM([w], torch.optim.SGD, rho=norm / 4, eta=0.0, lr=0.5, backend=backend)
+    opt.first_step()
+    assert opt.grad_norm.item() == pytest.approx(norm, rel=1e-6)
+    got = w.detach()[at].float().tolist()
+    assert got == [v + v * v * d / 4 for v, d in probes.values()]
+    assert bool((w.detach()[2**31 + 2 : n - 1] == 1.25).all()) and bool((w.detach()[1 : 2**31 - 1] == 1.25).all())
+    opt.second_step()  # restore, then w <- w - 0.5 g
+    assert w.detach()[at].float().tolist() == [v - 0.5 * d for v, d in probes.values()]
+    assert bool((w.detach()[2**31 + 2 : n - 1] == 0.5).all()) and bool((w.detach()[1 : 2**31 - 1] == 0.5).all())
+
+
 def test_step_closure_equals_first_and_second_step():
     a = awkward_params("cpu", torch.float32)
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]

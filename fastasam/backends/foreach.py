@@ -1,7 +1,8 @@
 """The ``foreach`` backend: the same math as ``fastasam.reference`` with ``torch._foreach_*`` ops.
 
 Tensors arrive bucketed by (device, dtype); within a bucket they are split into runs of equal options
-(adaptive, eta, scale) and each run into chunks of at most ``chunk_numel(device)`` elements. Every phase finishes a
+(adaptive, eta, scale) and each run into chunks of at most ``chunk_numel(device)`` elements, a larger tensor into
+flat ranges of that size. Every phase finishes a
 chunk before it starts the next, so temporaries stay chunk-sized (the memory contract allows one parameter-sized
 buffer, not a second copy of the model) and, on a CPU, the chunk stays in cache between the ops of a phase.
 fp16/bf16 chunks are upcast to fp32 for the math and rounded once when written back.
@@ -30,19 +31,41 @@ def chunk_numel(device: torch.device) -> int:
     return _CHUNK_NUMEL.get(device.type, _DEFAULT_CHUNK_NUMEL)
 
 
-def _chunks(bucket: Bucket, indices: list[int]) -> Iterator[list[int]]:
+Piece = tuple[int, slice | None]  # (tensor index, range of its flattened elements; None = the whole tensor)
+
+
+def _splittable(bucket: Bucket, i: int) -> bool:
+    """Tensor ``i`` may be cut into flat ranges: all of its row's tensors are contiguous, so element k is element k
+    of each."""
+    return all(not col or col[i].is_contiguous() for col in (bucket.params, bucket.grads, bucket.buffers))
+
+
+def _chunks(bucket: Bucket, indices: list[int]) -> Iterator[list[Piece]]:
+    """The tensors ``indices`` in chunks of at most ``chunk_numel`` elements; a larger contiguous tensor is cut into
+    ranges (so temporaries stay chunk-sized however large one tensor is); a larger non-contiguous one is a chunk of
+    its own."""
     limit = chunk_numel(bucket.device)
-    chunk: list[int] = []
+    chunk: list[Piece] = []
     size = 0
     for i in indices:
         n = bucket.params[i].numel()
-        if chunk and size + n > limit:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(i)
-        size += n
+        if n <= limit or not _splittable(bucket, i):
+            pieces: list[tuple[Piece, int]] = [((i, None), n)]
+        else:
+            pieces = [((i, slice(a, min(a + limit, n))), min(limit, n - a)) for a in range(0, n, limit)]
+        for piece, m in pieces:
+            if chunk and size + m > limit:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(piece)
+            size += m
     if chunk:
         yield chunk
+
+
+def _take(tensors: list[torch.Tensor], chunk: list[Piece]) -> list[torch.Tensor]:
+    """The chunk's tensors, or flat views of their ranges."""
+    return [tensors[i] if part is None else tensors[i].view(-1)[part] for i, part in chunk]
 
 
 def _upcast(tensors: list[torch.Tensor], acc: torch.dtype) -> list[torch.Tensor]:
@@ -75,11 +98,11 @@ def grad_sqnorm(bucket: Bucket) -> torch.Tensor:
     total = torch.zeros((), dtype=acc, device=bucket.device)
     for adaptive, eta, _, indices in bucket.option_runs():
         for chunk in _chunks(bucket, indices):
-            grads = [bucket.grads[i] for i in chunk]
+            grads = _take(bucket.grads, chunk)
             if not adaptive:  # no temporaries: the sum of squares upcasts on the fly
                 total = total + _sqsum(grads, acc)
                 continue
-            w32 = _upcast([bucket.params[i] for i in chunk], acc)
+            w32 = _upcast(_take(bucket.params, chunk), acc)
             total = total + _sqsum(_scaled(w32, _upcast(grads, acc), adaptive, eta), acc)
     return total
 
@@ -89,10 +112,9 @@ def perturb_(bucket: Bucket, restore: str) -> None:
     not_finite = ~bucket.finite
     for adaptive, eta, scale, indices in bucket.option_runs():
         for chunk in _chunks(bucket, indices):
-            params = [bucket.params[i] for i in chunk]
-            bufs = [bucket.buffers[i] for i in chunk]
+            params, bufs = _take(bucket.params, chunk), _take(bucket.buffers, chunk)
             w32 = _upcast(params, acc)
-            g32 = _upcast([bucket.grads[i] for i in chunk], acc)
+            g32 = _upcast(_take(bucket.grads, chunk), acc)
             if adaptive:  # e = T * (T * g) * scale, T = |w| + eta
                 t = torch._foreach_abs(w32)
                 torch._foreach_add_(t, eta)
@@ -117,8 +139,7 @@ def perturb_(bucket: Bucket, restore: str) -> None:
 def restore_(bucket: Bucket, restore: str) -> None:
     acc = accumulate_dtype(bucket.dtype)
     for chunk in _chunks(bucket, list(range(len(bucket.params)))):
-        params = [bucket.params[i] for i in chunk]
-        bufs = [bucket.buffers[i] for i in chunk]
+        params, bufs = _take(bucket.params, chunk), _take(bucket.buffers, chunk)
         if restore == "copy":
             torch._foreach_copy_(params, bufs)
         elif params[0].dtype == acc:
