@@ -8,9 +8,14 @@ perturbs each replica with its own norm; it must equal a hand-written emulation 
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
+import sys
 import tempfile
+import time
+import traceback
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,6 +33,48 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _rank_main(rank: int, fn: Callable, port: int, out_dir: str, *args) -> None:
+    """One spawned rank: ``fn(rank, out_dir, *args)`` in a gloo group, then a barrier, then ``os._exit``. Leaving
+    without the interpreter's teardown avoids a deadlock seen in PyTorch (about 1 run in 6 here): freeing the DDP
+    Reducer destroys the gloo process group while holding the GIL, and joins a gloo thread that needs the GIL to free
+    its last work item. A failure is written to ``rank<N>.err`` for the parent to report."""
+    code = 0
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        torch.set_num_threads(1)
+        fn(rank, out_dir, *args)
+        dist.barrier()
+    except BaseException:
+        code = 1
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _spawn(fn: Callable, *args, timeout: float = 240.0) -> list:
+    """Run ``fn`` on ``WORLD`` spawned ranks; each saves its result to ``rank<N>.pt``, returned in rank order. A rank
+    that fails or a run that hangs fails the test with the ranks' tracebacks instead of hanging it."""
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(_rank_main, args=(fn, _free_port(), out, *args), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {WORLD} ranks did not finish within {timeout:.0f} s")
+        except Exception as exc:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            errors = [open(path).read() for path in sorted(glob.glob(os.path.join(out, "rank*.err")))]
+            pytest.fail(f"distributed run failed: {exc}\n" + "\n".join(errors))
+        return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 
 def _model() -> nn.Module:
@@ -62,24 +109,15 @@ def _train(model: nn.Module, opt: fastasam.ASAM, batches, rank: int = 0, world: 
         opt.second_step(zero_grad=True)
 
 
-def _worker(rank: int, port: int, backend: str, mode: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(_model())
-        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
-                            backend=backend)
-        _train(model, opt, _batches(), rank, WORLD, mode)
-        torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, out_dir: str, backend: str, mode: str) -> None:
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9, backend=backend)
+    _train(model, opt, _batches(), rank, WORLD, mode)
+    torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run_ddp(backend: str, mode: str) -> list[list[torch.Tensor]]:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(_free_port(), backend, mode, out), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    return _spawn(_ddp_worker, backend, mode)
 
 
 @pytest.mark.parametrize("backend", ["reference", "foreach"])
@@ -158,27 +196,21 @@ def _fsdp_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 1, bias=False), nn.Tanh(), nn.Linear(1, 3))
 
 
-def _fsdp_worker(rank: int, port: int, backend: str, out_dir: str) -> None:
+def _fsdp_worker(rank: int, out_dir: str, backend: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = _fsdp_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
-                            weight_decay=1e-2, backend=backend)
-        _train(model, opt, _batches(), rank, WORLD, "global")
-        local = [p.to_local().detach().clone() for p in model.parameters()]
-        full = [p.full_tensor().detach() for p in model.parameters()]
-        norm = opt.grad_norm.detach().clone()
-        torch.save({"full": full, "local": local, "norm": norm}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = _fsdp_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
+                        weight_decay=1e-2, backend=backend)
+    _train(model, opt, _batches(), rank, WORLD, "global")
+    local = [p.to_local().detach().clone() for p in model.parameters()]
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    norm = opt.grad_norm.detach().clone()
+    torch.save({"full": full, "local": local, "norm": norm}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("backend", ["reference", *fastasam.backends.available_backends("cpu")[1:]])
@@ -188,9 +220,7 @@ def test_fsdp2_sharded_run_equals_one_process_on_the_global_batch(backend):
                         weight_decay=1e-2, backend=backend)
     _train(model, opt, _batches())
     want = [p.detach() for p in model.parameters()]
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_fsdp_worker, args=(_free_port(), backend, out), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = _spawn(_fsdp_worker, backend)
     # the shards really are shards (rank 1 holds 7 of 15 rows, and nothing of the 1-row layer)
     assert [t.shape[0] for t in ranks[0]["local"]] == [8, 8, 1, 2, 2]
     assert [t.shape[0] for t in ranks[1]["local"]] == [7, 7, 0, 1, 1]
