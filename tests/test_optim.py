@@ -11,6 +11,7 @@ from conftest import FAST_CASES, awkward_params, soup_loss
 
 import fastasam
 from fastasam import backends
+from fastasam.backends import foreach
 
 ALL_CASES = [("reference", "cpu"), *FAST_CASES]
 ALL_IDS = [f"{b}-{d}" for b, d in ALL_CASES]
@@ -128,6 +129,59 @@ def test_a_tensor_of_more_than_2_31_elements(backend, device):
     opt.second_step()  # restore, then w <- w - 0.5 g
     assert w.detach()[at].float().tolist() == [v - 0.5 * d for v, d in probes.values()]
     assert bool((w.detach()[2**31 + 2 : n - 1] == 0.5).all()) and bool((w.detach()[1 : 2**31 - 1] == 0.5).all())
+
+
+def _transient_peak(fn, device: str) -> int:
+    """The most bytes held at once by tensors that ``fn`` allocates (whether it frees them or not)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+# the Triton interpreter copies every tensor a kernel touches to the host, so only a GPU measures the fused backends
+_MEMORY_CASES = [("foreach", "cpu")] + [(b, d) for b, d in FAST_CASES if d == "cuda"]
+
+
+@pytest.mark.parametrize("backend,device", _MEMORY_CASES, ids=[f"{b}-{d}" for b, d in _MEMORY_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_is_one_parameter_sized_buffer_beyond_the_base_optimizer(backend, device, dtype):
+    """SPEC §3: the step keeps one parameter-sized restore buffer; everything else it allocates is a few chunks,
+    short-lived, however large the model or one of its tensors (here one tensor is 128 chunks long)."""
+    chunk = foreach.chunk_numel(torch.device(device))
+    shapes = [(128 * chunk,), (3 * chunk + 5,), (chunk // 3, 3), (7,), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    size = sum(p.numel() * p.element_size() for p in params)
+    opt = fastasam.ASAM(params, torch.optim.SGD, lr=0.01, momentum=0.9, backend=backend)
+
+    def step():
+        opt.first_step()
+        opt.second_step()
+
+    temporaries = 8 * chunk * 4  # eight fp32 chunks
+    assert temporaries < size / 4  # so a parameter-sized temporary could not pass for one
+    first = _transient_peak(step, device)  # makes the restore buffer, and the base optimizer its momentum
+    assert first <= 2 * size + temporaries, f"the first step held {first / size:.2f} x the parameters' bytes"
+    kept = sum(b.numel() * b.element_size() for b in opt._engine._buffers.values())
+    assert kept == size, "the restore buffer is one parameter-sized buffer"
+    base = _transient_peak(opt.base_optimizer.step, device)
+    steady = _transient_peak(step, device)
+    assert steady <= base + temporaries, (
+        f"a step held {steady / size:.2f} x the parameters' bytes, the base optimizer alone {base / size:.2f}")
 
 
 def test_step_closure_equals_first_and_second_step():

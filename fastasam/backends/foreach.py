@@ -19,7 +19,8 @@ from .._plan import Bucket, accumulate_dtype
 name = "foreach"
 
 _CHUNK_NUMEL = {"cpu": 1 << 16}
-_DEFAULT_CHUNK_NUMEL = 1 << 24
+# elsewhere (GPUs): large enough that launches stay few, small enough that temporaries stay far below the model
+_DEFAULT_CHUNK_NUMEL = 1 << 22
 
 
 def device_supported(device: torch.device) -> str | None:
