@@ -228,8 +228,9 @@ class MultiTensorBackend:
                 if len(steps) > 1 and not bool(torch.stack(steps).eq(steps[0]).all()):
                     return None
         step = self._sgd_step if kind == "sgd" else self._adam_step
-        return torch.compiler.disable(lambda: step(bucket, base, grads, restore == "copy"))
+        return lambda: step(bucket, base, grads, restore == "copy")
 
+    @torch.compiler.disable
     def _sgd_step(self, bucket: Bucket, base: torch.optim.Optimizer, grads: list[torch.Tensor], copy: bool) -> None:
         n = len(bucket.params)
         moms: list[torch.Tensor | None] = [None] * n
@@ -248,6 +249,7 @@ class MultiTensorBackend:
             if end > first:
                 self.kernels.sgd(bucket, plan, first, end - first, base.param_groups[gi], copy)
 
+    @torch.compiler.disable
     def _adam_step(self, bucket: Bucket, base: torch.optim.Optimizer, grads: list[torch.Tensor], copy: bool) -> None:
         n = len(bucket.params)
         cols: list[list[torch.Tensor | None]] = [[None] * n for _ in range(3)]

@@ -50,15 +50,13 @@ def _chunks(bucket: Bucket, indices: list[int]) -> Iterator[list[Piece]]:
     size = 0
     for i in indices:
         n = bucket.params[i].numel()
-        if n <= limit or not _splittable(bucket, i):
-            pieces: list[tuple[Piece, int]] = [((i, None), n)]
-        else:
-            pieces = [((i, slice(a, min(a + limit, n))), min(limit, n - a)) for a in range(0, n, limit)]
-        for piece, m in pieces:
+        whole = n <= limit or not _splittable(bucket, i)
+        for part in [None] if whole else [slice(a, min(a + limit, n)) for a in range(0, n, limit)]:
+            m = n if part is None else part.stop - part.start
             if chunk and size + m > limit:
                 yield chunk
                 chunk, size = [], 0
-            chunk.append(piece)
+            chunk.append((i, part))
             size += m
     if chunk:
         yield chunk
