@@ -17,7 +17,7 @@ import torch
 import fastasam
 from benchmarks.param_sets import PARAM_SETS, make_params
 from benchmarks.step_time import HPARAMS
-from fastasam._plan import build_buckets
+from fastasam._step_plan import StepPlan
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PARAM_SET = os.environ.get("FASTASAM_BENCH_SET", "resnet50")
@@ -41,13 +41,14 @@ def _optimizer(named, backend: str) -> fastasam.ASAM:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@torch.no_grad()
 def test_norm(benchmark, named, backend):
-    impl = fastasam.backends.resolve(backend, DEVICE)
     opt = _optimizer(named, backend)
-    buckets = build_buckets(opt.param_groups)
+    plan = StepPlan(opt._engine, opt.param_groups)  # what first_step builds once
+    grads = plan.watch.check()
 
     def norm() -> torch.Tensor:
-        out = sum(impl.grad_sqnorm(b) for b in buckets)
+        out = plan.sqnorm(grads)
         _sync()
         return out
 
@@ -60,7 +61,8 @@ def test_first_step(benchmark, named, backend):
 
     def undo() -> None:  # not timed: put the weights back so every round perturbs the same w
         if opt.perturbed:
-            opt._engine.restore()
+            with torch.no_grad():
+                opt._engine.restore()
         _sync()
 
     def first() -> None:

@@ -3,7 +3,7 @@
 ``resnet50()`` matches torchvision's ResNet-50: 25,557,032 elements in 161 tensors, 107 of them named ``weight``.
 ``vit_b16()`` matches torchvision's ViT-B/16: 86,567,656 elements in 152 tensors.
 ``gpt2_medium()`` matches GPT-2 medium (Hugging Face layout, LM head tied to the token embedding): 354,823,168
-elements in 292 tensors.
+elements in 292 tensors. ``many_tensors(2000)``: 2,000 small tensors (host-cost scaling).
 """
 
 from __future__ import annotations
@@ -78,7 +78,15 @@ def resnet_tiny() -> list[tuple[str, tuple[int, ...]]]:
     return [(n, tuple(p.shape)) for n, p in model().named_parameters()]
 
 
-PARAM_SETS = {"resnet50": resnet50, "vit_b16": vit_b16, "gpt2_medium": gpt2_medium, "resnet_tiny": resnet_tiny}
+def many_tensors(n: int = 2000) -> list[tuple[str, tuple[int, ...]]]:
+    """``n`` small tensors, half weights (64 x 64) and half biases (64): what a model with many small layers (or one
+    param group per layer) hands the optimizer; for host-cost scaling in the number of tensors."""
+    return [(f"block{i // 2}.{'weight' if i % 2 == 0 else 'bias'}", (64, 64) if i % 2 == 0 else (64,))
+            for i in range(n)]
+
+
+PARAM_SETS = {"resnet50": resnet50, "vit_b16": vit_b16, "gpt2_medium": gpt2_medium, "resnet_tiny": resnet_tiny,
+              "many_2000": many_tensors}
 
 
 def numel(shapes: list[tuple[str, tuple[int, ...]]]) -> int:

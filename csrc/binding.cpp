@@ -2,7 +2,7 @@
 // current stream, launches, and turns a launch error into a Python exception. Registered as torch.library ops
 // (torch.ops.fastasam.*), so torch.compile and CUDA graphs see one op per launch.
 //
-// The kernels write through the addresses in the tensor table, which PyTorch cannot see; the schemas mark `tab` as
+// The kernels write through the addresses in the rows table, which PyTorch cannot see; the schemas mark `rows` as
 // mutated so that no graph pass drops or reorders a launch.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,13 +21,24 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, const at
   TORCH_CHECK(t.is_contiguous(), "fastasam: ", name, " must be contiguous");
 }
 
-void check_tables(const at::Tensor& tab, const at::Tensor& chunks, int64_t dtype) {
-  check(tab, "tab", at::kLong, tab);
-  check(chunks, "chunks", at::kInt, tab);
-  TORCH_CHECK(tab.dim() == 2 && tab.size(1) == FA_NCOL, "fastasam: tab must be [N, ", FA_NCOL, "]");
+void check_tables(const at::Tensor& rows, const at::Tensor& chunks, int64_t count, int64_t chunk_size,
+                  int64_t dtype) {
+  check(rows, "rows", at::kLong, rows);
+  check(chunks, "chunks", at::kInt, rows);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == FA_NCOL, "fastasam: rows must be [N, ", FA_NCOL, "]");
   TORCH_CHECK(chunks.dim() == 2 && chunks.size(1) == 2, "fastasam: chunks must be [C, 2]");
+  TORCH_CHECK(count > 0 && count <= chunks.size(0) && count <= INT32_MAX, "fastasam: count=", count,
+              " is outside the ", chunks.size(0), " chunks");
+  // a chunk starts at a multiple of chunk_size elements; 8 elements keep 16-byte aligned rows aligned in every dtype
+  TORCH_CHECK(chunk_size > 0 && chunk_size % 8 == 0, "fastasam: chunk_size=", chunk_size,
+              " must be a positive multiple of 8");
   TORCH_CHECK(dtype == FA_FLOAT32 || dtype == FA_FLOAT16 || dtype == FA_BFLOAT16,
               "fastasam: unsupported storage dtype code ", dtype);
+}
+
+void check_table(const at::Tensor& t, const char* name, int64_t width, const at::Tensor& rows) {
+  check(t, name, at::kFloat, rows);
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == width, "fastasam: ", name, " must be [G, ", width, "]");
 }
 
 void raise_on(int err, const char* what) {
@@ -35,95 +46,78 @@ void raise_on(int err, const char* what) {
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
-cudaStream_t stream_of(const at::Tensor& tab) { return c10::cuda::getCurrentCUDAStream(tab.device().index()).stream(); }
-
-int checked_int(int64_t v, const char* name) {
-  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "fastasam: ", name, "=", v, " is out of range");
-  return static_cast<int>(v);
+cudaStream_t stream_of(const at::Tensor& rows) {
+  return c10::cuda::getCurrentCUDAStream(rows.device().index()).stream();
 }
 
-void sqnorm(at::Tensor& tab, const at::Tensor& etas, const at::Tensor& chunks, at::Tensor& partials,
-            at::Tensor& counter, at::Tensor& out, int64_t chunk_size, int64_t dtype) {
-  check_tables(tab, chunks, dtype);
-  check(etas, "etas", at::kFloat, tab);
-  check(partials, "partials", at::kFloat, tab);
-  check(counter, "counter", at::kInt, tab);
-  check(out, "out", at::kFloat, tab);
-  const int n = checked_int(chunks.size(0), "chunks");
-  TORCH_CHECK(partials.numel() >= n, "fastasam: partials has ", partials.numel(), " slots for ", n, " chunks");
-  const c10::cuda::CUDAGuard guard(tab.device());
-  raise_on(fa_sqnorm(static_cast<int>(dtype), tab.data_ptr<int64_t>(), etas.data_ptr<float>(),
-                     chunks.data_ptr<int32_t>(), n, chunk_size, partials.data_ptr<float>(), counter.data_ptr<int32_t>(),
-                     out.data_ptr<float>(), stream_of(tab)),
+void sqnorm(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& opts, at::Tensor& partials,
+            at::Tensor& counter, at::Tensor& out, int64_t count, int64_t chunk_size, int64_t dtype) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check_table(opts, "opts", FA_NOPT, rows);
+  check(partials, "partials", at::kFloat, rows);
+  check(counter, "counter", at::kInt, rows);
+  check(out, "out", at::kFloat, rows);
+  TORCH_CHECK(partials.numel() >= count, "fastasam: partials has ", partials.numel(), " slots for ", count, " chunks");
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_sqnorm(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                     opts.data_ptr<float>(), static_cast<int>(count), chunk_size, partials.data_ptr<float>(),
+                     counter.data_ptr<int32_t>(), out.data_ptr<float>(), stream_of(rows)),
            "norm");
 }
 
-void perturb(at::Tensor& tab, const at::Tensor& etas, const at::Tensor& chunks, const at::Tensor& scales,
-             const at::Tensor& finite, int64_t chunk_size, int64_t dtype, bool copy) {
-  check_tables(tab, chunks, dtype);
-  check(etas, "etas", at::kFloat, tab);
-  check(scales, "scales", at::kFloat, tab);
-  check(finite, "finite", at::kBool, tab);
-  const c10::cuda::CUDAGuard guard(tab.device());
-  raise_on(fa_perturb(static_cast<int>(dtype), tab.data_ptr<int64_t>(), etas.data_ptr<float>(),
-                      chunks.data_ptr<int32_t>(), checked_int(chunks.size(0), "chunks"), chunk_size,
-                      scales.data_ptr<float>(), finite.data_ptr<bool>(), copy, stream_of(tab)),
+void perturb(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& opts, const at::Tensor& sqnorm,
+             int64_t count, int64_t chunk_size, int64_t dtype, bool copy) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check_table(opts, "opts", FA_NOPT, rows);
+  check(sqnorm, "sqnorm", at::kFloat, rows);
+  TORCH_CHECK(sqnorm.numel() == 1, "fastasam: sqnorm must hold one value");
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_perturb(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                      opts.data_ptr<float>(), sqnorm.data_ptr<float>(), static_cast<int>(count), chunk_size, copy,
+                      stream_of(rows)),
            "perturbation");
 }
 
-void restore(at::Tensor& tab, const at::Tensor& chunks, int64_t chunk_size, int64_t dtype, bool copy) {
-  check_tables(tab, chunks, dtype);
-  const c10::cuda::CUDAGuard guard(tab.device());
-  raise_on(fa_restore(static_cast<int>(dtype), tab.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
-                      checked_int(chunks.size(0), "chunks"), chunk_size, copy, stream_of(tab)),
+void restore(at::Tensor& rows, const at::Tensor& chunks, int64_t count, int64_t chunk_size, int64_t dtype, bool copy) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_restore(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                      static_cast<int>(count), chunk_size, copy, stream_of(rows)),
            "restore");
 }
 
-void check_range(const at::Tensor& chunks, int64_t first, int64_t count) {
-  TORCH_CHECK(first >= 0 && count > 0 && first + count <= chunks.size(0), "fastasam: chunk range [", first, ", ",
-              first + count, ") outside the ", chunks.size(0), " chunks");
-}
-
-void restore_sgd(at::Tensor& tab, const at::Tensor& chunks, int64_t first, int64_t count, int64_t chunk_size,
-                 int64_t dtype, double lr, double momentum, double dampening, double weight_decay, bool copy,
-                 bool nesterov, bool maximize) {
-  check_tables(tab, chunks, dtype);
-  check_range(chunks, first, count);
-  const c10::cuda::CUDAGuard guard(tab.device());
-  raise_on(fa_restore_sgd(static_cast<int>(dtype), tab.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
-                          static_cast<int>(first), static_cast<int>(count), chunk_size, static_cast<float>(lr),
-                          static_cast<float>(momentum), static_cast<float>(dampening),
-                          static_cast<float>(weight_decay), copy, momentum != 0.0, nesterov, maximize, stream_of(tab)),
+void restore_sgd(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, int64_t count,
+                 int64_t chunk_size, int64_t dtype, bool copy) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check_table(hyper, "hyper", FA_NHYPER, rows);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_restore_sgd(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                          hyper.data_ptr<float>(), static_cast<int>(count), chunk_size, copy, stream_of(rows)),
            "restore + SGD");
 }
 
-void restore_adam(at::Tensor& tab, const at::Tensor& chunks, int64_t first, int64_t count, int64_t chunk_size,
-                  int64_t dtype, double lr, double beta1, double beta2, double eps, double weight_decay,
-                  double step_size, double bc2_sqrt, bool copy, bool decoupled, bool amsgrad, bool maximize) {
-  check_tables(tab, chunks, dtype);
-  check_range(chunks, first, count);
-  const c10::cuda::CUDAGuard guard(tab.device());
-  raise_on(fa_restore_adam(static_cast<int>(dtype), tab.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
-                           static_cast<int>(first), static_cast<int>(count), chunk_size, static_cast<float>(lr),
-                           static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
-                           static_cast<float>(weight_decay), static_cast<float>(step_size),
-                           static_cast<float>(bc2_sqrt), copy, decoupled, amsgrad, maximize, stream_of(tab)),
+void restore_adam(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, int64_t count,
+                  int64_t chunk_size, int64_t dtype, bool copy) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check_table(hyper, "hyper", FA_NHYPER, rows);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_restore_adam(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                           hyper.data_ptr<float>(), static_cast<int>(count), chunk_size, copy, stream_of(rows)),
            "restore + Adam");
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fastasam, m) {
-  m.def("sqnorm(Tensor(a!) tab, Tensor etas, Tensor chunks, Tensor(b!) partials, Tensor(c!) counter, "
-        "Tensor(d!) out, int chunk_size, int dtype) -> ()");
-  m.def("perturb(Tensor(a!) tab, Tensor etas, Tensor chunks, Tensor scales, Tensor finite, int chunk_size, "
-        "int dtype, bool copy) -> ()");
-  m.def("restore(Tensor(a!) tab, Tensor chunks, int chunk_size, int dtype, bool copy) -> ()");
-  m.def("restore_sgd(Tensor(a!) tab, Tensor chunks, int first, int count, int chunk_size, int dtype, float lr, "
-        "float momentum, float dampening, float weight_decay, bool copy, bool nesterov, bool maximize) -> ()");
-  m.def("restore_adam(Tensor(a!) tab, Tensor chunks, int first, int count, int chunk_size, int dtype, float lr, "
-        "float beta1, float beta2, float eps, float weight_decay, float step_size, float bc2_sqrt, bool copy, "
-        "bool decoupled, bool amsgrad, bool maximize) -> ()");
+  m.def("sqnorm(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor(b!) partials, Tensor(c!) counter, "
+        "Tensor(d!) out, int count, int chunk_size, int dtype) -> ()");
+  m.def("perturb(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor sqnorm, int count, int chunk_size, int dtype, "
+        "bool copy) -> ()");
+  m.def("restore(Tensor(a!) rows, Tensor chunks, int count, int chunk_size, int dtype, bool copy) -> ()");
+  m.def("restore_sgd(Tensor(a!) rows, Tensor chunks, Tensor hyper, int count, int chunk_size, int dtype, "
+        "bool copy) -> ()");
+  m.def("restore_adam(Tensor(a!) rows, Tensor chunks, Tensor hyper, int count, int chunk_size, int dtype, "
+        "bool copy) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastasam, CUDA, m) {

@@ -57,7 +57,7 @@ template <int W, typename T> __device__ __forceinline__ void store(T* p, int64_t
 
 struct Chunk {
   const int64_t* row;  // the tensor's table row
-  int64_t start, length;
+  int64_t start, length, flags;
 };
 
 __device__ __forceinline__ Chunk chunk_of(const int64_t* tab, const int32_t* chunks, int64_t b, int64_t size) {
@@ -65,7 +65,15 @@ __device__ __forceinline__ Chunk chunk_of(const int64_t* tab, const int32_t* chu
   const int64_t start = static_cast<int64_t>(chunks[2 * b + 1]) * size;
   const int64_t* row = tab + r * FA_NCOL;
   const int64_t left = row[FA_COL_NUMEL] - start;
-  return {row, start, left < size ? left : size};
+  return {row, start, left < size ? left : size, row[FA_COL_FLAGS]};
+}
+
+// the chunk's row of the per-group tables
+__device__ __forceinline__ const float* opts_of(const float* opts, const Chunk& c) {
+  return opts + ((c.flags >> FA_OPT_SHIFT) & FA_SLOT_MASK) * FA_NOPT;
+}
+__device__ __forceinline__ const float* hyper_of(const float* hyper, const Chunk& c) {
+  return hyper + ((c.flags >> FA_HYPER_SHIFT) & FA_SLOT_MASK) * FA_NHYPER;
 }
 
 template <typename T> __device__ __forceinline__ T* col(const Chunk& c, int k) {
@@ -114,12 +122,13 @@ __device__ __forceinline__ float block_sum(float x) {
 // --- phase 1: the squared norm ------------------------------------------------------------------------------------
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sqnorm_kernel(const int64_t* tab, const float* etas, const int32_t* chunks,
+__global__ void __launch_bounds__(kThreads) sqnorm_kernel(const int64_t* tab, const int32_t* chunks, const float* opts,
                                                           int n_chunks, int64_t size, float* partials, int* counter,
                                                           float* out) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
-  const bool adaptive = (c.row[FA_COL_FLAGS] & FA_FLAG_ADAPTIVE) != 0;
-  const float eta = adaptive ? etas[(c.row - tab) / FA_NCOL] : 0.f;
+  const float* opt = opts_of(opts, c);
+  const bool adaptive = opt[FA_OPT_ADAPTIVE] != 0.f;
+  const float eta = adaptive ? opt[FA_OPT_ETA] : 0.f;
   const T* w = col<T>(c, FA_COL_W);
   const T* g = col<T>(c, FA_COL_G);
   float acc = 0.f;
@@ -158,15 +167,18 @@ __global__ void __launch_bounds__(kThreads) sqnorm_kernel(const int64_t* tab, co
 // --- phase 2: the perturbation --------------------------------------------------------------------------------------
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) perturb_kernel(const int64_t* tab, const float* etas, const int32_t* chunks,
-                                                           int64_t size, const float* scales, const bool* finite_ptr,
-                                                           bool copy) {
+__global__ void __launch_bounds__(kThreads) perturb_kernel(const int64_t* tab, const int32_t* chunks, const float* opts,
+                                                           const float* sqnorm, int64_t size, bool copy) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
-  const int64_t flags = c.row[FA_COL_FLAGS];
-  const bool adaptive = (flags & FA_FLAG_ADAPTIVE) != 0;
-  const float eta = adaptive ? etas[(c.row - tab) / FA_NCOL] : 0.f;
-  const float scale = scales[flags >> FA_SCALE_SHIFT];
-  const bool finite = *finite_ptr;
+  const float* opt = opts_of(opts, c);
+  const bool adaptive = opt[FA_OPT_ADAPTIVE] != 0.f;
+  const float eta = adaptive ? opt[FA_OPT_ETA] : 0.f;
+  // the order of torch's rho / (norm + eps): reciprocal, then times rho; IEEE sqrt and division
+  const float norm = __fsqrt_rn(*sqnorm);
+  const bool finite = norm < INFINITY;  // NaN compares false
+  const bool ok = finite && norm > 0.f;
+  const float inv = __fdiv_rn(1.f, ok ? __fadd_rn(norm, opt[FA_OPT_EPS]) : 1.f);
+  const float scale = ok ? __fmul_rn(inv, opt[FA_OPT_RHO]) : 0.f;
   T* w = col<T>(c, FA_COL_W);
   const T* g = col<T>(c, FA_COL_G);
   T* b = col<T>(c, FA_COL_B);
@@ -221,16 +233,16 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(const int64_t* tab, c
   });
 }
 
-struct SgdArgs {
-  float lr, momentum, dampening, weight_decay;
-  bool copy, has_momentum, nesterov, maximize;
-};
-
 template <typename T>
-__global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* tab, const int32_t* chunks, int first,
-                                                               int64_t size, SgdArgs a) {
-  const Chunk c = chunk_of(tab, chunks, first + static_cast<int64_t>(blockIdx.x), size);
-  const bool fresh = (c.row[FA_COL_FLAGS] & FA_FLAG_FRESH_STATE) != 0;
+__global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* tab, const int32_t* chunks,
+                                                               const float* hyper, int64_t size, bool copy) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const bool fresh = (c.flags & FA_FLAG_FRESH_STATE) != 0;
+  const float* h = hyper_of(hyper, c);
+  const float lr = h[FA_SGD_LR], momentum = h[FA_SGD_MOMENTUM], one_minus_dampening = h[FA_SGD_ONE_MINUS_DAMPENING];
+  const float weight_decay = h[FA_SGD_WEIGHT_DECAY];
+  const bool has_momentum = h[FA_SGD_HAS_MOMENTUM] != 0.f, nesterov = h[FA_SGD_NESTEROV] != 0.f;
+  const bool maximize = h[FA_SGD_MAXIMIZE] != 0.f;
   T* w = col<T>(c, FA_COL_W);
   const T* g = col<T>(c, FA_COL_G);
   const T* b = col<T>(c, FA_COL_B);
@@ -238,35 +250,39 @@ __global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* ta
   for_each_element<T>(c, aligned(c, 4), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
     float p[W], d[W];
-    restored<W>(w, b, i, a.copy, p);
+    restored<W>(w, b, i, copy, p);
     load<W>(g, i, d);
 #pragma unroll
-    for (int k = 0; k < W; ++k) d[k] = (a.maximize ? -d[k] : d[k]) + a.weight_decay * p[k];
-    if (a.has_momentum) {
+    for (int k = 0; k < W; ++k) {
+      if (maximize) d[k] = -d[k];
+      if (weight_decay != 0.f) d[k] += weight_decay * p[k];
+    }
+    if (has_momentum) {
       float m[W];
       if (!fresh) load<W>(mom, i, m);
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        m[k] = rounded<T>(fresh ? d[k] : m[k] * a.momentum + (1.f - a.dampening) * d[k]);  // first buffer = d
-        d[k] = a.nesterov ? d[k] + a.momentum * m[k] : m[k];
+        m[k] = rounded<T>(fresh ? d[k] : m[k] * momentum + one_minus_dampening * d[k]);  // first buffer = d
+        d[k] = nesterov ? d[k] + momentum * m[k] : m[k];
       }
       store<W>(mom, i, m);
     }
 #pragma unroll
-    for (int k = 0; k < W; ++k) p[k] -= a.lr * d[k];
+    for (int k = 0; k < W; ++k) p[k] -= lr * d[k];
     store<W>(w, i, p);
   });
 }
 
-struct AdamArgs {
-  float lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt;
-  bool copy, decoupled, amsgrad, maximize;
-};
-
 template <typename T>
-__global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* tab, const int32_t* chunks, int first,
-                                                                int64_t size, AdamArgs a) {
-  const Chunk c = chunk_of(tab, chunks, first + static_cast<int64_t>(blockIdx.x), size);
+__global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* tab, const int32_t* chunks,
+                                                                const float* hyper, int64_t size, bool copy) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const float* h = hyper_of(hyper, c);
+  const float lerp_weight = h[FA_ADAM_ONE_MINUS_BETA1], beta2 = h[FA_ADAM_BETA2];
+  const float one_minus_beta2 = h[FA_ADAM_ONE_MINUS_BETA2], eps = h[FA_ADAM_EPS];
+  const float weight_decay = h[FA_ADAM_WEIGHT_DECAY], decay_factor = h[FA_ADAM_DECAY_FACTOR];
+  const float step_size = h[FA_ADAM_STEP_SIZE], bc2_sqrt = h[FA_ADAM_BC2_SQRT];
+  const bool amsgrad = h[FA_ADAM_AMSGRAD] != 0.f, maximize = h[FA_ADAM_MAXIMIZE] != 0.f;
   T* w = col<T>(c, FA_COL_W);
   const T* g = col<T>(c, FA_COL_G);
   const T* b = col<T>(c, FA_COL_B);
@@ -276,24 +292,22 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
   for_each_element<T>(c, aligned(c, 6), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
     float p[W], d[W], m[W], v[W];
-    restored<W>(w, b, i, a.copy, p);
+    restored<W>(w, b, i, copy, p);
     load<W>(g, i, d);
     load<W>(m1, i, m);
     load<W>(m2, i, v);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      if (a.maximize) d[k] = -d[k];
-      if (a.decoupled) {
-        p[k] *= 1.f - a.lr * a.weight_decay;
-      } else {
-        d[k] += a.weight_decay * p[k];
-      }
-      m[k] += (1.f - a.beta1) * (d[k] - m[k]);
-      v[k] = v[k] * a.beta2 + (1.f - a.beta2) * d[k] * d[k];
+      if (maximize) d[k] = -d[k];
+      if (decay_factor != 1.f) p[k] *= decay_factor;  // AdamW: p *= 1 - lr * weight_decay
+      if (weight_decay != 0.f) d[k] += weight_decay * p[k];  // Adam: the L2 penalty in the gradient
+      // torch's lerp(m, d, 1 - beta1), both branches as torch computes them
+      m[k] = lerp_weight < 0.5f ? m[k] + lerp_weight * (d[k] - m[k]) : d[k] - (d[k] - m[k]) * (1.f - lerp_weight);
+      v[k] = v[k] * beta2 + one_minus_beta2 * d[k] * d[k];
     }
-    store<W>(m1, i, m);
+    store<W>(m1, i, m);  // stored rounded; the update uses the fp32 values, as torch's fused Adam does
     store<W>(m2, i, v);
-    if (a.amsgrad) {
+    if (amsgrad) {
       float vm[W];
       load<W>(vmax, i, vm);
 #pragma unroll
@@ -301,7 +315,10 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
       store<W>(vmax, i, v);
     }
 #pragma unroll
-    for (int k = 0; k < W; ++k) p[k] -= a.step_size * (m[k] / (sqrtf(v[k]) / a.bc2_sqrt + a.eps));
+    for (int k = 0; k < W; ++k) {
+      const float denom = __fdiv_rn(__fsqrt_rn(v[k]), bc2_sqrt) + eps;
+      p[k] -= step_size * __fdiv_rn(m[k], denom);
+    }
     store<W>(w, i, p);
   });
 }
@@ -321,44 +338,39 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
 
 extern "C" {
 
-int fa_sqnorm(int dtype, const int64_t* tab, const float* etas, const int32_t* chunks, int n_chunks,
-              int64_t chunk_size, float* partials, int* counter, float* out, cudaStream_t stream) {
-  if (n_chunks <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  const int blocks = n_chunks;
-  FA_DISPATCH(sqnorm_kernel, tab, etas, chunks, n_chunks, chunk_size, partials, counter, out)
+int fa_sqnorm(int dtype, const int64_t* rows, const int32_t* chunks, const float* opts, int count, int64_t chunk_size,
+              float* partials, int* counter, float* out, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  FA_DISPATCH(sqnorm_kernel, rows, chunks, opts, count, chunk_size, partials, counter, out)
 }
 
-int fa_perturb(int dtype, const int64_t* tab, const float* etas, const int32_t* chunks, int n_chunks,
-               int64_t chunk_size, const float* scales, const bool* finite, int copy, cudaStream_t stream) {
-  if (n_chunks <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  const int blocks = n_chunks;
-  FA_DISPATCH(perturb_kernel, tab, etas, chunks, chunk_size, scales, finite, copy != 0)
+int fa_perturb(int dtype, const int64_t* rows, const int32_t* chunks, const float* opts, const float* sqnorm,
+               int count, int64_t chunk_size, int copy, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  FA_DISPATCH(perturb_kernel, rows, chunks, opts, sqnorm, chunk_size, copy != 0)
 }
 
-int fa_restore(int dtype, const int64_t* tab, const int32_t* chunks, int n_chunks, int64_t chunk_size, int copy,
+int fa_restore(int dtype, const int64_t* rows, const int32_t* chunks, int count, int64_t chunk_size, int copy,
                cudaStream_t stream) {
-  if (n_chunks <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  const int blocks = n_chunks;
-  FA_DISPATCH(restore_kernel, tab, chunks, chunk_size, copy != 0)
-}
-
-int fa_restore_sgd(int dtype, const int64_t* tab, const int32_t* chunks, int first, int count, int64_t chunk_size,
-                   float lr, float momentum, float dampening, float weight_decay, int copy, int has_momentum,
-                   int nesterov, int maximize, cudaStream_t stream) {
   if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
   const int blocks = count;
-  const SgdArgs a{lr, momentum, dampening, weight_decay, copy != 0, has_momentum != 0, nesterov != 0, maximize != 0};
-  FA_DISPATCH(restore_sgd_kernel, tab, chunks, first, chunk_size, a)
+  FA_DISPATCH(restore_kernel, rows, chunks, chunk_size, copy != 0)
 }
 
-int fa_restore_adam(int dtype, const int64_t* tab, const int32_t* chunks, int first, int count, int64_t chunk_size,
-                    float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
-                    float bc2_sqrt, int copy, int decoupled, int amsgrad, int maximize, cudaStream_t stream) {
+int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, int count,
+                   int64_t chunk_size, int copy, cudaStream_t stream) {
   if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
   const int blocks = count;
-  const AdamArgs a{lr,       beta1,          beta2,         eps,         weight_decay, step_size,
-                   bc2_sqrt, copy != 0, decoupled != 0, amsgrad != 0, maximize != 0};
-  FA_DISPATCH(restore_adam_kernel, tab, chunks, first, chunk_size, a)
+  FA_DISPATCH(restore_sgd_kernel, rows, chunks, hyper, chunk_size, copy != 0)
+}
+
+int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, int count,
+                    int64_t chunk_size, int copy, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  FA_DISPATCH(restore_adam_kernel, rows, chunks, hyper, chunk_size, copy != 0)
 }
 
 }  // extern "C"

@@ -1,59 +1,37 @@
 """The two halves of a sharpness-aware step, shared by ``fastasam.ASAM``/``SAM`` and the ``compat`` classes.
 
-``first_step`` buckets the parameters, asks each bucket's backend for its share of the squared norm, combines the
-shares into the one global norm on the device (never on the host), and perturbs. ``restore`` undoes it. Nothing here
-reads a tensor's value on the host, so the step does not synchronise with the device.
+A step works from a plan (``_step_plan``) built when first needed and reused while nothing changes:
+
+* built once (per plan): the buckets, the restore buffers, each bucket's backend runner with its device tables and
+  bound launches, the watch (what a warm step checks), and for the second step the fused-update plan;
+* checked each step: the param groups' identity and sizes and their rho / eta / adaptive options (per group), and one
+  pass over the parameters' ``.grad`` (``_watch``); the base optimizer's identity, state and options (per group);
+* run each step: the launches (or, for the per-tensor backends, their tensor ops).
+
+A change rebuilds only what it affects: options re-upload a small table, a moved gradient rewrites one table, a
+different set of parameters or gradients rebuilds the plan. Nothing here reads a tensor's value on the host, so a
+step does not synchronise with the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from types import ModuleType
+from collections.abc import Mapping
 
 import torch
 
 from . import backends
-from ._plan import RESTORE_MODES, Bucket, build_buckets, subset
+from ._plan import RESTORE_MODES
+from ._step_plan import StepPlan, UpdatePlan, check_nonnegative
+from .report import StepReport, build_report
 
-
-def check_nonnegative(name: str, value: object, where: str = "") -> None:
-    """Raise a ``ValueError`` naming the option unless ``value`` is a real number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # also rejects NaN
-        raise ValueError(f"fastasam: invalid {name}={value!r}{where}; it must be a number >= 0.")
-
-
-def check_group_options(groups: Iterable[Mapping]) -> None:
-    for i, group in enumerate(groups):
-        check_nonnegative("rho", group["rho"], f" in param_groups[{i}]")
-        check_nonnegative("eta", group["eta"], f" in param_groups[{i}]")
-
-
-def _all_reduce_shards(buckets: list[Bucket], shares: list[torch.Tensor], acc: torch.dtype) -> list[torch.Tensor]:
-    """The shares with those of sharded buckets summed over their process groups (one all-reduce per set of groups, on
-    the device, asynchronous to the host), so that their sum is the squared norm of the whole, unsharded gradient."""
-    whole: list[torch.Tensor] = []
-    sharded: dict[tuple, list[torch.Tensor]] = {}
-    for b, share in zip(buckets, shares, strict=True):
-        if b.reduce_over:
-            sharded.setdefault((b.reduce_over, b.device), []).append(share.to(acc))
-        else:
-            whole.append(share)
-    if not sharded:
-        return shares
-    import torch.distributed as dist
-
-    for (over, _), parts in sharded.items():
-        part = torch.stack(parts).sum()
-        for pg in over:
-            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
-        whole.append(part)
-    return whole
+__all__ = ["SharpnessEngine", "check_nonnegative"]
 
 
 class SharpnessEngine:
-    """Holds the backend choice, ``eps``, the restore mode and, between the two steps, what to restore.
+    """Holds the backend choice, ``eps``, the restore mode, the step plan and, between the two steps, what to
+    restore.
 
-    Attributes readable after ``first_step`` (device tensors; reading them on the host synchronises):
+    Readable after ``first_step`` (device tensors, computed when read; reading their value on the host synchronises):
     ``grad_norm`` (0-d, the global norm) and ``perturbation_skipped`` (0-d bool: the norm was not finite, so nothing
     was perturbed).
     """
@@ -66,109 +44,142 @@ class SharpnessEngine:
         self.backend = backend
         self.eps = float(eps)
         self.restore_mode = restore
-        self.grad_norm: torch.Tensor | None = None
-        self.perturbation_skipped: torch.Tensor | None = None
-        # perturbed buckets awaiting restore, with the backend that perturbed them; None = not perturbed
-        self._pending: list[tuple[ModuleType, Bucket]] | None = None
+        self._plan: StepPlan | None = None
+        self._pending: StepPlan | None = None  # perturbed, awaiting the restore
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}
+        self._sqnorm: torch.Tensor | None = None
+        self._last: tuple[StepPlan, str] | None = None  # the last step's plan and how its second step ran
+
+    # --- results of the last first_step ---------------------------------------------------------------------------
 
     @property
     def perturbed(self) -> bool:
         return self._pending is not None
 
-    def _buffer(self, key: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        return None if self._sqnorm is None else self._sqnorm.sqrt()
+
+    @property
+    def perturbation_skipped(self) -> torch.Tensor | None:
+        return None if self._sqnorm is None else ~torch.isfinite(self._sqnorm)
+
+    def report(self) -> StepReport:
+        """What served the last step (see :class:`fastasam.report.StepReport`)."""
+        if self._last is None:
+            return StepReport(buckets=(), second_step="no step has run yet", base_only=0)
+        return build_report(*self._last)
+
+    # --- the steps --------------------------------------------------------------------------------------------------
+
+    def buffer(self, key: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The restore buffer for ``p`` (a parameter, or the local shard of the DTensor parameter ``key``)."""
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = self._buffers[key] = torch.empty_like(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device or \
+                buf.stride() != p.stride():
+            buf = self._buffers[key] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
-    @torch.no_grad()
     def first_step(self, groups: list[Mapping]) -> None:
         if self._pending is not None:
             raise RuntimeError(
                 "fastasam: first_step() called twice in a row; the weights already hold w + e. "
                 "Call second_step() before the next first_step()."
             )
-        check_group_options(groups)
-        buckets = build_buckets(groups)
-        if not buckets:  # no gradients at all: nothing to perturb, second_step still steps the base optimizer
-            self.grad_norm = self.perturbation_skipped = None
-            self._pending = []
-            return
-        impl = {b.device: backends.resolve(self.backend, b.device) for b in buckets}
+        if not torch.compiler.is_compiling():
+            self._first_step_planned(groups)
+        elif self._traceable(groups):
+            with torch.no_grad():  # dynamo traces the tensor ops; its guards replace the watch
+                plan = StepPlan(self, groups, traced=True)
+                self._sqnorm = plan.first_step(plan.grads_at_build())
+            self._pending = plan
+        else:  # dynamo runs the planned step as it is, between its graphs (it reads addresses)
+            torch.compiler.disable(self._first_step_planned)(groups)
 
-        shares = [impl[b.device].grad_sqnorm(b) for b in buckets]
-        main = buckets[0].device
-        acc = torch.float64 if any(s.dtype == torch.float64 for s in shares) else torch.float32
-        shares = _all_reduce_shards(buckets, shares, acc)
-        total = shares[0].to(acc) if len(shares) == 1 else torch.stack([s.to(main, acc) for s in shares]).sum()
-        norm = total.sqrt()
-        finite = torch.isfinite(norm)
-        ok = finite & (norm > 0)
-        self.grad_norm, self.perturbation_skipped = norm, ~finite
+    def _first_step_planned(self, groups: list[Mapping]) -> None:
+        enabled = torch.is_grad_enabled()  # no_grad, without building a context manager every step
+        torch._C._set_grad_enabled(False)
+        try:
+            self._first_step_in(groups)
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
-        pending = []
-        per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for b in buckets:
-            if b.device not in per_device:
-                per_device[b.device] = (norm.to(b.device), ok.to(b.device), finite.to(b.device))
-            norm_d, ok_d, finite_d = per_device[b.device]
-            scale_of: dict[float, torch.Tensor] = {}
-            for rho in b.rho:
-                if rho not in scale_of:
-                    scale_of[rho] = torch.where(ok_d, rho / (norm_d + self.eps), 0.0)
-            keep = [rho > 0 for rho in b.rho]  # rho = 0: counted in the norm, never touched
-            if not any(keep):
-                continue
-            b.scales = [scale_of[rho] for rho in b.rho]
-            b.finite = finite_d
-            b.buffers = [self._buffer(k, p) for k, p in zip(b.keys, b.params)]
-            if not all(keep):
-                b = subset(b, keep)
-            impl[b.device].perturb_(b, self.restore_mode)
-            b.grads = []  # the first pass's gradients must not outlive zero_grad()
-            b.scales = []
-            pending.append((impl[b.device], b))
-        self._pending = pending
+    def _first_step_in(self, groups: list[Mapping]) -> None:
+        plan = self._plan
+        if plan is None or not plan.same_structure(groups):
+            plan = None
+        elif not plan.same_options(groups):
+            plan = plan.with_options(groups)  # uploads new options, or None when the structure must change
+        grads = plan.watch.check() if plan is not None else None
+        if grads is None:
+            plan = StepPlan.rebuild(self, groups, plan)
+            grads = plan.grads_at_build()
+        self._plan = plan
+        self._sqnorm = plan.first_step(grads)
+        self._pending = plan
 
-    @torch.no_grad()
+    def _traceable(self, groups: list[Mapping]) -> bool:
+        devices = {p.device for g in groups for p in g["params"]}
+        return all(getattr(backends.resolve(self.backend, d), "traceable", False) for d in devices)
+
     def restore_and_step(self, base: torch.optim.Optimizer) -> None:
-        """Restore, then ``base.step()``; fused into one pass over memory where every perturbed bucket's backend
-        can apply ``base``'s update itself and the perturbed tensors are exactly those the base optimizer steps."""
-        fused = self._fused_steps(base)
-        if fused is None:
-            self.restore()
-            base.step()
-            return
-        for run in fused:
-            run()
-        self._pending = None
+        """Restore, then ``base.step()``; for the tensors a fused update can take, restore and update in one pass."""
+        plan = self._pending_plan()
+        if plan.traced:
+            with torch.no_grad():
+                self._restore_then_step(plan, base, "restore, then the base optimizer's step (torch.compile)")
+        elif torch.compiler.is_compiling():
+            torch.compiler.disable(self._restore_and_step_planned)(plan, base)
+        else:
+            self._restore_and_step_planned(plan, base)
 
-    def _fused_steps(self, base: torch.optim.Optimizer) -> list | None:
-        pending = self._pending
-        if not pending or any(getattr(impl, "prepare_fused_step", None) is None for impl, _ in pending):
-            return None
-        if any(b.dtensor_shards for _, b in pending):
-            return None  # the base optimizer keeps DTensor state; let it step the DTensors itself
-        owner = {p: gi for gi, group in enumerate(base.param_groups) for p in group["params"] if p.grad is not None}
-        if len(owner) != sum(len(b.params) for _, b in pending):
-            return None  # rho = 0 groups, or a gradient present in only one of the two passes
-        runs = []
-        for impl, b in pending:
-            groups = [owner.get(p, -1) for p in b.params]
-            if -1 in groups:
-                return None
-            runs.append(impl.prepare_fused_step(b, groups, base, self.restore_mode))
-        return None if any(r is None for r in runs) else runs
+    def _restore_and_step_planned(self, plan: StepPlan, base: torch.optim.Optimizer) -> None:
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._restore_and_step_in(plan, base)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+
+    def _restore_and_step_in(self, plan: StepPlan, base: torch.optim.Optimizer) -> None:
+        update = plan.update
+        if update is None or not update.valid(base) or not update.check():
+            update = plan.update = UpdatePlan(plan, base)
+        if update.mode != "fused":
+            self._restore_then_step(plan, base, update.mode)
+            return
+        if update.capturing_adam():  # torch.optim.Adam's host step count cannot be captured; its own path decides
+            self._restore_then_step(plan, base, "restore, then the base optimizer's step: Adam during CUDA-graph "
+                                                "capture")
+            return
+        if not update.sync():  # the Adam step counts were changed from outside: plan again from the state as it is
+            update = plan.update = UpdatePlan(plan, base)
+            if update.mode != "fused" or not update.sync():
+                self._restore_then_step(plan, base, update.mode)
+                return
+        update.restore_fused()
+        self._pending = None
+        self._last = (plan, update.mode)
+        update.step_rest()
+
+    def _restore_then_step(self, plan: StepPlan, base: torch.optim.Optimizer, why: str) -> None:
+        plan.restore()
+        self._pending = None
+        self._last = (plan, why)
+        base.step()
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, why: str = "restore, then the base optimizer's step") -> None:
+        """Undo the perturbation (the caller steps the base optimizer itself)."""
+        plan = self._pending_plan()
+        plan.restore()
+        self._pending = None
+        self._last = (plan, why)
+
+    def _pending_plan(self) -> StepPlan:
         if self._pending is None:
             raise RuntimeError(
                 "fastasam: second_step() called without a first_step() before it; there is no perturbation to undo. "
                 "Call first_step() after the first backward pass."
             )
-        for impl, b in self._pending:
-            impl.restore_(b, self.restore_mode)
-        self._pending = None
+        return self._pending

@@ -1,13 +1,14 @@
-"""What one ``first_step`` works on: the parameters that have a gradient, bucketed by (device, dtype).
+"""What a step works on: the parameters that have a gradient, bucketed by (device, dtype), validated once.
 
-Every backend receives :class:`Bucket` objects and nothing else, so the optimizer classes, the reference oracle and
-the fast paths agree on one description of the job.
+:func:`build_buckets` is run when the step plan is built (``_engine``), not every step. Every backend receives
+:class:`Bucket` objects, so the optimizer classes, the reference oracle and the fast paths agree on one description
+of the job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,14 +17,16 @@ RESTORE_MODES = ("copy", "subtract")
 
 @dataclass
 class Bucket:
-    """All tensors of one (device, dtype) that take part in one step.
+    """All tensors of one (device, dtype) that take part in one step, perturbed ones first.
 
-    ``params[i]`` / ``grads[i]`` share shape, device and dtype. ``adaptive[i]``, ``eta[i]`` and ``rho[i]`` are the
-    options of the group the tensor came from (``group[i]`` its index; a group's tensors are consecutive).
-    ``buffers[i]`` is the one parameter-sized buffer kept for the restore:
-    the original weight (``restore="copy"``) or the perturbation ``e`` (``restore="subtract"``), in the storage dtype.
-    ``scales[i]`` is a 0-d tensor on ``device`` holding ``rho / (norm + eps)`` (0 when the norm is not finite or is 0);
-    tensors of one group share the same scale tensor object.
+    Static (set when the plan is built): ``params[i]`` (a parameter, or the local shard of the DTensor parameter
+    ``keys[i]``), ``adaptive[i]``, ``eta[i]``, ``rho[i]`` and ``group[i]`` (the index of its param group).
+    ``params[:n_perturbed]`` have ``rho > 0`` and are perturbed; the others only count in the norm. ``buffers[i]``
+    (perturbed tensors only) is the one parameter-sized buffer kept for the restore: the original weight
+    (``restore="copy"``) or the perturbation ``e`` (``restore="subtract"``), in the storage dtype.
+
+    Per step (set by the engine before a backend reads them): ``grads[i]``; for the perturbation ``scales[i]``, a 0-d
+    tensor on ``device`` holding ``rho / (norm + eps)`` (0 when the norm is not finite or is 0), and ``finite``.
     """
 
     device: torch.device
@@ -33,13 +36,13 @@ class Bucket:
     adaptive: list[bool] = field(default_factory=list)
     eta: list[float] = field(default_factory=list)
     rho: list[float] = field(default_factory=list)
+    group: list[int] = field(default_factory=list)
+    keys: list[torch.Tensor] = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
     scales: list[torch.Tensor] = field(default_factory=list)
     finite: torch.Tensor | None = None  # 0-d bool on device: the global norm is finite
-    group: list[int] = field(default_factory=list)  # index of the param group each tensor came from
-    plan: object = None  # a backend's own description of the bucket (kept from perturb_ to restore_)
-    # the parameter objects themselves (``params[i]`` is their local shard for a DTensor, else the same object)
-    keys: list[torch.Tensor] = field(default_factory=list)
+    n_perturbed: int = 0
+    layout: object = None  # a backend's precomputed description of these tensors (foreach: runs and chunks)
     # process groups over which the squared norm share is summed (the Shard dims of the DTensors' mesh); empty when
     # the tensors are whole (or replicated) on every rank
     reduce_over: tuple = ()
@@ -49,18 +52,24 @@ class Bucket:
         """The tensors are local shards of DTensor parameters (the optimizer's state is keyed by ``keys``)."""
         return any(k is not p for k, p in zip(self.keys, self.params))
 
-    def option_runs(self) -> list[tuple[bool, float, torch.Tensor | None, list[int]]]:
-        """Indices grouped by (adaptive, eta, scale), in first-seen order: one foreach call per run.
+    def head(self, n: int) -> Bucket:
+        """The first ``n`` tensors (the perturbed ones, for ``n = n_perturbed``) as a bucket of their own."""
+        out = replace(self)
+        for name in ("params", "grads", "adaptive", "eta", "rho", "group", "keys", "buffers", "scales"):
+            setattr(out, name, getattr(self, name)[:n])
+        out.n_perturbed = min(n, self.n_perturbed)
+        out.layout = None
+        return out
 
-        Before the norm is known (``scales`` empty) the runs are grouped by (adaptive, eta) and carry no scale."""
-        runs: dict[tuple[bool, float, int], tuple[bool, float, torch.Tensor | None, list[int]]] = {}
-        scales = self.scales or [None] * len(self.params)
-        for i, (a, eta, s) in enumerate(zip(self.adaptive, self.eta, scales, strict=True)):
-            key = (a, eta if a else 0.0, id(s))
-            if key not in runs:
-                runs[key] = (a, eta if a else 0.0, s, [])
-            runs[key][3].append(i)
-        return list(runs.values())
+    def subset(self, keep: list[bool]) -> Bucket:
+        """The tensors where ``keep`` is true, in order (shares tensors, not lists)."""
+        out = replace(self)
+        for name in ("params", "grads", "adaptive", "eta", "rho", "group", "keys", "buffers", "scales"):
+            src = getattr(self, name)
+            setattr(out, name, [x for x, k in zip(src, keep) if k] if src else [])
+        out.n_perturbed = sum(keep[: self.n_perturbed])
+        out.layout = None
+        return out
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,13 +77,13 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _param_name(group: Mapping, gi: int, pi: int) -> str:
+def param_name(group: Mapping, gi: int, pi: int) -> str:
     """How an error message names a parameter: its ``param_names`` entry where the group has one."""
     names = group.get("param_names")
     return names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "placements") and hasattr(t, "to_local") and hasattr(t, "device_mesh")
 
 
@@ -82,8 +91,8 @@ def _local(p: torch.Tensor, g: torch.Tensor, name: str) -> tuple[torch.Tensor, t
     """A DTensor parameter (FSDP2 ``fully_shard``, tensor parallel) as its local shard and the process groups its
     squared-norm share must be summed over: one per mesh dim the parameter is sharded on (replicated dims hold equal
     copies, so summing over them would count the shard twice)."""
-    if not _is_dtensor(g) or tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
-        got = tuple(g.placements) if _is_dtensor(g) else "a plain tensor"
+    if not is_dtensor(g) or tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
+        got = tuple(g.placements) if is_dtensor(g) else "a plain tensor"
         raise RuntimeError(
             f"fastasam: {name} is a DTensor with placements {tuple(p.placements)} but its gradient is {got}; they "
             "must match (a Partial gradient has not been reduced yet). Call first_step() after backward() has "
@@ -97,58 +106,70 @@ def _local(p: torch.Tensor, g: torch.Tensor, name: str) -> tuple[torch.Tensor, t
     return p.to_local(), g.to_local(), over
 
 
-def build_buckets(groups: Iterable[Mapping]) -> list[Bucket]:
-    """Bucket every parameter of ``groups`` that has a gradient, validating what the kernels rely on.
+def local_gradient(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The local shard of DTensor ``p``'s gradient ``g`` (their placements must still match)."""
+    return _local(p, g, "a DTensor parameter")[1]
+
+
+def check_gradient(p: torch.Tensor, g: torch.Tensor, name: str) -> None:
+    """Raise unless ``g`` is a dense gradient of ``p``'s shape, dtype and device and ``p`` is floating point."""
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(
+            f"fastasam: {name} has a sparse gradient; ASAM/SAM need dense gradients. "
+            "Use dense embeddings (sparse=False) or leave this parameter out of the optimizer."
+        )
+    if not p.is_floating_point():
+        raise TypeError(f"fastasam: {name} has dtype {p.dtype}; only floating-point parameters are supported.")
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise RuntimeError(
+            f"fastasam: {name} has a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device} but the parameter "
+            f"is {tuple(p.shape)}, {p.dtype} on {p.device}; they must match."
+        )
+
+
+def build_buckets(groups: Iterable[Mapping]) -> tuple[list[Bucket], list[torch.Tensor]]:
+    """Bucket every parameter of ``groups`` that has a gradient, validating what the kernels rely on; return the
+    buckets and the parameters without a gradient.
 
     ``groups`` are param-group-like mappings with ``params``, ``rho``, ``eta``, ``adaptive`` and optionally
     ``param_names`` (used in error messages). Raises on sparse gradients and on gradients whose shape, dtype or device
     differ from the parameter's. DTensor parameters are bucketed as their local shards, separately per set of
-    process groups their norm share is summed over.
+    process groups their norm share is summed over. ``bucket.grads`` holds the gradients seen here.
     """
-    buckets: dict[tuple, Bucket] = {}
+    perturbed: dict[tuple, Bucket] = {}
+    counted: dict[tuple, Bucket] = {}  # rho = 0: in the norm only
+    absent: list[torch.Tensor] = []
     for gi, group in enumerate(groups):
+        rho, eta, adaptive = float(group["rho"]), float(group["eta"]), bool(group["adaptive"])
         for pi, p in enumerate(group["params"]):
             key_p = p
             g = p.grad
             if g is None:
+                absent.append(p)
                 continue
             over: tuple = ()
-            if _is_dtensor(p):
-                p, g, over = _local(p, g, _param_name(group, gi, pi))
-            if g.is_sparse or g.layout != torch.strided:
-                raise RuntimeError(
-                    f"fastasam: {_param_name(group, gi, pi)} has a sparse gradient; ASAM/SAM need dense gradients. "
-                    "Use dense embeddings (sparse=False) or leave this parameter out of the optimizer."
-                )
-            if not p.is_floating_point():
-                raise TypeError(
-                    f"fastasam: {_param_name(group, gi, pi)} has dtype {p.dtype}; only floating-point parameters "
-                    "are supported."
-                )
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise RuntimeError(
-                    f"fastasam: {_param_name(group, gi, pi)} has a gradient of shape {tuple(g.shape)}, {g.dtype} on "
-                    f"{g.device} but the parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; they must match."
-                )
+            if is_dtensor(p):
+                p, g, over = _local(p, g, param_name(group, gi, pi))
+            check_gradient(p, g, param_name(group, gi, pi))
             key = (p.device, p.dtype, over)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = Bucket(device=p.device, dtype=p.dtype, reduce_over=over)
-            bucket.keys.append(key_p)
-            bucket.params.append(p)
-            bucket.grads.append(g)
-            bucket.adaptive.append(bool(group["adaptive"]))
-            bucket.eta.append(float(group["eta"]))
-            bucket.rho.append(float(group["rho"]))
-            bucket.group.append(gi)
-    return list(buckets.values())
-
-
-def subset(bucket: Bucket, keep: Sequence[bool]) -> Bucket:
-    """The bucket restricted to the tensors where ``keep`` is true (shares tensors, not lists)."""
-    out = Bucket(device=bucket.device, dtype=bucket.dtype, finite=bucket.finite, reduce_over=bucket.reduce_over)
-    for name in ("params", "grads", "adaptive", "eta", "rho", "buffers", "scales", "group", "keys"):
-        src = getattr(bucket, name)
-        if src:
-            setattr(out, name, [x for x, k in zip(src, keep) if k])
-    return out
+            into = perturbed if rho > 0 else counted
+            b = into.get(key)
+            if b is None:
+                b = into[key] = Bucket(device=p.device, dtype=p.dtype, reduce_over=over)
+            b.keys.append(key_p)
+            b.params.append(p)
+            b.grads.append(g)
+            b.adaptive.append(adaptive)
+            b.eta.append(eta)
+            b.rho.append(rho)
+            b.group.append(gi)
+    buckets = []
+    for key in [*perturbed, *(k for k in counted if k not in perturbed)]:
+        b = perturbed.get(key) or Bucket(device=key[0], dtype=key[1], reduce_over=key[2])
+        b.n_perturbed = len(b.params)
+        tail = counted.get(key)
+        if tail is not None:
+            for name in ("keys", "params", "grads", "adaptive", "eta", "rho", "group"):
+                getattr(b, name).extend(getattr(tail, name))
+        buckets.append(b)
+    return buckets, absent

@@ -43,8 +43,24 @@ class ASAM:
         self.rho = rho
         self.eta = eta
         self._engine = SharpnessEngine(backend=backend, eps=OFFICIAL_EPS, restore="subtract")
+        self._cached_groups: list[dict[str, Any]] | None = None
+
+    def report(self):
+        """What served the last step (see ``fastasam.ASAM.report``)."""
+        return self._engine.report()
 
     def _groups(self) -> list[dict[str, Any]]:
+        """The official split of the model's parameters, read from the model once (the first ``ascent_step``) and
+        kept, so a step does not walk the modules; ``rho`` and ``eta`` are re-read every step."""
+        groups = self._cached_groups
+        if groups is None:
+            groups = self._cached_groups = self._split()
+        if groups[0]["rho"] != self.rho or groups[0]["eta"] != self.eta:
+            for g in groups:
+                g["rho"], g["eta"] = self.rho, self.eta
+        return groups
+
+    def _split(self) -> list[dict[str, Any]]:
         named = list(self.model.named_parameters())
         common = {"rho": self.rho, "eta": self.eta}
         if self.adaptive:  # the official rule: a name containing "weight" is adaptive
@@ -57,12 +73,10 @@ class ASAM:
             for adaptive, part in splits
         ]
 
-    @torch.no_grad()
     def ascent_step(self) -> None:
         self._engine.first_step(self._groups())
         self.optimizer.zero_grad()
 
-    @torch.no_grad()
     def descent_step(self) -> None:
         self._engine.restore_and_step(self.optimizer)
         self.optimizer.zero_grad()

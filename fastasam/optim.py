@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._engine import SharpnessEngine, check_nonnegative
+from .report import StepReport
 
 _OWN_GROUP_KEYS = ("rho", "eta", "adaptive")
 
@@ -102,14 +103,18 @@ class ASAM(torch.optim.Optimizer):
         """True between ``first_step`` and ``second_step``: the weights hold ``w + e``."""
         return self._engine.perturbed
 
-    @torch.no_grad()
+    def report(self) -> StepReport:
+        """What served the last step: per (device, dtype) bucket, the backend, how many tensors ran in its
+        multi-tensor kernels or fell back to foreach, how many the fused restore + update took and why the others
+        were left to the base optimizer. ``print(opt.report())`` for a table."""
+        return self._engine.report()
+
     def first_step(self, zero_grad: bool = False) -> None:
         """Ascent: ``w <- w + e`` from the current gradients (first backward pass). Mutates the parameters."""
         self._engine.first_step(self.param_groups)
         if zero_grad:
             self.zero_grad()
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass)."""
         self._engine.restore_and_step(self.base_optimizer)
@@ -127,7 +132,7 @@ class ASAM(torch.optim.Optimizer):
         skipped when either pass overflowed (weights and base state untouched)."""
         grad_scale: torch.Tensor | None = self.__dict__["grad_scale"]  # None: the user already called unscale_
         found_inf: torch.Tensor = self.__dict__["found_inf"]
-        self._engine.restore()
+        self._engine.restore("restore, then the base optimizer's step: GradScaler (scaler.step)")
         skip = found_inf.float().clamp(max=1.0)  # fused kernels test found_inf == 1
         first = self._engine.perturbation_skipped
         if first is not None:

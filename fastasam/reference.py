@@ -23,6 +23,7 @@ import torch
 from ._plan import Bucket, accumulate_dtype
 
 name = "reference"
+traceable = True  # torch.compile traces its tensor ops
 
 
 def device_supported(device: torch.device) -> str | None:

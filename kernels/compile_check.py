@@ -19,25 +19,14 @@ _DTYPES = ("fp32", "bf16")
 # constexpr options besides DTYPE/ACC/CHUNK/BLOCK/ALIGNED
 _KERNELS = {
     "sqnorm_kernel": (
-        [("tab", "*i64"), ("etas", "*fp32"), ("chunks", "*i32"), ("partials", "*fp32"), ("counter", "*i32"),
+        [("rows", "*i64"), ("chunks", "*i32"), ("opts", "*fp32"), ("partials", "*fp32"), ("counter", "*i32"),
          ("out", "*fp32"), ("n_programs", "i32")],
         {},
     ),
-    "perturb_kernel": (
-        [("tab", "*i64"), ("etas", "*fp32"), ("chunks", "*i32"), ("scales", "*fp32"), ("finite_ptr", "*i1")],
-        {"COPY": True},
-    ),
-    "restore_kernel": ([("tab", "*i64"), ("chunks", "*i32")], {"COPY": False}),
-    "restore_sgd_kernel": (
-        [("tab", "*i64"), ("chunks", "*i32"), ("first_chunk", "i32"), ("lr", "fp32"), ("momentum", "fp32"),
-         ("dampening", "fp32"), ("weight_decay", "fp32")],
-        {"COPY": True, "MOMENTUM": True, "NESTEROV": False, "MAXIMIZE": False},
-    ),
-    "restore_adam_kernel": (
-        [("tab", "*i64"), ("chunks", "*i32"), ("first_chunk", "i32"), ("lr", "fp32"), ("beta1", "fp32"),
-         ("beta2", "fp32"), ("eps", "fp32"), ("weight_decay", "fp32"), ("step_size", "fp32"), ("bc2_sqrt", "fp32")],
-        {"COPY": True, "DECOUPLED": True, "AMSGRAD": False, "MAXIMIZE": False},
-    ),
+    "perturb_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("opts", "*fp32"), ("sqnorm", "*fp32")], {"COPY": True}),
+    "restore_kernel": ([("rows", "*i64"), ("chunks", "*i32")], {"COPY": False}),
+    "restore_sgd_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32")], {"COPY": True}),
+    "restore_adam_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32")], {"COPY": True}),
 }
 
 

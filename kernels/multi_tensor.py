@@ -1,17 +1,27 @@
 """Triton multi-tensor kernels: every phase of a sharpness-aware step over all tensors of one (device, dtype) bucket in
 one launch.
 
-The host (``fastasam/backends/_multi_tensor.py``, shared with the CUDA C++ kernels in ``csrc/``) describes the
-bucket with two small device tables, a tensor table (addresses, element count, flags per tensor) and a chunk table
-((tensor row, chunk number) per program); see that module for the layout.
+The host (``fastasam/backends/_tables.py``, shared with the CUDA C++ kernels in ``csrc/``) describes a bucket with small
+device tables, built once and reused while nothing moves:
+
+* ``rows``   int64[N, NCOL]: per tensor the addresses of the parameter, its gradient, the restore buffer and up to
+  three optimizer-state tensors, the element count and a flags word (bit 1: the state is new this step; bits 8..31:
+  the tensor's row in ``opts``; bits 32..55: its row in ``hyper``);
+* ``chunks`` int32[C, 2]: (tensor row, chunk number); program ``pid`` handles elements
+  ``[chunk * CHUNK, min((chunk + 1) * CHUNK, numel))`` of its tensor, so a 2-element bias and a 2M-element weight are
+  scheduled alike and one launch covers the whole model;
+* ``opts``   ACC[G, NOPT]: per parameter group eta, rho, adaptive (0/1) and the norm's eps;
+* ``hyper``  fp32[H, NHYPER]: per base-optimizer group the update's hyper-parameters (see ``_sgd`` / ``_adam`` below),
+  each computed on the host in double precision as torch.optim computes it, then rounded once.
 
 Inside a chunk, full blocks of ``BLOCK`` elements are loaded without a mask (so 16-byte aligned tensors get vector
 loads) and one masked block finishes the tail. Math runs in ``ACC`` (fp32, or fp64 for fp64 storage); every store
 rounds once to the storage dtype. Offsets are int64, so tensors over 2^31 elements are addressed correctly.
 
 The squared norm is reduced deterministically without float atomics: each program writes its partial sum to its own
-slot; an integer counter tells the program that finishes last, which then sums the partials in a fixed order and
-resets the counter (so the same launch can be replayed, e.g. in a CUDA graph).
+slot; an integer counter tells the program that finishes last, which sums the partials in a fixed order and resets the
+counter (so the same launch can be replayed, e.g. in a CUDA graph). The perturbation reads that sum from device memory
+and derives the scale ``rho / (sqrt(sum) + eps)`` itself, so the host computes nothing between the two launches.
 """
 
 from __future__ import annotations
@@ -21,16 +31,27 @@ import os
 import triton
 import triton.language as tl
 
-from fastasam.backends import _multi_tensor as layout
+from fastasam.backends import _layout as L
 
-# the tables' layout, defined by the host (plain ints), here as constexprs
-COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3 = (layout.COL_W, layout.COL_G, layout.COL_B, layout.COL_S1,
-                                               layout.COL_S2, layout.COL_S3)
-COL_NUMEL, COL_FLAGS, NCOL = layout.COL_NUMEL, layout.COL_FLAGS, layout.NCOL
-FLAG_ADAPTIVE, FLAG_FRESH_STATE, SCALE_SHIFT = layout.FLAG_ADAPTIVE, layout.FLAG_FRESH_STATE, layout.SCALE_SHIFT
-_W, _G, _B, _S1, _S2, _S3 = (tl.constexpr(c) for c in (COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3))
-_NUMEL, _FLAGS, _NCOL = tl.constexpr(COL_NUMEL), tl.constexpr(COL_FLAGS), tl.constexpr(NCOL)
-_ADAPTIVE, _FRESH, _SHIFT = tl.constexpr(FLAG_ADAPTIVE), tl.constexpr(FLAG_FRESH_STATE), tl.constexpr(SCALE_SHIFT)
+_W, _G, _B = tl.constexpr(L.COL_W), tl.constexpr(L.COL_G), tl.constexpr(L.COL_B)
+_S1, _S2, _S3 = tl.constexpr(L.COL_S1), tl.constexpr(L.COL_S2), tl.constexpr(L.COL_S3)
+_NUMEL, _FLAGS, _NCOL = tl.constexpr(L.COL_NUMEL), tl.constexpr(L.COL_FLAGS), tl.constexpr(L.NCOL)
+_FRESH, _OPT_SHIFT, _HYPER_SHIFT, _SLOT_MASK = (tl.constexpr(L.FLAG_FRESH_STATE), tl.constexpr(L.OPT_SHIFT),
+                                                tl.constexpr(L.HYPER_SHIFT), tl.constexpr(L.SLOT_MASK))
+_ETA, _RHO, _ADAPTIVE, _EPS, _NOPT = (tl.constexpr(L.OPT_ETA), tl.constexpr(L.OPT_RHO), tl.constexpr(L.OPT_ADAPTIVE),
+                                      tl.constexpr(L.OPT_EPS), tl.constexpr(L.NOPT))
+_NHYPER = tl.constexpr(L.NHYPER)
+_SGD_LR, _SGD_MOMENTUM, _SGD_OMD, _SGD_WD = (tl.constexpr(L.SGD_LR), tl.constexpr(L.SGD_MOMENTUM),
+                                             tl.constexpr(L.SGD_ONE_MINUS_DAMPENING), tl.constexpr(L.SGD_WEIGHT_DECAY))
+_SGD_HAS_MOMENTUM, _SGD_NESTEROV, _SGD_MAXIMIZE = (tl.constexpr(L.SGD_HAS_MOMENTUM), tl.constexpr(L.SGD_NESTEROV),
+                                                   tl.constexpr(L.SGD_MAXIMIZE))
+_ADAM_OMB1, _ADAM_BETA2, _ADAM_OMB2, _ADAM_EPS, _ADAM_WD = (
+    tl.constexpr(L.ADAM_ONE_MINUS_BETA1), tl.constexpr(L.ADAM_BETA2), tl.constexpr(L.ADAM_ONE_MINUS_BETA2),
+    tl.constexpr(L.ADAM_EPS), tl.constexpr(L.ADAM_WEIGHT_DECAY))
+_ADAM_DECAY, _ADAM_STEP_SIZE, _ADAM_BC2, _ADAM_AMSGRAD, _ADAM_MAXIMIZE = (
+    tl.constexpr(L.ADAM_DECAY_FACTOR), tl.constexpr(L.ADAM_STEP_SIZE), tl.constexpr(L.ADAM_BC2_SQRT),
+    tl.constexpr(L.ADAM_AMSGRAD), tl.constexpr(L.ADAM_MAXIMIZE))
+_INF: tl.constexpr = tl.constexpr(float("inf"))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest even; under the interpreter the kernels
@@ -50,20 +71,49 @@ def _to(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _ptr(tab, row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p = tl.load(tab + row * _NCOL + col).to(tl.pointer_type(DTYPE))
+def _div(x, y, ACC: tl.constexpr):
+    """IEEE division (``/`` is approximate for fp32 on GPUs)."""
+    if ACC == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    """IEEE square root (``tl.sqrt`` is approximate for fp32 on GPUs)."""
+    if ACC == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _ptr(rows, row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(rows + row * _NCOL + col).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p
 
 
 @triton.jit
-def _chunk(tab, chunks, pid, CHUNK: tl.constexpr):
-    """(row, first element, element count) of program ``pid``'s chunk."""
+def _chunk(rows, chunks, pid, CHUNK: tl.constexpr):
+    """(row, first element, element count, flags) of program ``pid``'s chunk."""
     row = tl.load(chunks + pid * 2).to(tl.int64)
     start = tl.load(chunks + pid * 2 + 1).to(tl.int64) * CHUNK
-    numel = tl.load(tab + row * _NCOL + _NUMEL)
-    return row, start, tl.minimum(numel - start, CHUNK)
+    numel = tl.load(rows + row * _NCOL + _NUMEL)
+    flags = tl.load(rows + row * _NCOL + _FLAGS)
+    return row, start, tl.minimum(numel - start, CHUNK), flags
+
+
+@triton.jit
+def _opt(opts, flags, col: tl.constexpr):
+    return tl.load(opts + ((flags >> _OPT_SHIFT) & _SLOT_MASK) * _NOPT + col)
+
+
+@triton.jit
+def _hyper(hyper, flags, col: tl.constexpr):
+    return tl.load(hyper + ((flags >> _HYPER_SHIFT) & _SLOT_MASK) * _NHYPER + col)
 
 
 # --- phase 1: the squared norm ---------------------------------------------------------------------------------------
@@ -93,17 +143,16 @@ def _sq_chunk(w, g, start, length, eta, ADAPTIVE: tl.constexpr, ACC: tl.constexp
 
 @triton.jit
 def sqnorm_kernel(
-    tab, etas, chunks, partials, counter, out, n_programs,
+    rows, chunks, opts, partials, counter, out, n_programs,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """``out = sum over all chunks of sum((T_w * g)^2)``; ``T_w = |w| + eta`` for adaptive rows, else 1."""
+    """``out = sum over all chunks of sum((T_w * g)^2)``; ``T_w = |w| + eta`` for adaptive groups, else 1."""
     pid = tl.program_id(0)
-    row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    flags = tl.load(tab + row * _NCOL + _FLAGS)
-    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
-    if (flags & _ADAPTIVE) != 0:
-        w = _ptr(tab, row, _W, DTYPE, ALIGNED)
-        part = _sq_chunk(w, g, start, length, tl.load(etas + row), True, ACC, BLOCK)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
+    if _opt(opts, flags, _ADAPTIVE) != 0:
+        w = _ptr(rows, row, _W, DTYPE, ALIGNED)
+        part = _sq_chunk(w, g, start, length, _opt(opts, flags, _ETA).to(ACC), True, ACC, BLOCK)
     else:
         part = _sq_chunk(g, g, start, length, 0.0, False, ACC, BLOCK)
     tl.store(partials + pid, part)
@@ -142,7 +191,7 @@ def _perturb_block(
         tl.store(b + idx, _to(wv, b.dtype.element_ty), mask=m)
     else:
         e = _to(e, b.dtype.element_ty)  # the stored e is rounded once; that rounded value is added
-        tl.store(b + idx, _to(e, b.dtype.element_ty), mask=m)
+        tl.store(b + idx, e, mask=m)
         e = e.to(ACC)
     tl.store(w + idx, _to(wv + e, w.dtype.element_ty), mask=m)
 
@@ -164,22 +213,27 @@ def _perturb_chunk(
 
 @triton.jit
 def perturb_kernel(
-    tab, etas, chunks, scales, finite_ptr,
+    rows, chunks, opts, sqnorm,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     COPY: tl.constexpr,
 ):
-    """``w <- w + e`` with ``e = T_w^2 * g * scale`` (masked to 0 unless ``finite``); the buffer gets ``w``
-    (``COPY``) or ``e``."""
+    """``w <- w + e``, ``e = T_w^2 * g * scale``; the buffer gets ``w`` (``COPY``) or ``e``.
+
+    ``scale = rho * (1 / (norm + eps))`` with ``norm = sqrt(*sqnorm)`` (the order of torch's ``rho / (norm + eps)``),
+    0 when the norm is 0 or not finite; ``e`` is exactly 0 when the norm is not finite."""
     pid = tl.program_id(0)
-    row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    flags = tl.load(tab + row * _NCOL + _FLAGS)
-    scale = tl.load(scales + (flags >> _SHIFT)).to(ACC)
-    finite = tl.load(finite_ptr) != 0
-    w = _ptr(tab, row, _W, DTYPE, ALIGNED)
-    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
-    b = _ptr(tab, row, _B, DTYPE, ALIGNED)
-    if (flags & _ADAPTIVE) != 0:
-        _perturb_chunk(w, g, b, start, length, tl.load(etas + row), scale, finite, True, COPY, ACC, BLOCK)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    norm = _sqrt(tl.load(sqnorm).to(ACC), ACC)
+    finite = norm < _INF  # NaN compares false
+    ok = finite & (norm > 0)
+    inv = _div(tl.full([], 1.0, ACC), tl.where(ok, norm + _opt(opts, flags, _EPS).to(ACC), 1.0), ACC)
+    scale = tl.where(ok, inv * _opt(opts, flags, _RHO).to(ACC), 0.0)
+    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
+    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
+    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    if _opt(opts, flags, _ADAPTIVE) != 0:
+        _perturb_chunk(w, g, b, start, length, _opt(opts, flags, _ETA).to(ACC), scale, finite, True, COPY, ACC,
+                       BLOCK)
     else:
         _perturb_chunk(w, g, b, start, length, 0.0, scale, finite, False, COPY, ACC, BLOCK)
 
@@ -206,7 +260,16 @@ def _restore_block(w, b, idx, n, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _restore_chunk(w, b, start, length, COPY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def restore_kernel(
+    rows, chunks,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """``w <- saved w`` (``COPY``) or ``w <- w - e``."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
+    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     for j in range(0, full):
@@ -216,121 +279,132 @@ def _restore_chunk(w, b, start, length, COPY: tl.constexpr, ACC: tl.constexpr, B
 
 
 @triton.jit
-def restore_kernel(
-    tab, chunks,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    COPY: tl.constexpr,
-):
-    """``w <- saved w`` (``COPY``) or ``w <- w - e``."""
-    pid = tl.program_id(0)
-    row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    _restore_chunk(_ptr(tab, row, _W, DTYPE, ALIGNED), _ptr(tab, row, _B, DTYPE, ALIGNED), start, length, COPY, ACC,
-                   BLOCK)
-
-
-@triton.jit
 def _sgd_block(
-    w, g, b, mom, idx, n, fresh, lr, momentum, dampening, weight_decay,
-    COPY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    MASKED: tl.constexpr, ACC: tl.constexpr,
+    w, g, b, mom, idx, n, fresh, lr, momentum, one_minus_dampening, weight_decay, has_momentum, nesterov, maximize,
+    COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
 ):
     m = idx < n if MASKED else None
     o = 0.0 if MASKED else None
     p = _restored(w, b, idx, n, COPY, MASKED, ACC)
     d = tl.load(g + idx, mask=m, other=o).to(ACC)
-    if MAXIMIZE:
+    if maximize:
         d = -d
-    d = d + weight_decay * p
-    if MOMENTUM:
-        buf = tl.load(mom + idx, mask=m, other=o).to(ACC)
-        buf = tl.where(fresh, d, buf * momentum + (1.0 - dampening) * d)  # torch.optim.SGD: first buffer = d
-        buf = _to(buf, mom.dtype.element_ty).to(ACC)
-        tl.store(mom + idx, _to(buf, mom.dtype.element_ty), mask=m)
-        if NESTEROV:
-            d = d + momentum * buf
+    if weight_decay != 0:
+        d = d + weight_decay * p
+    if has_momentum:
+        if fresh:  # torch.optim.SGD's first step: the buffer starts as d
+            buf = d
         else:
-            d = buf
+            buf = tl.load(mom + idx, mask=m, other=o).to(ACC) * momentum + one_minus_dampening * d
+        buf = _to(buf, mom.dtype.element_ty)
+        tl.store(mom + idx, buf, mask=m)
+        if nesterov:
+            d = d + momentum * buf.to(ACC)
+        else:
+            d = buf.to(ACC)
     tl.store(w + idx, _to(p - lr * d, w.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def restore_sgd_kernel(
-    tab, chunks, first_chunk, lr, momentum, dampening, weight_decay,
+    rows, chunks, hyper,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    COPY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    COPY: tl.constexpr,
 ):
     """Restore, then ``torch.optim.SGD``'s update with the second-pass gradient, in one pass over memory.
 
-    Rows: W parameter, G gradient, B restore buffer, S1 momentum buffer (flag bit 1: the buffer is new)."""
-    pid = tl.program_id(0) + first_chunk
-    row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    fresh = (tl.load(tab + row * _NCOL + _FLAGS) & _FRESH) != 0
-    w = _ptr(tab, row, _W, DTYPE, ALIGNED)
-    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
-    b = _ptr(tab, row, _B, DTYPE, ALIGNED)
-    mom = _ptr(tab, row, _S1, DTYPE, ALIGNED)
+    Rows: W parameter, G gradient, B restore buffer, S1 momentum buffer (flag FRESH: the buffer is new).
+    ``hyper`` row: lr, momentum, 1 - dampening, weight_decay, has_momentum, nesterov, maximize."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    fresh = (flags & _FRESH) != 0
+    lr = _hyper(hyper, flags, _SGD_LR)
+    momentum = _hyper(hyper, flags, _SGD_MOMENTUM)
+    one_minus_dampening = _hyper(hyper, flags, _SGD_OMD)
+    weight_decay = _hyper(hyper, flags, _SGD_WD)
+    has_momentum = _hyper(hyper, flags, _SGD_HAS_MOMENTUM) != 0
+    nesterov = _hyper(hyper, flags, _SGD_NESTEROV) != 0
+    maximize = _hyper(hyper, flags, _SGD_MAXIMIZE) != 0
+    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
+    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
+    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    mom = _ptr(rows, row, _S1, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     end = start + length
     for j in range(0, full):
-        _sgd_block(w, g, b, mom, start + j * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
-                   COPY, MOMENTUM, NESTEROV, MAXIMIZE, False, ACC)
+        _sgd_block(w, g, b, mom, start + j * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
+                   weight_decay, has_momentum, nesterov, maximize, COPY, False, ACC)
     if full * BLOCK < length:
-        _sgd_block(w, g, b, mom, start + full * BLOCK + lanes, end, fresh, lr, momentum, dampening, weight_decay,
-                   COPY, MOMENTUM, NESTEROV, MAXIMIZE, True, ACC)
+        _sgd_block(w, g, b, mom, start + full * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
+                   weight_decay, has_momentum, nesterov, maximize, COPY, True, ACC)
 
 
 @triton.jit
 def _adam_block(
-    w, g, b, m1, m2, vmax, idx, n, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
-    COPY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    MASKED: tl.constexpr, ACC: tl.constexpr,
+    w, g, b, m1, m2, vmax, idx, n, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+    bc2_sqrt, amsgrad, maximize,
+    COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
 ):
     m = idx < n if MASKED else None
     o = 0.0 if MASKED else None
     p = _restored(w, b, idx, n, COPY, MASKED, ACC)
     d = tl.load(g + idx, mask=m, other=o).to(ACC)
-    if MAXIMIZE:
+    if maximize:
         d = -d
-    if DECOUPLED:
-        p = p * (1.0 - lr * weight_decay)
-    else:
+    if decay_factor != 1:  # AdamW: p *= 1 - lr * weight_decay
+        p = p * decay_factor
+    if weight_decay != 0:  # Adam: L2 penalty in the gradient
         d = d + weight_decay * p
     mv = tl.load(m1 + idx, mask=m, other=o).to(ACC)
-    mv = mv + (1.0 - beta1) * (d - mv)
-    vv = tl.load(m2 + idx, mask=m, other=o).to(ACC)
-    vv = vv * beta2 + (1.0 - beta2) * d * d
+    if lerp_weight < 0.5:  # torch's lerp(m, d, 1 - beta1), both branches as torch computes them
+        mv = mv + lerp_weight * (d - mv)
+    else:
+        mv = d - (d - mv) * (1.0 - lerp_weight)
+    vv = tl.load(m2 + idx, mask=m, other=o).to(ACC) * beta2 + one_minus_beta2 * d * d
+    # stored rounded; the update uses the fp32 values, as torch's fused Adam does
     tl.store(m1 + idx, _to(mv, m1.dtype.element_ty), mask=m)
     tl.store(m2 + idx, _to(vv, m2.dtype.element_ty), mask=m)
-    if AMSGRAD:
+    if amsgrad:
         vv = tl.maximum(tl.load(vmax + idx, mask=m, other=o).to(ACC), vv)
         tl.store(vmax + idx, _to(vv, vmax.dtype.element_ty), mask=m)
-    denom = tl.sqrt(vv) / bc2_sqrt + eps
-    tl.store(w + idx, _to(p - step_size * (mv / denom), w.dtype.element_ty), mask=m)
+    denom = _div(_sqrt(vv, ACC), bc2_sqrt, ACC) + eps
+    tl.store(w + idx, _to(p - step_size * _div(mv, denom, ACC), w.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def restore_adam_kernel(
-    tab, chunks, first_chunk, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+    rows, chunks, hyper,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    COPY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    COPY: tl.constexpr,
 ):
-    """Restore, then ``torch.optim.Adam`` / ``AdamW``'s update (bias corrections computed on the host from the
-    group's step count). Rows: W, G, B, S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq (amsgrad)."""
-    pid = tl.program_id(0) + first_chunk
-    row, start, length = _chunk(tab, chunks, pid, CHUNK)
-    w = _ptr(tab, row, _W, DTYPE, ALIGNED)
-    g = _ptr(tab, row, _G, DTYPE, ALIGNED)
-    b = _ptr(tab, row, _B, DTYPE, ALIGNED)
-    m1 = _ptr(tab, row, _S1, DTYPE, ALIGNED)
-    m2 = _ptr(tab, row, _S2, DTYPE, ALIGNED)
-    vmax = _ptr(tab, row, _S3, DTYPE, ALIGNED)
+    """Restore, then ``torch.optim.Adam`` / ``AdamW``'s update. Rows: W, G, B, S1 exp_avg, S2 exp_avg_sq,
+    S3 max_exp_avg_sq (amsgrad). ``hyper`` row: 1 - beta1, beta2, 1 - beta2, eps, weight_decay (L2; 0 for AdamW),
+    1 - lr * weight_decay (AdamW; else 1), lr / (1 - beta1^step), sqrt(1 - beta2^step), amsgrad, maximize."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    lerp_weight = _hyper(hyper, flags, _ADAM_OMB1)
+    beta2 = _hyper(hyper, flags, _ADAM_BETA2)
+    one_minus_beta2 = _hyper(hyper, flags, _ADAM_OMB2)
+    eps = _hyper(hyper, flags, _ADAM_EPS)
+    weight_decay = _hyper(hyper, flags, _ADAM_WD)
+    decay_factor = _hyper(hyper, flags, _ADAM_DECAY)
+    step_size = _hyper(hyper, flags, _ADAM_STEP_SIZE)
+    bc2_sqrt = _hyper(hyper, flags, _ADAM_BC2)
+    amsgrad = _hyper(hyper, flags, _ADAM_AMSGRAD) != 0
+    maximize = _hyper(hyper, flags, _ADAM_MAXIMIZE) != 0
+    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
+    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
+    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    m1 = _ptr(rows, row, _S1, DTYPE, ALIGNED)
+    m2 = _ptr(rows, row, _S2, DTYPE, ALIGNED)
+    vmax = _ptr(rows, row, _S3, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     end = start + length
     for j in range(0, full):
-        _adam_block(w, g, b, m1, m2, vmax, start + j * BLOCK + lanes, end, lr, beta1, beta2, eps, weight_decay,
-                    step_size, bc2_sqrt, COPY, DECOUPLED, AMSGRAD, MAXIMIZE, False, ACC)
+        _adam_block(w, g, b, m1, m2, vmax, start + j * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2, eps,
+                    weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, COPY, False, ACC)
     if full * BLOCK < length:
-        _adam_block(w, g, b, m1, m2, vmax, start + full * BLOCK + lanes, end, lr, beta1, beta2, eps, weight_decay,
-                    step_size, bc2_sqrt, COPY, DECOUPLED, AMSGRAD, MAXIMIZE, True, ACC)
+        _adam_block(w, g, b, m1, m2, vmax, start + full * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
+                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, COPY, True, ACC)

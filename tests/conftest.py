@@ -41,13 +41,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def awkward_params(device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+def awkward_params(device: str, dtype: torch.dtype, start: torch.dtype | None = None) -> list[torch.nn.Parameter]:
     """Shapes that break naive multi-tensor code: size 1, 9x41, 4097, empty, chunk boundaries, channels_last,
-    non-contiguous, and many tiny tensors."""
+    non-contiguous, and many tiny tensors. ``start``: round the values to this dtype first (a high-precision run
+    that starts where a low-precision one does)."""
     gen = torch.Generator().manual_seed(1234)
 
     def make(shape: tuple[int, ...], layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
         data = torch.randn(shape, generator=gen) * 0.5
+        if start is not None:
+            data = data.to(start)
         return torch.nn.Parameter(layout(data.to(device, dtype)))
 
     params = [
@@ -85,11 +88,12 @@ def trajectory(
     backend: str, device: str, dtype: torch.dtype, *, steps: int = 8, reload_at: int | None = 4,
     base: type[torch.optim.Optimizer] = torch.optim.SGD, restore: str = "copy",
     base_kwargs: dict | None = None, unused: bool = True, base_optimizer_kwargs: dict | None = None,
+    start: torch.dtype | None = None,
 ) -> list[list[torch.Tensor]]:
     """Run ``steps`` ASAM steps on the awkward parameter soup; reload a ``state_dict`` into a new optimizer midway.
 
     Returns the parameters after each step (copies). One parameter gets no gradient at all (``grad is None``)."""
-    params = awkward_params(device, dtype)
+    params = awkward_params(device, dtype, start)
     extra = torch.nn.Parameter(torch.ones(5, device=device, dtype=dtype))  # never used: grad stays None
     trained = params
     groups = three_groups(params)
@@ -125,6 +129,12 @@ def assert_trajectories_close(got, want, atol: float, rtol: float) -> None:
             assert g.dtype == w.dtype and g.shape == w.shape
             where = f"step {step}, tensor {i}"
             torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, where=where: f"{where}: {m}")
+
+
+def max_error(got, truth) -> float:
+    """The largest absolute difference from ``truth`` (computed in a higher precision) over all steps and tensors."""
+    return max((g.double() - t.double()).abs().max().item()
+               for gs, ts in zip(got, truth, strict=True) for g, t in zip(gs, ts, strict=True) if g.numel())
 
 
 def assert_trajectories_equal(got, want) -> None:

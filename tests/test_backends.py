@@ -11,20 +11,28 @@ from conftest import (
     assert_trajectories_close,
     assert_trajectories_equal,
     awkward_params,
+    max_error,
     soup_loss,
     three_groups,
     trajectory,
 )
 
 import fastasam
-from fastasam import backends, reference
-from fastasam._plan import build_buckets
+from fastasam import backends
+from fastasam._engine import SharpnessEngine
 
 pytestmark = pytest.mark.skipif(not FAST_CASES, reason="no fast backend on this machine")  # reference is always
+FUSING = ("triton", "cuda")  # backends whose second step is the fused restore + update
 
 
-@pytest.mark.parametrize("backend,device", FAST_CASES, ids=FAST_IDS)
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES, ids=lambda v: str(v).replace("torch.", ""))
+# Fused backends round once per element where torch.optim rounds fp16/bf16 after every op; over several steps those
+# ulp-sized differences compound, so in half precision they are held to an accuracy bound instead (below).
+_SAME_ROUNDING = [(b, d, dt, at, rt) for b, d in FAST_CASES for dt, at, rt in DTYPE_TOLERANCES
+                  if dt == torch.float32 or b not in FUSING]
+
+
+@pytest.mark.parametrize("backend,device,dtype,atol,rtol", _SAME_ROUNDING,
+                         ids=[f"{b}-{d}-{str(dt)[6:]}" for b, d, dt, _, _ in _SAME_ROUNDING])
 @pytest.mark.parametrize("restore", ["copy", "subtract"])
 def test_sgd_trajectory_matches_reference(backend, device, dtype, atol, rtol, restore):
     got = trajectory(backend, device, dtype, restore=restore)
@@ -34,8 +42,8 @@ def test_sgd_trajectory_matches_reference(backend, device, dtype, atol, rtol, re
     assert not torch.equal(got[-1][1], awkward_params(device, dtype)[1])
 
 
-@pytest.mark.parametrize("backend,device", FAST_CASES, ids=FAST_IDS)
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend,device,dtype,atol,rtol", _SAME_ROUNDING,
+                         ids=[f"{b}-{d}-{str(dt)[6:]}" for b, d, dt, _, _ in _SAME_ROUNDING])
 def test_adamw_trajectory_matches_reference(backend, device, dtype, atol, rtol):
     kwargs = {"betas": (0.9, 0.99), "weight_decay": 0.01}
     adam_eps = {"eps": 1e-3}  # fp16 storage flushes Adam's default 1e-8 (and grad**2) to 0; clashes with ASAM's eps
@@ -45,6 +53,29 @@ def test_adamw_trajectory_matches_reference(backend, device, dtype, atol, rtol):
     )
     assert all(torch.isfinite(p).all() for p in want[-1])
     assert_trajectories_close(got, want, atol, rtol)
+
+
+_HALF = [(b, d, dt) for b, d in FAST_CASES if b in FUSING for dt in (torch.float16, torch.bfloat16)]
+_BASES = {
+    "sgd-copy": (torch.optim.SGD, {"momentum": 0.9, "weight_decay": 5e-4}, "copy", {}),
+    "sgd-subtract-nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}, "subtract", {}),
+    "adamw": (torch.optim.AdamW, {"betas": (0.9, 0.99), "weight_decay": 0.01}, "copy", {"eps": 1e-3}),
+}
+
+
+@pytest.mark.parametrize("base", list(_BASES))
+@pytest.mark.parametrize("backend,device,dtype", _HALF, ids=[f"{b}-{d}-{str(dt)[6:]}" for b, d, dt in _HALF])
+def test_half_precision_error_is_at_most_twice_torchs(backend, device, dtype, base):
+    """flash-attention's accuracy rule: against the same steps in float64 from the same starting values, the fused
+    backend's error in fp16/bf16 is at most twice that of torch.optim's own update in that precision (and the
+    trajectory moved)."""
+    cls, kwargs, restore, base_optimizer_kwargs = _BASES[base]
+    run = dict(base=cls, base_kwargs=kwargs, restore=restore, base_optimizer_kwargs=base_optimizer_kwargs, start=dtype)
+    truth = trajectory("reference", device, torch.float64, **run)
+    torch_err = max_error(trajectory("reference", device, dtype, **run), truth)
+    ours = trajectory(backend, device, dtype, **run)
+    assert 0 < max_error(ours, truth) <= 2 * torch_err
+    assert not torch.equal(ours[-1][1], awkward_params(device, dtype)[1])
 
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu"), *FAST_CASES], ids=["reference-cpu", *FAST_IDS])
@@ -66,33 +97,30 @@ def test_state_dict_reload_is_bit_exact(backend, device):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES, ids=lambda v: str(v).replace("torch.", ""))
 @torch.no_grad()
 def test_phases_match_reference(backend, device, dtype, atol, rtol):
-    """Norm, perturbation and restore, phase by phase, on the awkward soup."""
-    impl = backends.resolve(backend, torch.device(device))
+    """Norm, perturbation and restore, phase by phase, on the awkward soup (three groups, one with rho = 0)."""
     params = awkward_params(device, dtype)
     with torch.enable_grad():
         soup_loss(params).backward()
     groups = [{**g, "eta": g.get("eta", 0.01), "adaptive": g.get("adaptive", True)} for g in three_groups(params)]
-    (fast,) = build_buckets(groups)
-    (ref,) = build_buckets(groups)
-    sq_fast, sq_ref = impl.grad_sqnorm(fast), reference.grad_sqnorm(ref)
-    torch.testing.assert_close(sq_fast, sq_ref, atol=0, rtol=1e-5)
     originals = [p.detach().clone() for p in params]
-    perturbed = {}
-    for name, impl_, b in (("fast", impl, fast), ("ref", reference, ref)):
+    sqnorm, perturbed = {}, {}
+    for name in (backend, "reference"):
         for p, w in zip(params, originals):
-            p.data.copy_(w)
-        b.finite = torch.isfinite(sq_ref.sqrt())
-        b.scales = [torch.tensor(r / (sq_ref.sqrt().item() + 1e-12), device=device) for r in b.rho]
-        b.buffers = [torch.empty_like(p) for p in b.params]
-        impl_.perturb_(b, "copy")
+            p.copy_(w)
+        engine = SharpnessEngine(backend=name, eps=1e-12, restore="copy")
+        engine.first_step(groups)
+        sqnorm[name] = engine.grad_norm.double() ** 2
         perturbed[name] = [p.detach().clone() for p in params]
-        impl_.restore_(b, "copy")
+        engine.restore()
         for p, w in zip(params, originals):
             assert torch.equal(p, w), "copy restore must be bit-exact"
-    for got, want in zip(perturbed["fast"], perturbed["ref"]):
+    torch.testing.assert_close(sqnorm[backend], sqnorm["reference"], atol=0, rtol=1e-5)
+    for got, want in zip(perturbed[backend], perturbed["reference"]):
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
-    moved = sum(int(not torch.equal(p, w)) for p, w in zip(perturbed["fast"], originals))
+    moved = sum(int(not torch.equal(p, w)) for p, w in zip(perturbed[backend], originals))
     assert moved > len(params) // 2
+    n = len(params)  # three_groups: the last three tensors have rho = 0: counted in the norm, never written
+    assert all(torch.equal(p, w) for p, w in zip(perturbed[backend][n - 3:], originals[n - 3:]))
 
 
 def test_auto_never_raises_and_picks_a_working_backend():

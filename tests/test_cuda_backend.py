@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastasam
-from fastasam.backends import _multi_tensor, cuda_backend
+from fastasam.backends import _layout, cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = cuda_backend.EXTENSION_ERROR is None
@@ -27,12 +27,16 @@ def _setup_module():
 
 
 def test_the_cuda_header_and_the_host_agree_on_the_table_layout():
+    """Every table constant of ``_layout`` is #defined in the header with the same value, and the header defines
+    nothing else but the dtype codes."""
     header = (ROOT / "csrc" / "multi_tensor.h").read_text()
     defines = {k: int(v) for k, v in re.findall(r"#define FA_(\w+) (\d+)", header)}
-    for name in ("COL_W", "COL_G", "COL_B", "COL_S1", "COL_S2", "COL_S3", "COL_NUMEL", "COL_FLAGS", "NCOL",
-                 "FLAG_ADAPTIVE", "FLAG_FRESH_STATE", "SCALE_SHIFT"):
-        assert defines[name] == getattr(_multi_tensor, name), name
+    host = {k: v for k, v in vars(_layout).items() if k.isupper() and isinstance(v, int)}
+    assert len(host) >= 30
+    for name, value in host.items():
+        assert defines.get(name) == value, name
     codes = {"FLOAT32": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}
+    assert set(defines) == set(host) | set(codes)
     for name, dtype in codes.items():
         assert defines[name] == cuda_backend._DTYPE_CODE[dtype]
 

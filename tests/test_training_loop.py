@@ -255,8 +255,6 @@ _FROM_HOST = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
 def _describe(x):
     if isinstance(x, torch.Tensor):
         return ("tensor", tuple(x.shape), x.dtype, x.device.type)
-    if isinstance(x, _multi_tensor.Plan):
-        return ("plan", id(x))
     if isinstance(x, dict):  # a param group: its hyperparameters, not its tensors
         return tuple(sorted((k, v) for k, v in x.items() if k != "params"))
     if isinstance(x, (bool, int, float, str, torch.dtype, torch.device, type(None))):
@@ -288,23 +286,28 @@ class _StepTrace(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _RecordedKernels:
-    """Stands in for a multi-tensor backend's launcher: records each launch in ``trace``, then launches."""
+class _RecordedLauncher:
+    """Stands in for a multi-tensor backend's launcher: each launch it binds records itself in the current trace, with
+    its tensors' addresses (a captured graph replays those), then launches."""
 
-    def __init__(self, kernels, trace_of):
-        self._kernels, self._trace_of = kernels, trace_of
+    def __init__(self, launcher, trace_of):
+        self._launcher, self._trace_of = launcher, trace_of
 
-    def __getattr__(self, phase):
-        launch = getattr(self._kernels, phase)
+    def __getattr__(self, name):
+        return getattr(self._launcher, name)
 
-        def recorded(*args):
+    def bind(self, kernel, count, tensors, dtype, aligned, copy):
+        launch = self._launcher.bind(kernel, count, tensors, dtype, aligned, copy)
+        described = (kernel, count, tuple((_describe(t), t.data_ptr()) for t in tensors), dtype, aligned, copy)
+
+        def recorded():
             trace = self._trace_of()
             if trace is None:
-                return launch(*args)
-            trace.ops.append(("launch", phase, tuple(_describe(a) for a in args[1:])))
+                return launch()
+            trace.ops.append(("launch", *described))
             trace.paused = True
             try:
-                return launch(*args)
+                return launch()
             finally:
                 trace.paused = False
 
@@ -333,15 +336,18 @@ def test_a_warm_step_obeys_the_rules_of_cuda_graph_capture(backend, device, base
     module = backends.resolve(backend, torch.device(device))
     host = getattr(module, "_BACKEND", None)
     builds = [0]
-    if host is not None:  # a multi-tensor backend: record its launches and count table builds
-        monkeypatch.setattr(host, "kernels", _RecordedKernels(host.kernels, lambda: current[0]))
-        build = host._build
+    if host is not None:  # a multi-tensor backend: record its launches and count table builds and uploads
+        monkeypatch.setattr(host, "launcher", _RecordedLauncher(host.launcher, lambda: current[0]))
+        runners = (_multi_tensor.PerturbRunner, _multi_tensor.UpdateRunner)
+        for owner, name in ((runners[0], "__init__"), (runners[0], "refresh_addresses"), (runners[1], "__init__"),
+                            (_multi_tensor, "_upload")):
+            real = getattr(owner, name)
 
-        def counted_build(*args):
-            builds[0] += 1
-            return build(*args)
+            def counted(*args, real=real, **kwargs):
+                builds[0] += 1
+                return real(*args, **kwargs)
 
-        monkeypatch.setattr(host, "_build", counted_build)
+            monkeypatch.setattr(owner, name, counted)
 
     def step() -> _StepTrace:
         nn.functional.mse_loss(model(x), y).backward()
@@ -365,7 +371,7 @@ def test_a_warm_step_obeys_the_rules_of_cuda_graph_capture(backend, device, base
     assert not _HOST_READS & set(names), "a warm step reads a device value on the host"
     assert not _FROM_HOST & set(names), "a warm step makes a tensor from host data"
     assert "device-change" not in names, "a warm step copies between host and device"
-    assert builds[0] == built, "a warm step rebuilt the kernels' tables (their addresses would change)"
+    assert builds[0] == built, "a warm step rebuilt or uploaded the kernels' tables"
     if host is not None:
         assert any(op[0] == "launch" for op in ops)
     assert traces[1].ops == ops, "two warm steps differ in their operations or host arguments"

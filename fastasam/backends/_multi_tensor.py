@@ -1,328 +1,416 @@
-"""The host side of the multi-tensor backends (``triton``, ``cuda``): describing a bucket to the kernels, caching that
-description, splitting off what the kernels cannot take, and the fused restore + base-optimizer update.
+"""The host side of the multi-tensor backends (``triton``, ``cuda``): the device tables that describe a bucket to the
+kernels (layout in ``_layout``), built when the step plan is built and reused every step, and the launches over them.
 
-Both backends' kernels read the same two device tables:
+A backend supplies a :class:`Launcher` (which storage dtypes its kernels take, its chunk size, and how to bind one
+launch); :class:`MultiTensorBackend` turns a :class:`~fastasam._plan.Bucket` into
 
-* the tensor table, ``int64[N, NCOL]``, one row per tensor: the addresses of the parameter, its gradient, the restore
-  buffer and up to three optimizer-state tensors, the element count and a flags word (bit 0: adaptive; bit 1: the
-  optimizer state is new this step; bits 8..: index of the tensor's scale);
-* the chunk table, ``int32[C, 2]``: (tensor row, chunk number). Program/block ``pid`` handles elements
-  ``[chunk * CHUNK, min((chunk + 1) * CHUNK, numel))`` of its tensor, so a 2-element bias and a 2M-element
-  convolution weight are scheduled alike and one launch covers the whole model.
+* a :class:`PerturbRunner` (first step and plain restore): one launch each for the squared norm, the perturbation and
+  the restore. Tensors the kernels cannot treat as one flat run of memory like their parameter, or whose dtype the
+  kernels lack, go to ``foreach`` inside the same step;
+* an :class:`UpdateRunner` (second step): one launch that restores and applies ``torch.optim.SGD`` / ``Adam`` /
+  ``AdamW``'s update to every tensor that qualifies, and one restore launch for the perturbed tensors that do not
+  (the engine then has the base optimizer step just those).
 
-Tables are built on the host once and cached under the addresses they hold: while parameters, gradients, buffers and
-optimizer state stay where they are (the caching allocator usually hands ``zero_grad(set_to_none=True)``'s new
-gradients the same addresses), a step launches kernels and builds nothing; when an address changes the table is
-rebuilt. Tensors the kernels cannot treat as one flat run of memory (a non-contiguous leaf, or a gradient whose
-strides differ from its parameter's) and storage dtypes a backend's kernels lack go to ``foreach`` inside the same
-step, so every bucket is served.
-
-A backend supplies a :class:`Kernels` object (how to launch each phase) and gets a :class:`MultiTensorBackend` whose
-methods are the backend interface. ``torch.compile`` does not trace them (they read addresses, which it cannot, and
-the kernels are already one launch per phase): a compiled training step runs them as they are, between its graphs.
+Launches are bound once with their arguments (device tensors the plan owns, whose addresses never change while the
+plan lives), so a warm step calls them with nothing to compute. Tables are updated in place (``copy_``): only what
+changed is uploaded (the gradient addresses when a gradient moved, ``opts`` when rho or eta changed, ``hyper`` when a
+hyper-parameter changed). ``torch.compile`` does not trace this module (it reads addresses); a compiled training
+step runs it between its graphs.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
-from .._plan import Bucket, accumulate_dtype, subset
+from .._plan import Bucket, accumulate_dtype
+from . import _layout as L
 from . import foreach
-
-# the tables' layout; the Triton kernels import these, csrc/multi_tensor.h repeats them (a test compares)
-COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_NUMEL, COL_FLAGS = range(8)
-NCOL = 8
-FLAG_ADAPTIVE = 1
-FLAG_FRESH_STATE = 2
-SCALE_SHIFT = 8
-_CACHE_SIZE = 32
+from ._updates import AdamUpdate, SGDUpdate, flat_like
 
 
-@dataclass
-class Plan:
-    """One bucket as the kernels see it (the tables on the bucket's device). ``rest`` marks the bucket's tensors
-    left to foreach (None: none are)."""
+class Launcher(Protocol):
+    """What a backend provides: the storage dtypes its kernels take (``fused_dtypes``: of the fused updates), the
+    chunk size (elements per program / block), and ``bind``, which returns a function that launches ``kernel`` over
+    ``count`` chunks with the runtime tensor arguments ``tensors`` (the kernel's arguments before its sizes and
+    compile-time options)."""
 
-    tab: torch.Tensor
-    etas: torch.Tensor
-    chunks: torch.Tensor
-    n_chunks: int
-    aligned: bool
-    rest: list[bool] | None
-    group_chunks: list[tuple[int, int, int]]  # (group index, first chunk, end chunk), in table order; never empty
-    partials: torch.Tensor | None = None
-    counter: torch.Tensor | None = None
+    dtypes: frozenset[torch.dtype]
+    fused_dtypes: frozenset[torch.dtype]
+    chunk: int
+
+    def bind(self, kernel: str, count: int, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, aligned: bool,
+             copy: bool) -> Callable[[], None]: ...
 
 
-def _flat(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """True when ``t`` covers its memory densely, laid out exactly like ``like`` (element i of one is element i of
-    the other)."""
-    if t.is_contiguous() and like.is_contiguous():
-        return True
-    return t.shape == like.shape and t.stride() == like.stride() and _dense(t)
+def _aligned(rows: torch.Tensor, columns: Sequence[int]) -> bool:
+    """Every address in these columns of the table is 16-byte aligned (the kernel reading them may use vector
+    loads)."""
+    return bool(((rows[:, list(columns)] % 16) == 0).all()) if rows.numel() else True
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """The elements of ``t`` fill ``numel`` consecutive memory slots, each once (any dimension order)."""
-    expected = 1
-    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda x: x[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+def _chunk_list(numels: Sequence[int], rows: Sequence[int], chunk: int) -> list[tuple[int, int]]:
+    return [(r, k) for r in rows for k in range(math.ceil(numels[r] / chunk))]
 
 
-class Kernels(Protocol):
-    """How a backend launches each phase on a :class:`Plan` (``plan.n_chunks > 0``). ``copy``: restore mode."""
-
-    def sqnorm(self, bucket: Bucket, plan: Plan, out: torch.Tensor) -> None: ...
-
-    def perturb(self, bucket: Bucket, plan: Plan, scales: torch.Tensor, copy: bool) -> None: ...
-
-    def restore(self, bucket: Bucket, plan: Plan, copy: bool) -> None: ...
-
-    def sgd(self, bucket: Bucket, plan: Plan, first: int, count: int, group: dict, copy: bool) -> None: ...
-
-    def adam(self, bucket: Bucket, plan: Plan, first: int, count: int, group: dict, step: float, decoupled: bool,
-             copy: bool) -> None: ...
+def _rows_table(columns: Sequence[Sequence[torch.Tensor | None]], numels: Sequence[int],
+                flags: Sequence[int]) -> torch.Tensor:
+    """The host ``rows`` table: ``columns[c][r]`` is the tensor of column ``c`` in row ``r`` (None = 0)."""
+    tab = torch.zeros((len(numels), L.NCOL), dtype=torch.int64)
+    for c, col in enumerate(columns):
+        for r, t in enumerate(col):
+            if t is not None:
+                tab[r, c] = t.data_ptr()
+    if len(numels):
+        tab[:, L.COL_NUMEL] = torch.tensor(numels, dtype=torch.int64)
+        tab[:, L.COL_FLAGS] = torch.tensor(flags, dtype=torch.int64)
+    return tab
 
 
 class MultiTensorBackend:
-    """The backend interface (``grad_sqnorm``, ``perturb_``, ``restore_``, ``prepare_fused_step``) over ``kernels``,
-    for storage ``dtypes``, with chunks of ``chunk`` elements."""
+    """The backend interface over a :class:`Launcher`: ``prepare(bucket, restore, eps)`` gives the bucket's
+    :class:`PerturbRunner`."""
 
-    def __init__(self, name: str, kernels: Kernels, dtypes: Sequence[torch.dtype], chunk: int) -> None:
-        self.name, self.kernels, self.dtypes, self.chunk = name, kernels, frozenset(dtypes), chunk
-        self._cache: OrderedDict[tuple, Plan] = OrderedDict()
+    traceable = False
 
-    # --- tables --------------------------------------------------------------------------------------------------
+    def __init__(self, name: str, launcher: Launcher) -> None:
+        self.name, self.launcher = name, launcher
 
-    def plan(self, kind: str, bucket: Bucket, columns: Sequence[Sequence[torch.Tensor | None]],
-             flags: Sequence[int]) -> Plan:
-        """The cached plan for these tensors: ``columns[c][i]`` is the tensor for table column ``c`` of bucket row
-        ``i`` (column 0 the parameter; ``None`` = unused)."""
-        key_rows = []
-        for i, p in enumerate(columns[0]):
-            key_rows.append((*(t.data_ptr() if t is not None else 0 for t in (c[i] for c in columns)), p.numel(),
-                             flags[i], bucket.eta[i] if bucket.adaptive[i] else 0.0, bucket.group[i]))
-        key = (kind, bucket.device, bucket.dtype, tuple(key_rows))
-        plan = self._cache.get(key)
-        if plan is not None:
-            self._cache.move_to_end(key)
-            return plan
-        plan = self._cache[key] = self._build(bucket, columns, flags)
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return plan
+    def prepare(self, bucket: Bucket, restore: str, eps: float) -> PerturbRunner:
+        return PerturbRunner(self, bucket, restore, eps)
 
-    def _build(self, bucket: Bucket, columns: Sequence[Sequence[torch.Tensor | None]], flags: Sequence[int]) -> Plan:
-        params = columns[0]
-        rows, rest = [], [False] * len(params)
-        for i, p in enumerate(params):
-            if p.dtype not in self.dtypes or not all(c[i] is None or _flat(c[i], p) for c in columns):
-                rest[i] = True
-            elif p.numel() > 0:
-                rows.append(i)
-        tab = torch.zeros((len(rows), NCOL), dtype=torch.int64)
-        chunks: list[tuple[int, int]] = []
-        group_chunks: list[tuple[int, int, int]] = []
-        aligned = True
-        for r, i in enumerate(rows):
-            for c, col in enumerate(columns):
-                t = col[i]
-                if t is not None:
-                    tab[r, c] = t.data_ptr()
-                    aligned &= t.data_ptr() % 16 == 0
-            n = params[i].numel()
-            tab[r, COL_NUMEL] = n
-            tab[r, COL_FLAGS] = flags[i]
-            first = len(chunks)
-            chunks.extend((r, k) for k in range(math.ceil(n / self.chunk)))
-            g = bucket.group[i]
-            if group_chunks and group_chunks[-1][0] == g:
-                group_chunks[-1] = (g, group_chunks[-1][1], len(chunks))
+
+class PerturbRunner:
+    """The first step of one bucket on the kernels: norm, perturbation, and the restore when not fused.
+
+    ``kernel_index``: the bucket's tensors the kernels serve (their addresses are in ``rows``; the engine's watch
+    checks them each step); ``reasons[i]``: why tensor ``i`` went to ``foreach`` instead (None for kernel tensors).
+    ``grad_target``: the bucket whose ``grads`` the engine sets each step (the foreach part; for DTensor shards the
+    whole bucket, with local gradients, which this runner then checks itself)."""
+
+    needs_scales: bool
+
+    def __init__(self, backend: MultiTensorBackend, bucket: Bucket, restore: str, eps: float) -> None:
+        launcher = backend.launcher
+        self.name, self.launcher, self.bucket, self.restore_mode = backend.name, launcher, bucket, restore
+        self.copy = restore == "copy"
+        self.reasons: list[str | None] = []
+        for p, g in zip(bucket.params, bucket.grads, strict=True):
+            if p.dtype not in launcher.dtypes:
+                reason = f"no {backend.name} kernel for {str(p.dtype).replace('torch.', '')}"
+            elif not flat_like(p, p):
+                reason = "the parameter is not dense in memory"
+            elif not flat_like(g, p):
+                reason = "its gradient is laid out unlike the parameter"
             else:
-                group_chunks.append((g, first, len(chunks)))
-        etas = torch.tensor([bucket.eta[i] for i in rows], dtype=accumulate_dtype(bucket.dtype))
-        chunk_tab = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2)
-        dev = bucket.device
-        return Plan(
-            tab=tab.to(dev), etas=etas.to(dev), chunks=chunk_tab.to(dev), n_chunks=len(chunks), aligned=aligned,
-            rest=rest if any(rest) else None, group_chunks=group_chunks,
-        )
-
-    # --- the backend interface -----------------------------------------------------------------------------------
-
-    @torch.compiler.disable
-    def grad_sqnorm(self, bucket: Bucket) -> torch.Tensor:
-        plan = self.plan("norm", bucket, (bucket.params, bucket.grads), _adaptive_flags(bucket))
+                reason = None
+            self.reasons.append(reason)
+        self.kernel_index = [i for i, r in enumerate(self.reasons) if r is None]
+        self.self_check = bucket.dtensor_shards
+        rest = [r is not None for r in self.reasons]
+        self.rest = bucket.subset(rest) if any(rest) else None
+        self.rest_head = self.rest.head(self.rest.n_perturbed) if self.rest is not None else None
+        self.needs_scales = bool(self.rest_head and self.rest_head.params)
+        self.grad_target = bucket if self.self_check else self.rest
         acc = accumulate_dtype(bucket.dtype)
-        if plan.n_chunks == 0:
-            total = torch.zeros((), dtype=acc, device=bucket.device)
-        else:
-            if plan.counter is None:
-                plan.partials = torch.empty(plan.n_chunks, dtype=acc, device=bucket.device)
-                plan.counter = torch.zeros(1, dtype=torch.int32, device=bucket.device)
-            total = torch.empty((), dtype=acc, device=bucket.device)
-            self.kernels.sqnorm(bucket, plan, total)
-        if plan.rest:
-            total = total + foreach.grad_sqnorm(subset(bucket, plan.rest))
-        return total
+        dev = bucket.device
+        # the rows with elements, perturbed ones first (the bucket's order)
+        self.rows = [i for i in self.kernel_index if bucket.params[i].numel() > 0]
+        self.n_perturbed_rows = sum(i < bucket.n_perturbed for i in self.rows)
+        numels = [bucket.params[i].numel() for i in self.rows]
+        groups = sorted({bucket.group[i] for i in self.rows})
+        self.slot = {g: s for s, g in enumerate(groups)}
+        chunks = _chunk_list(numels, range(len(self.rows)), launcher.chunk)
+        self.n_chunks = len(chunks)
+        self.n_perturb_chunks = len(_chunk_list(numels, range(self.n_perturbed_rows), launcher.chunk))
+        self.numels = numels
+        self.rows_d = self._rows_host().to(dev)
+        self.chunks_d = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
+        self.opts_d = torch.zeros((max(1, len(groups)), L.NOPT), dtype=acc, device=dev)
+        self.eps = eps
+        self.set_options()
+        self.partials = torch.empty(max(1, self.n_chunks), dtype=acc, device=dev)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.share = torch.zeros((), dtype=acc, device=dev)
+        self.sq_in = torch.zeros((), dtype=acc, device=dev)
+        self._launches: tuple | None = None
 
-    @torch.compiler.disable
-    def perturb_(self, bucket: Bucket, restore: str) -> None:
-        scales, index = _scales(bucket)
-        flags = [a | (k << SCALE_SHIFT) for a, k in zip(_adaptive_flags(bucket), index, strict=True)]
-        plan = self.plan("perturb", bucket, (bucket.params, bucket.grads, bucket.buffers), flags)
-        bucket.plan = plan
-        if plan.n_chunks:
-            self.kernels.perturb(bucket, plan, scales.to(accumulate_dtype(bucket.dtype)), restore == "copy")
-        if plan.rest:
-            foreach.perturb_(subset(bucket, plan.rest), restore)
+    # --- built once ----------------------------------------------------------------------------------------------
 
-    @torch.compiler.disable
-    def restore_(self, bucket: Bucket, restore: str) -> None:
-        plan: Plan = bucket.plan  # type: ignore[assignment]
-        if plan.n_chunks:
-            self.kernels.restore(bucket, plan, restore == "copy")
-        if plan.rest:
-            foreach.restore_(subset(bucket, plan.rest), restore)
+    def _rows_host(self) -> torch.Tensor:
+        b = self.bucket
+        ws = [b.params[i] for i in self.rows]
+        gs = [b.grads[i] for i in self.rows]
+        bs = [b.buffers[i] if i < b.n_perturbed else None for i in self.rows]
+        flags = [self.slot[b.group[i]] << L.OPT_SHIFT for i in self.rows]
+        tab = _rows_table((ws, gs, bs), [t.numel() for t in ws], flags)
+        # each kernel may use vector loads where the columns it reads are aligned
+        self.aligned = {"sqnorm": _aligned(tab, (L.COL_W, L.COL_G)),
+                        "perturb": _aligned(tab, (L.COL_W, L.COL_G, L.COL_B)),
+                        "restore": _aligned(tab, (L.COL_W, L.COL_B))}
+        self.grad_ptrs = tab[:, L.COL_G].tolist()
+        self.param_layout = [(t.data_ptr(), t.stride()) for t in ws]
+        return tab
 
-    @torch.compiler.disable
-    def prepare_fused_step(self, bucket: Bucket, groups: list[int], base: torch.optim.Optimizer,
-                           restore: str) -> Callable[[], None] | None:
-        """A function that restores the bucket and applies ``base``'s update to it in one pass, or None when this
-        bucket or optimizer needs the unfused path. ``groups[i]`` is the index of the ``base.param_groups`` entry
-        holding tensor ``i``. Nothing is changed until the returned function runs."""
-        kind = _fused_kind(base)
-        if kind is None or bucket.dtype not in self.dtypes or bucket.dtype == torch.float64:
-            return None
-        if kind == "adam" and bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None  # the bias corrections are host numbers a graph would freeze; torch's capturable Adam does it
-        bucket = replace(bucket, group=groups)
-        grads = []
-        for p, buf in zip(bucket.params, bucket.buffers, strict=True):
-            g = p.grad
-            if g is None or g.layout != torch.strided or not _state_ok(g, p) or not _flat(buf, p):
-                return None
-            grads.append(g)
-        state = base.state
-        names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        for p in bucket.params:
-            st = state.get(p, {})
-            if not all(_state_ok(st.get(n), p) for n in names):
-                return None
-        if kind == "adam":  # the bias corrections are computed once per group: one step count per group
-            for rows in _rows_by_group(bucket).values():
-                steps = [state.get(bucket.params[i], {}).get("step") for i in rows]
-                if all(s is None for s in steps):
-                    continue
-                if any(not isinstance(s, torch.Tensor) or s.device.type != "cpu" or s.numel() != 1 for s in steps):
-                    return None
-                if len(steps) > 1 and not bool(torch.stack(steps).eq(steps[0]).all()):
-                    return None
-        step = self._sgd_step if kind == "sgd" else self._adam_step
-        return lambda: step(bucket, base, grads, restore == "copy")
+    def set_options(self) -> None:
+        """Upload ``opts`` (eta, rho, adaptive, eps per group) from the bucket's current options (and have the
+        foreach part re-read them)."""
+        b = self.bucket
+        if self.rest is not None:  # in place: the engine hands this bucket its gradients each step
+            keep = [r is not None for r in self.reasons]
+            for name in ("adaptive", "eta", "rho"):
+                setattr(self.rest, name, [x for x, k in zip(getattr(b, name), keep, strict=True) if k])
+            self.rest.layout = None
+            self.rest_head = self.rest.head(self.rest.n_perturbed)
+        host = [[0.0] * L.NOPT for _ in range(self.opts_d.shape[0])]
+        for i in self.rows:
+            row = host[self.slot[b.group[i]]]
+            row[L.OPT_ETA], row[L.OPT_RHO], row[L.OPT_ADAPTIVE], row[L.OPT_EPS] = (
+                b.eta[i], b.rho[i], float(b.adaptive[i]), self.eps)
+        _upload(self.opts_d, torch.tensor(host, dtype=self.opts_d.dtype), "rho, eta or adaptive option")
 
-    @torch.compiler.disable
-    def _sgd_step(self, bucket: Bucket, base: torch.optim.Optimizer, grads: list[torch.Tensor], copy: bool) -> None:
-        n = len(bucket.params)
-        moms: list[torch.Tensor | None] = [None] * n
-        flags = [0] * n
-        for gi, rows in _rows_by_group(bucket).items():
-            if base.param_groups[gi]["momentum"] == 0:
+    def refresh_addresses(self) -> None:
+        """The gradients moved (same shapes, dtypes and layouts): rewrite ``rows`` in place."""
+        tab = self._rows_host()
+        _upload(self.rows_d, tab, "gradient addresses")
+        self._launches = None  # the alignment may have changed
+
+    def bind(self, share_is_total: bool) -> None:
+        """Bind the launches. ``share_is_total``: this bucket's share of the squared norm is the whole norm, so the
+        perturbation reads it where the norm kernel wrote it."""
+        if share_is_total:
+            self.sq_in = self.share
+        bind, dtype, aligned = self.launcher.bind, self.bucket.dtype, self.aligned
+        norm = None
+        if self.n_chunks:
+            norm = bind("sqnorm", self.n_chunks, (self.rows_d, self.chunks_d, self.opts_d, self.partials, self.counter,
+                                                  self.share), dtype, aligned["sqnorm"], self.copy)
+        perturb = restore = None
+        if self.n_perturb_chunks:
+            perturb = bind("perturb", self.n_perturb_chunks, (self.rows_d, self.chunks_d, self.opts_d, self.sq_in),
+                           dtype, aligned["perturb"], self.copy)
+            restore = bind("restore", self.n_perturb_chunks, (self.rows_d, self.chunks_d), dtype, aligned["restore"],
+                           self.copy)
+        self._launches = (norm, perturb, restore, share_is_total)
+
+    # --- run every step ------------------------------------------------------------------------------------------
+
+    def _check_local_grads(self) -> None:
+        """DTensor shards: the engine cannot watch local gradients; compare them here and rewrite ``rows`` if one
+        moved or changed layout."""
+        b = self.bucket
+        if [b.grads[i].data_ptr() for i in self.rows] != self.grad_ptrs or not all(
+                flat_like(b.grads[i], b.params[i]) for i in self.kernel_index):
+            if not all(flat_like(b.grads[i], b.params[i]) for i in self.kernel_index):
+                raise RuntimeError("fastasam: a DTensor gradient changed its layout; rebuild the optimizer")
+            self.refresh_addresses()
+        if self.rest is not None:
+            self.rest.grads = [g for g, r in zip(b.grads, self.reasons) if r is not None]
+
+    def sqnorm(self) -> torch.Tensor:
+        if self.self_check:
+            self._check_local_grads()
+        if self._launches is None:
+            self.bind(self.sq_in is self.share)
+        norm = self._launches[0]
+        if norm is not None:
+            norm()
+        if self.rest is not None:
+            return self.share + foreach.grad_sqnorm(self.rest)
+        return self.share
+
+    def perturb(self, total: torch.Tensor, scales: list[torch.Tensor] | None, finite: torch.Tensor | None) -> None:
+        _, perturb, _, is_total = self._launches
+        if perturb is not None:
+            if not is_total:
+                self.sq_in.copy_(total)
+            perturb()
+        head = self.rest_head
+        if head is not None and head.params:
+            head.grads = self.rest.grads[: head.n_perturbed]
+            head.scales = list(map(scales.__getitem__, head.group))
+            head.finite = finite
+            foreach.perturb_(head, self.restore_mode)
+            head.grads, head.scales = [], []
+
+    def restore(self) -> None:
+        restore = self._launches[2]
+        if restore is not None:
+            restore()
+        self.restore_rest()
+
+    def restore_rest(self) -> None:
+        if self.rest_head is not None and self.rest_head.params:
+            foreach.restore_(self.rest_head, self.restore_mode)
+
+    def release(self) -> None:
+        """Drop references to this step's gradients."""
+        if self.rest is not None:
+            self.rest.grads = []
+
+
+class UpdateRunner:
+    """The second step of one bucket: restore + the base optimizer's update fused for the tensors that qualify
+    (``fused``: bucket indices), a plain restore for the other perturbed kernel tensors. ``outcome[i]`` says what
+    happens to bucket tensor ``i``: ``"fused"``, or the reason it is left to the base optimizer / only restored."""
+
+    def __init__(self, phase1: PerturbRunner, base: torch.optim.Optimizer, update: SGDUpdate | AdamUpdate,
+                 owner: dict[int, int], restore_only: dict[int, str], base_step: dict[int, str]) -> None:
+        b = phase1.bucket
+        self.phase1, self.base, self.update = phase1, base, update
+        fused_dtype = b.dtype in phase1.launcher.fused_dtypes
+        self.fused: list[int] = []
+        columns: list[list] = []
+        fresh: list[bool] = []
+        by_group: dict[int, list[int]] = {}
+        for i in phase1.kernel_index:
+            if i >= b.n_perturbed or i in restore_only or i in base_step:
                 continue
-            for i in rows:
-                st = base.state[bucket.params[i]]
-                if st.get("momentum_buffer") is None:  # torch.optim.SGD's first step: the buffer starts as d_p
-                    st["momentum_buffer"] = torch.empty_like(bucket.params[i])
-                    flags[i] = FLAG_FRESH_STATE
-                moms[i] = st["momentum_buffer"]
-        plan = self.plan("sgd", bucket, (bucket.params, grads, bucket.buffers, moms), flags)
-        for gi, first, end in plan.group_chunks:
-            if end > first:
-                self.kernels.sgd(bucket, plan, first, end - first, base.param_groups[gi], copy)
+            key = b.keys[i]
+            gi = owner[id(key)]
+            group = base.param_groups[gi]
+            reason = update.group_reason(group)
+            if reason is None and not fused_dtype:
+                reason = f"no fused {phase1.name} update for {str(b.dtype).replace('torch.', '')}"
+            if reason is None and not flat_like(key.grad, b.params[i]):
+                reason = "its second-pass gradient is laid out unlike the parameter"
+            if reason is None:
+                cols = update.state_columns(b.params[i], base.state[key], group)
+                if isinstance(cols, str):
+                    reason = cols
+                else:
+                    self.fused.append(i)
+                    columns.append(cols[0])
+                    fresh.append(cols[1])
+                    by_group.setdefault(gi, []).append(len(self.fused) - 1)
+            if reason is not None:
+                base_step[i] = reason
+        self._steps: dict[int, torch.Tensor] = {}
+        if isinstance(update, AdamUpdate):  # one bias correction per group: one step count per group
+            for gi, members in list(by_group.items()):
+                states = [base.state[b.keys[self.fused[m]]] for m in members]
+                values = [float(st["step"]) for st in states]
+                common = Counter(values).most_common(1)[0][0]
+                odd = {m for m, v in zip(members, values) if v != common}
+                for m in odd:
+                    base_step[self.fused[m]] = "its Adam step count differs from the rest of its param group"
+                by_group[gi] = [m for m in members if m not in odd]
+                keep = [st for m, st in zip(members, states) if m not in odd]
+                if keep:
+                    self._steps[gi] = update.steps_for(keep)
+            kept = sorted(m for ms in by_group.values() for m in ms)
+            self.fused = [self.fused[m] for m in kept]
+            columns = [columns[m] for m in kept]
+            fresh = [fresh[m] for m in kept]
+        groups = sorted({owner[id(b.keys[i])] for i in self.fused})
+        self.slot = {g: s for s, g in enumerate(groups)}
+        self.groups = groups
+        dev = b.device
+        # the fused rows table: W, second-pass G, B, state S1..S3
+        fused_rows = [i for i in self.fused if b.params[i].numel() > 0]
+        pos = {i: k for k, i in enumerate(self.fused)}
+        self.flags = [(self.slot[owner[id(b.keys[i])]] << L.HYPER_SHIFT) | (L.FLAG_FRESH_STATE if fresh[pos[i]] else 0)
+                      for i in fused_rows]
+        self.fused_rows = fused_rows
+        self.columns = [[b.params[i] for i in fused_rows], [b.keys[i].grad for i in fused_rows],
+                        [b.buffers[i] for i in fused_rows],
+                        *([columns[pos[i]][k] for i in fused_rows] for k in range(3))]
+        self.numels = [b.params[i].numel() for i in fused_rows]
+        tab = self._tab = _rows_table(self.columns, self.numels, self.flags)
+        self.rows_d = tab.to(dev)
+        self.grad_ptrs = tab[:, L.COL_G].tolist()
+        chunks = _chunk_list(self.numels, range(len(fused_rows)), phase1.launcher.chunk)
+        self.chunks_d = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
+        self.hyper_d = torch.zeros((max(1, len(groups)), L.NHYPER), dtype=torch.float32, device=dev)
+        self._uploaded = False
+        # the perturbed kernel rows that are not fused: a restore over their chunks of the first step's table
+        row_of = {i: r for r, i in enumerate(phase1.rows)}
+        fused_set = set(self.fused)
+        plain = [row_of[i] for i in phase1.rows if i < b.n_perturbed and i not in fused_set]
+        restore_chunks = _chunk_list(phase1.numels, plain, phase1.launcher.chunk)
+        self.restore_chunks_d = torch.tensor(restore_chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
+        bind = phase1.launcher.bind
+        self.n_fused_chunks = len(chunks)
+        self._bind_fused()
+        self._restore = bind("restore", len(restore_chunks), (phase1.rows_d, self.restore_chunks_d), b.dtype,
+                             phase1.aligned["restore"], phase1.copy) if restore_chunks else None
+        self._fresh = any(fresh)
 
-    @torch.compiler.disable
-    def _adam_step(self, bucket: Bucket, base: torch.optim.Optimizer, grads: list[torch.Tensor], copy: bool) -> None:
-        n = len(bucket.params)
-        cols: list[list[torch.Tensor | None]] = [[None] * n for _ in range(3)]
-        step_of = {}
-        for gi, rows in _rows_by_group(bucket).items():
-            amsgrad = bool(base.param_groups[gi]["amsgrad"])
-            steps = []
-            for i in rows:
-                p = bucket.params[i]
-                st = base.state[p]
-                if len(st) == 0:  # what torch.optim.Adam's first step creates
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad and "max_exp_avg_sq" not in st:
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                cols[0][i], cols[1][i] = st["exp_avg"], st["exp_avg_sq"]
-                cols[2][i] = st.get("max_exp_avg_sq") if amsgrad else None
-                steps.append(st["step"])
-            torch._foreach_add_(steps, 1.0)
-            step_of[gi] = float(steps[0])  # a CPU tensor: no device sync
-        plan = self.plan("adam", bucket, (bucket.params, grads, bucket.buffers, *cols), [0] * n)
-        for gi, first, end in plan.group_chunks:
-            if end > first:
-                group = base.param_groups[gi]
-                decoupled = bool(group.get("decoupled_weight_decay", type(base) is torch.optim.AdamW))
-                self.kernels.adam(bucket, plan, first, end - first, group, step_of[gi], decoupled, copy)
+    def _bind_fused(self) -> None:
+        used = (L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3)
+        self._fused = None
+        if self.n_fused_chunks:
+            self._fused = self.phase1.launcher.bind(self.update.kernel, self.n_fused_chunks,
+                                                    (self.rows_d, self.chunks_d, self.hyper_d),
+                                                    self.phase1.bucket.dtype, _aligned(self._tab, used),
+                                                    self.phase1.copy)
+
+    def refresh_addresses(self) -> bool:
+        """The second-pass gradients moved: rewrite their column in place, if they are still laid out like their
+        parameters (else False: rebuild)."""
+        b = self.phase1.bucket
+        grads = [b.keys[i].grad for i in self.fused_rows]
+        if any(g is None or not flat_like(g, b.params[i]) for g, i in zip(grads, self.fused_rows, strict=True)):
+            return False
+        if grads:
+            self._tab[:, L.COL_G] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+            _upload(self.rows_d, self._tab.clone(), "gradient addresses")
+        self._bind_fused()
+        return True
+
+    @property
+    def fused_keys(self) -> list[torch.Tensor]:
+        return [self.phase1.bucket.keys[i] for i in self.fused]
+
+    def steps_intact(self) -> bool:
+        """Adam: each group's fused tensors still share one step count (nobody stepped some of them)."""
+        for counter in self._steps.values():
+            lo, hi = torch.aminmax(counter)
+            if lo != hi:
+                return False
+        return True
+
+    def upload(self, changed: bool) -> None:
+        """Count the step (Adam) and upload ``hyper`` when the base optimizer's options ``changed`` (and the first
+        time; Adam: every step, its bias corrections change)."""
+        if self._uploaded and not changed and not self._steps:
+            return
+        self._uploaded = True
+        groups = self.base.param_groups
+        steps = []
+        for gi in self.groups:
+            counter = self._steps.get(gi)
+            if counter is not None:
+                counter.add_(1)  # torch.optim.Adam counts the step before its update
+            steps.append(0.0 if counter is None else float(counter[0]))
+        host = [self.update.hyper_row(groups[gi], s) for gi, s in zip(self.groups, steps, strict=True)]
+        if host:
+            _upload(self.hyper_d, torch.tensor(host, dtype=torch.float32), "hyper-parameters")
+
+    def run(self) -> None:
+        if self._fused is not None:
+            self._fused()
+        if self._restore is not None:
+            self._restore()
+        self.phase1.restore_rest()
+        if self._fresh:  # torch.optim.SGD's first step made the buffers; from now on they hold momentum
+            self._fresh = False
+            self.flags = [f & ~L.FLAG_FRESH_STATE for f in self.flags]
+            if self.flags:
+                self._tab[:, L.COL_FLAGS] = torch.tensor(self.flags, dtype=torch.int64)
+                _upload(self.rows_d, self._tab.clone(), "optimizer state")
 
 
-def adam_bias_terms(group: dict, step: float) -> tuple[float, float]:
-    """(lr / (1 - beta1^step), sqrt(1 - beta2^step)): Adam's bias corrections, as torch.optim.Adam computes them."""
-    beta1, beta2 = group["betas"]
-    return group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step)
-
-
-def _adaptive_flags(bucket: Bucket) -> list[int]:
-    return [FLAG_ADAPTIVE if a else 0 for a in bucket.adaptive]
-
-
-def _scales(bucket: Bucket) -> tuple[torch.Tensor, list[int]]:
-    """One tensor holding the bucket's distinct scales and each tensor's index into it."""
-    distinct: dict[int, int] = {}
-    order: list[torch.Tensor] = []
-    index = []
-    for s in bucket.scales:
-        if id(s) not in distinct:
-            distinct[id(s)] = len(order)
-            order.append(s)
-        index.append(distinct[id(s)])
-    return (order[0].reshape(1) if len(order) == 1 else torch.stack(order)), index
-
-
-def _fused_kind(base: torch.optim.Optimizer) -> str | None:
-    """``"sgd"`` / ``"adam"`` when every group of ``base`` uses options the fused kernels implement, else None."""
-    kind = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}.get(type(base))
-    if kind is None:
-        return None
-    for group in base.param_groups:
-        if group.get("differentiable") or group.get("capturable"):
-            return None
-        hyper = [group["lr"], group.get("momentum", 0.0), group.get("dampening", 0.0), group["weight_decay"],
-                 *group.get("betas", ()), group.get("eps", 0.0)]
-        if any(isinstance(x, torch.Tensor) for x in hyper):
-            return None
-    return kind
-
-
-def _state_ok(t: torch.Tensor | None, p: torch.Tensor) -> bool:
-    return t is None or (t.dtype == p.dtype and t.device == p.device and t.shape == p.shape and _flat(t, p))
-
-
-def _rows_by_group(bucket: Bucket) -> dict[int, list[int]]:
-    rows: dict[int, list[int]] = {}
-    for i, g in enumerate(bucket.group):
-        rows.setdefault(g, []).append(i)
-    return rows
+def _upload(dst: torch.Tensor, host: torch.Tensor, what: str) -> None:
+    """Copy a host table into its device tensor in place (its address, bound into the launches, stays)."""
+    if dst.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"fastasam: the {what} changed while a CUDA graph is being captured; a graph replays the values it was "
+            "captured with. Run one eager step with the new values before capturing, and capture again after "
+            "changing them."
+        )
+    dst.copy_(host, non_blocking=dst.device.type == "cuda")

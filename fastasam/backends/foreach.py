@@ -10,13 +10,14 @@ fp16/bf16 chunks are upcast to fp32 for the math and rounded once when written b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from .._plan import Bucket, accumulate_dtype
 
 name = "foreach"
+traceable = True  # torch.compile traces its tensor ops
 
 _CHUNK_NUMEL = {"cpu": 1 << 16}
 # elsewhere (GPUs): large enough that launches stay few, small enough that temporaries stay far below the model
@@ -35,17 +36,29 @@ def chunk_numel(device: torch.device) -> int:
 Piece = tuple[int, slice | None]  # (tensor index, range of its flattened elements; None = the whole tensor)
 
 
+@dataclass
+class Run:
+    """Tensors of equal options (one foreach call per chunk): ``index`` is the first tensor's (its scale is the run's
+    scale), ``chunks`` the run cut into chunks of at most ``chunk_numel`` elements."""
+
+    adaptive: bool
+    eta: float
+    index: int
+    chunks: list[list[Piece]]
+
+
 def _splittable(bucket: Bucket, i: int) -> bool:
-    """Tensor ``i`` may be cut into flat ranges: all of its row's tensors are contiguous, so element k is element k
-    of each."""
-    return all(not col or col[i].is_contiguous() for col in (bucket.params, bucket.grads, bucket.buffers))
+    """Tensor ``i`` may be cut into flat ranges: its parameter and buffer are contiguous, and so must its gradient be
+    each step (checked where the gradients are taken), so element k is element k of each."""
+    return bucket.params[i].is_contiguous() and (i >= len(bucket.buffers) or bucket.buffers[i].is_contiguous())
 
 
-def _chunks(bucket: Bucket, indices: list[int]) -> Iterator[list[Piece]]:
+def _chunks(bucket: Bucket, indices: list[int]) -> list[list[Piece]]:
     """The tensors ``indices`` in chunks of at most ``chunk_numel`` elements; a larger contiguous tensor is cut into
     ranges (so temporaries stay chunk-sized however large one tensor is); a larger non-contiguous one is a chunk of
     its own."""
     limit = chunk_numel(bucket.device)
+    out: list[list[Piece]] = []
     chunk: list[Piece] = []
     size = 0
     for i in indices:
@@ -54,17 +67,30 @@ def _chunks(bucket: Bucket, indices: list[int]) -> Iterator[list[Piece]]:
         for part in [None] if whole else [slice(a, min(a + limit, n)) for a in range(0, n, limit)]:
             m = n if part is None else part.stop - part.start
             if chunk and size + m > limit:
-                yield chunk
+                out.append(chunk)
                 chunk, size = [], 0
             chunk.append((i, part))
             size += m
     if chunk:
-        yield chunk
+        out.append(chunk)
+    return out
+
+
+def _runs(bucket: Bucket) -> list[Run]:
+    """The bucket's tensors grouped by (adaptive, eta, rho) in first-seen order and chunked; computed once per bucket
+    (kept in ``bucket.layout``)."""
+    if isinstance(bucket.layout, list):
+        return bucket.layout
+    order: dict[tuple, list[int]] = {}
+    for i, (a, eta, rho) in enumerate(zip(bucket.adaptive, bucket.eta, bucket.rho, strict=True)):
+        order.setdefault((a, eta if a else 0.0, rho), []).append(i)
+    bucket.layout = [Run(a, eta, idx[0], _chunks(bucket, idx)) for (a, eta, _), idx in order.items()]
+    return bucket.layout
 
 
 def _take(tensors: list[torch.Tensor], chunk: list[Piece]) -> list[torch.Tensor]:
-    """The chunk's tensors, or flat views of their ranges."""
-    return [tensors[i] if part is None else tensors[i].view(-1)[part] for i, part in chunk]
+    """The chunk's tensors, or flat views of their ranges (a non-contiguous gradient is made contiguous first)."""
+    return [tensors[i] if part is None else tensors[i].reshape(-1)[part] for i, part in chunk]
 
 
 def _upcast(tensors: list[torch.Tensor], acc: torch.dtype) -> list[torch.Tensor]:
@@ -95,8 +121,9 @@ def _scaled(w32: list[torch.Tensor], g32: list[torch.Tensor], adaptive: bool, et
 def grad_sqnorm(bucket: Bucket) -> torch.Tensor:
     acc = accumulate_dtype(bucket.dtype)
     total = torch.zeros((), dtype=acc, device=bucket.device)
-    for adaptive, eta, _, indices in bucket.option_runs():
-        for chunk in _chunks(bucket, indices):
+    for run in _runs(bucket):
+        adaptive, eta = run.adaptive, run.eta
+        for chunk in run.chunks:
             grads = _take(bucket.grads, chunk)
             if not adaptive:  # no temporaries: the sum of squares upcasts on the fly
                 total = total + _sqsum(grads, acc)
@@ -109,8 +136,9 @@ def grad_sqnorm(bucket: Bucket) -> torch.Tensor:
 def perturb_(bucket: Bucket, restore: str) -> None:
     acc = accumulate_dtype(bucket.dtype)
     not_finite = ~bucket.finite
-    for adaptive, eta, scale, indices in bucket.option_runs():
-        for chunk in _chunks(bucket, indices):
+    for run in _runs(bucket):
+        adaptive, eta, scale = run.adaptive, run.eta, bucket.scales[run.index]
+        for chunk in run.chunks:
             params, bufs = _take(bucket.params, chunk), _take(bucket.buffers, chunk)
             w32 = _upcast(params, acc)
             g32 = _upcast(_take(bucket.grads, chunk), acc)
@@ -137,7 +165,7 @@ def perturb_(bucket: Bucket, restore: str) -> None:
 
 def restore_(bucket: Bucket, restore: str) -> None:
     acc = accumulate_dtype(bucket.dtype)
-    for chunk in _chunks(bucket, list(range(len(bucket.params)))):
+    for chunk in (c for run in _runs(bucket) for c in run.chunks):
         params, bufs = _take(bucket.params, chunk), _take(bucket.buffers, chunk)
         if restore == "copy":
             torch._foreach_copy_(params, bufs)

@@ -1,8 +1,16 @@
 """The ``triton`` backend: each phase of the step is one Triton launch per (device, dtype) bucket.
 
-The kernels live in ``fastasam.kernels.multi_tensor``; the tables that describe a bucket to them, their cache, the
-``foreach`` fallback for what they cannot take and the fused restore + ``torch.optim.SGD`` / ``Adam`` / ``AdamW``
-update are shared with the ``cuda`` backend (``_multi_tensor``). This module only launches.
+The kernels live in ``fastasam.kernels.multi_tensor``; the tables that describe a bucket to them, the ``foreach``
+fallback for what they cannot take and the fused restore + ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` update are shared
+with the ``cuda`` backend (``_multi_tensor``). This module only launches.
+
+Launch cost. ``kernel[grid](*args)`` binds the arguments to the signature, computes their specialisation (alignment,
+divisibility, ``== 1``) and looks the compiled kernel up, every call: tens of microseconds of Python. A step plan
+launches the same kernel with the same argument objects every step, so each bound launch goes through
+``kernel[grid]`` once (Triton specialises, compiles and caches as usual and returns its ``CompiledKernel``) and from
+then on calls that compiled kernel's launcher directly, ``compiled[grid](*args, stream=...)``, Triton's own API for
+launching a compiled kernel, with exactly the arguments it was specialised for. ``FASTASAM_TRITON_FAST_LAUNCH=0``
+goes through ``kernel[grid]`` every time.
 
 With ``TRITON_INTERPRET=1`` in the environment before Triton is imported, the kernels run on CPU tensors through
 Triton's interpreter (slowly): this is how CI tests them without a GPU.
@@ -10,22 +18,29 @@ Triton's interpreter (slowly): this is how CI tests them without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton.language as tl  # optional dependency: if missing, the registry reports the ImportError
 
-from .._plan import Bucket, accumulate_dtype
+from .._plan import accumulate_dtype
 from ..kernels import multi_tensor as K
-from ._multi_tensor import MultiTensorBackend, Plan, adam_bias_terms
+from ._multi_tensor import MultiTensorBackend
 
 name = "triton"
+traceable = False
 
 INTERPRET = K.INTERPRET
+FAST_LAUNCH = os.environ.get("FASTASAM_TRITON_FAST_LAUNCH", "1") not in ("0", "")
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
 # elements per program and per block; the interpreter gets small ones so CI's small tensors cross chunk boundaries
 CHUNK = 1 << 12 if INTERPRET else 1 << 14
 BLOCK = 1 << 9 if INTERPRET else 1 << 10
 NUM_WARPS = 4
+_KERNELS = {"sqnorm": K.sqnorm_kernel, "perturb": K.perturb_kernel, "restore": K.restore_kernel,
+            "restore_sgd": K.restore_sgd_kernel, "restore_adam": K.restore_adam_kernel}
 
 
 def device_supported(device: torch.device) -> str | None:
@@ -43,49 +58,50 @@ def device_supported(device: torch.device) -> str | None:
     return None
 
 
-def _meta(bucket: Bucket, plan: Plan) -> dict:
-    return dict(
-        DTYPE=_TL_DTYPE[bucket.dtype], ACC=_TL_DTYPE[accumulate_dtype(bucket.dtype)], CHUNK=CHUNK, BLOCK=BLOCK,
-        ALIGNED=plan.aligned, num_warps=NUM_WARPS,
-    )
+class TritonLaunch:
+    """One launch of ``kernel`` over ``grid`` programs with fixed arguments (all of the kernel's parameters, in
+    order, compile-time options included)."""
+
+    __slots__ = ("kernel", "grid", "args", "device", "runner")
+
+    def __init__(self, kernel, grid: int, args: tuple, device: torch.device) -> None:
+        self.kernel, self.grid, self.args = kernel, grid, args
+        self.device = device.index if device.type == "cuda" else None
+        self.runner = None
+
+    def __call__(self) -> None:
+        runner = self.runner
+        if runner is None:
+            self._launch_and_keep()
+            return
+        dev = self.device
+        if torch._C._cuda_getDevice() == dev:
+            runner(*self.args, stream=torch._C._cuda_getCurrentRawStream(dev))
+        else:
+            with torch.cuda.device(dev):
+                runner(*self.args, stream=torch._C._cuda_getCurrentRawStream(dev))
+
+    def _launch_and_keep(self) -> None:
+        guard = torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
+        with guard:
+            compiled = self.kernel[(self.grid,)](*self.args, num_warps=NUM_WARPS)
+        if FAST_LAUNCH and not INTERPRET and self.device is not None and hasattr(compiled, "launch_metadata"):
+            self.runner = compiled[(self.grid, 1, 1)]
 
 
-class _Launch:
-    """The Triton launches of each phase (``_multi_tensor.Kernels``)."""
+class _Launcher:
+    """Binds Triton launches (``_multi_tensor.Launcher``)."""
 
-    def sqnorm(self, bucket: Bucket, plan: Plan, out: torch.Tensor) -> None:
-        K.sqnorm_kernel[(plan.n_chunks,)](
-            plan.tab, plan.etas, plan.chunks, plan.partials, plan.counter, out, plan.n_chunks, **_meta(bucket, plan),
-        )
+    dtypes = frozenset(_TL_DTYPE)
+    fused_dtypes = frozenset((torch.float32, torch.float16, torch.bfloat16))
+    chunk = CHUNK
 
-    def perturb(self, bucket: Bucket, plan: Plan, scales: torch.Tensor, copy: bool) -> None:
-        K.perturb_kernel[(plan.n_chunks,)](
-            plan.tab, plan.etas, plan.chunks, scales, bucket.finite, COPY=copy, **_meta(bucket, plan),
-        )
-
-    def restore(self, bucket: Bucket, plan: Plan, copy: bool) -> None:
-        K.restore_kernel[(plan.n_chunks,)](plan.tab, plan.chunks, COPY=copy, **_meta(bucket, plan))
-
-    def sgd(self, bucket: Bucket, plan: Plan, first: int, count: int, group: dict, copy: bool) -> None:
-        K.restore_sgd_kernel[(count,)](
-            plan.tab, plan.chunks, first, group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-            COPY=copy, MOMENTUM=group["momentum"] != 0, NESTEROV=bool(group["nesterov"]),
-            MAXIMIZE=bool(group["maximize"]), **_meta(bucket, plan),
-        )
-
-    def adam(self, bucket: Bucket, plan: Plan, first: int, count: int, group: dict, step: float, decoupled: bool,
-             copy: bool) -> None:
-        beta1, beta2 = group["betas"]
-        step_size, bc2_sqrt = adam_bias_terms(group, step)
-        K.restore_adam_kernel[(count,)](
-            plan.tab, plan.chunks, first, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step_size,
-            bc2_sqrt, COPY=copy, DECOUPLED=decoupled, AMSGRAD=bool(group["amsgrad"]),
-            MAXIMIZE=bool(group["maximize"]), **_meta(bucket, plan),
-        )
+    def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool,
+             copy: bool) -> TritonLaunch:
+        meta = (_TL_DTYPE[dtype], _TL_DTYPE[accumulate_dtype(dtype)], CHUNK, BLOCK, aligned)
+        args = (*tensors, count, *meta) if kernel == "sqnorm" else (*tensors, *meta, copy)
+        return TritonLaunch(_KERNELS[kernel], count, args, tensors[0].device)
 
 
-_BACKEND = MultiTensorBackend(name, _Launch(), _TL_DTYPE, CHUNK)
-grad_sqnorm = _BACKEND.grad_sqnorm
-perturb_ = _BACKEND.perturb_
-restore_ = _BACKEND.restore_
-prepare_fused_step = _BACKEND.prepare_fused_step
+_BACKEND = MultiTensorBackend(name, _Launcher())
+prepare = _BACKEND.prepare

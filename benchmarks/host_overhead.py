@@ -1,0 +1,400 @@
+"""Host work of a warm optimizer step (SPEC §4, host path): what a step costs the CPU before any kernel runs.
+
+    python -m benchmarks.host_overhead                         # resnet50 (161 tensors), gpt2_medium (292), many_2000
+    python -m benchmarks.host_overhead --steps 400 --param-sets resnet50 --callgrind
+
+Measured where host work is all there is: the parameter set's tensors (their number, names and ranks) with every
+dimension cut to at most 2 elements, on the CPU, so every op is dispatched as on a GPU and computes next to nothing
+(PyTorch's ``meta`` device would not do: many of its kernels are Python); the multi-tensor backends' kernel launches
+are no-ops (the bound launch is not called; for ``triton`` that leaves out Triton's launcher, for ``cuda`` the
+dispatcher call of the op). So what is timed is the Python, dispatch and table bookkeeping a GPU step costs the CPU,
+the part that makes a step host-bound when the kernels take ~0.3 ms. Variants, interleaved step by step in one run
+(this machine's load varies by 10x):
+
+* ``official loop``: the official asam.py ``ascent_step`` + ``descent_step``, op for op (per-tensor ``abs_``, ``mul_``,
+  ``norm``, ...), with ``torch.optim.SGD(foreach=True)`` as on a GPU; its ``zero_grad`` calls are left out, as they
+  are for every variant;
+* ``torch SGD (foreach)``: ``torch.optim.SGD(foreach=True).step()`` alone, for scale;
+* ``fastasam <backend>``: ``first_step()`` + ``second_step()`` (SGD momentum + weight decay, the official weight /
+  bias split), for every backend.
+
+Each phase gets new gradient tensor objects (as after ``zero_grad(set_to_none=True)``) at the same addresses; setting
+them is not timed. Reported: median microseconds per warm step, the ratio to the official loop, Python-level calls per
+step (function calls and C calls from Python code, counted with ``sys.setprofile``: a number noise does not move),
+and with ``--callgrind`` instructions per step under valgrind (also noise-free). Writes
+``benchmarks/results/host-overhead-cpu.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import fastasam
+from benchmarks import step_time
+from benchmarks.param_sets import PARAM_SETS
+from fastasam import _step_plan
+from fastasam.backends._multi_tensor import MultiTensorBackend
+
+HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+DEFAULT_SETS = ("resnet50", "gpt2_medium", "many_2000")
+
+
+class OfficialLoop:
+    """The official asam.py ``ASAM`` step, op for op: per-tensor loops over the named parameters, ``|w| + eta`` kept
+    in a per-parameter buffer, the norm of the per-tensor norms, restore by subtraction, then the base step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named: list, rho: float, eta: float) -> None:
+        self.optimizer, self.named, self.rho, self.eta = optimizer, named, rho, eta
+        self.state: dict = defaultdict(dict)
+
+    @torch.no_grad()
+    def ascent_step(self) -> None:
+        wgrads = []
+        for n, p in self.named:
+            if p.grad is None:
+                continue
+            t_w = self.state[p].get("eps")
+            if t_w is None:
+                t_w = torch.clone(p).detach()
+                self.state[p]["eps"] = t_w
+            if "weight" in n:
+                t_w[...] = p[...]
+                t_w.abs_().add_(self.eta)
+                p.grad.mul_(t_w)
+            wgrads.append(torch.norm(p.grad, p=2))
+        wgrad_norm = torch.norm(torch.stack(wgrads), p=2) + 1.0e-16
+        for n, p in self.named:
+            if p.grad is None:
+                continue
+            t_w = self.state[p].get("eps")
+            if "weight" in n:
+                p.grad.mul_(t_w)
+            eps = t_w
+            eps[...] = p.grad[...]
+            eps.mul_(self.rho / wgrad_norm)
+            p.add_(eps)
+
+    @torch.no_grad()
+    def descent_step(self) -> None:
+        for _, p in self.named:
+            if p.grad is None:
+                continue
+            p.sub_(self.state[p]["eps"])
+        self.optimizer.step()
+
+
+class _NoLaunch:
+    """A multi-tensor backend's launcher whose bound launches do nothing (its dtypes and chunk size are kept)."""
+
+    def __init__(self, real) -> None:
+        self.dtypes, self.fused_dtypes, self.chunk = real.dtypes, real.fused_dtypes, real.chunk
+
+    def bind(self, *args) -> Callable[[], None]:
+        return _nothing
+
+
+def _nothing() -> None:
+    return None
+
+
+def _launchless(name: str) -> SimpleNamespace | str:
+    """The ``name`` backend's host path with no-op launches, usable on CPU tensors; or why it cannot be made."""
+    try:
+        if name == "triton":
+            from fastasam.backends import triton_backend as mod
+        else:
+            from fastasam.backends import cuda_backend as mod
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    host = MultiTensorBackend(name, _NoLaunch(mod._Launcher))
+    return SimpleNamespace(name=name, prepare=host.prepare, traceable=False, device_supported=lambda device: None)
+
+
+@contextlib.contextmanager
+def _resolving_to(module) -> Iterator[None]:
+    """While building the step plan, resolve every backend name to ``module`` (a CPU has no GPU backend)."""
+    real = _step_plan.backends.resolve
+    _step_plan.backends.resolve = lambda name, device: module
+    try:
+        yield
+    finally:
+        _step_plan.backends.resolve = real
+
+
+class Variant:
+    """One thing to time, with its own parameters (state and plans stay independent): ``phases`` are the timed
+    callables of one warm step; new gradient objects are set before each (not timed)."""
+
+    def __init__(self, name: str, param_set: str, kind: str, backend=None) -> None:
+        named = tiny_params(param_set)
+        self.name, self.kind, self.backend = name, kind, backend
+        self.params = [p for _, p in named]
+        self.grads = [p.grad for p in self.params]  # the storage new gradient objects view (same addresses)
+        sgd_kw = {k: HPARAMS[k] for k in ("lr", "momentum", "weight_decay")}
+        if kind == "official":
+            loop = OfficialLoop(torch.optim.SGD(self.params, foreach=True, **sgd_kw), named, HPARAMS["rho"],
+                                HPARAMS["eta"])
+            self.phases = (loop.ascent_step, loop.descent_step)
+        elif kind == "sgd":
+            self.phases = (torch.optim.SGD(self.params, foreach=True, **sgd_kw).step,)
+        else:
+            groups = [{"params": [p for n, p in named if "weight" in n], "adaptive": True},
+                      {"params": [p for n, p in named if "weight" not in n], "adaptive": False}]
+            self.opt = fastasam.ASAM(groups, torch.optim.SGD, backend="reference", **HPARAMS)
+            self.phases = (self.opt.first_step, self.opt.second_step)
+
+    def new_grads(self) -> None:
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g.detach()  # a new tensor object at the same address
+
+    def run(self) -> float:
+        """One warm step; the seconds spent in its phases."""
+        spent = 0.0
+        for phase in self.phases:
+            self.new_grads()
+            t0 = time.perf_counter()
+            phase()
+            spent += time.perf_counter() - t0
+        return spent
+
+    def warm_up(self, steps: int) -> None:
+        ctx = _resolving_to(self.backend) if self.kind == "fastasam" else contextlib.nullcontext()
+        with ctx:
+            for _ in range(steps):
+                self.run()
+
+    def python_calls(self) -> int:
+        """Python function calls and C calls made from Python code in the phases of one warm step (deterministic)."""
+        count = [0]
+
+        def profiler(frame, event, arg):
+            if event in ("call", "c_call"):
+                count[0] += 1
+
+        for phase in self.phases:
+            self.new_grads()
+            sys.setprofile(profiler)
+            try:
+                phase()
+            finally:
+                sys.setprofile(None)
+        return count[0] - len(self.phases)  # the profiler sees its own removal as one C call
+
+
+def variant_specs() -> tuple[list[tuple[str, str, object]], dict[str, str]]:
+    """(name, kind, backend module) of every variant, and the backends that cannot be measured here, with why."""
+    from fastasam import reference
+    from fastasam.backends import foreach
+
+    specs: list[tuple[str, str, object]] = [("official loop", "official", None), ("torch SGD (foreach)", "sgd", None)]
+    skipped = {}
+    for name, module in (("reference", reference), ("foreach", foreach), ("triton", _launchless("triton")),
+                         ("cuda", _launchless("cuda"))):
+        if isinstance(module, str):
+            skipped[name] = module
+        else:
+            specs.append((f"fastasam {name}", "fastasam", module))
+    return specs, skipped
+
+
+def tiny_params(param_set: str) -> list:
+    """The set's parameters (names, count, ranks) with every dimension cut to at most 2 elements, on the CPU, each
+    with a gradient: every op is dispatched as usual and computes next to nothing."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for name, shape in PARAM_SETS[param_set]():
+        small = tuple(min(d, 2) for d in shape)
+        p = torch.nn.Parameter(torch.randn(small, generator=gen))
+        p.grad = torch.randn(small, generator=gen) * 1e-2
+        out.append((name, p))
+    return out
+
+
+def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dict:
+    specs, skipped = variant_specs()
+    variants = [Variant(name, param_set, kind, backend) for name, kind, backend in specs]
+    for v in variants:
+        v.warm_up(warmup)
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for i in range(steps):  # round robin: each step of each variant under the same load; the order rotates so
+        k = i % len(variants)  # that no variant always follows the same one (whose work evicts the caches)
+        for v in variants[k:] + variants[:k]:
+            times[v.name].append(v.run())
+        if (i + 1) % max(1, steps // 4) == 0:
+            print(f"  {param_set}: step {i + 1}/{steps}", flush=True)
+    official = statistics.median(times["official loop"])
+    rows = []
+    for v in variants:
+        med = statistics.median(times[v.name])
+        q1, _, q3 = statistics.quantiles(times[v.name], n=4)
+        row = {"name": v.name, "median_us": med * 1e6, "iqr_us": (q3 - q1) * 1e6, "vs_official": med / official,
+               "python_calls": v.python_calls()}
+        if callgrind:
+            row["instructions"] = callgrind_instructions(param_set, v.name)
+        rows.append(row)
+    return {"param_set": param_set, "tensors": len(variants[0].params), "steps": steps, "rows": rows,
+            "skipped": skipped}
+
+
+def callgrind_instructions(param_set: str, variant: str, steps: int = 20) -> int | None:
+    """Instructions per warm step of one variant under ``valgrind --tool=callgrind``, or None when valgrind is
+    missing. Counting is switched on only around two windows of the worker (``_worker``): ``steps`` warm steps, and
+    the same number of gradient resets alone; their difference over ``steps`` is the step's."""
+    if not (_which("valgrind") and _which("callgrind_control")):
+        return None
+    out = Path(f"/tmp/fastasam-callgrind-{os.getpid()}.out")
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
+           "-m", "benchmarks.host_overhead", "--worker", param_set, variant, str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    dumps = [Path(f"{out}.{k}") for k in (1, 2)]
+    try:
+        if proc.returncode != 0 or not all(d.exists() for d in dumps):
+            print(f"  callgrind failed for {variant}: {proc.stderr[-500:]}")
+            return None
+        with_step, resets_only = (_totals(d) for d in dumps)
+        return (with_step - resets_only) // steps
+    finally:
+        for f in (out, *dumps):
+            f.unlink(missing_ok=True)
+
+
+def _totals(dump: Path) -> int:
+    return next(int(line.split()[1]) for line in dump.read_text().splitlines() if line.startswith("totals:"))
+
+
+def _which(cmd: str) -> bool:
+    return any(os.access(os.path.join(d, cmd), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep))
+
+
+def _worker(param_set: str, variant: str, steps: int) -> None:
+    """Inside valgrind: warm the variant up, then count two windows (dumped to separate files): ``steps`` warm steps,
+    then as many gradient resets alone."""
+    specs, _ = variant_specs()
+    chosen = next(Variant(name, param_set, kind, backend) for name, kind, backend in specs if name == variant)
+    chosen.warm_up(3)
+    pid = str(os.getpid())
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, pid], check=True, capture_output=True)
+
+    control("-i", "on")
+    for _ in range(steps):
+        chosen.run()
+    control("-i", "off")
+    control("-d", "steps")
+    control("-i", "on")
+    for _ in range(steps * len(chosen.phases)):
+        chosen.new_grads()
+    control("-i", "off")
+    control("-d", "resets")
+
+
+def markdown(results: list[dict], env: dict) -> str:
+    lines = [f"### Host work of a warm step on {env['device_name']} (tiny CPU tensors, kernel launches no-ops)", "",
+             f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}. Median of "
+             f"{results[0]['steps']} interleaved steps; SGD momentum + weight decay, official weight/bias split.", ""]
+    has_cg = any(r.get("instructions") for res in results for r in res["rows"])
+    head = "| parameter set | variant | median us | IQR us | vs official loop | Python calls / step |"
+    lines += [head + (" instructions / step |" if has_cg else ""),
+              "|---|---|---:|---:|---:|---:|" + ("---:|" if has_cg else "")]
+    for res in results:
+        for r in res["rows"]:
+            cg = f" {r['instructions']:,} |" if has_cg and r.get("instructions") else (" - |" if has_cg else "")
+            lines.append(f"| {res['param_set']} ({res['tensors']}) | {r['name']} | {r['median_us']:,.0f} | "
+                         f"{r['iqr_us']:,.0f} | {r['vs_official']:.3f}x | {r['python_calls']:,} |{cg}")
+    scaling = scaling_rows(results)
+    if scaling:
+        lines += ["", "Scaling in the number of tensors (median us of the set / median us of resnet50):", "",
+                  "| variant | " + " | ".join(f"{s} ({n})" for s, n, _ in scaling[0][1]) + " |",
+                  "|---|" + "---:|" * len(scaling[0][1])]
+        for name, cols in scaling:
+            lines.append(f"| {name} | " + " | ".join(f"{x:.2f}x" for _, _, x in cols) + " |")
+    for res in results:
+        for name, why in res["skipped"].items():
+            lines.append(f"\n{name} skipped: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_rows(results: list[dict]) -> list:
+    base = next((r for r in results if r["param_set"] == "resnet50"), None)
+    if base is None or len(results) < 2:
+        return []
+    out = []
+    for row in base["rows"]:
+        cols = []
+        for res in results:
+            other = next(r for r in res["rows"] if r["name"] == row["name"])
+            cols.append((res["param_set"], res["tensors"], other["median_us"] / row["median_us"]))
+        out.append((row["name"], cols))
+    return out
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    names = [r["name"] for r in results[0]["rows"]]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(results)
+    for k, res in enumerate(results):
+        xs = [i + k * width for i in range(len(names))]
+        ax.bar(xs, [r["median_us"] for r in res["rows"]], width, label=f"{res['param_set']} ({res['tensors']})")
+    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], names, rotation=15)
+    ax.set_yscale("log")
+    ax.set_ylabel("host microseconds per warm step (log)")
+    ax.set_title("Host work of a warm ASAM step (tiny CPU tensors, launches no-ops)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--param-sets", nargs="+", default=list(DEFAULT_SETS), choices=sorted(PARAM_SETS))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--callgrind", action="store_true", help="also count instructions per step under valgrind")
+    parser.add_argument("--out", type=Path, default=step_time.RESULTS)
+    parser.add_argument("--worker", nargs=3, metavar=("SET", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.worker[0], args.worker[1], int(args.worker[2]))
+        return []
+    env = step_time.environment(torch.device("cpu"))
+    results = []
+    for i, name in enumerate(args.param_sets, start=1):
+        print(f"[{i}/{len(args.param_sets)}] host work per warm step: {name}", flush=True)
+        results.append(run(name, args.steps, args.warmup, args.callgrind))
+    md = markdown(results, env)
+    print("\n" + md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "host-overhead-cpu"
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(f"# fastasam host overhead\n\n{md}")
+    if plot(results, stem.with_suffix(".png")):
+        print(f"wrote {stem}.json, .md and .png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""The step plan: what a sharpness-aware step works on, built once and reused while nothing changes.
+
+:class:`StepPlan` (first step): the buckets, their restore buffers, one backend runner per bucket (device tables and
+bound launches for the multi-tensor backends; the per-tensor backends through :class:`ModuleRunner`) and the
+:class:`~fastasam._watch.Watch` a warm step checks. :class:`UpdatePlan` (second step): per bucket, which perturbed
+tensors a fused restore + update takes, and the param groups the base optimizer steps for all the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from operator import is_, itemgetter
+from types import ModuleType
+
+import torch
+
+from . import backends
+from ._plan import Bucket, build_buckets, local_gradient
+from ._watch import Watch
+from .backends._multi_tensor import PerturbRunner, UpdateRunner
+from .backends._updates import AdamUpdate, flat_like, fused_update_for
+
+_params_of = itemgetter("params")
+
+
+def check_nonnegative(name: str, value: object, where: str = "") -> None:
+    """Raise a ``ValueError`` naming the option unless ``value`` is a real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # also rejects NaN
+        raise ValueError(f"fastasam: invalid {name}={value!r}{where}; it must be a number >= 0.")
+
+
+def _options(groups: Iterable[Mapping]) -> list[tuple]:
+    return [(g["rho"], g["eta"], g["adaptive"]) for g in groups]
+
+
+def _check_options(options: list[tuple]) -> None:
+    for i, (rho, eta, _) in enumerate(options):
+        check_nonnegative("rho", rho, f" in param_groups[{i}]")
+        check_nonnegative("eta", eta, f" in param_groups[{i}]")
+
+
+class ModuleRunner:
+    """A per-tensor backend (``reference``, ``foreach``) behind the runner interface: its functions run on the bucket
+    each step; nothing is bound and no address is kept."""
+
+    kernel_index: tuple = ()
+    self_check = False
+    needs_scales = True
+
+    def __init__(self, module: ModuleType, bucket: Bucket, restore: str) -> None:
+        self.name, self.module, self.bucket, self.restore_mode = module.name, module, bucket, restore
+        self.head = bucket.head(bucket.n_perturbed)
+        self.grad_target = bucket
+        self.reasons: list[str | None] = [None] * len(bucket.params)
+
+    def bind(self, share_is_total: bool) -> None:
+        pass
+
+    def set_options(self) -> None:
+        self.bucket.layout = None
+        self.head = self.bucket.head(self.bucket.n_perturbed)
+
+    def sqnorm(self) -> torch.Tensor:
+        return self.module.grad_sqnorm(self.bucket)
+
+    def perturb(self, total: torch.Tensor, scales: list[torch.Tensor], finite: torch.Tensor) -> None:
+        head = self.head
+        if not head.params:
+            return
+        head.grads = self.bucket.grads[: head.n_perturbed]
+        head.scales = list(map(scales.__getitem__, head.group))
+        head.finite = finite
+        self.module.perturb_(head, self.restore_mode)
+        head.grads, head.scales = [], []
+
+    def restore(self) -> None:
+        if self.head.params:
+            self.module.restore_(self.head, self.restore_mode)
+
+    def release(self) -> None:
+        self.bucket.grads = []
+
+
+def make_runner(module: ModuleType, bucket: Bucket, restore: str, eps: float) -> PerturbRunner | ModuleRunner:
+    prepare = getattr(module, "prepare", None)
+    return prepare(bucket, restore, eps) if prepare is not None else ModuleRunner(module, bucket, restore)
+
+
+def _local_grads(target: Bucket, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [local_gradient(k, g) for k, g in zip(target.keys, grads, strict=True)]
+
+
+class StepPlan:
+    """The first step's plan for one structure of param groups (see the module docstring). ``traced``: built inside
+    ``torch.compile`` for one call, without a watch."""
+
+    def __init__(self, engine, groups: list[Mapping], traced: bool = False) -> None:
+        self.engine, self.traced = engine, traced
+        self.groups, self.options = groups, _options(groups)
+        _check_options(self.options)
+        self.group_ids = list(map(id, groups))
+        self.sizes = [len(g["params"]) for g in groups]
+        self.params = list(chain.from_iterable(map(_params_of, groups)))
+        buckets, self.absent = build_buckets(groups)
+        for b in buckets:
+            n = b.n_perturbed
+            b.buffers = [engine.buffer(k, p) for k, p in zip(b.keys[:n], b.params[:n])]
+        self.buckets = buckets
+        self.runners = [make_runner(backends.resolve(engine.backend, b.device), b, engine.restore_mode, engine.eps)
+                        for b in buckets]
+        # one bucket on the kernels, whole on this rank: the norm kernel's output is the global norm
+        self.single = (len(self.runners) == 1 and isinstance(self.runners[0], PerturbRunner)
+                       and self.runners[0].rest is None and not buckets[0].reduce_over)
+        for r in self.runners:
+            r.bind(self.single)
+        self.needs_scales = any(r.needs_scales for r in self.runners)
+        self.update: UpdatePlan | None = None
+        self.watch, self.targets = (None, []) if traced else self._watch()
+
+    @classmethod
+    def rebuild(cls, engine, groups: list[Mapping], old: StepPlan | None) -> StepPlan:
+        """The plan for ``groups`` now: ``old`` with its tables' addresses rewritten when only gradients moved, else
+        a new plan."""
+        if old is not None and old.only_gradients_moved():
+            for r in old.runners:
+                if isinstance(r, PerturbRunner) and not r.self_check:
+                    r.refresh_addresses()
+                    r.bind(r.sq_in is r.share)
+            old.watch, old.targets = old._watch()
+            return old
+        return cls(engine, groups)
+
+    # --- what a warm step checks ---------------------------------------------------------------------------------
+
+    def _watch(self) -> tuple[Watch, list]:
+        """The first step's watch, and where its gradients go each step: ``(bucket, start, end, local)`` per bucket
+        whose gradients per-tensor code reads (``local``: DTensor gradients, handed over as their local shards)."""
+        contiguous, strided, others, dtensors, plain_targets, dtensor_targets = [], [], [], [], [], []
+        for r in self.runners:
+            if not r.self_check:
+                for i in r.kernel_index:
+                    p = r.bucket.params[i]
+                    (contiguous if p.is_contiguous() else strided).append(p)
+            t = r.grad_target
+            if t is not None and t.keys:
+                (dtensor_targets if t.dtensor_shards else plain_targets).append(t)
+        targets = []
+        start = len(contiguous) + len(strided)
+        for ts, local, into in ((plain_targets, False, others), (dtensor_targets, True, dtensors)):
+            for t in ts:
+                into.extend(t.keys)
+                targets.append((t, start, start + len(t.keys), local))
+                start += len(t.keys)
+        return Watch(contiguous, strided, others, dtensors, self.absent, check_params=True), targets
+
+    def same_structure(self, groups: list[Mapping]) -> bool:
+        """O(groups) checks plus one identity pass over the parameters (no Python call per tensor)."""
+        if groups is not self.groups or list(map(id, groups)) != self.group_ids:
+            return False
+        if [len(g["params"]) for g in groups] != self.sizes:
+            return False
+        return all(map(is_, chain.from_iterable(map(_params_of, groups)), self.params))
+
+    def same_options(self, groups: list[Mapping]) -> bool:
+        return _options(groups) == self.options
+
+    def with_options(self, groups: list[Mapping]) -> StepPlan | None:
+        """rho, eta or adaptive changed: validate, then re-upload the options, or None when a rho moved to or from
+        0 (the set of perturbed tensors changes: a new plan)."""
+        new = _options(groups)
+        _check_options(new)
+        if [o[0] > 0 for o in new] != [o[0] > 0 for o in self.options]:
+            return None
+        self.options = new
+        for b in self.buckets:
+            b.rho = [new[g][0] for g in b.group]
+            b.eta = [float(new[g][1]) for g in b.group]
+            b.adaptive = [bool(new[g][2]) for g in b.group]
+        for r in self.runners:
+            r.set_options()
+        return self
+
+    def only_gradients_moved(self) -> bool:
+        """After a failed watch: the same tensors have gradients, the parameters are where and as they were, and the
+        kernel tensors' new gradients are laid out like their parameters; only addresses of gradients changed."""
+        if any(p.grad is not None for p in self.absent):
+            return False
+        for b, r in zip(self.buckets, self.runners, strict=True):
+            if b.dtensor_shards or any(k.grad is None for k in b.keys):
+                return False
+            if isinstance(r, PerturbRunner):
+                if [(p.data_ptr(), p.stride()) for p in (b.params[i] for i in r.rows)] != r.param_layout:
+                    return False
+                if not all(flat_like(b.keys[i].grad, b.params[i]) for i in r.kernel_index):
+                    return False
+        for b in self.buckets:
+            b.grads = [k.grad for k in b.keys]
+        return True
+
+    def grads_at_build(self) -> list:
+        """The watch's gradient list as the plan was built (the build read them)."""
+        if self.watch is None:
+            return []
+        return self.watch.check() or []
+
+    # --- run ------------------------------------------------------------------------------------------------------
+
+    def sqnorm(self, grads: list) -> torch.Tensor:
+        """The global squared norm of the scaled gradients ``grads`` (the watch's list), on the device. Leaves the
+        gradients with the per-tensor code that reads them; ``first_step`` releases them."""
+        for target, a, b, local in self.targets:
+            target.grads = grads[a:b] if not local else _local_grads(target, grads[a:b])
+        shares = [r.sqnorm() for r in self.runners]
+        return shares[0] if self.single else _combine(self.buckets, shares)
+
+    def first_step(self, grads: list) -> torch.Tensor | None:
+        """Norm and perturbation; returns the global squared norm (None when no parameter has a gradient)."""
+        if not self.runners:
+            return None
+        try:
+            total = self.sqnorm(grads)
+            scales = finite = None
+            if self.needs_scales:
+                scales, finite = _scales(total, self.options, self.engine.eps, {b.device for b in self.buckets})
+            for r, b in zip(self.runners, self.buckets, strict=True):
+                r.perturb(total, scales and scales[b.device], finite and finite[b.device])
+        finally:
+            for r in self.runners:
+                r.release()
+        return total
+
+    def restore(self) -> None:
+        for r in self.runners:
+            r.restore()
+
+
+def _combine(buckets: list[Bucket], shares: list[torch.Tensor]) -> torch.Tensor:
+    """The global squared norm from the buckets' shares, on the first bucket's device; the shares of sharded buckets
+    summed over their process groups first (one all-reduce per set of groups, on the device)."""
+    acc = torch.float64 if any(s.dtype == torch.float64 for s in shares) else torch.float32
+    main = buckets[0].device
+    whole: list[torch.Tensor] = []
+    sharded: dict[tuple, list[torch.Tensor]] = {}
+    for b, share in zip(buckets, shares, strict=True):
+        if b.reduce_over:
+            sharded.setdefault((b.reduce_over, b.device), []).append(share.to(acc))
+        else:
+            whole.append(share)
+    if sharded:
+        import torch.distributed as dist
+
+        for (over, _), parts in sharded.items():
+            part = torch.stack(parts).sum()
+            for pg in over:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+            whole.append(part)
+    if len(whole) == 1:
+        return whole[0].to(acc)
+    return torch.stack([s.to(main, acc) for s in whole]).sum()
+
+
+def _scales(total: torch.Tensor, options: list[tuple], eps: float, devices: set) -> tuple[dict, dict]:
+    """Per device: each param group's ``rho / (norm + eps)`` (0 unless the norm is finite and > 0) and whether the
+    norm is finite, for the tensors served tensor by tensor."""
+    norm = total.sqrt()
+    finite = torch.isfinite(norm)
+    ok = finite & (norm > 0)
+    scales, finites = {}, {}
+    for dev in devices:
+        norm_d, ok_d = norm.to(dev), ok.to(dev)
+        of_rho: dict[float, torch.Tensor] = {}
+        for rho, _, _ in options:
+            if rho not in of_rho:
+                of_rho[rho] = torch.where(ok_d, rho / (norm_d + eps), 0.0)
+        scales[dev] = [of_rho[rho] for rho, _, _ in options]
+        finites[dev] = finite.to(dev)
+    return scales, finites
+
+
+class UpdatePlan:
+    """The second step's plan against one base optimizer: fused restore + update where it qualifies, restore and the
+    base optimizer's own step for the rest. ``mode`` describes it for the report."""
+
+    def __init__(self, plan: StepPlan, base: torch.optim.Optimizer) -> None:
+        self.plan, self.base = plan, base
+        self.state = base.state
+        self.base_groups, self.base_group_ids = base.param_groups, list(map(id, base.param_groups))
+        self.base_sizes = [len(g["params"]) for g in base.param_groups]
+        self.base_params = list(chain.from_iterable(map(_params_of, base.param_groups)))
+        self.update = fused_update_for(base)
+        self.options = self._options()
+        self.changed = False
+        self.runners: dict[int, UpdateRunner] = {}  # bucket index -> its fused update
+        self.outcomes: list[dict[int, str]] = [{} for _ in plan.buckets]
+        self.subset: list[tuple[dict, list]] | None = None
+        self.watch: Watch | None = None
+        self.structure = None
+        base_name = type(base).__name__
+        if self.update is None:
+            self._unfused(f"{base_name} has no fused update")
+            self.state_len = len(base.state)
+            return
+        owner = {id(p): gi for gi, g in enumerate(base.param_groups) for p in g["params"]}
+        self.structure = self._structure()
+        for bi, (b, r) in enumerate(zip(plan.buckets, plan.runners, strict=True)):
+            out = self.outcomes[bi]
+            restore_only, base_step = {}, {}
+            for i in range(len(b.params)):
+                if i >= b.n_perturbed:
+                    base_step[i] = "rho = 0: not perturbed"
+                elif id(b.keys[i]) not in owner:
+                    restore_only[i] = "not in the base optimizer's param groups"
+                elif b.keys[i].grad is None:
+                    restore_only[i] = "no gradient in the second pass"
+                elif not isinstance(r, PerturbRunner):
+                    base_step[i] = f"backend {r.name} has no fused update"
+                elif b.dtensor_shards:
+                    base_step[i] = "a DTensor shard: the base optimizer keeps DTensor state"
+                elif r.reasons[i] is not None:
+                    base_step[i] = r.reasons[i]
+            if isinstance(r, PerturbRunner) and not b.dtensor_shards and any(
+                    i not in restore_only and i not in base_step for i in r.kernel_index):
+                self.runners[bi] = UpdateRunner(r, base, self.update, owner, restore_only, base_step)
+                out.update({i: "fused" for i in self.runners[bi].fused})
+            out.update({i: "restore only: " + why for i, why in restore_only.items()})
+            out.update({i: why for i, why in base_step.items()})
+        fused = {id(k) for u in self.runners.values() for k in u.fused_keys}
+        self.state_len = len(base.state)  # after the fused tensors' state was made
+        if not fused:
+            self._unfused("no tensor qualifies for the fused update")
+            return
+        self.mode = "fused"
+        self.subset, absent = [], []
+        for g in base.param_groups:
+            rest = [p for p in g["params"] if id(p) not in fused]
+            absent.extend(p for p in rest if p.grad is None)
+            rest = [p for p in rest if p.grad is not None]
+            if rest:
+                self.subset.append((g, rest))
+        contiguous, strided, _, _, _ = self._watched()
+        self.watch = Watch(contiguous, strided, [], [], absent, check_params=False)
+
+    def _unfused(self, why: str) -> None:
+        self.mode = "restore, then the base optimizer's step: " + why
+        for bi, b in enumerate(self.plan.buckets):
+            for i in range(len(b.params)):
+                self.outcomes[bi].setdefault(i, "rho = 0: not perturbed" if i >= b.n_perturbed else why)
+
+    def _options(self) -> list[tuple] | None:
+        """The base optimizer's options its fused update reads, per group (C-level reads, compared each step)."""
+        if self.update is None:
+            return None
+        keys = self.update.options
+        return [tuple(map(g.get, keys)) for g in self.base.param_groups]
+
+    def _structure(self) -> list:
+        """What of those options decides the plan itself (which tensors fuse, which state they have)."""
+        return [(self.update.group_reason(g), g.get("momentum", 1) != 0, bool(g.get("amsgrad")),
+                 isinstance(self.update, AdamUpdate) and self.update.decoupled(g)) for g in self.base.param_groups]
+
+    def valid(self, base: torch.optim.Optimizer) -> bool:
+        """Nothing the plan relies on changed: the same optimizer, state, param groups (and their structural
+        options)."""
+        if base is not self.base or base.state is not self.state or len(base.state) != self.state_len:
+            return False
+        groups = base.param_groups
+        if groups is not self.base_groups or list(map(id, groups)) != self.base_group_ids:
+            return False
+        if [len(g["params"]) for g in groups] != self.base_sizes:
+            return False
+        if groups is not self.plan.groups and not all(
+                map(is_, chain.from_iterable(map(_params_of, groups)), self.base_params)):
+            return False
+        if self.update is None:
+            return True
+        options = self._options()
+        if options == self.options:
+            return True
+        self.options = options  # hyper-parameters changed: the runners upload them; a structural change rebuilds
+        self.changed = True
+        return self._structure() == self.structure
+
+    def check(self) -> bool:
+        """The second pass's gradients are where the fused tables expect them (one pass); if only their addresses
+        changed, the tables are rewritten in place. False: rebuild."""
+        if self.watch is None or self.watch.check() is not None:
+            return True
+        if any(p.grad is not None for p in self.watch.absent):
+            return False
+        if not all(u.refresh_addresses() for u in self.runners.values()):
+            return False
+        self.watch = Watch(*self._watched(), check_params=False)
+        return True
+
+    def _watched(self) -> tuple[list, list, list, list, list]:
+        keys = [k for u in self.runners.values() for k in u.fused_keys]
+        return ([k for k in keys if k.is_contiguous()], [k for k in keys if not k.is_contiguous()], [], [],
+                self.watch.absent if self.watch is not None else [])
+
+    def sync(self) -> bool:
+        """Upload changed hyper-parameters; False (and nothing changed) when the plan must be rebuilt first."""
+        if not all(u.steps_intact() for u in self.runners.values()):
+            return False
+        for u in self.runners.values():
+            u.upload(self.changed)
+        self.changed = False
+        return True
+
+    def capturing_adam(self) -> bool:
+        return isinstance(self.update, AdamUpdate) and any(
+            b.device.type == "cuda" for b in self.plan.buckets) and torch.cuda.is_current_stream_capturing()
+
+    def restore_fused(self) -> None:
+        """The fused restore + update, and the restore of every other perturbed tensor."""
+        for bi, r in enumerate(self.plan.runners):
+            u = self.runners.get(bi)
+            if u is not None:
+                u.run()
+            else:
+                r.restore()
+
+    def step_rest(self) -> None:
+        """The base optimizer's own step on every tensor the fused update did not take."""
+        if self.subset:
+            step_subset(self.base, self.subset)
+
+
+def step_subset(base: torch.optim.Optimizer, subset: list[tuple[dict, list]]) -> None:
+    """``base.step()`` on the parameters ``subset`` lists per group (their groups' current options), by handing the
+    optimizer these param groups for the call. Its state is keyed by parameter, so nothing else changes."""
+    saved = base.param_groups
+    base.param_groups = [{**group, "params": params} for group, params in subset]
+    try:
+        base.step()
+    finally:
+        base.param_groups = saved

@@ -1,0 +1,80 @@
+"""The one cheap pass a warm step makes: confirm that nothing the step plan relies on has moved.
+
+The multi-tensor kernels read tensors through addresses written into device tables when the plan was built. Between
+steps a parameter's ``.grad`` is usually a new tensor (``zero_grad(set_to_none=True)``), which the caching allocator
+often, but not always, places where the old one was; a parameter may get a gradient it did not have, or lose one. So
+each phase reads every parameter's ``.grad`` once and compares, with C-level ``map`` calls and no Python call per
+tensor:
+
+* "kernel" tensors (their addresses are in a table): the parameter's and the gradient's address, and the gradient's
+  layout (contiguous, or the strides recorded when the table was built). A parameter whose layout changes in place
+  (``p.t_()``) gets, by autograd's layout contract, a gradient laid out like it: the gradient check sees it;
+* other tensors with a gradient: that they still have one (their gradients are handed to per-tensor code each step);
+* tensors without a gradient: that they still have none.
+
+Any difference returns None and the engine rebuilds what changed.
+"""
+
+from __future__ import annotations
+
+from itertools import repeat
+from operator import attrgetter, is_, is_not
+
+import torch
+
+_grad = attrgetter("grad")
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+_stride = torch.Tensor.stride
+
+
+class Watch:
+    """What one phase checks. ``params`` = kernel tensors with contiguous parameters, then kernel tensors with other
+    dense layouts, then the other tensors with a gradient (plain tensors, then DTensors); ``absent`` = tensors expected
+    to have no gradient. ``check_params``: also compare the parameters' addresses (all but the DTensors, whose
+    storage is their local shard's): the first phase; the second trusts them."""
+
+    __slots__ = ("params", "absent", "n_kernel", "n_contiguous", "n_plain", "param_ptrs", "grad_ptrs",
+                 "grad_strides", "check_params")
+
+    def __init__(self, kernel_contiguous: list[torch.Tensor], kernel_strided: list[torch.Tensor],
+                 others: list[torch.Tensor], dtensors: list[torch.Tensor], absent: list[torch.Tensor],
+                 check_params: bool) -> None:
+        self.params = [*kernel_contiguous, *kernel_strided, *others, *dtensors]
+        self.absent = absent
+        self.n_contiguous = len(kernel_contiguous)
+        self.n_kernel = len(kernel_contiguous) + len(kernel_strided)
+        self.n_plain = len(self.params) - len(dtensors)
+        self.check_params = check_params
+        kernel = self.params[: self.n_kernel]
+        grads = list(map(_grad, kernel))
+        self.grad_ptrs = list(map(_data_ptr, grads))
+        self.grad_strides = list(map(_stride, grads[self.n_contiguous:]))
+        self.param_ptrs = list(map(_data_ptr, self.params[: self.n_plain])) if check_params else []
+
+    def __len__(self) -> int:
+        return len(self.params) + len(self.absent)
+
+    def check(self) -> list[torch.Tensor] | None:
+        """The current gradients of ``params`` when nothing moved, else None. One pass; no Python call per tensor."""
+        params = self.params
+        grads = list(map(_grad, params))
+        n, c = self.n_kernel, self.n_contiguous
+        kernel_grads = grads[:n] if n < len(grads) else grads
+        try:
+            if self.check_params and list(map(_data_ptr, params if self.n_plain == len(params) else
+                                                  params[: self.n_plain])) != self.param_ptrs:
+                return None
+            if n and list(map(_data_ptr, kernel_grads)) != self.grad_ptrs:  # TypeError on a None gradient
+                return None
+        except (TypeError, RuntimeError):  # no gradient, or one without storage
+            return None
+        if c and not all(map(_is_contiguous, kernel_grads[:c] if c < n else kernel_grads)):
+            return None
+        if c < n and list(map(_stride, kernel_grads[c:])) != self.grad_strides:
+            return None
+        if n < len(grads) and any(map(is_, grads[n:], repeat(None))):
+            return None
+        if self.absent and any(map(is_not, map(_grad, self.absent), repeat(None))):
+            return None
+        return grads

@@ -1,0 +1,28 @@
+"""The layout of the device tables the multi-tensor kernels read (Triton: ``kernels/multi_tensor.py``; CUDA:
+``csrc/multi_tensor.h`` repeats these numbers and ``tests/test_cuda_backend.py`` checks that they agree).
+
+``rows``   int64[N, NCOL]  one row per tensor: addresses (0 = unused) and the element count and flags;
+``chunks`` int32[C, 2]     (row, chunk number) per program / block;
+``opts``   ACC[G, NOPT]    per parameter group of the sharpness-aware step;
+``hyper``  fp32[H, NHYPER] per base-optimizer group, for the fused restore + update.
+"""
+
+# rows: columns
+COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_NUMEL, COL_FLAGS = range(8)
+NCOL = 8
+# rows: the flags word
+FLAG_FRESH_STATE = 2  # the optimizer state of this row is new this step (torch.optim.SGD: momentum = d_p)
+OPT_SHIFT = 8  # bits 8..31: the row's index into ``opts``
+HYPER_SHIFT = 32  # bits 32..55: the row's index into ``hyper``
+SLOT_MASK = (1 << 24) - 1
+
+# opts: columns
+OPT_ETA, OPT_RHO, OPT_ADAPTIVE, OPT_EPS = range(4)
+NOPT = 4
+
+# hyper: columns of torch.optim.SGD's update
+SGD_LR, SGD_MOMENTUM, SGD_ONE_MINUS_DAMPENING, SGD_WEIGHT_DECAY, SGD_HAS_MOMENTUM, SGD_NESTEROV, SGD_MAXIMIZE = range(7)
+# hyper: columns of torch.optim.Adam / AdamW's update
+(ADAM_ONE_MINUS_BETA1, ADAM_BETA2, ADAM_ONE_MINUS_BETA2, ADAM_EPS, ADAM_WEIGHT_DECAY, ADAM_DECAY_FACTOR,
+ ADAM_STEP_SIZE, ADAM_BC2_SQRT, ADAM_AMSGRAD, ADAM_MAXIMIZE) = range(10)
+NHYPER = 10

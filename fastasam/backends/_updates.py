@@ -1,0 +1,175 @@
+"""What the fused restore + update needs to know about each base optimizer it can replace: which param groups it can
+serve, how torch.optim names and creates each tensor's state, and the hyper-parameter row its kernel reads.
+
+One class per optimizer family (``torch.optim.SGD``; ``torch.optim.Adam`` / ``AdamW``), each mirroring torch's own
+update: hyper-parameters are combined on the host in double precision exactly as torch.optim combines them
+(``1 - dampening``, ``1 - lr * weight_decay``, ``lr / (1 - beta1 ** step)``, ...) and rounded once into the fp32
+``hyper`` table (``_layout``), which is what torch's fp32 kernels receive as scalars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _layout as L
+
+
+def flat_like(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """True when ``t`` covers its memory densely, laid out exactly like ``like`` (element i of one is element i of
+    the other)."""
+    if t.is_contiguous() and like.is_contiguous():
+        return True
+    return t.shape == like.shape and t.stride() == like.stride() and _dense(t)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """The elements of ``t`` fill ``numel`` consecutive memory slots, each once (any dimension order)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _state_ok(t: torch.Tensor | None, p: torch.Tensor) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dtype == p.dtype and t.device == p.device and t.shape == p.shape
+            and flat_like(t, p))
+
+
+def _tensor_option(group: dict, names: Sequence[str]) -> str | None:
+    for n in names:
+        v = group.get(n)
+        values = v if isinstance(v, tuple) else (v,)
+        if any(isinstance(x, torch.Tensor) for x in values):
+            return f"{n} is a tensor"
+    return None
+
+
+class SGDUpdate:
+    """``torch.optim.SGD``: momentum (buffer ``momentum_buffer``, created as ``d_p`` on a tensor's first step),
+    dampening, nesterov, weight decay, maximize."""
+
+    kind = "sgd"
+    kernel = "restore_sgd"
+    # the options a group's fused update depends on; a change of any of them re-reads the group
+    options = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "differentiable")
+
+    def group_reason(self, group: dict) -> str | None:
+        """Why the tensors of this group cannot be fused (None: they can)."""
+        if group.get("differentiable"):
+            return "differentiable=True"
+        return _tensor_option(group, ("lr", "momentum", "dampening", "weight_decay"))
+
+    def state_columns(self, p: torch.Tensor, state: dict, group: dict) -> tuple[list, bool] | str:
+        """(the S1..S3 state tensors, whether they are new) for a fused step of ``p``, creating what torch would
+        create; or the reason ``p`` cannot be fused. Called only for a tensor that is otherwise fused."""
+        if group["momentum"] == 0:
+            return [None, None, None], False
+        buf = state.get("momentum_buffer")
+        if buf is None:  # the kernel writes d_p into it (zeros until then, should the launch not happen)
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return [state["momentum_buffer"], None, None], True
+        if not _state_ok(buf, p):
+            return "its momentum buffer is not laid out like it"
+        return [buf, None, None], False
+
+    def hyper_row(self, group: dict, step: float) -> list[float]:
+        momentum = group["momentum"]
+        row = [0.0] * L.NHYPER
+        row[L.SGD_LR] = group["lr"]
+        row[L.SGD_MOMENTUM] = momentum
+        row[L.SGD_ONE_MINUS_DAMPENING] = 1 - group["dampening"]
+        row[L.SGD_WEIGHT_DECAY] = group["weight_decay"]
+        row[L.SGD_HAS_MOMENTUM] = float(momentum != 0)
+        row[L.SGD_NESTEROV] = float(bool(group["nesterov"]))
+        row[L.SGD_MAXIMIZE] = float(bool(group["maximize"]))
+        return row
+
+
+
+class AdamUpdate:
+    """``torch.optim.Adam`` and ``AdamW``: moments ``exp_avg`` / ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad),
+    L2 or decoupled weight decay, maximize, and a per-tensor ``step`` count on the CPU.
+
+    The fused kernel applies one bias correction per param group, so the group's fused tensors must share one step
+    count. Their ``state["step"]`` tensors are made 0-d views of one CPU tensor per group (each tensor keeps its own
+    element), so one ``add_`` counts a step for all of them, as torch's foreach ``_foreach_add_`` would element by
+    element; a checkpoint holds the same numbers either way."""
+
+    kind = "adam"
+    kernel = "restore_adam"
+    options = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "differentiable",
+               "decoupled_weight_decay")
+
+    def __init__(self, decoupled_default: bool) -> None:
+        self.decoupled_default = decoupled_default
+
+    def group_reason(self, group: dict) -> str | None:
+        if group.get("capturable"):
+            return "capturable=True (torch's own update keeps its step count on the device)"
+        if group.get("differentiable"):
+            return "differentiable=True"
+        return _tensor_option(group, ("lr", "betas", "eps", "weight_decay"))
+
+    def state_columns(self, p: torch.Tensor, state: dict, group: dict) -> tuple[list, bool] | str:
+        if len(state) == 0:  # what torch.optim.Adam's first step creates (the step count is made by steps_for)
+            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = torch.tensor(0.0, dtype=dtype)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        step = state.get("step")
+        if not isinstance(step, torch.Tensor) or step.device.type != "cpu" or step.numel() != 1:
+            return "its Adam step count is not a CPU scalar tensor"
+        if not (_state_ok(state.get("exp_avg"), p) and _state_ok(state.get("exp_avg_sq"), p)):
+            return "its Adam moments are missing or not laid out like it"
+        if group["amsgrad"]:
+            if "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not _state_ok(state["max_exp_avg_sq"], p):
+                return "its max_exp_avg_sq is not laid out like it"
+        vmax = state.get("max_exp_avg_sq") if group["amsgrad"] else None
+        return [state["exp_avg"], state["exp_avg_sq"], vmax], False
+
+    def decoupled(self, group: dict) -> bool:
+        return bool(group.get("decoupled_weight_decay", self.decoupled_default))
+
+    def hyper_row(self, group: dict, step: float) -> list[float]:
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        decoupled = self.decoupled(group)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        row = [0.0] * L.NHYPER
+        row[L.ADAM_ONE_MINUS_BETA1] = 1 - beta1
+        row[L.ADAM_BETA2] = beta2
+        row[L.ADAM_ONE_MINUS_BETA2] = 1 - beta2
+        row[L.ADAM_EPS] = group["eps"]
+        row[L.ADAM_WEIGHT_DECAY] = 0.0 if decoupled else wd
+        row[L.ADAM_DECAY_FACTOR] = 1 - lr * wd if (decoupled and wd != 0) else 1.0
+        row[L.ADAM_STEP_SIZE] = lr / bias_correction1
+        row[L.ADAM_BC2_SQRT] = bias_correction2**0.5
+        row[L.ADAM_AMSGRAD] = float(bool(group["amsgrad"]))
+        row[L.ADAM_MAXIMIZE] = float(bool(group["maximize"]))
+        return row
+
+    def steps_for(self, states: list[dict]) -> torch.Tensor:
+        """One CPU tensor holding the step counts of a group's fused tensors, each ``state["step"]`` re-pointed to its
+        own element (values and dtype kept). The counts must be equal (checked by the caller)."""
+        first = states[0]["step"]
+        steps = torch.empty(len(states), dtype=first.dtype)
+        for i, st in enumerate(states):
+            steps[i] = st["step"]
+            st["step"] = steps[i]
+        return steps
+
+
+_FUSED = {torch.optim.SGD: SGDUpdate(), torch.optim.Adam: AdamUpdate(False), torch.optim.AdamW: AdamUpdate(True)}
+
+
+def fused_update_for(base: torch.optim.Optimizer) -> SGDUpdate | AdamUpdate | None:
+    """The fused update that can replace ``base.step()`` for its tensors, or None (any other optimizer class; a
+    subclass may change the update, so only the exact classes qualify)."""
+    return _FUSED.get(type(base))
