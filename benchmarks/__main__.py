@@ -4,9 +4,11 @@
                                     # CPU: the ResNet-50 parameter set and a small end-to-end step (a few minutes)
     python -m benchmarks --smoke    # seconds: the tiny model, for CI
 
-Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per table), with
-the device, versions, commit and date. ``python -m benchmarks.step_time`` / ``benchmarks.e2e`` run one part with
-more options.
+Parts: optimizer step time (``step_time``), the host work of a warm step against the official loop's dispatch
+(``host_overhead``; on the CPU whatever the device, with kernel launches made no-ops), and an end-to-end training step
+(``e2e``). Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per
+table), with the device, versions, commit and date; the host part also its own ``host-overhead-cpu.*``.
+``python -m benchmarks.step_time`` / ``.host_overhead`` / ``.e2e`` run one part with more options.
 """
 
 from __future__ import annotations
@@ -17,22 +19,25 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, step_time
+from benchmarks import e2e, host_overhead, step_time
 
 
 def plan(device: torch.device, smoke: bool) -> dict:
     """What to run: step-time (param set, dtype) pairs with their step counts, and the end-to-end configuration."""
+    host = {"param_sets": list(host_overhead.DEFAULT_SETS), "steps": 100, "warmup": 5}
     if smoke:
         return {"step_time": [("resnet_tiny", torch.float32)], "steps": 2, "warmup": 1,
                 "variants": ["asam-reference", "asam-auto", "sgd"],
+                "host": {"param_sets": ["resnet_tiny"], "steps": 3, "warmup": 1},
                 "e2e": {"arch": "resnet_tiny", "batch": 4, "image_size": 32, "amp": "none", "channels_last": True,
                         "steps": 2, "warmup": 1}}
     if device.type == "cuda":
         return {"step_time": [("resnet50", torch.float32), ("resnet50", torch.bfloat16), ("vit_b16", torch.float32),
                               ("gpt2_medium", torch.float32)], "steps": 50, "warmup": 10, "variants": None,
+                "host": host,
                 "e2e": {"arch": "resnet50", "batch": 256, "image_size": 224, "amp": "bf16", "channels_last": True,
                         "steps": 30, "warmup": 5}}
-    return {"step_time": [("resnet50", torch.float32)], "steps": 10, "warmup": 2, "variants": None,
+    return {"step_time": [("resnet50", torch.float32)], "steps": 10, "warmup": 2, "variants": None, "host": host,
             "e2e": {"arch": "resnet50", "batch": 8, "image_size": 64, "amp": "none", "channels_last": True,
                     "steps": 3, "warmup": 1}}
 
@@ -49,28 +54,35 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"fastasam benchmark suite on {env['device_name']} ({device}), torch {env['torch']}, commit {env['commit']}",
           flush=True)
     results, sections = [], []
-    total = len(todo["step_time"]) + 1
+    total = len(todo["step_time"]) + 2
     for i, (param_set, dtype) in enumerate(todo["step_time"], start=1):
         print(f"[{i}/{total}] optimizer step time: {param_set}, {dtype}", flush=True)
         variants = todo["variants"] or step_time.default_variants(device)
         result = step_time.run(param_set, device, dtype, todo["steps"], todo["warmup"], variants)
         results.append(result)
         sections.append((step_time.markdown(result, env), (result, step_time.title(result, env))))
+    print(f"[{total - 1}/{total}] host work of a warm step (CPU, launches made no-ops)", flush=True)
+    host = todo["host"]
+    host_results = [host_overhead.run(name, host["steps"], host["warmup"]) for name in host["param_sets"]]
+    host_md = host_overhead.markdown(host_results, step_time.environment(torch.device("cpu")))
+    if not args.smoke:
+        host_overhead.write(host_results, host_md, args.out)
     print(f"[{total}/{total}] end-to-end training step", flush=True)
     result = e2e.run(device, **todo["e2e"])
     results.append(result)
     sections.append((e2e.markdown(result, env), (result, f"{result['param_set']}, batch {result['batch']}, "
                                                           f"{env['device_name']} ({env['device']})")))
 
-    md = "\n".join(m for m, _ in sections)
+    md = "\n".join([*(m for m, _ in sections[:-1]), host_md, sections[-1][0]])
     print("\n" + md)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"suite-{device.type}{'-smoke' if args.smoke else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results,
+                                                     "host_overhead": host_results}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"# fastasam benchmark suite\n\n{md}")
     if step_time.plot([p for _, p in sections], stem.with_suffix(".png")):
         print(f"wrote {stem}.json, .md and .png")
-    return {"environment": env, "results": results}
+    return {"environment": env, "results": results, "host_overhead": host_results}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Host work of a warm optimizer step (SPEC §4, host path): what a step costs the CPU before any kernel runs.
 
     python -m benchmarks.host_overhead                         # resnet50 (161 tensors), gpt2_medium (292), many_2000
-    python -m benchmarks.host_overhead --steps 400 --param-sets resnet50 --callgrind
+    python -m benchmarks.host_overhead --steps 400 --callgrind resnet50 many_2000   # + instructions per step
 
 Measured where host work is all there is: the parameter set's tensors (their number, names and ranks) with every
 dimension cut to at most 2 elements, on the CPU, so every op is dispatched as on a GPU and computes next to nothing
@@ -236,6 +236,8 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
         if (i + 1) % max(1, steps // 4) == 0:
             print(f"  {param_set}: step {i + 1}/{steps}", flush=True)
     official = statistics.median(times["official loop"])
+    if len(times["official loop"]) < 2:
+        raise SystemExit("host_overhead: --steps must be at least 2")
     rows = []
     for v in variants:
         med = statistics.median(times[v.name])
@@ -373,7 +375,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--param-sets", nargs="+", default=list(DEFAULT_SETS), choices=sorted(PARAM_SETS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--callgrind", action="store_true", help="also count instructions per step under valgrind")
+    parser.add_argument("--callgrind", nargs="*", metavar="SET", default=None,
+                        help="also count instructions per step under valgrind (for these sets; none named: all)")
     parser.add_argument("--out", type=Path, default=step_time.RESULTS)
     parser.add_argument("--worker", nargs=3, metavar=("SET", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -384,16 +387,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for i, name in enumerate(args.param_sets, start=1):
         print(f"[{i}/{len(args.param_sets)}] host work per warm step: {name}", flush=True)
-        results.append(run(name, args.steps, args.warmup, args.callgrind))
+        counted = args.callgrind is not None and (not args.callgrind or name in args.callgrind)
+        results.append(run(name, args.steps, args.warmup, counted))
     md = markdown(results, env)
     print("\n" + md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "host-overhead-cpu"
+    write(results, md, args.out, env)
+    return results
+
+
+def write(results: list[dict], md: str, out: Path, env: dict | None = None) -> None:
+    """``host-overhead-cpu.json`` / ``.md`` / ``.png`` under ``out``."""
+    env = env or step_time.environment(torch.device("cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / "host-overhead-cpu"
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"# fastasam host overhead\n\n{md}")
     if plot(results, stem.with_suffix(".png")):
         print(f"wrote {stem}.json, .md and .png")
-    return results
 
 
 if __name__ == "__main__":

@@ -86,24 +86,27 @@ void restore(at::Tensor& rows, const at::Tensor& chunks, int64_t count, int64_t 
            "restore");
 }
 
-void restore_sgd(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, int64_t count,
-                 int64_t chunk_size, int64_t dtype, bool copy) {
+// the fused restore + update launchers share their signature (multi_tensor.h)
+using UpdateLauncher = int (*)(int, const int64_t*, const int32_t*, const float*, int, int64_t, int, cudaStream_t);
+
+void restore_update(UpdateLauncher launch, const char* what, at::Tensor& rows, const at::Tensor& chunks,
+                    const at::Tensor& hyper, int64_t count, int64_t chunk_size, int64_t dtype, bool copy) {
   check_tables(rows, chunks, count, chunk_size, dtype);
   check_table(hyper, "hyper", FA_NHYPER, rows);
   const c10::cuda::CUDAGuard guard(rows.device());
-  raise_on(fa_restore_sgd(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
-                          hyper.data_ptr<float>(), static_cast<int>(count), chunk_size, copy, stream_of(rows)),
-           "restore + SGD");
+  raise_on(launch(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(), hyper.data_ptr<float>(),
+                  static_cast<int>(count), chunk_size, copy, stream_of(rows)),
+           what);
+}
+
+void restore_sgd(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, int64_t count,
+                 int64_t chunk_size, int64_t dtype, bool copy) {
+  restore_update(fa_restore_sgd, "restore + SGD", rows, chunks, hyper, count, chunk_size, dtype, copy);
 }
 
 void restore_adam(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, int64_t count,
                   int64_t chunk_size, int64_t dtype, bool copy) {
-  check_tables(rows, chunks, count, chunk_size, dtype);
-  check_table(hyper, "hyper", FA_NHYPER, rows);
-  const c10::cuda::CUDAGuard guard(rows.device());
-  raise_on(fa_restore_adam(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
-                           hyper.data_ptr<float>(), static_cast<int>(count), chunk_size, copy, stream_of(rows)),
-           "restore + Adam");
+  restore_update(fa_restore_adam, "restore + Adam", rows, chunks, hyper, count, chunk_size, dtype, copy);
 }
 
 }  // namespace

@@ -97,6 +97,12 @@ def _ptr(rows, row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexp
 
 
 @triton.jit
+def _wgb(rows, row, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The parameter, gradient and restore-buffer pointers of a row."""
+    return _ptr(rows, row, _W, DTYPE, ALIGNED), _ptr(rows, row, _G, DTYPE, ALIGNED), _ptr(rows, row, _B, DTYPE, ALIGNED)
+
+
+@triton.jit
 def _chunk(rows, chunks, pid, CHUNK: tl.constexpr):
     """(row, first element, element count, flags) of program ``pid``'s chunk."""
     row = tl.load(chunks + pid * 2).to(tl.int64)
@@ -228,9 +234,7 @@ def perturb_kernel(
     ok = finite & (norm > 0)
     inv = _div(tl.full([], 1.0, ACC), tl.where(ok, norm + _opt(opts, flags, _EPS).to(ACC), 1.0), ACC)
     scale = tl.where(ok, inv * _opt(opts, flags, _RHO).to(ACC), 0.0)
-    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
-    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
-    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    w, g, b = _wgb(rows, row, DTYPE, ALIGNED)
     if _opt(opts, flags, _ADAPTIVE) != 0:
         _perturb_chunk(w, g, b, start, length, _opt(opts, flags, _ETA).to(ACC), scale, finite, True, COPY, ACC,
                        BLOCK)
@@ -325,9 +329,7 @@ def restore_sgd_kernel(
     has_momentum = _hyper(hyper, flags, _SGD_HAS_MOMENTUM) != 0
     nesterov = _hyper(hyper, flags, _SGD_NESTEROV) != 0
     maximize = _hyper(hyper, flags, _SGD_MAXIMIZE) != 0
-    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
-    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
-    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    w, g, b = _wgb(rows, row, DTYPE, ALIGNED)
     mom = _ptr(rows, row, _S1, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
@@ -393,9 +395,7 @@ def restore_adam_kernel(
     bc2_sqrt = _hyper(hyper, flags, _ADAM_BC2)
     amsgrad = _hyper(hyper, flags, _ADAM_AMSGRAD) != 0
     maximize = _hyper(hyper, flags, _ADAM_MAXIMIZE) != 0
-    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
-    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
-    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    w, g, b = _wgb(rows, row, DTYPE, ALIGNED)
     m1 = _ptr(rows, row, _S1, DTYPE, ALIGNED)
     m2 = _ptr(rows, row, _S2, DTYPE, ALIGNED)
     vmax = _ptr(rows, row, _S3, DTYPE, ALIGNED)

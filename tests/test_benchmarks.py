@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import fastasam
-from benchmarks import baselines, step_time
+from benchmarks import baselines, host_overhead, step_time
 
 
 def test_step_time_benchmark_runs_and_writes_results(tmp_path):
@@ -57,8 +57,9 @@ def test_suite_smoke_configuration_writes_table_and_plot(tmp_path):
     assert kinds == ["resnet_tiny", "resnet_tiny training step"]
     e2e_rows = {r["variant"]: r for r in out["results"][1]["rows"]}
     assert e2e_rows["sgd"]["ratio_vs_sgd"] == 1.0 and e2e_rows["asam-auto"]["images_per_s"] > 0
+    assert [r["param_set"] for r in out["host_overhead"]] == ["resnet_tiny"]
     md = (tmp_path / "suite-cpu-smoke.md").read_text()
-    assert md.count("### ") == 2 and "step time / SGD's" in md
+    assert md.count("### ") == 3 and "step time / SGD's" in md and "vs official loop" in md
     assert (tmp_path / "suite-cpu-smoke.png").stat().st_size > 0
     assert json.loads((tmp_path / "suite-cpu-smoke.json").read_text())["environment"]["commit"]
 
@@ -70,3 +71,18 @@ def test_op_level_pytest_benchmarks_run(tmp_path):
                            "--benchmark-disable"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{3 * len(fastasam.available_backends('cpu'))} passed" in proc.stdout
+
+
+def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_count(tmp_path):
+    """The benchmark runs every variant; a warm step of a multi-tensor backend makes the same number of Python calls
+    for 2,000 tensors as for the tiny ResNet (the watch's passes are C-level maps), far fewer than the official loop."""
+    results = host_overhead.main(["--param-sets", "resnet_tiny", "many_2000", "--steps", "3", "--warmup", "1",
+                                  "--out", str(tmp_path)])
+    tiny, many = ({r["name"]: r for r in res["rows"]} for res in results)
+    assert set(tiny) >= {"official loop", "torch SGD (foreach)", "fastasam reference", "fastasam foreach"}
+    fused = [n for n in tiny if n in ("fastasam triton", "fastasam cuda")]
+    assert fused, "no multi-tensor backend measured"
+    for name in fused:
+        assert tiny[name]["python_calls"] == many[name]["python_calls"] < many["official loop"]["python_calls"] / 100
+    assert many["official loop"]["python_calls"] > 10 * tiny["official loop"]["python_calls"]
+    assert (tmp_path / "host-overhead-cpu.md").read_text().count("| many_2000 (2000) |") == len(many)

@@ -280,18 +280,23 @@ def test_grad_none_and_frozen_params_are_skipped():
     assert torch.equal(unused, before) and unused.grad is None
 
 
-def test_first_pass_gradients_are_not_kept_alive():
-    """The engine must not hold the first pass's gradients once zero_grad() freed them."""
+@pytest.mark.parametrize("backend,device", ALL_CASES, ids=ALL_IDS)
+def test_gradients_are_not_kept_alive(backend, device):
+    """Neither pass's gradients may outlive zero_grad(): a plan that kept them would hold a parameter-sized set of
+    gradients through the next forward pass."""
     import weakref
 
-    p = torch.nn.Parameter(torch.randn(100))
-    opt = fastasam.ASAM([p], torch.optim.SGD, lr=0.1)
-    soup_loss([p]).backward()
-    ref = weakref.ref(p.grad)
-    opt.first_step(zero_grad=True)
-    assert ref() is None
-    soup_loss([p]).backward()
-    opt.second_step()
+    params = [torch.nn.Parameter(torch.randn(100, device=device)), torch.nn.Parameter(torch.randn(7, 3, device=device))]
+    opt = fastasam.ASAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    for _ in range(2):
+        soup_loss(params).backward()
+        first = [weakref.ref(p.grad) for p in params]
+        opt.first_step(zero_grad=True)
+        assert all(r() is None for r in first), "a first-pass gradient outlived zero_grad()"
+        soup_loss(params).backward()
+        second = [weakref.ref(p.grad) for p in params]
+        opt.second_step(zero_grad=True)
+        assert all(r() is None for r in second), "a second-pass gradient outlived zero_grad()"
 
 
 @pytest.mark.parametrize("backend", ["reference", "foreach"])

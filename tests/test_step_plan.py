@@ -293,3 +293,28 @@ def test_a_gradient_laid_out_differently_at_the_same_address_is_noticed(backend,
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert opt.report().buckets[0].foreach == {"its gradient is laid out unlike the parameter": 1}
+
+
+@pytest.mark.parametrize("backend,device", MULTI, ids=MULTI_IDS)
+def test_a_fused_adam_checkpoint_resumes_in_plain_torch_adamw(backend, device, tmp_path):
+    """The fused Adam keeps each tensor's step count as its own element of one CPU tensor per group; saved and
+    loaded into torch.optim.AdamW, every tensor still counts its own steps (a shared counter would be counted once per
+    tensor)."""
+    ours, ref = small(device), small(device)
+    kw = {"lr": 0.01, "weight_decay": 0.01}
+    opt = fastasam.ASAM(ours, torch.optim.AdamW, backend=backend, **kw)
+    ref_opt = fastasam.ASAM(ref, torch.optim.AdamW, backend="reference", **kw)
+    for _ in range(3):
+        step(opt, ours)
+        step(ref_opt, ref)
+    assert opt.report().fused == len(ours)
+    torch.save(opt.state_dict(), tmp_path / "ckpt.pt")
+    plain = torch.optim.AdamW(ours, **kw)
+    plain.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    for o, ps in ((plain, ours), (ref_opt.base_optimizer, ref)):
+        soup_loss(ps).backward()
+        o.step()
+        o.zero_grad()
+    assert [float(plain.state[p]["step"]) for p in ours] == [4.0] * len(ours)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -192,3 +192,33 @@ def test_kernels_compile_for_sm80_and_sm90_with_vector_loads():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_")]
     assert len(lines) == 2 * 2 * 5 and all(line.endswith("ok") for line in lines), proc.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")
+def test_direct_launches_of_the_compiled_kernels_equal_launches_through_the_jit(monkeypatch):
+    """A warm step launches each kernel through its CompiledKernel's launcher with the arguments Triton specialised
+    it for; the numbers must be those of ``kernel[grid](...)`` every time, to the bit."""
+    from fastasam.backends import triton_backend
+
+    first_launches = []
+    real = triton_backend.TritonLaunch._launch_and_keep
+
+    def kept(self):
+        real(self)
+        first_launches.append(self)
+
+    monkeypatch.setattr(triton_backend.TritonLaunch, "_launch_and_keep", kept)
+    runs = {}
+    for fast in (False, True):
+        monkeypatch.setattr(triton_backend, "FAST_LAUNCH", fast)
+        first_launches.clear()
+        for kind, base, kwargs in (("sgd", torch.optim.SGD, SGD_OPTIONS["momentum"]),
+                                   ("adamw", *ADAM_OPTIONS["adamw"])):
+            got, state, reports = fused_run("triton", torch.float32, base, kwargs, "copy", steps=5)
+            assert all_fused(reports)
+            runs[fast, kind] = got
+        assert all((launch.runner is not None) == fast for launch in first_launches)
+        assert len(first_launches) >= 6  # norm, perturbation and fused update of both optimizers
+    for kind in ("sgd", "adamw"):
+        assert_trajectories_equal(runs[False, kind], runs[True, kind])

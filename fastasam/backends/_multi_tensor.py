@@ -248,7 +248,8 @@ class PerturbRunner:
             foreach.restore_(self.rest_head, self.restore_mode)
 
     def release(self) -> None:
-        """Drop references to this step's gradients."""
+        """Drop references to this step's gradients (the tables keep addresses, not tensors)."""
+        self.bucket.grads = []
         if self.rest is not None:
             self.rest.grads = []
 
@@ -316,11 +317,12 @@ class UpdateRunner:
         self.flags = [(self.slot[owner[id(b.keys[i])]] << L.HYPER_SHIFT) | (L.FLAG_FRESH_STATE if fresh[pos[i]] else 0)
                       for i in fused_rows]
         self.fused_rows = fused_rows
-        self.columns = [[b.params[i] for i in fused_rows], [b.keys[i].grad for i in fused_rows],
-                        [b.buffers[i] for i in fused_rows],
-                        *([columns[pos[i]][k] for i in fused_rows] for k in range(3))]
         self.numels = [b.params[i].numel() for i in fused_rows]
-        tab = self._tab = _rows_table(self.columns, self.numels, self.flags)
+        tab = self._tab = _rows_table(
+            [[b.params[i] for i in fused_rows], [b.keys[i].grad for i in fused_rows], [b.buffers[i] for i in fused_rows],
+             *([columns[pos[i]][k] for i in fused_rows] for k in range(3))], self.numels, self.flags)
+        # the optimizer state the table points into stays alive with the plan, whatever happens to the state dict
+        self.state_tensors = [t for i in fused_rows for t in columns[pos[i]] if t is not None]
         self.rows_d = tab.to(dev)
         self.grad_ptrs = tab[:, L.COL_G].tolist()
         chunks = _chunk_list(self.numels, range(len(fused_rows)), phase1.launcher.chunk)
