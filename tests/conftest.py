@@ -41,10 +41,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def awkward_params(device: str, dtype: torch.dtype, start: torch.dtype | None = None) -> list[torch.nn.Parameter]:
+def awkward_params(device: str, dtype: torch.dtype, start: torch.dtype | None = None,
+                   chunk_sized: bool = True) -> list[torch.nn.Parameter]:
     """Shapes that break naive multi-tensor code: size 1, 9x41, 4097, empty, chunk boundaries, channels_last,
     non-contiguous, and many tiny tensors. ``start``: round the values to this dtype first (a high-precision run
-    that starts where a low-precision one does)."""
+    that starts where a low-precision one does). ``chunk_sized=False`` leaves out the two tensors either side of the
+    foreach chunk (most of the elements), for tests about numbers rather than chunking."""
     gen = torch.Generator().manual_seed(1234)
 
     def make(shape: tuple[int, ...], layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
@@ -55,7 +57,7 @@ def awkward_params(device: str, dtype: torch.dtype, start: torch.dtype | None = 
 
     params = [
         make((1,)), make((9, 41)), make((4097,)), make((0,)), make((3, 0, 2)),
-        make((CHUNK - 1,)), make((CHUNK + 3,)),
+        *((make((CHUNK - 1,)), make((CHUNK + 3,))) if chunk_sized else ()),
         make((8, 3, 5, 5), lambda t: t.contiguous(memory_format=torch.channels_last)),
         make((41, 9), lambda t: t.t()),  # non-contiguous leaf
     ]
@@ -88,12 +90,12 @@ def trajectory(
     backend: str, device: str, dtype: torch.dtype, *, steps: int = 8, reload_at: int | None = 4,
     base: type[torch.optim.Optimizer] = torch.optim.SGD, restore: str = "copy",
     base_kwargs: dict | None = None, unused: bool = True, base_optimizer_kwargs: dict | None = None,
-    start: torch.dtype | None = None,
+    start: torch.dtype | None = None, chunk_sized: bool = True,
 ) -> list[list[torch.Tensor]]:
     """Run ``steps`` ASAM steps on the awkward parameter soup; reload a ``state_dict`` into a new optimizer midway.
 
     Returns the parameters after each step (copies). One parameter gets no gradient at all (``grad is None``)."""
-    params = awkward_params(device, dtype, start)
+    params = awkward_params(device, dtype, start, chunk_sized)
     extra = torch.nn.Parameter(torch.ones(5, device=device, dtype=dtype))  # never used: grad stays None
     trained = params
     groups = three_groups(params)
