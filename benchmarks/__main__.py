@@ -7,7 +7,7 @@
 Parts: optimizer step time (``step_time``), the host work of a warm step against the official loop's dispatch
 (``host_overhead``; on the CPU whatever the device, with kernel launches made no-ops), and an end-to-end training step
 (``e2e``). Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per
-table), with the device, versions, commit and date; the host part also its own ``host-overhead-cpu.*``.
+table), with the device, versions, commit and date.
 ``python -m benchmarks.step_time`` / ``.host_overhead`` / ``.e2e`` run one part with more options.
 """
 
@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
     host = todo["host"]
     host_results = [host_overhead.run(name, host["steps"], host["warmup"]) for name in host["param_sets"]]
     host_md = host_overhead.markdown(host_results, step_time.environment(torch.device("cpu")))
-    if not args.smoke:
-        host_overhead.write(host_results, host_md, args.out)
     print(f"[{total}/{total}] end-to-end training step", flush=True)
     result = e2e.run(device, **todo["e2e"])
     results.append(result)

@@ -251,7 +251,7 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
             "skipped": skipped}
 
 
-def callgrind_instructions(param_set: str, variant: str, steps: int = 20) -> int | None:
+def callgrind_instructions(param_set: str, variant: str, steps: int = 5) -> int | None:
     """Instructions per warm step of one variant under ``valgrind --tool=callgrind``, or None when valgrind is
     missing. Counting is switched on only around two windows of the worker (``_worker``): ``steps`` warm steps, and
     the same number of gradient resets alone; their difference over ``steps`` is the step's."""
