@@ -319,8 +319,9 @@ class UpdateRunner:
         self.fused_rows = fused_rows
         self.numels = [b.params[i].numel() for i in fused_rows]
         tab = self._tab = _rows_table(
-            [[b.params[i] for i in fused_rows], [b.keys[i].grad for i in fused_rows], [b.buffers[i] for i in fused_rows],
-             *([columns[pos[i]][k] for i in fused_rows] for k in range(3))], self.numels, self.flags)
+            [[b.params[i] for i in fused_rows], [b.keys[i].grad for i in fused_rows],
+             [b.buffers[i] for i in fused_rows], *([columns[pos[i]][k] for i in fused_rows] for k in range(3))],
+            self.numels, self.flags)
         # the optimizer state the table points into stays alive with the plan, whatever happens to the state dict
         self.state_tensors = [t for i in fused_rows for t in columns[pos[i]] if t is not None]
         self.rows_d = tab.to(dev)
