@@ -107,6 +107,8 @@ class StepPlan:
             n = b.n_perturbed
             b.buffers = [engine.buffer(k, p) for k, p in zip(b.keys[:n], b.params[:n])]
         self.buckets = buckets
+        # where every parameter was (DTensors: their local shards): a parameter that moved means a new plan
+        self.param_ptrs = [[(p.data_ptr(), p.shape, p.stride()) for p in b.params] for b in buckets]
         self.runners = [make_runner(backends.resolve(engine.backend, b.device), b, engine.restore_mode, engine.eps)
                         for b in buckets]
         # one bucket on the kernels, whole on this rank: the norm kernel's output is the global norm
@@ -186,14 +188,14 @@ class StepPlan:
         kernel tensors' new gradients are laid out like their parameters; only addresses of gradients changed."""
         if any(p.grad is not None for p in self.absent):
             return False
-        for b, r in zip(self.buckets, self.runners, strict=True):
-            if b.dtensor_shards or any(k.grad is None for k in b.keys):
+        for b, r, where in zip(self.buckets, self.runners, self.param_ptrs, strict=True):
+            if b.dtensor_shards or any(k.grad is None or k.grad.layout != torch.strided for k in b.keys):
                 return False
-            if isinstance(r, PerturbRunner):
-                if [(p.data_ptr(), p.stride()) for p in (b.params[i] for i in r.rows)] != r.param_layout:
-                    return False
-                if not all(flat_like(b.keys[i].grad, b.params[i]) for i in r.kernel_index):
-                    return False
+            if [(p.data_ptr(), p.shape, p.stride()) for p in b.params] != where:
+                return False
+            if isinstance(r, PerturbRunner) and not all(flat_like(b.keys[i].grad, b.params[i])
+                                                        for i in r.kernel_index):
+                return False
         for b in self.buckets:
             b.grads = [k.grad for k in b.keys]
         return True

@@ -153,7 +153,6 @@ class PerturbRunner:
                         "perturb": _aligned(tab, (L.COL_W, L.COL_G, L.COL_B)),
                         "restore": _aligned(tab, (L.COL_W, L.COL_B))}
         self.grad_ptrs = tab[:, L.COL_G].tolist()
-        self.param_layout = [(t.data_ptr(), t.stride()) for t in ws]
         return tab
 
     def set_options(self) -> None:
