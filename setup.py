@@ -1,10 +1,16 @@
 """Installs fastasam; never pulls a torch wheel (install torch first, then ``pip install --no-build-isolation .``).
 ``kernels/`` installs as ``fastasam.kernels``.
 
-The CUDA extension ``fastasam._C`` (csrc/) is built when a CUDA build of PyTorch and a CUDA toolkit are present,
-and skipped with one line otherwise: installing never fails for lack of CUDA. Environment:
+Two optional C++ extensions; installing never fails for lack of either (unset flags: build when possible, and a
+build that fails prints why and the install goes on without it):
 
-* ``FASTASAM_BUILD_CUDA=1`` builds it or fails saying why; ``=0`` skips it; unset: build when possible.
+* ``fastasam._host`` (csrc/host.cpp, CPU C++ only): the warm step's one pass over the tensors (fastasam/_watch.py
+  has the same in Python, used when it is missing). ``FASTASAM_BUILD_HOST=1`` builds it or fails; ``=0`` skips it.
+* ``fastasam._C`` (csrc/*.cu): the ``cuda`` backend's kernels, built when a CUDA build of PyTorch and a CUDA toolkit
+  are present. ``FASTASAM_BUILD_CUDA=1`` builds it or fails saying why; ``=0`` skips it.
+
+Environment for both:
+
 * ``MAX_JOBS``: parallel compile jobs (default: the CPU count, at most 4; nvcc jobs take GBs of memory each).
 * ``TORCH_CUDA_ARCH_LIST``: target GPUs (default: the visible GPUs; "8.0;9.0" (A100, H100/H200) when none is).
 """
@@ -12,6 +18,7 @@ and skipped with one line otherwise: installing never fails for lack of CUDA. En
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from setuptools import setup
@@ -27,27 +34,67 @@ def _version() -> str:
     raise RuntimeError("fastasam/__init__.py has no __version__")
 
 
+def _flag(env: dict[str, str], name: str) -> str:
+    """"on", "off" or "auto" for the environment variable ``name``."""
+    value = env.get(name, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "on" if value in ("1", "true", "yes", "on") else "auto"
+
+
+def host_build_decision(env: dict[str, str]) -> tuple[bool, str]:
+    """(build?, why) for ``fastasam._host``; raises SystemExit when FASTASAM_BUILD_HOST=1 cannot be honoured."""
+    flag = _flag(env, "FASTASAM_BUILD_HOST")
+    if flag == "off":
+        return False, "FASTASAM_BUILD_HOST=0"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        reason = "PyTorch is not importable (install torch first, then pip install --no-build-isolation .)"
+        if flag == "on":
+            raise SystemExit(f"fastasam: FASTASAM_BUILD_HOST=1 but fastasam._host cannot be built: {reason}.") from None
+        return False, reason
+    return True, "PyTorch found"
+
+
+def find_cuda_home(env: dict[str, str]) -> str | None:
+    """The CUDA toolkit: ``CUDA_HOME`` (or ``CUDA_PATH``) when set, else the first of nvcc's ``..`` (following links)
+    and the usual folders whose ``include/cuda_runtime.h`` exists. (PyTorch's own guess takes nvcc's ``..`` as is,
+    which is wrong where nvcc on PATH is a wrapper script, as in ``/usr/local/bin``.)"""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if env.get(var):
+            return env[var]
+    candidates = []
+    for folder in env.get("PATH", "").split(os.pathsep):
+        nvcc = Path(folder or ".") / "nvcc"
+        if nvcc.is_file():
+            candidates.append(nvcc.resolve().parent.parent)
+    candidates += [Path("/usr/local/cuda"), Path("/opt/cuda"), Path("/usr")]
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").is_file():
+            return str(home)
+    return None
+
+
 def cuda_build_decision(env: dict[str, str]) -> tuple[bool, str]:
     """(build?, why): whether to build ``fastasam._C`` under environment ``env``. Raises SystemExit when
     FASTASAM_BUILD_CUDA=1 asks for a build that cannot happen."""
-    flag = env.get("FASTASAM_BUILD_CUDA", "").strip().lower()
-    if flag in ("0", "false", "no", "off"):
+    flag = _flag(env, "FASTASAM_BUILD_CUDA")
+    if flag == "off":
         return False, "FASTASAM_BUILD_CUDA=0"
-    forced = flag in ("1", "true", "yes", "on")
     reason = None
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
         reason = "PyTorch is not importable (install torch first, then pip install --no-build-isolation .)"
     else:
         if torch.version.cuda is None:
             reason = f"this PyTorch ({torch.__version__}) is not a CUDA build"
-        elif CUDA_HOME is None:
-            reason = "no CUDA toolkit found (install one, or set CUDA_HOME)"
+        elif find_cuda_home(env) is None:
+            reason = "no CUDA toolkit found (install one, or set CUDA_HOME to it)"
     if reason is None:
-        return True, "CUDA toolkit and CUDA PyTorch found"
-    if forced:
+        return True, f"CUDA toolkit ({find_cuda_home(env)}) and CUDA PyTorch found"
+    if flag == "on":
         raise SystemExit(f"fastasam: FASTASAM_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}.")
     return False, reason
 
@@ -63,22 +110,55 @@ def build_environment(env: dict[str, str], cpus: int | None, gpu_visible: bool) 
 
 
 def _extensions() -> tuple[list, dict]:
-    build, why = cuda_build_decision(dict(os.environ))
-    if not build:
-        print(f"fastasam: skipping the CUDA extension fastasam._C ({why}); the triton/foreach/reference backends "
-              "work without it")
+    env = dict(os.environ)
+    host, host_why = host_build_decision(env)
+    cuda, cuda_why = cuda_build_decision(env)
+    if not host:
+        print(f"fastasam: skipping fastasam._host ({host_why}); a warm step's pass over the tensors runs in Python")
+    if not cuda:
+        print(f"fastasam: skipping the CUDA extension fastasam._C ({cuda_why}); the triton/foreach/reference "
+              "backends work without it")
+    if not (host or cuda):
         return [], {}
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    os.environ.update(build_environment(dict(os.environ), os.cpu_count(), torch.cuda.is_available()))
-    print(f"fastasam: building the CUDA extension fastasam._C (MAX_JOBS={os.environ['MAX_JOBS']}, "
-          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')})")
-    ext = CUDAExtension(
-        "fastasam._C", ["csrc/binding.cpp", "csrc/multi_tensor.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-    )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    exts = []
+    if host:
+        ext = CppExtension("fastasam._host", ["csrc/host.cpp"], extra_compile_args={"cxx": ["-O3"]})
+        ext.optional = _flag(env, "FASTASAM_BUILD_HOST") == "auto"  # setuptools then skips copying a failed build
+        exts.append(ext)
+    if cuda:
+        import torch.utils.cpp_extension as cpp_extension
+
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = find_cuda_home(env)
+        os.environ.update(build_environment(env, os.cpu_count(), torch.cuda.is_available()))
+        print(f"fastasam: building the CUDA extension fastasam._C (CUDA_HOME={os.environ['CUDA_HOME']}, "
+              f"MAX_JOBS={os.environ['MAX_JOBS']}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')})")
+        ext = CUDAExtension(
+            "fastasam._C", ["csrc/binding.cpp", "csrc/multi_tensor.cu"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        )
+        ext.optional = _flag(env, "FASTASAM_BUILD_CUDA") == "auto"
+        exts.append(ext)
+
+    class Build(BuildExtension.with_options(use_ninja=True)):
+        """Builds each extension; one built automatically (its flag unset) that fails is reported and left out."""
+
+        def build_extension(self, ext) -> None:
+            t0 = time.perf_counter()
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure
+                if not ext.optional:
+                    raise
+                print(f"fastasam: building {ext.name} failed ({type(exc).__name__}: {exc}); installing without it. "
+                      f"Set the flag (FASTASAM_BUILD_HOST / FASTASAM_BUILD_CUDA) to 1 to see the failure, 0 to skip.")
+                return
+            print(f"fastasam: built {ext.name} in {time.perf_counter() - t0:.0f} s")
+
+    return exts, {"build_ext": Build}
 
 
 if __name__ == "__main__":

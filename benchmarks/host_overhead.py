@@ -16,7 +16,8 @@ the part that makes a step host-bound when the kernels take ~0.3 ms. Variants, i
   are for every variant;
 * ``torch SGD (foreach)``: ``torch.optim.SGD(foreach=True).step()`` alone, for scale;
 * ``fastasam <backend>``: ``first_step()`` + ``second_step()`` (SGD momentum + weight decay, the official weight /
-  bias split), for every backend.
+  bias split), for every backend; for ``triton`` and ``cuda`` also with the Python version of the warm step's pass
+  over the tensors (``, Python pass``: what a step costs where ``fastasam._host`` is not built).
 
 Each phase gets new gradient tensor objects (as after ``zero_grad(set_to_none=True)``) at the same addresses; setting
 them is not timed. Reported: median microseconds per warm step, the ratio to the official loop, Python-level calls per
@@ -45,11 +46,12 @@ import torch
 import fastasam
 from benchmarks import step_time
 from benchmarks.param_sets import PARAM_SETS
-from fastasam import _step_plan
+from fastasam import _step_plan, _watch
 from fastasam.backends._multi_tensor import MultiTensorBackend
 
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 DEFAULT_SETS = ("resnet50", "gpt2_medium", "many_2000")
+PYTHON_PASS = ", Python pass"  # the variant's plan checks the tensors with fastasam._watch.PyWatch, not fastasam._host
 
 
 class OfficialLoop:
@@ -171,10 +173,17 @@ class Variant:
         return spent
 
     def warm_up(self, steps: int) -> None:
+        """Build the step plan (with the Python pass over the tensors for a ``PYTHON_PASS`` variant) and warm up."""
         ctx = _resolving_to(self.backend) if self.kind == "fastasam" else contextlib.nullcontext()
-        with ctx:
-            for _ in range(steps):
-                self.run()
+        default = "c++" if _watch.IMPLEMENTATION.endswith("(C++)") else "python"
+        if self.name.endswith(PYTHON_PASS):
+            _watch.use("python")
+        try:
+            with ctx:
+                for _ in range(steps):
+                    self.run()
+        finally:
+            _watch.use(default)
 
     def python_calls(self) -> int:
         """Python function calls and C calls made from Python code in the phases of one warm step (deterministic)."""
@@ -207,6 +216,8 @@ def variant_specs() -> tuple[list[tuple[str, str, object]], dict[str, str]]:
             skipped[name] = module
         else:
             specs.append((f"fastasam {name}", "fastasam", module))
+            if name in ("triton", "cuda") and _watch.IMPLEMENTATION.endswith("(C++)"):
+                specs.append((f"fastasam {name}{PYTHON_PASS}", "fastasam", module))
     return specs, skipped
 
 

@@ -2,7 +2,7 @@
 
 :class:`StepPlan` (first step): the buckets, their restore buffers, one backend runner per bucket (device tables and
 bound launches for the multi-tensor backends; the per-tensor backends through :class:`ModuleRunner`) and the
-:class:`~fastasam._watch.Watch` a warm step checks. :class:`UpdatePlan` (second step): per bucket, which perturbed
+:func:`~fastasam._watch.watch` a warm step checks. :class:`UpdatePlan` (second step): per bucket, which perturbed
 tensors a fused restore + update takes, and the param groups the base optimizer steps for all the others.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from itertools import chain
-from operator import is_, itemgetter
+from operator import itemgetter
 from types import ModuleType
 
 import torch
 
-from . import backends
+from . import _watch, backends
 from ._plan import Bucket, build_buckets, local_gradient
-from ._watch import Watch
 from .backends._multi_tensor import PerturbRunner, UpdateRunner
 from .backends._updates import AdamUpdate, flat_like, fused_update_for
 
@@ -135,7 +134,7 @@ class StepPlan:
 
     # --- what a warm step checks ---------------------------------------------------------------------------------
 
-    def _watch(self) -> tuple[Watch, list]:
+    def _watch(self) -> tuple[object, list]:
         """The first step's watch, and where its gradients go each step: ``(bucket, start, end, local)`` per bucket
         whose gradients per-tensor code reads (``local``: DTensor gradients, handed over as their local shards)."""
         contiguous, strided, others, dtensors, plain_targets, dtensor_targets = [], [], [], [], [], []
@@ -148,13 +147,13 @@ class StepPlan:
             if t is not None and t.keys:
                 (dtensor_targets if t.dtensor_shards else plain_targets).append(t)
         targets = []
-        start = len(contiguous) + len(strided)
+        start = 0  # the watch returns the gradients of the tensors after the kernel ones
         for ts, local, into in ((plain_targets, False, others), (dtensor_targets, True, dtensors)):
             for t in ts:
                 into.extend(t.keys)
                 targets.append((t, start, start + len(t.keys), local))
                 start += len(t.keys)
-        return Watch(contiguous, strided, others, dtensors, self.absent, check_params=True), targets
+        return _watch.watch(contiguous, strided, others, dtensors, self.absent, check_params=True), targets
 
     def same_structure(self, groups: list[Mapping]) -> bool:
         """O(groups) checks plus one identity pass over the parameters (no Python call per tensor)."""
@@ -162,7 +161,7 @@ class StepPlan:
             return False
         if [len(g["params"]) for g in groups] != self.sizes:
             return False
-        return all(map(is_, chain.from_iterable(map(_params_of, groups)), self.params))
+        return _watch.same_params(groups, self.params)
 
     def same_options(self, groups: list[Mapping]) -> bool:
         return _options(groups) == self.options
@@ -296,7 +295,8 @@ class UpdatePlan:
         self.runners: dict[int, UpdateRunner] = {}  # bucket index -> its fused update
         self.outcomes: list[dict[int, str]] = [{} for _ in plan.buckets]
         self.subset: list[tuple[dict, list]] | None = None
-        self.watch: Watch | None = None
+        self.watch = None
+        self.absent: list[torch.Tensor] = []
         self.structure = None
         base_name = type(base).__name__
         if self.update is None:
@@ -340,8 +340,9 @@ class UpdatePlan:
             rest = [p for p in rest if p.grad is not None]
             if rest:
                 self.subset.append((g, rest))
+        self.absent = absent
         contiguous, strided, _, _, _ = self._watched()
-        self.watch = Watch(contiguous, strided, [], [], absent, check_params=False)
+        self.watch = _watch.watch(contiguous, strided, [], [], absent, check_params=False)
 
     def _unfused(self, why: str) -> None:
         self.mode = "restore, then the base optimizer's step: " + why
@@ -371,8 +372,7 @@ class UpdatePlan:
             return False
         if [len(g["params"]) for g in groups] != self.base_sizes:
             return False
-        if groups is not self.plan.groups and not all(
-                map(is_, chain.from_iterable(map(_params_of, groups)), self.base_params)):
+        if groups is not self.plan.groups and not _watch.same_params(groups, self.base_params):
             return False
         if self.update is None:
             return True
@@ -388,17 +388,17 @@ class UpdatePlan:
         changed, the tables are rewritten in place. False: rebuild."""
         if self.watch is None or self.watch.check() is not None:
             return True
-        if any(p.grad is not None for p in self.watch.absent):
+        if any(p.grad is not None for p in self.absent):
             return False
         if not all(u.refresh_addresses() for u in self.runners.values()):
             return False
-        self.watch = Watch(*self._watched(), check_params=False)
+        self.watch = _watch.watch(*self._watched(), check_params=False)
         return True
 
     def _watched(self) -> tuple[list, list, list, list, list]:
         keys = [k for u in self.runners.values() for k in u.fused_keys]
         return ([k for k in keys if k.is_contiguous()], [k for k in keys if not k.is_contiguous()], [], [],
-                self.watch.absent if self.watch is not None else [])
+                self.absent)
 
     def sync(self) -> bool:
         """Upload changed hyper-parameters; False (and nothing changed) when the plan must be rebuilt first."""

@@ -13,22 +13,28 @@ tensor:
 * tensors without a gradient: that they still have none.
 
 Any difference returns None and the engine rebuilds what changed.
+
+Two interchangeable implementations: ``fastasam._host.Watch`` (csrc/host.cpp, built by setup.py wherever PyTorch is:
+~30-150 ns a tensor) and ``PyWatch`` below (~600 ns a tensor), used when the extension is missing or
+``FASTASAM_HOST=python`` is set. ``watch(...)`` makes whichever is in use; ``IMPLEMENTATION`` says which.
 """
 
 from __future__ import annotations
 
-from itertools import repeat
-from operator import attrgetter, is_, is_not
+import os
+from itertools import chain, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 
 import torch
 
 _grad = attrgetter("grad")
+_params_of = itemgetter("params")
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _stride = torch.Tensor.stride
 
 
-class Watch:
+class PyWatch:
     """What one phase checks. ``params`` = kernel tensors with contiguous parameters, then kernel tensors with other
     dense layouts, then the other tensors with a gradient (plain tensors, then DTensors); ``absent`` = tensors expected
     to have no gradient. ``check_params``: also compare the parameters' addresses (all but the DTensors, whose
@@ -56,7 +62,8 @@ class Watch:
         return len(self.params) + len(self.absent)
 
     def check(self) -> list[torch.Tensor] | None:
-        """The current gradients of ``params`` when nothing moved, else None. One pass; no Python call per tensor."""
+        """The current gradients of the non-kernel ``params`` (``params[n_kernel:]``) when nothing moved, else None.
+        One pass; no Python call per tensor."""
         params = self.params
         grads = list(map(_grad, params))
         n, c = self.n_kernel, self.n_contiguous
@@ -77,4 +84,49 @@ class Watch:
             return None
         if self.absent and any(map(is_not, map(_grad, self.absent), repeat(None))):
             return None
-        return grads
+        return grads[n:] if n else grads
+
+
+def _host_module():
+    if os.environ.get("FASTASAM_HOST", "").strip().lower() == "python":
+        return None, "FASTASAM_HOST=python"
+    try:
+        from . import _host
+    except ImportError as exc:
+        return None, f"fastasam._host is not built ({exc})"
+    return _host, "fastasam._host (C++)"
+
+
+_HOST, IMPLEMENTATION = _host_module()
+
+
+def use(implementation: str) -> None:
+    """Switch between ``"c++"`` and ``"python"`` (tests and benchmarks; plans built later use it)."""
+    global _HOST, IMPLEMENTATION
+    if implementation == "python":
+        _HOST, IMPLEMENTATION = None, "python (fastasam._watch.PyWatch)"
+    elif implementation == "c++":
+        from . import _host
+
+        _HOST, IMPLEMENTATION = _host, "fastasam._host (C++)"
+    else:
+        raise ValueError(f"implementation must be 'c++' or 'python', not {implementation!r}")
+
+
+def watch(kernel_contiguous: list[torch.Tensor], kernel_strided: list[torch.Tensor], others: list[torch.Tensor],
+          dtensors: list[torch.Tensor], absent: list[torch.Tensor], check_params: bool):
+    """A watch over these tensors (see ``PyWatch``), in C++ when ``fastasam._host`` is in use."""
+    if _HOST is None:
+        return PyWatch(kernel_contiguous, kernel_strided, others, dtensors, absent, check_params)
+    params = [*kernel_contiguous, *kernel_strided, *others, *dtensors]
+    n_kernel = len(kernel_contiguous) + len(kernel_strided)
+    return _HOST.Watch(params, list(absent), n_kernel, len(kernel_contiguous), len(params) - len(dtensors),
+                       check_params)
+
+
+def same_params(groups: list, expected: list) -> bool:
+    """Whether the groups' ``"params"`` lists, end to end, hold exactly the objects of ``expected``, in order."""
+    if _HOST is not None:
+        return _HOST.same_params(groups, expected)
+    lists = list(map(_params_of, groups))
+    return sum(map(len, lists)) == len(expected) and all(map(is_, chain.from_iterable(lists), expected))

@@ -11,11 +11,20 @@ import torch
 from conftest import FAST_CASES, soup_loss
 
 import fastasam
-from fastasam import _step_plan
+from fastasam import _step_plan, _watch
 from fastasam.backends import _multi_tensor
 
 MULTI = [(b, d) for b, d in FAST_CASES if b in ("triton", "cuda")]
 MULTI_IDS = [f"{b}-{d}" for b, d in MULTI]
+
+
+@pytest.fixture(autouse=True, params=["c++", "python"] if _watch.IMPLEMENTATION.endswith("(C++)") else ["python"])
+def watch_impl(request):
+    """Every test here runs with the C++ pass over the tensors (fastasam._host) and with the Python one."""
+    default = "c++" if _watch.IMPLEMENTATION.endswith("(C++)") else "python"
+    _watch.use(request.param)
+    yield request.param
+    _watch.use(default)
 
 
 @pytest.fixture
