@@ -318,7 +318,8 @@ def _worker(param_set: str, variant: str, steps: int) -> None:
 def markdown(results: list[dict], env: dict) -> str:
     lines = [f"### Host work of a warm step on {env['device_name']} (tiny CPU tensors, kernel launches no-ops)", "",
              f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}. Median of "
-             f"{results[0]['steps']} interleaved steps; SGD momentum + weight decay, official weight/bias split.", ""]
+             f"{results[0]['steps']} interleaved steps; SGD momentum + weight decay, official weight/bias split; "
+             f"the pass over the tensors: {env.get('host_pass', 'python')}.", ""]
     has_cg = any(r.get("instructions") for res in results for r in res["rows"])
     head = "| parameter set | variant | median us | IQR us | vs official loop | Python calls / step |"
     lines += [head + (" instructions / step |" if has_cg else ""),

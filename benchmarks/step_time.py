@@ -30,6 +30,7 @@ import torch
 import fastasam
 from benchmarks import baselines
 from benchmarks.param_sets import PARAM_SETS, make_params, numel
+from fastasam import _watch
 from fastasam.backends import resolve as resolve_backend
 
 RESULTS = Path(__file__).parent / "results"
@@ -183,7 +184,8 @@ def environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__, "fastasam": fastasam.__version__, "python": platform.python_version(),
-            "commit": commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "commit": commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "host_pass": _watch.IMPLEMENTATION}
 
 
 def markdown(result: dict, env: dict) -> str:
