@@ -5,7 +5,7 @@
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup bench test lint
+.PHONY: setup bench test lint gpu-stack
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench]"
@@ -18,3 +18,8 @@ test: setup
 
 lint:
 	$(PYTHON) -m ruff check .
+
+# The GPU machines' stack (torch 2.11.0 CUDA 13.0 build, Triton 3.6.0) in .venv/gpu-stack: real extension build for
+# sm_80/sm_90, Triton compile check, the test suite on the CPU (scripts/gpu_stack.sh; ~5 GB once, then minutes).
+gpu-stack:
+	bash scripts/gpu_stack.sh
