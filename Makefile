@@ -5,7 +5,7 @@
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup bench test lint gpu-stack
+.PHONY: setup bench test lint gpu-stack gpu-evidence
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench]"
@@ -23,3 +23,8 @@ lint:
 # sm_80/sm_90, Triton compile check, the test suite on the CPU (scripts/gpu_stack.sh; ~5 GB once, then minutes).
 gpu-stack:
 	bash scripts/gpu_stack.sh
+
+# On a GPU machine: the GPU evidence, phase by phase (scripts/gpu_evidence.sh; each phase < 9 minutes).
+PHASES ?= env build tests
+gpu-evidence:
+	bash scripts/gpu_evidence.sh $(PHASES)
