@@ -109,6 +109,13 @@ def build_environment(env: dict[str, str], cpus: int | None, gpu_visible: bool) 
     return out
 
 
+def _arch_list(torch) -> str:
+    """The architectures fastasam._C is built for, comma-separated (no characters a shell or ninja would read)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
+        "{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count()))
+    return ",".join(a for a in archs.replace(" ", ";").split(";") if a) or "unknown"
+
+
 def _extensions() -> tuple[list, dict]:
     env = dict(os.environ)
     host, host_why = host_build_decision(env)
@@ -139,6 +146,7 @@ def _extensions() -> tuple[list, dict]:
         ext = CUDAExtension(
             "fastasam._C", ["csrc/binding.cpp", "csrc/multi_tensor.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            define_macros=[("FASTASAM_CUDA_ARCHS", _arch_list(torch))],  # recorded in fastasam._C.archs
         )
         ext.optional = _flag(env, "FASTASAM_BUILD_CUDA") == "auto"
         exts.append(ext)

@@ -131,5 +131,17 @@ TORCH_LIBRARY_IMPL(fastasam, CUDA, m) {
   m.impl("restore_adam", &restore_adam);
 }
 
-// `import fastasam._C` loads this library, which registers the ops above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "fastasam CUDA multi-tensor kernels (torch.ops.fastasam)"; }
+#define FA_STR_(...) #__VA_ARGS__
+#define FA_STR(...) FA_STR_(__VA_ARGS__)
+
+// `import fastasam._C` loads this library, which registers the ops above. `archs` (setup.py passes the target list,
+// comma-separated) and `cuda_runtime_version` say what it was built for (`python -m fastasam` prints them).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastasam CUDA multi-tensor kernels (torch.ops.fastasam)";
+#ifdef FASTASAM_CUDA_ARCHS
+  m.attr("archs") = FA_STR(FASTASAM_CUDA_ARCHS);
+#endif
+#ifdef CUDART_VERSION
+  m.attr("cuda_runtime_version") = CUDART_VERSION;
+#endif
+}
