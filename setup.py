@@ -145,8 +145,9 @@ def _extensions() -> tuple[list, dict]:
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')})")
         ext = CUDAExtension(
             "fastasam._C", ["csrc/binding.cpp", "csrc/multi_tensor.cu"],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-            define_macros=[("FASTASAM_CUDA_ARCHS", _arch_list(torch))],  # recorded in fastasam._C.archs
+            # the binding records the target list in fastasam._C.archs (host compiler only: nvcc would split the
+            # value at its commas)
+            extra_compile_args={"cxx": ["-O3", f"-DFASTASAM_CUDA_ARCHS={_arch_list(torch)}"], "nvcc": ["-O3"]},
         )
         ext.optional = _flag(env, "FASTASAM_BUILD_CUDA") == "auto"
         exts.append(ext)
