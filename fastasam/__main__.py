@@ -38,25 +38,31 @@ def _triton() -> str:
     return f"{triton.__version__}{interp}; supported {TRITON_SUPPORTED}"
 
 
-def _extension_c() -> str:
+def _extension(name: str, missing: str, describe) -> str:
+    """``fastasam.<name>``: ``describe(module)`` when it imports, else why not and ``missing`` (what to do)."""
     try:
-        ext = importlib.import_module("fastasam._C")
+        ext = importlib.import_module(f"fastasam.{name}")
     except ImportError as exc:
-        return (f"not built ({type(exc).__name__}: {exc}); build it with a CUDA toolkit and a CUDA PyTorch: "
-                "FASTASAM_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+        return f"not built ({type(exc).__name__}: {exc}); {missing}"
+    return f"built ({ext.__file__}); {describe(ext)}"
+
+
+def _c_build(ext) -> str:
     archs = getattr(ext, "archs", "unknown (built before fastasam recorded it)")
     cuda = getattr(ext, "cuda_runtime_version", None)
     cuda = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) and cuda > 0 else "unknown"
-    return f"built ({ext.__file__}); architectures {archs}; CUDA runtime {cuda}"
+    return f"architectures {archs}; CUDA runtime {cuda}"
+
+
+def _extension_c() -> str:
+    return _extension("_C", "build it with a CUDA toolkit and a CUDA PyTorch: FASTASAM_BUILD_CUDA=1 pip install "
+                            "--no-build-isolation -e .", _c_build)
 
 
 def _extension_host() -> str:
-    try:
-        ext = importlib.import_module("fastasam._host")
-    except ImportError as exc:
-        return (f"not built ({type(exc).__name__}: {exc}); the warm step's pass over the tensors runs in Python "
-                "(~600 ns a tensor); pip install --no-build-isolation -e . with a C++ compiler builds it")
-    return f"built ({ext.__file__}); in use: {_watch.IMPLEMENTATION}"
+    return _extension("_host", "the warm step's pass over the tensors runs in Python (~600 ns a tensor); pip install "
+                               "--no-build-isolation -e . with a C++ compiler builds it",
+                      lambda ext: f"in use: {_watch.IMPLEMENTATION}")
 
 
 def report() -> str:
