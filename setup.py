@@ -42,19 +42,31 @@ def _flag(env: dict[str, str], name: str) -> str:
     return "on" if value in ("1", "true", "yes", "on") else "auto"
 
 
-def host_build_decision(env: dict[str, str]) -> tuple[bool, str]:
-    """(build?, why) for ``fastasam._host``; raises SystemExit when FASTASAM_BUILD_HOST=1 cannot be honoured."""
-    flag = _flag(env, "FASTASAM_BUILD_HOST")
+def _decision(env: dict[str, str], var: str, what: str, reason, built: str) -> tuple[bool, str]:
+    """(build?, why) for the extension ``what`` under flag ``var``: ``reason()`` says why it cannot be built (None: it
+    can, because ``built``). An unset flag skips what cannot be built; ``var=1`` turns that into SystemExit."""
+    flag = _flag(env, var)
     if flag == "off":
-        return False, "FASTASAM_BUILD_HOST=0"
+        return False, f"{var}=0"
+    why = reason()
+    if why is None:
+        return True, built
+    if flag == "on":
+        raise SystemExit(f"fastasam: {var}=1 but {what} cannot be built: {why}.")
+    return False, why
+
+
+def _torch_missing() -> str | None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        reason = "PyTorch is not importable (install torch first, then pip install --no-build-isolation .)"
-        if flag == "on":
-            raise SystemExit(f"fastasam: FASTASAM_BUILD_HOST=1 but fastasam._host cannot be built: {reason}.") from None
-        return False, reason
-    return True, "PyTorch found"
+        return "PyTorch is not importable (install torch first, then pip install --no-build-isolation .)"
+    return None
+
+
+def host_build_decision(env: dict[str, str]) -> tuple[bool, str]:
+    """(build?, why) for ``fastasam._host``; raises SystemExit when FASTASAM_BUILD_HOST=1 cannot be honoured."""
+    return _decision(env, "FASTASAM_BUILD_HOST", "fastasam._host", _torch_missing, "PyTorch found")
 
 
 def find_cuda_home(env: dict[str, str]) -> str | None:
@@ -79,24 +91,21 @@ def find_cuda_home(env: dict[str, str]) -> str | None:
 def cuda_build_decision(env: dict[str, str]) -> tuple[bool, str]:
     """(build?, why): whether to build ``fastasam._C`` under environment ``env``. Raises SystemExit when
     FASTASAM_BUILD_CUDA=1 asks for a build that cannot happen."""
-    flag = _flag(env, "FASTASAM_BUILD_CUDA")
-    if flag == "off":
-        return False, "FASTASAM_BUILD_CUDA=0"
-    reason = None
-    try:
+
+    def reason() -> str | None:
+        missing = _torch_missing()
+        if missing is not None:
+            return missing
         import torch
-    except ImportError:
-        reason = "PyTorch is not importable (install torch first, then pip install --no-build-isolation .)"
-    else:
+
         if torch.version.cuda is None:
-            reason = f"this PyTorch ({torch.__version__}) is not a CUDA build"
-        elif find_cuda_home(env) is None:
-            reason = "no CUDA toolkit found (install one, or set CUDA_HOME to it)"
-    if reason is None:
-        return True, f"CUDA toolkit ({find_cuda_home(env)}) and CUDA PyTorch found"
-    if flag == "on":
-        raise SystemExit(f"fastasam: FASTASAM_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}.")
-    return False, reason
+            return f"this PyTorch ({torch.__version__}) is not a CUDA build"
+        if find_cuda_home(env) is None:
+            return "no CUDA toolkit found (install one, or set CUDA_HOME to it)"
+        return None
+
+    return _decision(env, "FASTASAM_BUILD_CUDA", "the CUDA extension", reason,
+                     f"CUDA toolkit ({find_cuda_home(env)}) and CUDA PyTorch found")
 
 
 def build_environment(env: dict[str, str], cpus: int | None, gpu_visible: bool) -> dict[str, str]:
@@ -133,7 +142,7 @@ def _extensions() -> tuple[list, dict]:
     exts = []
     if host:
         ext = CppExtension("fastasam._host", ["csrc/host.cpp"], extra_compile_args={"cxx": ["-O3"]})
-        ext.optional = _flag(env, "FASTASAM_BUILD_HOST") == "auto"  # setuptools then skips copying a failed build
+        ext.flag = "FASTASAM_BUILD_HOST"
         exts.append(ext)
     if cuda:
         import torch.utils.cpp_extension as cpp_extension
@@ -149,8 +158,10 @@ def _extensions() -> tuple[list, dict]:
             # value at its commas)
             extra_compile_args={"cxx": ["-O3", f"-DFASTASAM_CUDA_ARCHS={_arch_list(torch)}"], "nvcc": ["-O3"]},
         )
-        ext.optional = _flag(env, "FASTASAM_BUILD_CUDA") == "auto"
+        ext.flag = "FASTASAM_BUILD_CUDA"
         exts.append(ext)
+    for ext in exts:  # built automatically (flag unset): a failure is reported, and setuptools skips copying it
+        ext.optional = _flag(env, ext.flag) == "auto"
 
     class Build(BuildExtension.with_options(use_ninja=True)):
         """Builds each extension; one built automatically (its flag unset) that fails is reported and left out."""
@@ -163,7 +174,7 @@ def _extensions() -> tuple[list, dict]:
                 if not ext.optional:
                     raise
                 print(f"fastasam: building {ext.name} failed ({type(exc).__name__}: {exc}); installing without it. "
-                      f"Set the flag (FASTASAM_BUILD_HOST / FASTASAM_BUILD_CUDA) to 1 to see the failure, 0 to skip.")
+                      f"Set {ext.flag}=1 to make this an error, {ext.flag}=0 to skip it.")
                 return
             print(f"fastasam: built {ext.name} in {time.perf_counter() - t0:.0f} s")
 

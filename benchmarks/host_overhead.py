@@ -175,15 +175,9 @@ class Variant:
     def warm_up(self, steps: int) -> None:
         """Build the step plan (with the Python pass over the tensors for a ``PYTHON_PASS`` variant) and warm up."""
         ctx = _resolving_to(self.backend) if self.kind == "fastasam" else contextlib.nullcontext()
-        default = "c++" if _watch.IMPLEMENTATION.endswith("(C++)") else "python"
-        if self.name.endswith(PYTHON_PASS):
-            _watch.use("python")
-        try:
-            with ctx:
-                for _ in range(steps):
-                    self.run()
-        finally:
-            _watch.use(default)
+        with ctx, _watch.using("python") if self.name.endswith(PYTHON_PASS) else contextlib.nullcontext():
+            for _ in range(steps):
+                self.run()
 
     def python_calls(self) -> int:
         """Python function calls and C calls made from Python code in the phases of one warm step (deterministic)."""
@@ -216,7 +210,7 @@ def variant_specs() -> tuple[list[tuple[str, str, object]], dict[str, str]]:
             skipped[name] = module
         else:
             specs.append((f"fastasam {name}", "fastasam", module))
-            if name in ("triton", "cuda") and _watch.IMPLEMENTATION.endswith("(C++)"):
+            if name in ("triton", "cuda") and _watch.cpp_in_use():
                 specs.append((f"fastasam {name}{PYTHON_PASS}", "fastasam", module))
     return specs, skipped
 

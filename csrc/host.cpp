@@ -40,12 +40,12 @@ std::vector<PyObject*> tensors_of(const py::list& items, const char* what) {
 }
 
 // Watch: the kernel tensors' gradient addresses and layouts as they are now, and which tensors must (or must not)
-// have a gradient; check() confirms that nothing moved. Same contract as fastasam._watch.Watch (see there).
+// have a gradient; check() confirms that nothing moved. Same contract as fastasam._watch.PyWatch (see there).
 class Watch {
  public:
   Watch(py::list params, py::list absent, int64_t n_kernel, int64_t n_contiguous, int64_t n_plain,
         bool check_params)
-      : params_(std::move(params)), absent_(std::move(absent)), n_kernel_(n_kernel), n_contiguous_(n_contiguous),
+      : params_(copy(params)), absent_(copy(absent)), n_kernel_(n_kernel), n_contiguous_(n_contiguous),
         n_plain_(n_plain), check_params_(check_params) {
     items_ = tensors_of(params_, "params");
     absent_items_ = tensors_of(absent_, "absent");
@@ -98,7 +98,11 @@ class Watch {
   int64_t size() const { return static_cast<int64_t>(items_.size() + absent_items_.size()); }
 
  private:
-  py::list params_, absent_;  // keep the tensors alive: items_ borrows from them
+  // Copies of the caller's lists, which nothing else can change: they keep the tensors that items_ borrows alive.
+  static py::list copy(const py::list& items) {
+    return py::reinterpret_steal<py::list>(PySequence_List(items.ptr()));
+  }
+  py::list params_, absent_;
   std::vector<PyObject*> items_, absent_items_;
   int64_t n_kernel_, n_contiguous_, n_plain_;
   bool check_params_;

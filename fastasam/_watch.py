@@ -21,7 +21,9 @@ Two interchangeable implementations: ``fastasam._host.Watch`` (csrc/host.cpp, bu
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from itertools import chain, repeat
 from operator import attrgetter, is_, is_not, itemgetter
 
@@ -100,9 +102,17 @@ def _host_module():
 _HOST, IMPLEMENTATION = _host_module()
 
 
-def use(implementation: str) -> None:
-    """Switch between ``"c++"`` and ``"python"`` (tests and benchmarks; plans built later use it)."""
+def cpp_in_use() -> bool:
+    """Whether plans built now check their tensors with ``fastasam._host``."""
+    return _HOST is not None
+
+
+@contextlib.contextmanager
+def using(implementation: str) -> Iterator[None]:
+    """Plans built inside check their tensors with ``"c++"`` (``fastasam._host``) or ``"python"`` (``PyWatch``);
+    tests and benchmarks. The choice in force before is restored on exit."""
     global _HOST, IMPLEMENTATION
+    before = _HOST, IMPLEMENTATION
     if implementation == "python":
         _HOST, IMPLEMENTATION = None, "python (fastasam._watch.PyWatch)"
     elif implementation == "c++":
@@ -111,6 +121,10 @@ def use(implementation: str) -> None:
         _HOST, IMPLEMENTATION = _host, "fastasam._host (C++)"
     else:
         raise ValueError(f"implementation must be 'c++' or 'python', not {implementation!r}")
+    try:
+        yield
+    finally:
+        _HOST, IMPLEMENTATION = before
 
 
 def watch(kernel_contiguous: list[torch.Tensor], kernel_strided: list[torch.Tensor], others: list[torch.Tensor],

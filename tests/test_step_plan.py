@@ -18,13 +18,11 @@ MULTI = [(b, d) for b, d in FAST_CASES if b in ("triton", "cuda")]
 MULTI_IDS = [f"{b}-{d}" for b, d in MULTI]
 
 
-@pytest.fixture(autouse=True, params=["c++", "python"] if _watch.IMPLEMENTATION.endswith("(C++)") else ["python"])
+@pytest.fixture(autouse=True, params=["c++", "python"] if _watch.cpp_in_use() else ["python"])
 def watch_impl(request):
     """Every test here runs with the C++ pass over the tensors (fastasam._host) and with the Python one."""
-    default = "c++" if _watch.IMPLEMENTATION.endswith("(C++)") else "python"
-    _watch.use(request.param)
-    yield request.param
-    _watch.use(default)
+    with _watch.using(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -28,13 +28,8 @@ IMPLS = ["c++", "python"] if HOST_EXPECTED else ["python"]
 
 
 def _make(impl: str, *args, **kwargs):
-    if impl == "python":
-        return _watch.PyWatch(*args, **kwargs)
-    from fastasam import _host
-
-    params = [*args[0], *args[1], *args[2], *args[3]]
-    return _host.Watch(params, list(args[4]), len(args[0]) + len(args[1]), len(args[0]), len(params) - len(args[3]),
-                       kwargs["check_params"])
+    with _watch.using(impl):
+        return _watch.watch(*args, **kwargs)
 
 
 def setup_tensors():
@@ -119,9 +114,8 @@ def test_sparse_and_missing_gradients_do_not_crash(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_same_params(impl: str, monkeypatch) -> None:
-    _watch.use(impl)
-    try:
+def test_same_params(impl: str) -> None:
+    with _watch.using(impl):
         ps = [torch.zeros(1) for _ in range(5)]
         groups = [{"params": ps[:2]}, {"params": ps[2:]}]
         assert _watch.same_params(groups, ps)
@@ -130,5 +124,3 @@ def test_same_params(impl: str, monkeypatch) -> None:
         assert not _watch.same_params(groups, [*ps, torch.zeros(1)])
         assert not _watch.same_params([{"params": ps[:2]}, {"params": [ps[2], torch.zeros(1), ps[4]]}], ps)
         assert not _watch.same_params(groups, list(reversed(ps)))
-    finally:
-        _watch.use("c++" if HOST_EXPECTED else "python")
