@@ -325,13 +325,17 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
 
 // dispatch on the storage dtype; an unknown dtype is a launch error, never a silent no-op
 
-#define FA_DISPATCH(KERNEL, ...)                                                                   \
-  switch (dtype) {                                                                                 \
-    case FA_FLOAT32: KERNEL<float><<<blocks, kThreads, 0, stream>>>(__VA_ARGS__); break;           \
-    case FA_FLOAT16: KERNEL<__half><<<blocks, kThreads, 0, stream>>>(__VA_ARGS__); break;          \
-    case FA_BFLOAT16: KERNEL<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(__VA_ARGS__); break;  \
-    default: return static_cast<int>(cudaErrorInvalidValue);                                       \
-  }                                                                                                \
+#ifndef FA_LAUNCH  // the CPU shim (csrc/cpu_shim) defines its own: the kernels then run on the CPU
+#define FA_LAUNCH(KERNEL, blocks, threads, stream, ...) KERNEL<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
+#endif
+
+#define FA_DISPATCH(KERNEL, ...)                                                                     \
+  switch (dtype) {                                                                                   \
+    case FA_FLOAT32: FA_LAUNCH(KERNEL<float>, blocks, kThreads, stream, __VA_ARGS__); break;          \
+    case FA_FLOAT16: FA_LAUNCH(KERNEL<__half>, blocks, kThreads, stream, __VA_ARGS__); break;         \
+    case FA_BFLOAT16: FA_LAUNCH(KERNEL<__nv_bfloat16>, blocks, kThreads, stream, __VA_ARGS__); break; \
+    default: return static_cast<int>(cudaErrorInvalidValue);                                         \
+  }                                                                                                  \
   return static_cast<int>(cudaGetLastError());
 
 }  // namespace

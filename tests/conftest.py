@@ -15,6 +15,20 @@ if not torch.cuda.is_available():  # before anything imports triton: its kernels
 
 import fastasam
 from fastasam import backends
+from fastasam.backends import cuda_shim
+
+# The cuda backend's kernels, compiled for the CPU (csrc/cpu_shim), join the fast backends below, so every test over
+# them covers `cuda`'s kernels too. FASTASAM_CUDA_SHIM=0 leaves them out (tests/test_cuda_shim.py then says so).
+SHIM_WANTED = os.environ.get("FASTASAM_CUDA_SHIM", "1") != "0"
+if SHIM_WANTED:
+    try:
+        cuda_shim.enable()
+    except Exception as exc:  # reported by tests/test_cuda_shim.py, which fails while the shim is wanted
+        SHIM_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+    else:
+        SHIM_ERROR = None
+else:
+    SHIM_ERROR = "FASTASAM_CUDA_SHIM=0"
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (dtype, atol, rtol): the tolerance sits next to its dtype.
@@ -33,6 +47,7 @@ def fast_backend_cases() -> list[tuple[str, str]]:
 
 
 FAST_CASES = fast_backend_cases()
+MULTI_TENSOR = ("triton", "cuda", "cuda_shim")  # the backends with multi-tensor kernels and the fused restore + update
 FAST_IDS = [f"{b}-{d}" for b, d in FAST_CASES]
 
 

@@ -8,6 +8,7 @@ from conftest import (
     DTYPE_TOLERANCES,
     FAST_CASES,
     FAST_IDS,
+    MULTI_TENSOR,
     assert_trajectories_close,
     assert_trajectories_equal,
     awkward_params,
@@ -22,7 +23,7 @@ from fastasam import backends
 from fastasam._engine import SharpnessEngine
 
 pytestmark = pytest.mark.skipif(not FAST_CASES, reason="no fast backend on this machine")  # reference is always
-FUSING = ("triton", "cuda")  # backends whose second step is the fused restore + update
+FUSING = MULTI_TENSOR  # backends whose second step is the fused restore + update
 
 
 # Fused backends round once per element where torch.optim rounds fp16/bf16 after every op; over several steps those

@@ -71,7 +71,8 @@ def test_op_level_pytest_benchmarks_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_ops.py",
                            "--benchmark-disable"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"{3 * len(fastasam.available_backends('cpu'))} passed" in proc.stdout
+    benchmarked = [b for b in fastasam.available_backends("cpu") if b != "cuda_shim"]  # a test backend, not loaded
+    assert f"{3 * len(benchmarked)} passed" in proc.stdout
 
 
 def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_count(tmp_path):

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastasam
+from fastasam.backends import cuda_shim
 
 WORLD = 2
 STEPS = 3
@@ -109,7 +110,14 @@ def _train(model: nn.Module, opt: fastasam.ASAM, batches, rank: int = 0, world: 
         opt.second_step(zero_grad=True)
 
 
+def _load(backend: str) -> None:
+    """A spawned rank loads the test backend the parent loaded in conftest (the build is cached)."""
+    if backend == "cuda_shim":
+        cuda_shim.enable()
+
+
 def _ddp_worker(rank: int, out_dir: str, backend: str, mode: str) -> None:
+    _load(backend)
     model = nn.parallel.DistributedDataParallel(_model())
     opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9, backend=backend)
     _train(model, opt, _batches(), rank, WORLD, mode)
@@ -199,6 +207,7 @@ def _fsdp_model() -> nn.Module:
 def _fsdp_worker(rank: int, out_dir: str, backend: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    _load(backend)
     model = _fsdp_model()
     for layer in model:
         if isinstance(layer, nn.Linear):

@@ -8,13 +8,13 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import FAST_CASES, soup_loss
+from conftest import FAST_CASES, MULTI_TENSOR, soup_loss
 
 import fastasam
 from fastasam import _step_plan, _watch
 from fastasam.backends import _multi_tensor
 
-MULTI = [(b, d) for b, d in FAST_CASES if b in ("triton", "cuda")]
+MULTI = [(b, d) for b, d in FAST_CASES if b in MULTI_TENSOR]
 MULTI_IDS = [f"{b}-{d}" for b, d in MULTI]
 
 

@@ -109,3 +109,10 @@ register(
             "FASTASAM_BUILD_CUDA=1 pip install --no-build-isolation -e . (or use backend=\"auto\")",
     )
 )
+register(
+    BackendSpec(
+        "cuda_shim", "fastasam.backends.cuda_shim",
+        fix="it is a test backend: call fastasam.backends.cuda_shim.enable() (source checkout and a C++ compiler) "
+            "and use CPU tensors",
+    )
+)
