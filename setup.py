@@ -17,6 +17,7 @@ Environment for both:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -24,7 +25,21 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _load_toolchain():
+    """fastasam/_toolchain.py (standard library only), loaded by path: fastasam itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location("fastasam_toolchain", ROOT / "fastasam" / "_toolchain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_toolchain = _load_toolchain()
+DEFAULT_ARCHS = _toolchain.DEFAULT_ARCHS
+find_cuda_home = _toolchain.find_cuda_home  # the toolkit search, shared with the cuda backend's just-in-time build
+build_environment = _toolchain.build_environment
+arch_list = _toolchain.arch_list
 
 
 def _version() -> str:
@@ -69,25 +84,6 @@ def host_build_decision(env: dict[str, str]) -> tuple[bool, str]:
     return _decision(env, "FASTASAM_BUILD_HOST", "fastasam._host", _torch_missing, "PyTorch found")
 
 
-def find_cuda_home(env: dict[str, str]) -> str | None:
-    """The CUDA toolkit: ``CUDA_HOME`` (or ``CUDA_PATH``) when set, else the first of nvcc's ``..`` (following links)
-    and the usual folders whose ``include/cuda_runtime.h`` exists. (PyTorch's own guess takes nvcc's ``..`` as is,
-    which is wrong where nvcc on PATH is a wrapper script, as in ``/usr/local/bin``.)"""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if env.get(var):
-            return env[var]
-    candidates = []
-    for folder in env.get("PATH", "").split(os.pathsep):
-        nvcc = Path(folder or ".") / "nvcc"
-        if nvcc.is_file():
-            candidates.append(nvcc.resolve().parent.parent)
-    candidates += [Path("/usr/local/cuda"), Path("/opt/cuda"), Path("/usr")]
-    for home in candidates:
-        if (home / "include" / "cuda_runtime.h").is_file():
-            return str(home)
-    return None
-
-
 def cuda_build_decision(env: dict[str, str]) -> tuple[bool, str]:
     """(build?, why): whether to build ``fastasam._C`` under environment ``env``. Raises SystemExit when
     FASTASAM_BUILD_CUDA=1 asks for a build that cannot happen."""
@@ -108,21 +104,10 @@ def cuda_build_decision(env: dict[str, str]) -> tuple[bool, str]:
                      f"CUDA toolkit ({find_cuda_home(env)}) and CUDA PyTorch found")
 
 
-def build_environment(env: dict[str, str], cpus: int | None, gpu_visible: bool) -> dict[str, str]:
-    """The MAX_JOBS / TORCH_CUDA_ARCH_LIST defaults to add to ``env`` (values the user set are kept)."""
-    out = {}
-    if not env.get("MAX_JOBS"):
-        out["MAX_JOBS"] = str(max(1, min(cpus or 1, 4)))
-    if not env.get("TORCH_CUDA_ARCH_LIST") and not gpu_visible:
-        out["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
-    return out
-
-
 def _arch_list(torch) -> str:
-    """The architectures fastasam._C is built for, comma-separated (no characters a shell or ninja would read)."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
-        "{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count()))
-    return ",".join(a for a in archs.replace(" ", ";").split(";") if a) or "unknown"
+    """The architectures fastasam._C is built for, comma-separated."""
+    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    return arch_list(dict(os.environ), caps)
 
 
 def _extensions() -> tuple[list, dict]:
@@ -191,9 +176,12 @@ if __name__ == "__main__":
         long_description_content_type="text/markdown",
         license="Apache-2.0",
         python_requires=">=3.10",
-        packages=["fastasam", "fastasam.backends", "fastasam.kernels"],
-        package_dir={"fastasam.kernels": "kernels"},
-        package_data={"fastasam": ["py.typed"]},
+        # the C++/CUDA sources ship as fastasam/csrc: the cuda backend builds them just in time where the wheel has
+        # no fastasam._C (fastasam/_toolchain.py finds them), and the test backend cuda_shim compiles them for the CPU
+        packages=["fastasam", "fastasam.backends", "fastasam.kernels", "fastasam.csrc", "fastasam.csrc.cpu_shim"],
+        package_dir={"fastasam.kernels": "kernels", "fastasam.csrc": "csrc", "fastasam.csrc.cpu_shim": "csrc/cpu_shim"},
+        package_data={"fastasam": ["py.typed"], "fastasam.csrc": ["*.cu", "*.h", "*.cpp", "*.sh"],
+                      "fastasam.csrc.cpu_shim": ["*.h", "*.cpp"]},
         install_requires=["torch>=2.4"],
         extras_require={
             "test": ["pytest>=7", "pytest-benchmark", "ruff", "triton>=3.6,<4; platform_system == 'Linux'"],

@@ -3,6 +3,7 @@ backend that works here against the ``reference`` oracle (exit status 1 when one
 
     python -m fastasam            # versions, devices, backends (and why not), what ``auto`` picks, the extensions
     python -m fastasam --check    # + 3 ASAM steps per backend and device against the oracle, pass/fail
+    python -m fastasam --build    # build the cuda backend's extension just in time where fastasam._C is missing
 """
 
 from __future__ import annotations
@@ -55,8 +56,16 @@ def _c_build(ext) -> str:
 
 
 def _extension_c() -> str:
+    from fastasam.backends import cuda_backend
+
+    jit = cuda_backend.EXTENSION
+    if jit is not None and jit.__name__ == cuda_backend.JIT_NAME:
+        return f"not prebuilt; built just in time ({jit.__file__}); {_c_build(jit)}"
+    why_not_jit = cuda_backend.JIT_ERROR or cuda_backend.jit_unavailable_reason()
+    jit_fix = "python -m fastasam --build builds it just in time" if why_not_jit is None else (
+        f"no just-in-time build: {why_not_jit}")
     return _extension("_C", "build it with a CUDA toolkit and a CUDA PyTorch: FASTASAM_BUILD_CUDA=1 pip install "
-                            "--no-build-isolation -e .", _c_build)
+                            f"--no-build-isolation -e . ({jit_fix})", _c_build)
 
 
 def _extension_host() -> str:
@@ -127,8 +136,18 @@ def check() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastasam", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="run a few steps of every backend against the oracle")
+    parser.add_argument("--build", action="store_true",
+                        help="where fastasam._C is missing, build the cuda backend's kernels just in time (ninja)")
     args = parser.parse_args(argv)
+    built = True
+    if args.build:
+        from fastasam.backends import cuda_backend
+
+        built = cuda_backend.build() is None
     print(report())
+    if not built:
+        print("\nbuild: FAILED (the reason is above); backend=\"auto\" falls back to what works")
+        return 1
     if args.check:
         print("\ncheck: 3 ASAM + SGD steps per backend against the reference oracle")
         ok = check()

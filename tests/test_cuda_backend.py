@@ -4,6 +4,7 @@ extension is built on a GPU (``cuda`` is then among the fast backends); ``csrc/c
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -98,3 +99,92 @@ def test_setup_py_prints_one_line_and_goes_on_without_cuda():
     lines = proc.stdout.splitlines()
     assert [line for line in lines if "skipping the CUDA extension" in line] == lines[:1]
     assert lines[-1] == fastasam.__version__
+
+
+# --- the just-in-time build (fastasam.backends.cuda_backend.build) -------------------------------------------------
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """The backend as on a machine whose install has no fastasam._C (its module state restored afterwards)."""
+    monkeypatch.setattr(cuda_backend, "EXTENSION", None)
+    monkeypatch.setattr(cuda_backend, "EXTENSION_ERROR", "ImportError: no fastasam._C")
+    monkeypatch.setattr(cuda_backend, "JIT_ERROR", None)
+    return monkeypatch
+
+
+def test_the_just_in_time_build_says_what_it_needs(no_extension, tmp_path):
+    env = {"CUDA_HOME": str(tmp_path), "PATH": ""}
+    assert "FASTASAM_JIT=0" in cuda_backend.jit_unavailable_reason({**env, "FASTASAM_JIT": "0"})
+    no_extension.setattr(torch.version, "cuda", None)
+    assert "not a CUDA build" in cuda_backend.jit_unavailable_reason(env)
+    no_extension.setattr(torch.version, "cuda", "13.0")
+    from fastasam import _toolchain
+
+    no_extension.setattr(_toolchain, "find_cuda_home", lambda env: None)
+    assert "no CUDA toolkit" in cuda_backend.jit_unavailable_reason(env)
+    no_extension.setattr(_toolchain, "find_cuda_home", lambda env: env["CUDA_HOME"])
+    import torch.utils.cpp_extension as cpp_extension
+
+    no_extension.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    assert "pip install ninja" in cuda_backend.jit_unavailable_reason(env)
+    no_extension.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    assert cuda_backend.jit_unavailable_reason(env) is None
+    no_extension.setattr(_toolchain, "sources_dir", lambda: None)
+    assert "sources are not installed" in cuda_backend.jit_unavailable_reason(env)
+
+
+def test_naming_the_backend_builds_once_and_a_failure_gives_the_reason_and_the_fallback(no_extension, capsys):
+    """``auto`` never builds; ``backend="cuda"`` tries once per process; the compiler's error reaches the user with
+    the fix, and the prebuilt extension is never replaced."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("nvcc exploded")
+
+    no_extension.setattr(cuda_backend, "jit_unavailable_reason", lambda env=None: None)
+    no_extension.setattr(cpp_extension, "load", failing_load)
+    assert fastasam.backends.resolve("auto", torch.device("cuda")).name != "cuda"
+    assert not calls  # auto never starts a build
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run .*just in time: the just-in-time build "
+                                               r"failed \(RuntimeError: nvcc exploded\).*python -m fastasam --build"):
+            fastasam.backends.resolve("cuda", torch.device("cuda"))
+    assert len(calls) == 1  # once per process, not on every step
+    assert calls[0]["name"] == cuda_backend.JIT_NAME
+    assert [Path(s).name for s in calls[0]["sources"]] == ["binding.cpp", "multi_tensor.cu"]
+    assert "falls back" in capsys.readouterr().err
+
+    built = type(sys)("fastasam_cuda_jit")
+    built.__file__ = "/cache/fastasam_cuda_jit.so"
+    no_extension.setattr(cuda_backend, "JIT_ERROR", None)
+    no_extension.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs) or built)
+    no_extension.setattr(cuda_backend, "_registered", lambda m: setattr(cuda_backend, "EXTENSION", m))
+    assert cuda_backend.build(verbose=False) is None and cuda_backend.EXTENSION is built
+    assert cuda_backend.build(verbose=False) is None and len(calls) == 2  # loaded: nothing more to do
+
+
+def test_python_m_fastasam_build_reports_why_it_cannot_build_here():
+    proc = subprocess.run([sys.executable, "-m", "fastasam", "--build"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FASTASAM_JIT": "0"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FASTASAM_JIT=0 turns the just-in-time build off" in proc.stderr
+    assert "build: FAILED" in proc.stdout and "falls back" in proc.stdout
+
+
+@pytest.mark.skipif(torch.version.cuda is None or cuda_backend.jit_unavailable_reason() is not None,
+                    reason="needs a CUDA build of PyTorch, a CUDA toolkit and ninja (make gpu-stack has them)")
+def test_the_just_in_time_build_compiles_and_registers_the_ops(tmp_path):
+    """The real compile (minutes), in a fresh process that ignores the prebuilt extension, into an empty cache; a GPU
+    is not needed to build and load it."""
+    env = {**os.environ, "FASTASAM_PREBUILT": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path),
+           "TORCH_CUDA_ARCH_LIST": "8.0;9.0"}
+    code = ("import torch, fastasam; from fastasam.backends import cuda_backend as c; assert c.build() is None; "
+            "print('ops', all(hasattr(torch.ops.fastasam, n) for n in c.OPS), c.EXTENSION.archs)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ops True 8.0,9.0" in proc.stdout
+    assert "building the cuda backend's kernels just in time" in proc.stderr

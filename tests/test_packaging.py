@@ -36,7 +36,11 @@ def test_wheel_layout(wheel):
     assert "fastasam/kernels/__init__.py" in names
     assert "fastasam/backends/foreach.py" in names and "fastasam/reference.py" in names
     tops = {n.split("/")[0] for n in names}
-    assert not any(t in ("kernels", "tests", "benchmarks") for t in tops), tops
+    assert not any(t in ("kernels", "tests", "benchmarks", "csrc") for t in tops), tops
+    # the CUDA sources ship inside the package: the just-in-time build and the CPU shim compile them from there
+    for src in ("binding.cpp", "multi_tensor.cu", "multi_tensor.h", "cpu_shim/fa_cuda_shim.cpp",
+                "cpu_shim/fa_cuda_shim.h", "cpu_shim/kernels.cpp", "cpu_shim/cuda_runtime.h"):
+        assert f"fastasam/csrc/{src}" in names, src
 
 
 def test_wheel_requires_torch_only_at_run_time(wheel):
@@ -99,7 +103,7 @@ def test_setup_host_extension_flags():
 def test_a_failed_automatic_build_says_why_and_installs_without_it(tmp_path, flag):
     """A planted compile error in csrc/host.cpp: with the flag unset the build says why and succeeds without the
     extension; FASTASAM_BUILD_HOST=1 fails."""
-    for name in ("setup.py", "README.md", "fastasam/__init__.py"):
+    for name in ("setup.py", "README.md", "fastasam/__init__.py", "fastasam/_toolchain.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "csrc").mkdir()

@@ -41,6 +41,10 @@ enum cudaError_t {
   cudaErrorLaunchFailure = 719,
 };
 typedef struct CUstream_st* cudaStream_t;
+// renamed: in a process that has loaded the real CUDA runtime (a CUDA build of PyTorch), the dynamic linker would
+// otherwise bind these calls to it
+#define cudaGetLastError fa_shim_cuda_get_last_error
+#define cudaGetErrorString fa_shim_cuda_get_error_string
 extern "C" cudaError_t cudaGetLastError(void);
 extern "C" const char* cudaGetErrorString(cudaError_t err);
 

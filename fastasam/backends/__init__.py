@@ -88,6 +88,9 @@ def resolve(name: str, device: torch.device) -> ModuleType:
                 return _load(spec.name)  # type: ignore[return-value]
         return _load("reference")  # type: ignore[return-value]
     reason = unavailable_reason(name, device)
+    if reason is not None and hasattr(_LOADED.get(name), "on_demand"):
+        _LOADED[name].on_demand(device)  # a backend that can make itself available when named (cuda: JIT build)
+        reason = unavailable_reason(name, device)
     if reason is not None:
         fix = _REGISTRY[name].fix or 'use backend="auto", which falls back to what works'
         raise RuntimeError(f"fastasam: backend {name!r} cannot run on {device}: {reason}. Fix: {fix}.")
@@ -106,7 +109,8 @@ register(
     BackendSpec(
         "cuda", "fastasam.backends.cuda_backend", auto_priority={"cuda": 25},
         fix="build the extension on a machine with a CUDA toolkit and a CUDA build of PyTorch: "
-            "FASTASAM_BUILD_CUDA=1 pip install --no-build-isolation -e . (or use backend=\"auto\")",
+            "FASTASAM_BUILD_CUDA=1 pip install --no-build-isolation -e ., or python -m fastasam --build "
+            "(just in time, needs ninja), or use backend=\"auto\"",
     )
 )
 register(

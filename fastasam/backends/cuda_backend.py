@@ -3,16 +3,28 @@ where a CUDA toolkit and a CUDA build of PyTorch are present), called as ``torch
 
 Same tables, foreach fallback and fused restore + SGD/Adam/AdamW as the ``triton`` backend (``_multi_tensor``);
 fp32, fp16 and bf16 storage (fp64 goes to foreach). Each launch is bound once to the op's resolved overload and its
-arguments, so a warm step pays one dispatcher call per phase. Without the extension the backend reports itself
-unavailable with the fix, ``auto`` falls back, and naming it raises.
+arguments, so a warm step pays one dispatcher call per phase.
+
+The prebuilt extension (``fastasam._C``, built by setup.py) comes first. Without it (a wheel built on a CPU box, an
+install with build isolation) naming the backend, ``backend="cuda"``, or ``python -m fastasam --build`` compiles the
+same sources (installed as ``fastasam/csrc``) just in time with ninja into PyTorch's extensions cache
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once: a few minutes, printed as it goes; a later
+process loads the cached build in about a second. ``auto`` never starts a build: it uses the extension when it is
+loaded and otherwise falls back. When the build cannot happen or fails, the reason is printed and raised with the fix
+(``backend="auto"`` falls back to ``triton``/``foreach``). ``FASTASAM_JIT=0`` turns the just-in-time build off;
+``FASTASAM_PREBUILT=0`` ignores ``fastasam._C`` (to use a just-in-time build instead, e.g. for other GPUs).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from functools import partial
 
 import torch
 
+from .. import _toolchain
 from ._multi_tensor import MultiTensorBackend
 
 name = "cuda"
@@ -21,20 +33,100 @@ CHUNK = 1 << 13  # 8192 elements per block: ResNet-50's 25.6M elements make ~3,2
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FA_FLOAT32, FA_FLOAT16, FA_BFLOAT16
 OPS = ("sqnorm", "perturb", "restore", "restore_sgd", "restore_adam")
 
-try:
-    from .. import _C  # noqa: F401  registers torch.ops.fastasam.*
-except ImportError as exc:
-    EXTENSION_ERROR: str | None = f"{type(exc).__name__}: {exc}"
-else:
-    EXTENSION_ERROR = None
-    for _op in OPS:
+JIT_NAME = "fastasam_cuda_jit"  # the module name in PyTorch's extensions cache
+EXTENSION = None  # the loaded extension module: fastasam._C, or the just-in-time build
+JIT_ERROR: str | None = None  # why the last just-in-time build failed in this process
+
+
+def _registered(module) -> None:
+    global EXTENSION, EXTENSION_ERROR
+    EXTENSION, EXTENSION_ERROR = module, None
+    for op in OPS:
         # every op returns nothing and writes through addresses: its fake (meta) version does nothing
-        torch.library.register_fake(f"fastasam::{_op}")(lambda *args, **kwargs: None)
+        torch.library.register_fake(f"fastasam::{op}")(lambda *args, **kwargs: None)
+
+
+EXTENSION_ERROR: str | None = None
+if os.environ.get("FASTASAM_PREBUILT", "1").strip() == "0":  # use (or build) the just-in-time extension instead
+    EXTENSION_ERROR = "FASTASAM_PREBUILT=0 leaves it out"
+else:
+    try:
+        from .. import _C  # registers torch.ops.fastasam.*
+    except ImportError as exc:
+        EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+    else:
+        _registered(_C)
+
+
+def jit_unavailable_reason(env: dict[str, str] | None = None) -> str | None:
+    """None when the extension can be built just in time here, else why not (with the fix)."""
+    env = dict(os.environ) if env is None else env
+    if env.get("FASTASAM_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "FASTASAM_JIT=0 turns the just-in-time build off"
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) is not a CUDA build (install one from pytorch.org)"
+    if _toolchain.sources_dir() is None:
+        return "fastasam's CUDA sources are not installed (reinstall fastasam)"
+    if _toolchain.find_cuda_home(env) is None:
+        return "no CUDA toolkit found (install one, or set CUDA_HOME to it)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def build(verbose: bool = True) -> str | None:
+    """Make the extension available: ``fastasam._C`` when built, else a just-in-time build (or its cached result).
+    Returns None on success, else why it failed (also printed when ``verbose``)."""
+    global JIT_ERROR
+    if EXTENSION is not None:
+        return None
+
+    def say(msg: str) -> None:
+        if verbose:
+            print(f"fastasam: {msg}", file=sys.stderr, flush=True)
+
+    reason = jit_unavailable_reason()
+    if reason is None:
+        from torch.utils import cpp_extension
+
+        env = dict(os.environ)
+        home = _toolchain.find_cuda_home(env)
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = home
+        os.environ.update(_toolchain.build_environment(env, os.cpu_count(), torch.cuda.is_available()))
+        caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        archs = _toolchain.arch_list(dict(os.environ), caps)
+        src = _toolchain.sources_dir()
+        say(f"fastasam._C is not built; building the cuda backend's kernels just in time for {archs} "
+            f"(CUDA_HOME={home}; once, a few minutes; cached in PyTorch's extensions folder)...")
+        t0 = time.perf_counter()
+        try:
+            module = cpp_extension.load(
+                name=JIT_NAME, sources=[str(src / "binding.cpp"), str(src / "multi_tensor.cu")],
+                extra_cflags=["-O3", f"-DFASTASAM_CUDA_ARCHS={archs}"], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure
+            reason = f"the just-in-time build failed ({type(exc).__name__}: {str(exc).strip()[-2000:]})"
+        else:
+            _registered(module)
+            JIT_ERROR = None
+            say(f"built (or loaded from the cache) in {time.perf_counter() - t0:.0f} s: {module.__file__}")
+            return None
+    JIT_ERROR = reason
+    say(f"the cuda backend is unavailable: {reason}; backend=\"auto\" falls back to triton or foreach")
+    return reason
+
+
+def on_demand(device: torch.device) -> None:
+    """Called when the backend is named for ``device``: the just-in-time build, once per process."""
+    if EXTENSION is None and JIT_ERROR is None and device.type == "cuda":
+        build()
 
 
 def device_supported(device: torch.device) -> str | None:
-    if EXTENSION_ERROR is not None:
-        return f"the CUDA extension fastasam._C is not built ({EXTENSION_ERROR})"
+    if EXTENSION is None:
+        why = f"; just in time: {JIT_ERROR}" if JIT_ERROR else ""
+        return f"the CUDA extension fastasam._C is not built ({EXTENSION_ERROR}){why}"
     if device.type != "cuda":
         return f"its kernels run on CUDA tensors, not on {device.type}"
     if not torch.cuda.is_available():

@@ -6,8 +6,9 @@ threads are real contexts that meet at ``__syncthreads()`` and warp shuffles (di
 on several worker threads in a shuffled order, ``__shared__`` is per block, and every global load and store is
 checked against the tensors of the launch (bounds, alignment; optionally races between threads). This is how CI
 runs the optimizer suite and the oracle tests over ``cuda``'s kernels without a GPU, as it does Triton's with the
-interpreter. It needs the source checkout (``csrc/``) and a C++17 compiler (``CXX``, else ``c++``); the library is
-built once (a few seconds) into ``build/cuda_shim/`` and loaded with ``ctypes``.
+interpreter. It needs the sources (``csrc/``, installed as ``fastasam/csrc``) and a C++17 compiler (``CXX``, else
+``c++``); the library is built once (a few seconds) into ``build/cuda_shim/`` of the checkout (else
+``~/.cache/fastasam/cuda_shim``) and loaded with ``ctypes``.
 
 Nothing loads it by itself: ``enable()`` builds and loads it (the test suite does), after which ``cuda_shim`` is an
 available backend on the CPU. It is never picked by ``auto``.
@@ -25,19 +26,25 @@ from pathlib import Path
 
 import torch
 
+from .._toolchain import sources_dir
 from ._multi_tensor import MultiTensorBackend
 
 name = "cuda_shim"
 traceable = False
 CHUNK = 1 << 11  # 2048 elements per block (the GPU's 8192 would leave the tests' tensors in one block each)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as cuda_backend
-ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "csrc"
+CSRC = sources_dir()
+# the library's cache: build/cuda_shim/ in a source checkout, else the user's cache folder
+if CSRC is not None and (CSRC.parent / "setup.py").is_file():
+    CACHE = CSRC.parent / "build" / "cuda_shim"
+else:
+    CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastasam" / "cuda_shim"
 SHIM_SOURCES = ("cpu_shim/fa_cuda_shim.cpp", "cpu_shim/kernels.cpp")
 HEADERS = ("multi_tensor.cu", "multi_tensor.h", "cpu_shim/fa_cuda_shim.h", "cpu_shim/cuda_runtime.h",
            "cpu_shim/cuda_fp16.h", "cpu_shim/cuda_bf16.h")
-FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall",
-         "-Wextra", "-Werror", "-Wno-unknown-pragmas")
+# -Bsymbolic: the library's own definitions win over same-named ones already loaded in the process (fastasam._C)
+FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread", "-ffp-contract=off",
+         "-fno-strict-aliasing", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas")
 
 _LIB: ShimLibrary | None = None
 LOAD_ERROR: str | None = None
@@ -52,8 +59,8 @@ def build(replace: dict[str, tuple[str, str]] | None = None, out_dir: Path | Non
 
     ``replace``: ``{file: (old, new)}`` edits to the sources first (``file`` relative to ``csrc/``; ``old`` must
     occur): how the tests plant bugs in the kernels. Raises ``RuntimeError`` with the compiler's output on failure."""
-    if not (CSRC / "multi_tensor.cu").is_file():
-        raise RuntimeError(f"the CUDA sources are not at {CSRC} (the shim needs the source checkout)")
+    if CSRC is None:
+        raise RuntimeError("the CUDA sources (csrc/) are neither installed with fastasam nor in a source checkout")
     cxx = shutil.which(compiler())
     if cxx is None:
         raise RuntimeError(f"no C++ compiler {compiler()!r} on PATH (set CXX)")
@@ -63,7 +70,7 @@ def build(replace: dict[str, tuple[str, str]] | None = None, out_dir: Path | Non
             raise ValueError(f"{old!r} does not occur in csrc/{f}")
         texts[f] = texts[f].replace(old, new)
     key = hashlib.sha256(repr((sorted(texts.items()), FLAGS, cxx)).encode()).hexdigest()[:16]
-    out_dir = out_dir or ROOT / "build" / "cuda_shim"
+    out_dir = out_dir or CACHE
     lib = out_dir / f"libfastasam_cuda_shim-{key}.so"
     if lib.is_file():
         return lib
@@ -101,7 +108,7 @@ class ShimLibrary:
             "fa_shim_ranges_from_rows": [p, i64, i64],
             "fa_shim_message": [],
             "fa_shim_clear": [],
-            "cudaGetErrorString": [i],
+            "fa_shim_cuda_get_error_string": [i],
             "fa_shim_launches": [],
             "fa_shim_float_to_half": [ctypes.c_float],
             "fa_shim_half_to_float": [ctypes.c_uint16],
@@ -113,7 +120,7 @@ class ShimLibrary:
             getattr(lib, fn).restype = i
         lib.fa_shim_configure.restype = lib.fa_shim_set_ranges.restype = None
         lib.fa_shim_ranges_from_rows.restype = None
-        lib.fa_shim_message.restype = lib.cudaGetErrorString.restype = ctypes.c_char_p
+        lib.fa_shim_message.restype = lib.fa_shim_cuda_get_error_string.restype = ctypes.c_char_p
         lib.fa_shim_clear.restype = None
         lib.fa_shim_launches.restype = u64
         lib.fa_shim_float_to_half.restype = ctypes.c_uint16
@@ -136,7 +143,7 @@ class ShimLibrary:
         self.lib.fa_shim_clear()
         err = getattr(self.lib, "fa_" + kernel)(*args)
         if err != 0:
-            msg = (self.lib.fa_shim_message() or self.lib.cudaGetErrorString(err)).decode()
+            msg = (self.lib.fa_shim_message() or self.lib.fa_shim_cuda_get_error_string(err)).decode()
             raise RuntimeError(f"fastasam: launching the CUDA {kernel} kernel (CPU shim) failed: {msg}")
 
 

@@ -1,0 +1,56 @@
+"""Where the CUDA toolkit and fastasam's C++/CUDA sources are, and the build defaults: shared by setup.py (which loads
+this file by path, before fastasam is importable) and the ``cuda`` backend's just-in-time build. Standard library
+only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_ARCHS = "8.0;9.0"  # A100, H100/H200: the targets when no GPU is visible
+
+
+def find_cuda_home(env: dict[str, str]) -> str | None:
+    """The CUDA toolkit: ``CUDA_HOME`` (or ``CUDA_PATH``) when set, else the first of nvcc's ``..`` (following links)
+    and the usual folders whose ``include/cuda_runtime.h`` exists. (PyTorch's own guess takes nvcc's ``..`` as is,
+    which is wrong where nvcc on PATH is a wrapper script, as in ``/usr/local/bin``.)"""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if env.get(var):
+            return env[var]
+    candidates = []
+    for folder in env.get("PATH", "").split(os.pathsep):
+        nvcc = Path(folder or ".") / "nvcc"
+        if nvcc.is_file():
+            candidates.append(nvcc.resolve().parent.parent)
+    candidates += [Path("/usr/local/cuda"), Path("/opt/cuda"), Path("/usr")]
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").is_file():
+            return str(home)
+    return None
+
+
+def build_environment(env: dict[str, str], cpus: int | None, gpu_visible: bool) -> dict[str, str]:
+    """The MAX_JOBS / TORCH_CUDA_ARCH_LIST defaults to add to ``env`` (values the user set are kept)."""
+    out = {}
+    if not env.get("MAX_JOBS"):
+        out["MAX_JOBS"] = str(max(1, min(cpus or 1, 4)))
+    if not env.get("TORCH_CUDA_ARCH_LIST") and not gpu_visible:
+        out["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    return out
+
+
+def arch_list(env: dict[str, str], capabilities: list[tuple[int, int]]) -> str:
+    """The architectures fastasam._C is built for, comma-separated (no characters a shell or ninja would read):
+    ``TORCH_CUDA_ARCH_LIST``, else the visible GPUs' ``capabilities``."""
+    archs = env.get("TORCH_CUDA_ARCH_LIST") or ";".join("{}.{}".format(*c) for c in capabilities)
+    return ",".join(a for a in archs.replace(" ", ";").split(";") if a) or "unknown"
+
+
+def sources_dir() -> Path | None:
+    """The folder holding ``multi_tensor.cu``: ``fastasam/csrc`` in an installed wheel, ``csrc`` in a source checkout
+    (an editable install); None when neither has it."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "csrc", here.parent / "csrc"):
+        if (folder / "multi_tensor.cu").is_file():
+            return folder
+    return None
