@@ -31,6 +31,8 @@ if ! "$STACK/bin/python" -c "import numpy, setuptools, wheel, torch, triton, sys
   say "installing torch==$TORCH_VERSION triton==$TRITON_VERSION (CUDA 13.0 build; several GB, once)"
   "$STACK/bin/pip" install -q "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "numpy<2.4" setuptools wheel
 fi
+# ninja: the cuda backend's just-in-time build (tests/test_cuda_backend.py compiles it for real here)
+"$STACK/bin/python" -c "import ninja" 2>/dev/null || "$STACK/bin/pip" install -q ninja
 "$STACK/bin/python" -c "import torch, triton; print('[gpu-stack] torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__)"
 
 say "copying the working tree to $STACK/src"
