@@ -184,9 +184,13 @@ if __name__ == "__main__":
                       "fastasam.csrc.cpu_shim": ["*.h", "*.cpp"]},
         install_requires=["torch>=2.4"],
         extras_require={
-            "test": ["pytest>=7", "pytest-benchmark", "ruff", "triton>=3.6,<4; platform_system == 'Linux'"],
+            # lightning, transformers, accelerate: no torch of their own over an installed one (~10 s and ~40 s here)
+            "test": ["pytest>=7", "pytest-benchmark", "ruff", "triton>=3.6,<4; platform_system == 'Linux'",
+                     "lightning>=2.2", "transformers>=4.46", "accelerate>=1.0"],
             "bench": ["matplotlib"],
             "triton": ["triton>=3.6,<4"],  # tested: 3.6 (the GPU machines'), 3.9
+            "lightning": ["lightning>=2.2"],  # fastasam.lightning; tested: 2.6.6
+            "hf": ["transformers>=4.46", "accelerate>=1.0"],  # fastasam.hf; tested: transformers 5.23, accelerate 1.15
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -163,6 +163,8 @@ class ASAM(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Both passes: ``closure`` runs forward and backward and returns the loss; returns the first pass's loss.
+        Without a closure after ``first_step()``, ``step()`` is ``second_step()`` (for training loops that call
+        ``optimizer.step()`` once, such as Hugging Face's Trainer; see ``fastasam.hf``).
 
         Unlike the community sam.py, ``step`` runs the first backward pass itself, so do not call ``backward``
         before it.
@@ -170,11 +172,15 @@ class ASAM(torch.optim.Optimizer):
         if closure is None and "found_inf" in self.__dict__:  # called by torch.amp.GradScaler.step(opt)
             self._scaled_second_step()
             return None
+        if closure is None and self._engine.perturbed:  # after first_step(): a loop that steps once (HF Trainer)
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError(
                 "fastasam: step() needs a closure that runs forward and backward and returns the loss, e.g. "
-                "opt.step(lambda: loss_fn(model(x), y).backward() or ...); or call first_step() and second_step(), or "
-                "scaler.step(opt) after the second backward under a torch.amp.GradScaler."
+                "opt.step(lambda: loss_fn(model(x), y).backward() or ...); or call first_step() and second_step() "
+                "(step() after first_step() is second_step()), or scaler.step(opt) after the second backward under a "
+                "torch.amp.GradScaler."
             )
         with torch.enable_grad():
             loss = closure()

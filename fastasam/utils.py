@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -31,3 +32,20 @@ def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     finally:
         for m in frozen:
             m.track_running_stats = True
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer that training frameworks' wrappers hold: accelerate's ``AcceleratedOptimizer`` (``.optimizer``),
+    Lightning's ``LightningOptimizer`` (``._optimizer``), nested up to a few levels; ``optimizer`` itself when it wraps
+    nothing. (A fastasam optimizer's own ``base_optimizer`` is not a wrapper and is not followed.)"""
+    from .optim import ASAM
+
+    opt = optimizer
+    for _ in range(8):
+        if isinstance(opt, ASAM):
+            return opt
+        inner = opt.__dict__.get("_optimizer", getattr(opt, "optimizer", None))
+        if inner is None or isinstance(inner, type):
+            return opt
+        opt = inner
+    return opt

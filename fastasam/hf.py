@@ -1,0 +1,72 @@
+"""Hugging Face: (A)SAM under ``transformers.Trainer`` and ``accelerate`` (optional: ``pip install fastasam[hf]``).
+
+``transformers.Trainer`` runs one forward/backward per batch and then calls ``optimizer.step()`` once.
+:class:`SAMTrainer` makes its training step the two passes: the first forward/backward at w, ``first_step``
+(w <- w + e), the second forward/backward at w + e (BatchNorm statistics frozen), and the Trainer's own gradient
+clipping, ``optimizer.step()`` (which after ``first_step`` is ``second_step``: restore w, then the base optimizer's
+update), scheduler and ``zero_grad`` as usual. Give it a fastasam optimizer either way the Trainer takes one::
+
+    trainer = SAMTrainer(model=model, args=args, train_dataset=ds,
+                         optimizer_cls_and_kwargs=(fastasam.ASAM, dict(base_optimizer=torch.optim.AdamW, rho=0.5,
+                                                                       lr=5e-5)))
+    # or: optimizers=(fastasam.ASAM(model.parameters(), torch.optim.AdamW, rho=0.5, lr=5e-5), None)
+    trainer.train()
+
+(with ``optimizer_cls_and_kwargs`` the Trainer builds its usual two param groups, with and without weight decay, and
+fastasam passes them to the base optimizer.) Gradient clipping (``max_grad_norm``) applies to the second pass's
+gradient, the one the base optimizer steps with. ``gradient_accumulation_steps`` must be 1: SAM's perturbation needs
+the whole batch's gradient before the second pass, which the Trainer's accumulation loop does not give (use a larger
+``per_device_train_batch_size`` instead). bf16 (``bf16=True``) runs under autocast and needs nothing more; fp16 with
+its gradient scaler goes through ``GradScaler.step(optimizer)``, which fastasam supports, but is untested here (no GPU).
+
+With ``accelerate`` directly, prepare the fastasam optimizer like any other and use :func:`unwrap` for the first
+step; ``optimizer.step()`` after it is the second step::
+
+    model, opt, loader = accelerator.prepare(model, fastasam.ASAM(model.parameters(), torch.optim.SGD, ...), loader)
+    for x, y in loader:
+        accelerator.backward(loss_fn(model(x), y))
+        unwrap(opt).first_step(zero_grad=True)
+        with fastasam.frozen_batchnorm_stats(model):
+            accelerator.backward(loss_fn(model(x), y))
+        opt.step()
+        opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .optim import ASAM
+from .utils import frozen_batchnorm_stats, unwrap_optimizer
+
+
+def unwrap(optimizer: Any) -> ASAM:
+    """The fastasam optimizer inside ``optimizer`` (accelerate's ``AcceleratedOptimizer`` keeps it in
+    ``.optimizer``). Raises ``TypeError`` naming the fix when there is none."""
+    opt = unwrap_optimizer(optimizer)
+    if not isinstance(opt, ASAM):
+        raise TypeError(f"fastasam: {type(optimizer).__name__} is not (and does not wrap) a fastasam optimizer; give "
+                        "the Trainer one: optimizers=(fastasam.ASAM(...), None) or optimizer_cls_and_kwargs="
+                        "(fastasam.ASAM, {...})")
+    return opt
+
+
+class SAMTrainer(Trainer):
+    """``transformers.Trainer`` with (A)SAM's two passes in each training step (see the module docstring)."""
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+                      ) -> torch.Tensor:
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"fastasam: SAMTrainer needs gradient_accumulation_steps=1 (got "
+                f"{self.args.gradient_accumulation_steps}): the perturbation needs the whole batch's gradient before "
+                "the second pass. Use a larger per_device_train_batch_size instead.")
+        opt = unwrap(self.optimizer)
+        loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward at w
+        opt.first_step(zero_grad=True)  # w <- w + e
+        with frozen_batchnorm_stats(model):
+            super().training_step(model, inputs, num_items_in_batch)  # forward + backward at w + e
+        return loss  # the loss at w, as the Trainer logs for plain optimizers; its optimizer.step() is second_step
