@@ -66,6 +66,8 @@ class SAMTrainer(Trainer):
                 "the second pass. Use a larger per_device_train_batch_size instead.")
         opt = unwrap(self.optimizer)
         loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward at w
+        if not opt.second_pass_needed:  # every > 1: this step is the base optimizer's alone
+            return loss
         opt.first_step(zero_grad=True)  # w <- w + e
         with frozen_batchnorm_stats(model):
             super().training_step(model, inputs, num_items_in_batch)  # forward + backward at w + e

@@ -87,6 +87,8 @@ def manual_step(
 
     def both_passes() -> torch.Tensor:
         loss = one_pass()
+        if not sam.second_pass_needed:  # every > 1: the base optimizer's step alone
+            return loss
         sam.first_step(zero_grad=True)
         one_pass()
         return loss

@@ -45,6 +45,8 @@ class ASAM(torch.optim.Optimizer):
             ``"subtract"`` saves ``e`` and subtracts it (like the official asam.py). Either keeps one buffer
             per parameter.
         backend: ``"auto"`` or a name from ``fastasam.available_backends()``.
+        every: perturb on every ``every``-th step only (Composer's interval SAM); the other steps are plain base
+            optimizer steps on the one pass's gradient. ``opt.second_pass_needed`` says which (default 1: always).
         base_optimizer_kwargs: options for the base optimizer whose names clash with this class's (``eps`` of Adam).
         **base_kwargs: the base optimizer's options (``lr``, ``momentum``, ``weight_decay``, ...).
 
@@ -64,12 +66,17 @@ class ASAM(torch.optim.Optimizer):
         eps: float = 1e-12,
         restore: str = "copy",
         backend: str = "auto",
+        every: int = 1,
         base_optimizer_kwargs: Mapping[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
         _check_base_optimizer(base_optimizer)
         check_nonnegative("rho", rho)
         check_nonnegative("eta", eta)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"fastasam: every must be an int >= 1 (perturb on every k-th step), got {every!r}.")
+        self.every = every
+        self._steps_done = 0  # completed steps (second_step calls): which step perturbs; in state_dict when every > 1
         self._engine = SharpnessEngine(backend=backend, eps=eps, restore=restore)
         super().__init__(params, dict(rho=rho, eta=eta, adaptive=bool(adaptive)))
         base = base_optimizer(self.param_groups, **{**base_kwargs, **(base_optimizer_kwargs or {})})
@@ -103,6 +110,12 @@ class ASAM(torch.optim.Optimizer):
         """True between ``first_step`` and ``second_step``: the weights hold ``w + e``."""
         return self._engine.perturbed
 
+    @property
+    def second_pass_needed(self) -> bool:
+        """Whether the coming step perturbs (a host bool, no device sync): then the loop runs ``first_step``, the
+        second forward/backward and ``second_step``; else ``second_step`` right after the one backward pass."""
+        return self._steps_done % self.every == 0
+
     def report(self) -> StepReport:
         """What served the last step: per (device, dtype) bucket, the backend, how many tensors ran in its
         multi-tensor kernels or fell back to foreach, how many the fused restore + update took and why the others
@@ -111,13 +124,24 @@ class ASAM(torch.optim.Optimizer):
 
     def first_step(self, zero_grad: bool = False) -> None:
         """Ascent: ``w <- w + e`` from the current gradients (first backward pass). Mutates the parameters."""
+        if not self.second_pass_needed and not self._engine.perturbed:
+            raise RuntimeError(
+                f"fastasam: first_step() on a step that does not perturb (every={self.every}, step "
+                f"{self._steps_done}): opt.second_pass_needed is False. Call second_step() alone after the one "
+                "backward pass (loop: if opt.second_pass_needed: first_step, second backward; then second_step)."
+            )
         self._engine.first_step(self.param_groups)
         if zero_grad:
             self.zero_grad()
 
     def second_step(self, zero_grad: bool = False) -> None:
-        """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass)."""
-        self._engine.restore_and_step(self.base_optimizer)
+        """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass). On a step
+        that does not perturb (``second_pass_needed`` False): the base optimizer's step on the one pass's gradient."""
+        if self._engine.perturbed or self.second_pass_needed:
+            self._engine.restore_and_step(self.base_optimizer)  # no first_step when one was needed: raises
+        else:
+            self.base_optimizer.step()
+        self._steps_done += 1
         self._opt_called = True  # what LR schedulers check to confirm optimizer.step() came first
         if zero_grad:
             self.zero_grad()
@@ -132,9 +156,11 @@ class ASAM(torch.optim.Optimizer):
         skipped when either pass overflowed (weights and base state untouched)."""
         grad_scale: torch.Tensor | None = self.__dict__["grad_scale"]  # None: the user already called unscale_
         found_inf: torch.Tensor = self.__dict__["found_inf"]
-        self._engine.restore("restore, then the base optimizer's step: GradScaler (scaler.step)")
+        first = None
+        if self._engine.perturbed or self.second_pass_needed:
+            self._engine.restore("restore, then the base optimizer's step: GradScaler (scaler.step)")
+            first = self._engine.perturbation_skipped
         skip = found_inf.float().clamp(max=1.0)  # fused kernels test found_inf == 1
-        first = self._engine.perturbation_skipped
         if first is not None:
             skip = torch.maximum(skip, first.to(skip.device, torch.float32))
         base = self.base_optimizer
@@ -156,6 +182,7 @@ class ASAM(torch.optim.Optimizer):
                     torch._foreach_mul_(grads, inv.to(device))
             if not skip.item():
                 base.step()
+        self._steps_done += 1
         self._opt_called = True
 
     ascent_step = first_step
@@ -184,6 +211,9 @@ class ASAM(torch.optim.Optimizer):
             )
         with torch.enable_grad():
             loss = closure()
+        if not self.second_pass_needed:  # every > 1: a plain base step on this step
+            self.second_step()
+            return loss
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             closure()
@@ -211,10 +241,16 @@ class ASAM(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         self._check_not_perturbed("state_dict()")
-        return self.base_optimizer.state_dict()
+        state = self.base_optimizer.state_dict()
+        if self.every > 1:  # which step perturbs next; the base optimizer's load_state_dict ignores the key
+            state["fastasam"] = {"steps_done": self._steps_done}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_not_perturbed("load_state_dict()")
+        state_dict = dict(state_dict)
+        own = state_dict.pop("fastasam", None) or {}
+        self._steps_done = int(own.get("steps_done", 0))
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -235,12 +271,13 @@ class SAM(ASAM):
         eps: float = 1e-12,
         restore: str = "copy",
         backend: str = "auto",
+        every: int = 1,
         base_optimizer_kwargs: Mapping[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
             params, base_optimizer, rho=rho, eta=0.0, adaptive=False, eps=eps, restore=restore, backend=backend,
-            base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
+            every=every, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
         )
 
 
