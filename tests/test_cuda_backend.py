@@ -169,7 +169,7 @@ def test_naming_the_backend_builds_once_and_a_failure_gives_the_reason_and_the_f
 
 def test_python_m_fastasam_build_reports_why_it_cannot_build_here():
     proc = subprocess.run([sys.executable, "-m", "fastasam", "--build"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "FASTASAM_JIT": "0"})
+                          env={**os.environ, "FASTASAM_JIT": "0", "FASTASAM_PREBUILT": "0"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FASTASAM_JIT=0 turns the just-in-time build off" in proc.stderr
     assert "build: FAILED" in proc.stdout and "falls back" in proc.stdout
