@@ -6,8 +6,10 @@
 
 Parts: optimizer step time (``step_time``), the host work of a warm step against the official loop's dispatch
 (``host_overhead``; on the CPU whatever the device, with kernel launches made no-ops), and an end-to-end training step
-(``e2e``). Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per
-table), with the device, versions, commit and date.
+(``e2e``). Every part times its variants interleaved, one step of each per round, and takes its ratios round by
+round (``benchmarks/timing.py``: this machine's load changes by 10x within a run); a variant whose times spread more
+than 25% is flagged. Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel
+per table), with the device, versions, commit and date.
 ``python -m benchmarks.step_time`` / ``.host_overhead`` / ``.e2e`` run one part with more options.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import e2e, host_overhead, step_time
+from benchmarks import e2e, host_overhead, step_time, timing
 
 
 def plan(device: torch.device, smoke: bool) -> dict:
@@ -46,8 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="the tiny configuration CI runs (seconds)")
+    parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=step_time.RESULTS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     todo = plan(device, args.smoke)
     env = step_time.environment(device)

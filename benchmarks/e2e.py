@@ -5,8 +5,9 @@
 
 Variants, each on a fresh copy of the same initial model: plain SGD (one forward/backward), ASAM with the
 ``reference`` per-tensor loop (the published code's way) and ASAM with fastasam's ``auto`` backend (two
-forward/backwards each). Reports step time, images/s and the ASAM / SGD step-time ratio (2.0 is the limit set by the
-two passes; SPEC §4 asks for <= 2.03).
+forward/backwards each), timed interleaved, one step each per round (``benchmarks.timing``). Reports step time, its
+spread, images/s and the ASAM / SGD step-time ratio (2.0 is the limit set by the two passes; SPEC §4 asks for
+<= 2.03), the ratios as medians of the per-round ratios, so that a load change between rounds cancels out.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 import fastasam
+from benchmarks import timing
 from benchmarks.models import get_model
-from benchmarks.step_time import RESULTS, environment, measure
+from benchmarks.step_time import RESULTS, environment
 
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
 VARIANTS = ("sgd", "asam-reference", "asam-auto")
@@ -70,23 +72,22 @@ def run(device: torch.device, arch: str, batch: int, image_size: int, amp: str, 
         return asam_step
 
     print(f"end to end: {arch}, batch {batch}, {image_size} px, amp {amp}, channels_last {channels_last}, "
-          f"on {device}", flush=True)
-    rows = []
-    for variant in variants:
-        label = variant
-        if variant == "asam-auto":
-            label += f" (= {fastasam.backends.resolve('auto', device).name})"
-        rows.append({**measure(label, lambda v=variant: make(v), device, steps, warmup), "variant": variant})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+          f"on {device}; {steps} interleaved rounds", flush=True)
+    labels = [f"{v} (= {fastasam.backends.resolve('auto', device).name})" if v == "asam-auto" else v
+              for v in variants]
+    measured = timing.measure([(label, lambda v=v: make(v)) for v, label in zip(variants, labels)], device, steps,
+                              warmup, f"end to end {arch}")
+    rows = [{**row, "variant": v} for row, v in zip(measured, variants)]
     sgd = next((r for r in rows if r["variant"] == "sgd"), None)
     ref = next((r for r in rows if r["variant"] == "asam-reference"), None)
-    for r in rows:
+    for r in rows:  # the ratios are paired per round (timing.paired_ratio): load changes between rounds cancel out
         r["images_per_s"] = batch / r["median_s"]
-        r["ratio_vs_sgd"] = r["median_s"] / sgd["median_s"] if sgd else None
-        r["speedup_vs_reference"] = ref["median_s"] / r["median_s"] if ref else None
+        r["ratio_vs_sgd"] = timing.paired_ratio(r["times_s"], sgd["times_s"]) if sgd else None
+        r["ratio_spread"] = timing.paired_spread(r["times_s"], sgd["times_s"]) if sgd else None
+        r["speedup_vs_reference"] = timing.paired_ratio(ref["times_s"], r["times_s"]) if ref else None
+        r["speedup_spread"] = timing.paired_spread(ref["times_s"], r["times_s"]) if ref else None
     return {"param_set": f"{arch} training step", "arch": arch, "batch": batch, "image_size": image_size, "amp": amp,
-            "channels_last": channels_last, "rows": rows}
+            "channels_last": channels_last, "steps": steps, "rows": rows}
 
 
 def markdown(result: dict, env: dict) -> str:
@@ -95,12 +96,15 @@ def markdown(result: dict, env: dict) -> str:
              f"({env['device']})", "",
              f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}. One training step: "
              "forward/backward + optimizer (ASAM: two forward/backwards).", "",
-             "| implementation | median ms | images/s | step time / SGD's | speed-up vs reference ASAM |",
-             "|---|---:|---:|---:|---:|"]
+             "| implementation | median ms | spread | images/s | step time / SGD's | speed-up vs reference ASAM |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        ratio = f"{r['ratio_vs_sgd']:.3f}" if r["ratio_vs_sgd"] else "-"
-        speed = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
-        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {r['images_per_s']:.1f} | {ratio} | {speed} |")
+        ratio = f"{r['ratio_vs_sgd']:.3f}{timing.mark(r.get('ratio_spread'))}" if r["ratio_vs_sgd"] else "-"
+        speed = (f"{r['speedup_vs_reference']:.2f}x{timing.mark(r.get('speedup_spread'))}"
+                 if r["speedup_vs_reference"] else "-")
+        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {timing.spread_cell(r['spread'])} | "
+                     f"{r['images_per_s']:.1f} | {ratio} | {speed} |")
+    lines += ["", timing.legend(result["steps"], "step time / SGD's and speed-up")]
     return "\n".join(lines) + "\n"
 
 
@@ -113,10 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=224 if on_gpu else 64)
     parser.add_argument("--amp", default="bf16" if on_gpu else "none", choices=["bf16", "fp16", "none"])
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    parser.add_argument("--steps", type=int, default=30 if on_gpu else 3)
+    parser.add_argument("--steps", type=int, default=30 if on_gpu else 3, help="timed rounds, one step of each variant")
     parser.add_argument("--warmup", type=int, default=5 if on_gpu else 1)
+    parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     result = run(device, args.arch, args.batch, args.image_size, args.amp, args.channels_last, args.steps, args.warmup)
     env = environment(device)

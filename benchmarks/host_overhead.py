@@ -9,7 +9,7 @@ dimension cut to at most 2 elements, on the CPU, so every op is dispatched as on
 are no-ops (the bound launch is not called; for ``triton`` that leaves out Triton's launcher, for ``cuda`` the
 dispatcher call of the op). So what is timed is the Python, dispatch and table bookkeeping a GPU step costs the CPU,
 the part that makes a step host-bound when the kernels take ~0.3 ms. Variants, interleaved step by step in one run
-(this machine's load varies by 10x):
+(``benchmarks.timing.interleave``: this machine's load varies by 10x):
 
 * ``official loop``: the official asam.py ``ascent_step`` + ``descent_step``, op for op (per-tensor ``abs_``, ``mul_``,
   ``norm``, ...), with ``torch.optim.SGD(foreach=True)`` as on a GPU; its ``zero_grad`` calls are left out, as they
@@ -20,9 +20,10 @@ the part that makes a step host-bound when the kernels take ~0.3 ms. Variants, i
   over the tensors (``, Python pass``: what a step costs where ``fastasam._host`` is not built).
 
 Each phase gets new gradient tensor objects (as after ``zero_grad(set_to_none=True)``) at the same addresses; setting
-them is not timed. Reported: median microseconds per warm step, the ratio to the official loop, Python-level calls per
-step (function calls and C calls from Python code, counted with ``sys.setprofile``: a number noise does not move),
-and with ``--callgrind`` instructions per step under valgrind (also noise-free). Writes
+them is not timed. Reported: median microseconds per warm step, the ratio to the official loop (the median of the
+per-round ratios), Python-level calls per step (function calls and C calls from Python code, counted with
+``sys.setprofile``: a number noise does not move), and with ``--callgrind`` instructions per step under valgrind (also
+noise-free). Writes
 ``benchmarks/results/host-overhead-cpu.{json,md,png}``.
 """
 
@@ -44,7 +45,7 @@ from types import SimpleNamespace
 import torch
 
 import fastasam
-from benchmarks import step_time
+from benchmarks import step_time, timing
 from benchmarks.param_sets import PARAM_SETS
 from fastasam import _step_plan, _watch
 from fastasam.backends._multi_tensor import MultiTensorBackend
@@ -233,22 +234,17 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
     variants = [Variant(name, param_set, kind, backend) for name, kind, backend in specs]
     for v in variants:
         v.warm_up(warmup)
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for i in range(steps):  # round robin: each step of each variant under the same load; the order rotates so
-        k = i % len(variants)  # that no variant always follows the same one (whose work evicts the caches)
-        for v in variants[k:] + variants[:k]:
-            times[v.name].append(v.run())
-        if (i + 1) % max(1, steps // 4) == 0:
-            print(f"  {param_set}: step {i + 1}/{steps}", flush=True)
-    official = statistics.median(times["official loop"])
-    if len(times["official loop"]) < 2:
+    if steps < 2:
         raise SystemExit("host_overhead: --steps must be at least 2")
+    # round robin, the order rotating (timing.interleave): each step of each variant under the same load
+    times = timing.interleave([(v.name, v.run) for v in variants], steps, label=param_set)
+    official = times["official loop"]
     rows = []
     for v in variants:
         med = statistics.median(times[v.name])
         q1, _, q3 = statistics.quantiles(times[v.name], n=4)
-        row = {"name": v.name, "median_us": med * 1e6, "iqr_us": (q3 - q1) * 1e6, "vs_official": med / official,
-               "python_calls": v.python_calls()}
+        row = {"name": v.name, "median_us": med * 1e6, "iqr_us": (q3 - q1) * 1e6,
+               "vs_official": timing.paired_ratio(times[v.name], official), "python_calls": v.python_calls()}
         if callgrind:
             row["instructions"] = callgrind_instructions(param_set, v.name)
         rows.append(row)
@@ -312,7 +308,8 @@ def _worker(param_set: str, variant: str, steps: int) -> None:
 def markdown(results: list[dict], env: dict) -> str:
     lines = [f"### Host work of a warm step on {env['device_name']} (tiny CPU tensors, kernel launches no-ops)", "",
              f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}. Median of "
-             f"{results[0]['steps']} interleaved steps; SGD momentum + weight decay, official weight/bias split; "
+             f"{results[0]['steps']} interleaved steps (vs official loop: the median of the per-round ratios); SGD "
+             "momentum + weight decay, official weight/bias split; "
              f"the pass over the tensors: {env.get('host_pass', 'python')}.", ""]
     has_cg = any(r.get("instructions") for res in results for r in res["rows"])
     head = "| parameter set | variant | median us | IQR us | vs official loop | Python calls / step |"

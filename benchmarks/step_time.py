@@ -6,10 +6,13 @@ SGD (momentum 0.9, weight decay 5e-4), against the per-tensor ``reference`` loop
     python -m benchmarks.step_time --variants asam-reference asam-foreach sgd
 
 Variants: every fastasam backend available on the device, ``auto``, the same step written in foreach ops under
-``torch.compile``, NVIDIA apex where installed, and plain ``torch.optim.SGD`` for scale. Prints a table (median ms,
-speed-up over reference, achieved GB/s, % of peak bandwidth where the device's peak is known, peak memory) and writes
-JSON, markdown and a PNG plot to benchmarks/results/. Times on CUDA come from CUDA events; on the CPU from perf_counter.
-The memory floor counts ~11 passes over the parameter bytes for ASAM + SGD-momentum (SPEC §4).
+``torch.compile``, NVIDIA apex where installed, and plain ``torch.optim.SGD`` for scale. The variants are timed
+interleaved, one step each per round (``benchmarks.timing``: a shared machine's load changes by 10x within a run), and
+the speed-ups are the median of the per-round ratios. Prints a table (median ms, spread, speed-up over reference,
+achieved GB/s, % of peak bandwidth where the device's peak is known, peak memory from a separate step per variant),
+a warning for every variant whose times spread more than ``timing.SPREAD_LIMIT``, and writes JSON (with every step's
+time), markdown and a PNG plot to benchmarks/results/. Times on CUDA come from CUDA events; on the CPU from
+perf_counter. The memory floor counts ~11 passes over the parameter bytes for ASAM + SGD-momentum (SPEC §4).
 """
 
 from __future__ import annotations
@@ -18,60 +21,20 @@ import argparse
 import datetime as dt
 import json
 import platform
-import statistics
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import fastasam
-from benchmarks import baselines
+from benchmarks import baselines, timing
 from benchmarks.param_sets import PARAM_SETS, make_params, numel
 from fastasam import _watch
 from fastasam.backends import resolve as resolve_backend
 
 RESULTS = Path(__file__).parent / "results"
 PASSES_ASAM_SGD = 11  # read w,g (norm); read w,g write w,buf (perturb); read buf write w (restore); SGD r/w w,g,m
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    if device.type == "cuda":
-        def timed(fn: Callable[[], None]) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return timed
-
-    def timed_cpu(fn: Callable[[], None]) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return timed_cpu
-
-
-def measure(name: str, make_step: Callable[[], Callable[[], None]], device: torch.device, steps: int,
-            warmup: int) -> dict:
-    step = make_step()
-    timed = _timer(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        step()
-    times = []
-    for i in range(steps):
-        times.append(timed(step))
-        if sys.stdout.isatty() or (i + 1) % max(1, steps // 4) == 0:
-            print(f"  {name}: step {i + 1}/{steps}, median so far {statistics.median(times) * 1e3:.2f} ms", flush=True)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"name": name, "median_s": statistics.median(times), "min_s": min(times), "steps": steps,
-            "peak_mem_bytes": peak}
 
 
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
@@ -142,8 +105,9 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
         return fastasam.backends.unavailable_reason(name, device) if name in fastasam.backends.names() else (
             f"unknown variant {variant!r}")
 
-    rows = []
-    print(f"{param_set}: {len(shapes)} tensors, {numel(shapes):,} elements, {dtype}, on {device}", flush=True)
+    print(f"{param_set}: {len(shapes)} tensors, {numel(shapes):,} elements, {dtype}, on {device}; "
+          f"{steps} interleaved rounds", flush=True)
+    todo = []
     for variant in variants:
         reason = why_not(variant)
         if reason is not None:
@@ -152,23 +116,29 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
         label = variant
         if variant == "asam-auto":
             label += f" (= {resolve_backend('auto', device).name})"
+        todo.append((variant, label))
+
+    def build(variant: str) -> Callable[[], None]:
         if variant == "asam-compile-foreach":
             print(f"  {variant}: compiling (a minute on a CPU)...", flush=True)
-        rows.append({**measure(label, lambda v=variant: make(v), device, steps, warmup), "variant": variant})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        return make(variant)
 
+    measured = timing.measure([(label, lambda v=variant: build(v)) for variant, label in todo], device, steps,
+                              warmup, param_set)
+    rows = [{**row, "variant": variant} for row, (variant, _) in zip(measured, todo)]
     ref = next((r for r in rows if r["variant"] == "asam-reference"), None)
     floor_bytes = PASSES_ASAM_SGD * param_bytes
     peak = peak_gbps(device)
     for r in rows:
         is_asam = r["variant"] != "sgd"
-        r["speedup_vs_reference"] = ref["median_s"] / r["median_s"] if ref else None
+        # paired per round (timing.paired_ratio): a load change that slows a whole round cancels out
+        r["speedup_vs_reference"] = timing.paired_ratio(ref["times_s"], r["times_s"]) if ref else None
+        r["speedup_spread"] = timing.paired_spread(ref["times_s"], r["times_s"]) if ref else None
         r["achieved_GBps"] = floor_bytes / r["median_s"] / 1e9 if is_asam else None
         r["pct_of_peak"] = 100 * r["achieved_GBps"] / peak if is_asam and peak else None
     return {"param_set": param_set, "tensors": len(shapes), "elements": numel(shapes), "dtype": str(dtype),
             "memory_floor_bytes": floor_bytes, "peak_GBps": peak,
-            "floor_ms": floor_bytes / peak / 1e6 if peak else None, "rows": rows}
+            "floor_ms": floor_bytes / peak / 1e6 if peak else None, "steps": steps, "rows": rows}
 
 
 def environment(device: torch.device) -> dict:
@@ -194,17 +164,20 @@ def markdown(result: dict, env: dict) -> str:
              f"{result['dtype']}) on {env['device_name']} ({env['device']})", "",
              f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}, "
              f"{env['cpu_threads']} CPU threads. Optimizer time only (first_step + second_step, SGD momentum + wd).",
-             "", "| implementation | median ms | speed-up vs reference | GB/s (11-pass floor) | % of peak | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "| implementation | median ms | spread | speed-up vs reference | GB/s (11-pass floor) | % of peak "
+             "| peak MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     if result["floor_ms"]:
         lines.insert(3, f"Memory floor: {result['memory_floor_bytes'] / 1e6:.1f} MB at {result['peak_GBps']:.0f} GB/s "
                         f"= {result['floor_ms']:.3f} ms.")
     for r in result["rows"]:
-        speed = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
+        speed = (f"{r['speedup_vs_reference']:.2f}x{timing.mark(r.get('speedup_spread'))}"
+                 if r["speedup_vs_reference"] else "-")
         gbps = f"{r['achieved_GBps']:.1f}" if r["achieved_GBps"] else "-"
         pct = f"{r['pct_of_peak']:.0f}%" if r["pct_of_peak"] else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
-        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {speed} | {gbps} | {pct} | {mem} |")
+        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {timing.spread_cell(r['spread'])} | {speed} | "
+                     f"{gbps} | {pct} | {mem} |")
+    lines += ["", timing.legend(result["steps"], "speed-up: the reference's step time / the variant's")]
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +187,8 @@ def draw(ax, result: dict, title: str) -> None:
     ax.barh([r["name"] for r in rows], [r["median_s"] * 1e3 for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
         speed = f"  ({r['speedup_vs_reference']:.2f}x)" if r.get("speedup_vs_reference") else ""
-        ax.text(r["median_s"] * 1e3, i, f" {r['median_s'] * 1e3:.2f} ms{speed}", va="center", fontsize=8)
+        noisy = f", spread {r['spread']:.0%}!" if r.get("noisy") else ""
+        ax.text(r["median_s"] * 1e3, i, f" {r['median_s'] * 1e3:.2f} ms{speed}{noisy}", va="center", fontsize=8)
     if result.get("floor_ms"):
         ax.axvline(result["floor_ms"], color="tab:red", linestyle="--", label="memory floor")
         ax.legend(loc="lower right", fontsize=8)
@@ -255,13 +229,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--param-sets", nargs="+", default=["resnet50"], choices=sorted(PARAM_SETS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 10 on CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed rounds, one step of every variant each (default: 50 on GPU, 10 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="asam-<backend>, asam-auto, asam-compile-foreach, asam-apex, sgd "
                              "(default: all that run on the device)")
+    parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     steps = args.steps or (50 if on_gpu else 10)

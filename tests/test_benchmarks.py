@@ -1,13 +1,15 @@
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fastasam
-from benchmarks import baselines, host_overhead, step_time
+from benchmarks import baselines, e2e, host_overhead, step_time, timing
 from fastasam import _watch
 
 
@@ -17,10 +19,14 @@ def test_step_time_benchmark_runs_and_writes_results(tmp_path):
     names = [r["name"] for r in result["rows"]]
     assert names[0] == "asam-reference" and names[1].startswith("asam-auto (= ") and names[2] == "sgd"  # apex: skipped
     assert result["rows"][0]["speedup_vs_reference"] == 1.0
+    assert all(r["steps"] == 1 and len(r["times_s"]) == 1 and r["spread"] is None and not r["noisy"]
+               for r in result["rows"])  # one round: no spread to judge, no warning
     (js,) = tmp_path.glob("*.json")
     data = json.loads(js.read_text())
     assert data["environment"]["torch"] and data["elements"] == 25_557_032
-    assert (tmp_path / js.name.replace(".json", ".md")).read_text().count("| asam-") == 2
+    md = (tmp_path / js.name.replace(".json", ".md")).read_text()
+    assert md.count("| asam-") == 2 and "| median ms | spread | speed-up vs reference |" in md
+    assert "Median of 1 interleaved rounds" in md
     assert (tmp_path / js.name.replace(".json", ".png")).stat().st_size > 0
 
 
@@ -58,9 +64,12 @@ def test_suite_smoke_configuration_writes_table_and_plot(tmp_path):
     assert kinds == ["resnet_tiny", "resnet_tiny training step"]
     e2e_rows = {r["variant"]: r for r in out["results"][1]["rows"]}
     assert e2e_rows["sgd"]["ratio_vs_sgd"] == 1.0 and e2e_rows["asam-auto"]["images_per_s"] > 0
+    assert e2e_rows["asam-reference"]["speedup_vs_reference"] == 1.0
+    assert all(len(r["times_s"]) == 2 and "noisy" in r for res in out["results"] for r in res["rows"])
     assert [r["param_set"] for r in out["host_overhead"]] == ["resnet_tiny"]
     md = (tmp_path / "suite-cpu-smoke.md").read_text()
     assert md.count("### ") == 3 and "step time / SGD's" in md and "vs official loop" in md
+    assert md.count("| median ms | spread |") == 2 and md.count("interleaved rounds") == 2
     assert (tmp_path / "suite-cpu-smoke.png").stat().st_size > 0
     assert json.loads((tmp_path / "suite-cpu-smoke.json").read_text())["environment"]["commit"]
 
@@ -90,3 +99,78 @@ def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_coun
         assert tiny[name]["python_calls"] == many[name]["python_calls"] < many["official loop"]["python_calls"] / 100
     assert many["official loop"]["python_calls"] > 10 * tiny["official loop"]["python_calls"]
     assert (tmp_path / "host-overhead-cpu.md").read_text().count("| many_2000 (2000) |") == len(many)
+
+
+def test_interleave_runs_every_variant_once_a_round_in_rotated_order():
+    """Warm-up first (each variant in turn), then round i starts at variant i mod n and wraps: every variant steps
+    under the same load, and none is always first or always right after the same one."""
+    calls = []
+
+    def run(name: str):
+        def step() -> float:
+            calls.append(name)
+            return 1.0
+        return step
+
+    times = timing.interleave([(n, run(n)) for n in "abc"], rounds=4, warmup=1)
+    assert calls == [*"abc", *"abc", *"bca", *"cab", *"abc"]
+    assert times == {"a": [1.0] * 4, "b": [1.0] * 4, "c": [1.0] * 4}
+    assert [timing.rotation(3, i) for i in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+
+
+def test_paired_ratios_cancel_a_load_that_changes_10x_between_rounds():
+    """Variant b does exactly twice a's work. The load changes 10x between rounds, and once between a's and b's step
+    of a round. The per-round ratio is 2.0 in every round but that one: the paired ratio is 2.0 exactly, the ratio
+    of the medians is 0.2 (10x off the other way)."""
+    load = iter([1, 1, 10, 10, 10, 10, 1, 1, 10, 1])  # per call, in call order
+
+    def variant(work: float):
+        return lambda: work * next(load)
+
+    times = timing.interleave([("a", variant(1.0)), ("b", variant(2.0))], rounds=5)
+    assert times == {"a": [1, 10, 10, 1, 10], "b": [2, 20, 20, 2, 2]}  # rounds 1 and 3 run b first (rotation)
+    assert timing.paired_ratio(times["b"], times["a"]) == 2.0
+    assert timing.paired_ratio(times["a"], times["b"]) == 0.5
+    assert statistics.median(times["b"]) / statistics.median(times["a"]) == 0.2  # the median of medians
+    with pytest.raises(ValueError):
+        timing.paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_measure_flags_a_high_spread_variant_and_not_a_steady_one(monkeypatch, capsys):
+    """``measure`` on the CPU with a fake clock: the steady variant takes 1/64 s every round; the jumpy one 1/64 s or
+    1/16 s by turns (binary fractions: the clock's sums are exact). Only the jumpy one is flagged (``noisy``, a printed
+    warning, ``!`` in the table)."""
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    jumps = iter([2**-6, 2**-4] * 20)
+
+    def make(kind: str):
+        def step() -> None:
+            now[0] += 2**-6 if kind == "steady" else next(jumps)
+        return lambda: step
+
+    rows = timing.measure([("steady", make("steady")), ("jumpy", make("jumpy"))], torch.device("cpu"), steps=8,
+                          warmup=1, label="fake")
+    steady, jumpy = rows
+    assert steady["times_s"] == [2**-6] * 8 and steady["spread"] == 0.0 and not steady["noisy"]
+    assert steady["peak_mem_bytes"] is None and steady["median_s"] == steady["min_s"] == 2**-6
+    assert jumpy["noisy"] and jumpy["spread"] > timing.SPREAD_LIMIT and jumpy["steps"] == 8
+    out = capsys.readouterr().out
+    assert "WARNING: fake: jumpy: step times spread" in out and "steady: step times" not in out
+    assert "fake: round 8/8" in out
+
+    result = {"param_set": "fake", "tensors": 1, "elements": 1, "dtype": "torch.float32", "memory_floor_bytes": 11,
+              "peak_GBps": None, "floor_ms": None, "steps": 8,
+              "rows": [{**r, "speedup_vs_reference": timing.paired_ratio(steady["times_s"], r["times_s"]),
+                        "speedup_spread": timing.paired_spread(steady["times_s"], r["times_s"]),
+                        "achieved_GBps": 1.0, "pct_of_peak": None} for r in rows]}
+    env = {"device_name": "cpu", "device": "cpu", "torch": "t", "fastasam": "f", "commit": "c", "date": "d",
+           "cpu_threads": 2}
+    table = {line.split(" | ")[0]: line for line in step_time.markdown(result, env).splitlines()}
+    assert "| 0% | 1.00x |" in table["| steady"]
+    assert "% ! | " in table["| jumpy"] and "x ! |" in table["| jumpy"]  # its times and its paired ratio
+    e2e_result = {"arch": "fake", "batch": 1, "image_size": 1, "amp": "none", "channels_last": False, "steps": 8,
+                  "rows": [{**r, "images_per_s": 1.0, "ratio_vs_sgd": 1.0, "ratio_spread": r["spread"],
+                            "speedup_vs_reference": 1.0, "speedup_spread": None} for r in rows]}
+    e2e_table = {line.split(" | ")[0]: line for line in e2e.markdown(e2e_result, env).splitlines()}
+    assert "| 0% |" in e2e_table["| steady"] and "% ! |" in e2e_table["| jumpy"]

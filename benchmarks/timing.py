@@ -1,0 +1,179 @@
+"""Timing that survives a noisy machine: the variants are interleaved step by step, ratios are paired per round.
+
+A shared machine's load can change by 10x within a run (measured here: ``auto`` (= foreach) at 181 ms a step and
+``foreach`` at 4,541 ms in one suite run). Timing each variant in turn lets such a change land on one variant and not
+the others, and its median ends up on the wrong side of every comparison. So:
+
+* ``interleave`` runs ``rounds`` rounds in which every variant makes one step, round ``i`` starting at variant
+  ``i mod n`` (the order rotates: every variant takes every place in a round in turn, so none is always first or
+  always right after the same one); a change of load between rounds hits all the variants of a round alike;
+* ``paired_ratio`` compares two variants round by round, the median of ``t_a[i] / t_b[i]``: a load that slows a whole
+  round cancels out, and a change within a round spoils that round's ratio only, where it can move the ratio of the
+  two medians (``tests/test_benchmarks.py`` has a case where that ratio is 10x off and the paired one exact);
+* ``summary`` reports a variant's median, min and spread (interquartile range / median), and ``warn`` flags (printed
+  line, ``noisy`` field) a spread above ``SPREAD_LIMIT``: then that variant's times are not to be trusted.
+
+None of this cancels what differs from one process to the next, or a load that slows some variants more than others
+(two threads on two shared cores): ``benchmarks/results/stability-cpu.md`` measures both on a 2-core CPU.
+
+Used by ``step_time`` and ``e2e`` (through ``measure``: CUDA events on a GPU, ``perf_counter`` on the CPU, peak memory
+from one separate step per variant) and by ``host_overhead`` (its variants time their own phases).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+SPREAD_LIMIT = 0.25  # interquartile range / median above which a variant's times are flagged as not to be trusted
+THREADS_HELP = ("CPU threads for torch's ops (default: torch's, one per core); on a CPU shared with other busy "
+                "processes fewer threads than cores keep the times far steadier (an op's threads wait for each other)")
+
+
+def clock(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    """``timed(fn)``: the seconds one call of ``fn`` takes on ``device`` (CUDA events on a GPU, whose work is
+    asynchronous; ``perf_counter`` on the CPU)."""
+    if device.type == "cuda":
+        def timed(fn: Callable[[], None]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return timed
+
+    def timed_cpu(fn: Callable[[], None]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return timed_cpu
+
+
+def rotation(n: int, round_index: int) -> list[int]:
+    """The order of the ``n`` variants in round ``round_index``: starting at ``round_index mod n``, wrapping."""
+    k = round_index % n
+    return [*range(k, n), *range(k)]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"
+
+
+def interleave(runs: Sequence[tuple[str, Callable[[], float]]], rounds: int, warmup: int = 0,
+               label: str = "") -> dict[str, list[float]]:
+    """Seconds per step of every variant, ``rounds`` each, in rotated round-robin order (``rotation``).
+
+    ``runs`` are (name, run) pairs, built beforehand; ``run()`` makes one step and returns its seconds (from ``clock``
+    or the variant's own timing). Each variant first makes ``warmup`` untimed steps, one variant after the other.
+    Prints progress (with the medians so far) every quarter of the rounds, every round on a terminal."""
+    for _, run in runs:
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for i in range(rounds):
+        for j in rotation(len(runs), i):
+            name, run = runs[j]
+            times[name].append(run())
+        if sys.stdout.isatty() or (i + 1) % max(1, rounds // 4) == 0:
+            so_far = ", ".join(f"{name} {_ms(statistics.median(t))}" for name, t in times.items())
+            print(f"  {label + ': ' if label else ''}round {i + 1}/{rounds}, medians so far: {so_far}", flush=True)
+    return times
+
+
+def spread(times: Sequence[float]) -> float | None:
+    """Interquartile range / median (0.1 = the middle half of the steps lies within 10% of the median); None for
+    fewer than 2 values."""
+    if len(times) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(times)
+
+
+def summary(times: Sequence[float]) -> dict:
+    """A variant's step times: median, min, spread (``spread``), steps, and whether the spread flags it (``noisy``)."""
+    s = spread(times)
+    return {"median_s": statistics.median(times), "min_s": min(times), "spread": s, "steps": len(times),
+            "noisy": s is not None and s > SPREAD_LIMIT}
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds of ``num[i] / den[i]`` (both from one ``interleave``): a load change that hits a whole
+    round cancels out."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty series (got {len(num)} and {len(den)})")
+    return statistics.median(n / d for n, d in zip(num, den))
+
+
+def paired_spread(num: Sequence[float], den: Sequence[float]) -> float | None:
+    """``spread`` of the per-round ratios ``num[i] / den[i]``: how far a paired ratio is to be trusted."""
+    return spread([n / d for n, d in zip(num, den)])
+
+
+def warn(rows: list[dict], label: str = "") -> list[str]:
+    """Print (and return) one warning line per row whose ``noisy`` flag is set by ``summary``."""
+    lines = [f"  WARNING: {label + ': ' if label else ''}{r['name']}: step times spread {r['spread']:.0%} "
+             f"(interquartile range / median) > {SPREAD_LIMIT:.0%}: its times are not to be trusted"
+             for r in rows if r.get("noisy")]
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
+def mark(s: float | None) -> str:
+    """The markdown tables' flag (`` !``) after a number whose spread is above ``SPREAD_LIMIT``."""
+    return " !" if s is not None and s > SPREAD_LIMIT else ""
+
+
+def spread_cell(s: float | None) -> str:
+    """A spread as a markdown table cell: ``12%``, ``43% !`` (flagged), ``-`` (unknown: one step)."""
+    return "-" if s is None else f"{s:.0%}{mark(s)}"
+
+
+def legend(steps: int, ratios: str) -> str:
+    """The line under a table: how the numbers were taken, what ``spread`` and ``!`` mean."""
+    return (f"Median of {steps} interleaved rounds (every variant one step a round, the order rotating). spread: "
+            f"interquartile range / median of the variant's step times. {ratios}: median over the rounds of the "
+            f"per-round ratio (a load change that slows a whole round cancels out). ! = spread of the times, or of "
+            f"the per-round ratios, above {SPREAD_LIMIT:.0%}: not to be trusted.")
+
+
+def peak_memory(step: Callable[[], None], device: torch.device, held_by_others: int = 0) -> int | None:
+    """Make one un-timed call of ``step`` (a variant's first step, before the interleaved rounds) and return the peak
+    bytes allocated on ``device`` during it, less ``held_by_others`` (what the variants built before this one hold):
+    about what the variant would peak at alone. None off CUDA. Taken apart from the rounds, where the peak would mix
+    the variants."""
+    if device.type != "cuda":
+        step()
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - held_by_others
+
+
+def measure(variants: Sequence[tuple[str, Callable[[], Callable[[], None]]]], device: torch.device, steps: int,
+            warmup: int, label: str = "") -> list[dict]:
+    """Build every variant (name, make_step), take each one's peak memory in one step of its own (CUDA), warm each
+    up, time ``steps`` interleaved rounds (``interleave``) and return one row per variant: ``summary`` fields, peak
+    memory and the step times (``times_s``, for ``paired_ratio``). Prints a warning per noisy variant."""
+    timed = clock(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    built, peaks = [], {}
+    for name, make_step in variants:
+        held = torch.cuda.memory_allocated(device) - base if device.type == "cuda" else 0
+        step = make_step()
+        peaks[name] = peak_memory(step, device, held)
+        built.append((name, lambda s=step: timed(s)))
+    times = interleave(built, steps, warmup, label)
+    rows = [{"name": name, **summary(times[name]), "peak_mem_bytes": peaks[name], "times_s": times[name]}
+            for name, _ in variants]
+    if warn(rows, label) and device.type == "cpu" and torch.get_num_threads() > 1:
+        print(f"  (on a CPU shared with other busy processes, an op's {torch.get_num_threads()} threads wait for each "
+              "other: fewer threads than cores, e.g. --threads 1, keep the times far steadier)", flush=True)
+    return rows
