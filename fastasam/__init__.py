@@ -9,8 +9,10 @@ from . import compat, distributed
 from .backends import available_backends
 from .optim import ASAM, SAM, adaptive_param_groups
 from .utils import frozen_batchnorm_stats
+from .variants import GSAM, LookSAM
 
 __all__ = [
-    "ASAM", "SAM", "adaptive_param_groups", "available_backends", "compat", "distributed", "frozen_batchnorm_stats",
+    "ASAM", "GSAM", "LookSAM", "SAM", "adaptive_param_groups", "available_backends", "compat", "distributed",
+    "frozen_batchnorm_stats",
 ]
 __version__ = "0.1.0"

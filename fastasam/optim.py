@@ -130,6 +130,7 @@ class ASAM(torch.optim.Optimizer):
                 f"{self._steps_done}): opt.second_pass_needed is False. Call second_step() alone after the one "
                 "backward pass (loop: if opt.second_pass_needed: first_step, second backward; then second_step)."
             )
+        self._keep_first_gradient()
         self._engine.first_step(self.param_groups)
         if zero_grad:
             self.zero_grad()
@@ -138,8 +139,11 @@ class ASAM(torch.optim.Optimizer):
         """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass). On a step
         that does not perturb (``second_pass_needed`` False): the base optimizer's step on the one pass's gradient."""
         if self._engine.perturbed or self.second_pass_needed:
+            if self._engine.perturbed:
+                self._two_pass_direction()
             self._engine.restore_and_step(self.base_optimizer)  # no first_step when one was needed: raises
         else:
+            self._one_pass_direction()
             self.base_optimizer.step()
         self._steps_done += 1
         self._opt_called = True  # what LR schedulers check to confirm optimizer.step() came first
@@ -158,8 +162,12 @@ class ASAM(torch.optim.Optimizer):
         found_inf: torch.Tensor = self.__dict__["found_inf"]
         first = None
         if self._engine.perturbed or self.second_pass_needed:
+            if self._engine.perturbed:
+                self._two_pass_direction()
             self._engine.restore("restore, then the base optimizer's step: GradScaler (scaler.step)")
             first = self._engine.perturbation_skipped
+        else:
+            self._one_pass_direction()
         skip = found_inf.float().clamp(max=1.0)  # fused kernels test found_inf == 1
         if first is not None:
             skip = torch.maximum(skip, first.to(skip.device, torch.float32))
@@ -187,6 +195,25 @@ class ASAM(torch.optim.Optimizer):
 
     ascent_step = first_step
     descent_step = second_step
+
+    # --- what the variants (fastasam.variants: LookSAM, GSAM) change: the gradient the base optimizer steps with ---
+
+    def _keep_first_gradient(self) -> None:
+        """Before the ascent: keep what the descent will need of the first pass's gradient (nothing for (A)SAM)."""
+
+    def _two_pass_direction(self) -> None:
+        """After the second backward, before the restore: turn ``.grad`` (the gradient at w + e) into the descent
+        direction (itself for (A)SAM)."""
+
+    def _one_pass_direction(self) -> None:
+        """On a step without a second pass, before the base step: the descent direction from the one gradient."""
+
+    def _own_state(self) -> dict[str, Any]:
+        """What this optimizer adds to ``state_dict()["fastasam"]``: the step counter where it matters."""
+        return {"steps_done": self._steps_done} if self.every > 1 else {}
+
+    def _load_own_state(self, own: Mapping[str, Any]) -> None:
+        self._steps_done = int(own.get("steps_done", 0))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Both passes: ``closure`` runs forward and backward and returns the loss; returns the first pass's loss.
@@ -242,15 +269,15 @@ class ASAM(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         self._check_not_perturbed("state_dict()")
         state = self.base_optimizer.state_dict()
-        if self.every > 1:  # which step perturbs next; the base optimizer's load_state_dict ignores the key
-            state["fastasam"] = {"steps_done": self._steps_done}
+        own = self._own_state()
+        if own:  # which step perturbs next (every > 1), LookSAM's g_v; the base optimizer's load_state_dict ignores it
+            state["fastasam"] = own
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_not_perturbed("load_state_dict()")
         state_dict = dict(state_dict)
-        own = state_dict.pop("fastasam", None) or {}
-        self._steps_done = int(own.get("steps_done", 0))
+        self._load_own_state(state_dict.pop("fastasam", None) or {})
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
