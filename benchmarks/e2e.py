@@ -28,7 +28,10 @@ from benchmarks.models import get_model
 from benchmarks.step_time import RESULTS, environment
 
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
-VARIANTS = ("sgd", "asam-reference", "asam-auto")
+VARIANTS = ("sgd", "asam-reference", "asam-auto", "asam-every5", "looksam-k5", "gsam")
+# the interval and LookSAM variants perturb on every 5th step: one timed call runs 5 steps, and their times are per
+# step (the mean over the 5, a full step included)
+STEPS_PER_CALL = {"asam-every5": 5, "looksam-k5": 5}
 
 
 def run(device: torch.device, arch: str, batch: int, image_size: int, amp: str, channels_last: bool, steps: int,
@@ -57,19 +60,32 @@ def run(device: torch.device, arch: str, batch: int, image_size: int, amp: str, 
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return sgd_step
-        backend = variant.removeprefix("asam-")
-        asam = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01, backend=backend, **HPARAMS)
+        if variant == "asam-every5":
+            asam = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01, every=5, **HPARAMS)
+        elif variant == "looksam-k5":
+            asam = fastasam.LookSAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01, adaptive=True, k=5,
+                                    **HPARAMS)
+        elif variant == "gsam":
+            asam = fastasam.GSAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01, adaptive=True, **HPARAMS)
+        else:
+            asam = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01,
+                                 backend=variant.removeprefix("asam-"), **HPARAMS)
 
-        def asam_step() -> None:
+        def one_step() -> None:  # the documented loop: the second pass only where the step perturbs
             with autocast():
                 loss = loss_fn(model(x), y)
             loss.backward()
-            asam.first_step(zero_grad=True)
-            with autocast():
-                loss = loss_fn(model(x), y)
-            loss.backward()
+            if asam.second_pass_needed:
+                asam.first_step(zero_grad=True)
+                with autocast():
+                    loss = loss_fn(model(x), y)
+                loss.backward()
             asam.second_step(zero_grad=True)
-        return asam_step
+
+        def asam_steps() -> None:
+            for _ in range(STEPS_PER_CALL.get(variant, 1)):
+                one_step()
+        return asam_steps
 
     print(f"end to end: {arch}, batch {batch}, {image_size} px, amp {amp}, channels_last {channels_last}, "
           f"on {device}; {steps} interleaved rounds", flush=True)
@@ -78,6 +94,11 @@ def run(device: torch.device, arch: str, batch: int, image_size: int, amp: str, 
     measured = timing.measure([(label, lambda v=v: make(v)) for v, label in zip(variants, labels)], device, steps,
                               warmup, f"end to end {arch}")
     rows = [{**row, "variant": v} for row, v in zip(measured, variants)]
+    for r in rows:  # per training step
+        n = STEPS_PER_CALL.get(r["variant"], 1)
+        if n > 1:
+            r.update(median_s=r["median_s"] / n, min_s=r["min_s"] / n, times_s=[t / n for t in r["times_s"]],
+                     steps_per_call=n)
     sgd = next((r for r in rows if r["variant"] == "sgd"), None)
     ref = next((r for r in rows if r["variant"] == "asam-reference"), None)
     for r in rows:  # the ratios are paired per round (timing.paired_ratio): load changes between rounds cancel out
