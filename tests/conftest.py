@@ -162,3 +162,22 @@ def assert_trajectories_equal(got, want) -> None:
 
 def numel(params) -> int:
     return sum(math.prod(p.shape) for p in params)
+
+
+def sharpness_loop(opt, params, steps: int, reload_at: int | None = None, make=None) -> list[list[torch.Tensor]]:
+    """The documented loop for every variant (``if opt.second_pass_needed``: first_step and the second backward;
+    then second_step) on ``soup_loss``; at ``reload_at`` a ``state_dict`` goes into ``make()``'s new optimizer.
+    Returns the parameters after each step."""
+    history = []
+    for i in range(steps):
+        if i == reload_at:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = make()
+            opt.load_state_dict(saved)
+        soup_loss(params).backward()
+        if opt.second_pass_needed:
+            opt.first_step(zero_grad=True)
+            soup_loss(params).backward()
+        opt.second_step(zero_grad=True)
+        history.append([p.detach().clone() for p in params])
+    return history

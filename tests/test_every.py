@@ -3,8 +3,6 @@ the other steps are plain base-optimizer steps on the one pass's gradient."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import (
@@ -12,6 +10,7 @@ from conftest import (
     assert_trajectories_close,
     assert_trajectories_equal,
     awkward_params,
+    sharpness_loop,
     soup_loss,
     three_groups,
 )
@@ -33,27 +32,20 @@ def run(backend: str, device: str, every: int | None, steps: int = 7, reload_at:
         return fastasam.ASAM([dict(g) for g in groups], torch.optim.SGD, backend=backend, momentum=0.9,
                              weight_decay=5e-4, **kw)
 
+    if not by_hand:
+        opt = make()
+        assert [opt.second_pass_needed] == [True]
+        return sharpness_loop(opt, params, steps, reload_at, make)
     opt, history = make(), []
     for i in range(steps):
-        if i == reload_at:
-            saved = copy.deepcopy(opt.state_dict())
-            opt = make()
-            opt.load_state_dict(saved)
         soup_loss(params).backward()
-        if by_hand:
-            if i % every == 0:
-                opt.first_step(zero_grad=True)
-                soup_loss(params).backward()
-                opt.second_step(zero_grad=True)
-            else:
-                opt.base_optimizer.step()
-                opt.zero_grad()
-        else:
-            assert opt.second_pass_needed == (i % (every or 1) == 0)
-            if opt.second_pass_needed:
-                opt.first_step(zero_grad=True)
-                soup_loss(params).backward()
+        if i % every == 0:
+            opt.first_step(zero_grad=True)
+            soup_loss(params).backward()
             opt.second_step(zero_grad=True)
+        else:
+            opt.base_optimizer.step()
+            opt.zero_grad()
         history.append([p.detach().clone() for p in params])
     return history
 

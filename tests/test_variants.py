@@ -4,33 +4,21 @@ and bad input."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import FAST_CASES, assert_trajectories_close, assert_trajectories_equal, awkward_params, soup_loss
+from conftest import (
+    FAST_CASES,
+    assert_trajectories_close,
+    assert_trajectories_equal,
+    awkward_params,
+    sharpness_loop,
+    soup_loss,
+)
 
 import fastasam
 
 CASES = [("reference", "cpu"), *FAST_CASES]
 LR, MOMENTUM, RHO, ETA = 0.05, 0.9, 0.3, 0.01
-
-
-def loop(opt, params, steps: int, reload_at: int | None = None, make=None) -> list[list[torch.Tensor]]:
-    """The documented loop; ``make`` builds a fresh optimizer for the reload."""
-    history = []
-    for i in range(steps):
-        if i == reload_at:
-            saved = copy.deepcopy(opt.state_dict())
-            opt = make()
-            opt.load_state_dict(saved)
-        soup_loss(params).backward()
-        if opt.second_pass_needed:
-            opt.first_step(zero_grad=True)
-            soup_loss(params).backward()
-        opt.second_step(zero_grad=True)
-        history.append([p.detach().clone() for p in params])
-    return history
 
 
 def transcription(kind: str, params, steps: int, *, k: int = 1, alpha: float, adaptive: bool):
@@ -93,7 +81,7 @@ def make(kind: str, params, backend: str = "reference", **kw):
 def test_the_optimizer_equals_the_papers_algorithm(kind, kw, adaptive):
     want = transcription(kind, small_params(), 8, adaptive=adaptive, **kw)
     params = small_params()
-    got = loop(make(kind, params, adaptive=adaptive, **kw), params, 8)
+    got = sharpness_loop(make(kind, params, adaptive=adaptive, **kw), params, 8)
     # the transcription rounds differently (fp64 sums, fp32 vector ops); LookSAM's g_v is the difference of nearly
     # parallel vectors and the steps between use its direction with weight ||g||, so rounding grows to ~3e-5 in 8
     # steps here (measured: 2.7e-5; 8e-6 with the optimizer's sums in fp64 too). A wrong formula moves by ~1e-2.
@@ -109,7 +97,7 @@ def test_every_backend_equals_the_reference_and_resumes_bit_exactly(backend, dev
     def run(name, reload_at=None):
         params = small_params(device)
         groups = [{"params": params[:20], "adaptive": True}, {"params": params[20:], "adaptive": False, "lr": 0.02}]
-        return loop(make(kind, [dict(g) for g in groups], name, **kw), params, 10, reload_at,
+        return sharpness_loop(make(kind, [dict(g) for g in groups], name, **kw), params, 10, reload_at,
                     lambda: make(kind, [dict(g) for g in groups], name, **kw))
 
     got = run(backend, reload_at=4)
@@ -125,19 +113,20 @@ def test_looksam_k1_and_gsam_alpha0_are_asam(adaptive):
         params = small_params()
         opt = fastasam.ASAM(params, torch.optim.SGD, rho=RHO, eta=ETA, adaptive=adaptive, lr=LR, momentum=MOMENTUM,
                             backend="foreach")
-        return loop(opt, params, 5)
+        return sharpness_loop(opt, params, 5)
 
     want = asam()
     for kind, kw in (("looksam", {"k": 1}), ("gsam", {"alpha": 0.0})):
         params = small_params()
-        assert_trajectories_equal(loop(make(kind, params, "foreach", adaptive=adaptive, **kw), params, 5), want)
+        opt = make(kind, params, "foreach", adaptive=adaptive, **kw)
+        assert_trajectories_equal(sharpness_loop(opt, params, 5), want)
 
 
 def test_looksam_passes_and_state():
     params = small_params()
     opt = make("looksam", params, k=2)
     assert [opt.second_pass_needed] == [True]
-    loop(opt, params, 3)
+    sharpness_loop(opt, params, 3)
     assert not opt.second_pass_needed  # steps 0 and 2 were full; step 3 is not
     state = opt.state_dict()["fastasam"]
     assert state["steps_done"] == 3 and len(state["g_v"]) == sum(p.numel() > -1 for p in params)
