@@ -15,11 +15,13 @@ optimizer receives the descent direction as the gradient (momentum, weight decay
 
 A ratio whose denominator is 0 is taken as 0 (``g = 0``: ``g_v = g_s``; ``g_v = 0`` or ``g_s = 0``: no correction).
 The loop is the same as for ``fastasam.ASAM(..., every=k)``: ``if opt.second_pass_needed: first_step, second
-backward``; then ``second_step``. Sums are in fp32 (fp64 for fp64 storage), as a device tensor: no host sync.
+backward``; then ``second_step``. Products are in fp32 (fp64 for fp64 storage), sums in fp64, as device tensors:
+no host sync.
 
-Not yet: the decompositions run per tensor in Python with torch ops on every backend (the backends' own norm,
-perturbation and fused restore + update run as for ASAM); they are not fused into the multi-tensor kernels, and
-DTensor (FSDP2) parameters are refused.
+The decompositions (two global sums and one multi-tensor update per step) run as ``torch._foreach_*`` ops over
+each fp32/fp64 device bucket on the fast backends and per tensor on the ``reference`` backend, which is the oracle
+the others are tested against (fp16/bf16 buckets take the per-tensor path too). Not yet: they are not fused into the
+multi-tensor kernels, and DTensor (FSDP2) parameters are refused.
 """
 
 from __future__ import annotations
@@ -50,15 +52,49 @@ class _Decomposed(ASAM):
                                       "yet; use ASAM/SAM there.")
         return params
 
-    @staticmethod
-    def _sum(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        """sum over the pairs of <a, b>, in the accumulate dtype, on the first pair's device (None: no pairs)."""
+    def _foreach_ok(self, *lists: list[torch.Tensor]) -> bool:
+        """The foreach path serves one fp32/fp64 device bucket on the fast backends; the ``reference`` backend (the
+        oracle) and anything else take the per-tensor path."""
+        if self.backend == "reference" or not lists[0]:
+            return False
+        first = lists[0][0]
+        return first.dtype in (torch.float32, torch.float64) and all(
+            t.dtype == first.dtype and t.device == first.device for ts in lists for t in ts)
+
+    def _dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor | None:
+        """sum_i <a_i, b_i>: products in the accumulate dtype, summed in fp64 (LookSAM's ``g_v`` is the difference of
+        nearly parallel vectors, which amplifies the sums' rounding), on the first tensor's device (None: empty)."""
+        if not a:
+            return None
+        f64 = torch.float64
+        if self._foreach_ok(a, b):  # no foreach sum exists: the positive and negative parts' 1-norms
+            prods = torch._foreach_mul(a, b)
+            pos = torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=f64)
+            neg = torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=f64)
+            return torch.stack(pos).sum() - torch.stack(neg).sum()
         total = None
-        for a, b in pairs:
-            acc = accumulate_dtype(a.dtype)
-            part = (a.to(acc) * b.to(acc)).sum()
-            total = part if total is None else total + part.to(total.device, total.dtype)
+        for x, y in zip(a, b, strict=True):
+            acc = accumulate_dtype(x.dtype)
+            part = (x.to(acc) * y.to(acc)).sum(dtype=f64)
+            total = part if total is None else total + part.to(total.device)
         return total
+
+    def _axpby_(self, y: list[torch.Tensor], x: list[torch.Tensor], a: torch.Tensor | float,
+                b: torch.Tensor | float) -> None:
+        """y_i <- a * y_i + b * x_i (each product rounded, then the sum, in the accumulate dtype)."""
+        if not y:
+            return
+        if self._foreach_ok(y, x):
+            if not (isinstance(a, float) and a == 1.0):
+                torch._foreach_mul_(y, a)
+            if isinstance(b, float):
+                torch._foreach_add_(y, x, alpha=b)
+            else:
+                torch._foreach_add_(y, torch._foreach_mul(x, b))
+            return
+        for yi, xi in zip(y, x, strict=True):
+            acc = accumulate_dtype(yi.dtype)
+            yi.copy_(a * yi.to(acc) + b * xi.to(acc))
 
     @staticmethod
     def _ratio(num: torch.Tensor | None, den: torch.Tensor | None) -> torch.Tensor | float:
@@ -105,34 +141,32 @@ class LookSAM(_Decomposed):
         self._g_v = kept
 
     @torch.no_grad()
-    def _two_pass_direction(self) -> None:  # full step: descend along g_s; keep g_v
+    def _two_pass_direction(self) -> None:  # full step: descend along g_s; keep g_v = g_s - c g
         params = self._params()
-        both = [(self._g_v[p], p.grad) for p in params if p in self._g_v and p.grad is not None]
-        c = self._ratio(self._sum(both), self._sum((g, g) for g in self._g_v.values()))
-        g_v = {}
-        for p in params:
-            g, g_s = self._g_v.get(p), p.grad
-            if g is None and g_s is None:
-                continue
-            ref = g if g is not None else g_s
-            acc = accumulate_dtype(ref.dtype)
-            v = (g_s.to(acc) if g_s is not None else 0) - c * (g.to(acc) if g is not None else 0)
-            g_v[p] = (g if g is not None else torch.empty_like(g_s)).copy_(v)
+        both = [p for p in params if p in self._g_v and p.grad is not None]
+        g, g_s = [self._g_v[p] for p in both], [p.grad for p in both]
+        kept = list(self._g_v.values())
+        c = self._ratio(self._dot(g, g_s), self._dot(kept, kept))
+        self._axpby_(g, g_s, -c, 1.0)  # in place: the buffers become g_v
+        g_v = dict(zip(both, g))
+        for p in params:  # a gradient in one pass only: the other is 0 there
+            if p in self._g_v and p not in g_v:
+                g_v[p] = self._g_v[p].mul_(-c)
+            elif p not in g_v and p.grad is not None:
+                g_v[p] = p.grad.clone()
         self._g_v = g_v
 
     @torch.no_grad()
     def _one_pass_direction(self) -> None:  # g + alpha * (||g|| / ||g_v||) * g_v
-        params = [p for p in self._params() if p.grad is not None]
         if not self._g_v:  # no full step yet (a checkpoint of the plain base optimizer): a plain step
             return
-        gn = self._sum((p.grad, p.grad) for p in params)
-        vn = self._sum((v, v) for v in self._g_v.values())
+        with_grad = [p for p in self._params() if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        kept = list(self._g_v.values())
+        gn, vn = self._dot(grads, grads), self._dot(kept, kept)
         coef = self.alpha * self._ratio(gn.sqrt() if gn is not None else None, vn.sqrt() if vn is not None else None)
-        for p in params:
-            v = self._g_v.get(p)
-            if v is not None:
-                acc = accumulate_dtype(p.grad.dtype)
-                p.grad.copy_(p.grad.to(acc) + coef * v.to(acc))
+        both = [p for p in with_grad if p in self._g_v]
+        self._axpby_([p.grad for p in both], [self._g_v[p] for p in both], 1.0, coef)
 
     def _own_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
@@ -173,12 +207,11 @@ class GSAM(_Decomposed):
 
     @torch.no_grad()
     def _two_pass_direction(self) -> None:  # (1 + alpha * c) * g_s - alpha * g, c = <g, g_s> / ||g_s||^2
-        params = [p for p in self._params() if p.grad is not None]
-        c = self._ratio(self._sum((self._g[p], p.grad) for p in params if p in self._g),
-                        self._sum((p.grad, p.grad) for p in params))
-        for p in params:
-            g = self._g.get(p)
-            acc = accumulate_dtype(p.grad.dtype)
-            d = p.grad.to(acc) - self.alpha * (-c * p.grad.to(acc) + (g.to(acc) if g is not None else 0))
-            p.grad.copy_(d)
+        with_grad = [p for p in self._params() if p.grad is not None]
+        g_s = [p.grad for p in with_grad]
+        both = [p for p in with_grad if p in self._g]
+        c = self._ratio(self._dot([self._g[p] for p in both], [p.grad for p in both]), self._dot(g_s, g_s))
+        alone = [p.grad for p in with_grad if p not in self._g]  # no first-pass gradient: g = 0 there
+        self._axpby_([p.grad for p in both], [self._g[p] for p in both], 1 + self.alpha * c, -self.alpha)
+        self._axpby_(alone, alone, 1 + self.alpha * c, 0.0)
         self._g = {}
