@@ -102,11 +102,13 @@ def _train(model: nn.Module, opt: fastasam.ASAM, batches, rank: int = 0, world: 
         xs, ys = _shard(x, rank, world), _shard(y, rank, world)
         if mode == "global":
             loss_fn(model(xs), ys).backward()
-            opt.first_step(zero_grad=True)
+            if opt.second_pass_needed:  # LookSAM's steps between full ones take one pass
+                opt.first_step(zero_grad=True)
+                loss_fn(model(xs), ys).backward()
         else:
             with fastasam.distributed.replica_perturbation(model, opt):
                 loss_fn(model(xs), ys).backward()
-        loss_fn(model(xs), ys).backward()
+            loss_fn(model(xs), ys).backward()
         opt.second_step(zero_grad=True)
 
 
@@ -116,26 +118,37 @@ def _load(backend: str) -> None:
         cuda_shim.enable()
 
 
-def _ddp_worker(rank: int, out_dir: str, backend: str, mode: str) -> None:
+def _optimizer(params, backend: str, kind: str = "asam") -> fastasam.ASAM:
+    """ASAM, or one of the variants (LookSAM with a full step every 2nd step, GSAM) with ASAM's perturbation."""
+    kw = dict(rho=RHO, eta=ETA, lr=LR, momentum=0.9, backend=backend)
+    if kind == "looksam":
+        return fastasam.LookSAM(params, torch.optim.SGD, k=2, alpha=0.7, adaptive=True, **kw)
+    if kind == "gsam":
+        return fastasam.GSAM(params, torch.optim.SGD, alpha=0.3, adaptive=True, **kw)
+    return fastasam.ASAM(params, torch.optim.SGD, **kw)
+
+
+def _ddp_worker(rank: int, out_dir: str, backend: str, mode: str, kind: str = "asam") -> None:
     _load(backend)
     model = nn.parallel.DistributedDataParallel(_model())
-    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9, backend=backend)
+    opt = _optimizer(model.parameters(), backend, kind)
     _train(model, opt, _batches(), rank, WORLD, mode)
     torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _run_ddp(backend: str, mode: str) -> list[list[torch.Tensor]]:
-    return _spawn(_ddp_worker, backend, mode)
+def _run_ddp(backend: str, mode: str, kind: str = "asam") -> list[list[torch.Tensor]]:
+    return _spawn(_ddp_worker, backend, mode, kind)
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
-def test_ddp_global_mode_equals_one_process_on_the_global_batch(backend):
+@pytest.mark.parametrize("backend,kind", [("reference", "asam"), ("foreach", "asam"), ("foreach", "looksam"),
+                                          ("foreach", "gsam")])
+def test_ddp_global_mode_equals_one_process_on_the_global_batch(backend, kind):
     model = _model()
-    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9, backend=backend)
+    opt = _optimizer(model.parameters(), backend, kind)
     _train(model, opt, _batches())
     want = [p.detach() for p in model.parameters()]
     assert not torch.equal(want[0], _model()[0].weight)  # it trained
-    ranks = _run_ddp(backend, "global")
+    ranks = _run_ddp(backend, "global", kind)
     for r in range(1, WORLD):
         for a, b in zip(ranks[0], ranks[r]):
             assert torch.equal(a, b), "ranks diverged"

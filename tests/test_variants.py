@@ -171,3 +171,32 @@ def test_the_global_sums_and_the_update_are_exact_to_rounding(backend):
     opt._axpby_(y, b, coef, 0.5)
     for yi, ai, bi in zip(y, a, b):
         torch.testing.assert_close(yi, -0.75 * ai + 0.5 * bi, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind,kw", [("looksam", {"k": 2, "alpha": 0.7}), ("gsam", {"alpha": 0.3})],
+                         ids=["looksam", "gsam"])
+def test_gradscaler_gives_the_unscaled_steps(kind, kw):
+    """Under torch.amp.GradScaler both passes' gradients carry the loss scale: the perturbation, the decompositions'
+    ratios and LookSAM's use of g_v's direction do not depend on it, and the descent is unscaled before the base
+    step, so the run equals the unscaled one."""
+    out = []
+    for scaled in (False, True):
+        params = small_params()
+        opt = make(kind, params, "foreach", adaptive=True, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaled else None
+        for _ in range(5):
+            loss = soup_loss(params)
+            (scaler.scale(loss) if scaled else loss).backward()
+            if opt.second_pass_needed:
+                opt.first_step(zero_grad=True)
+                loss = soup_loss(params)
+                (scaler.scale(loss) if scaled else loss).backward()
+            if scaled:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.second_step()
+            opt.zero_grad()
+        out.append([p.detach().clone() for p in params])
+    assert_trajectories_close([out[1]], [out[0]], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(out[1][1], small_params()[1])
