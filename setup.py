@@ -39,7 +39,6 @@ _toolchain = _load_toolchain()
 DEFAULT_ARCHS = _toolchain.DEFAULT_ARCHS
 find_cuda_home = _toolchain.find_cuda_home  # the toolkit search, shared with the cuda backend's just-in-time build
 build_environment = _toolchain.build_environment
-arch_list = _toolchain.arch_list
 
 
 def _version() -> str:
@@ -94,20 +93,10 @@ def cuda_build_decision(env: dict[str, str]) -> tuple[bool, str]:
             return missing
         import torch
 
-        if torch.version.cuda is None:
-            return f"this PyTorch ({torch.__version__}) is not a CUDA build"
-        if find_cuda_home(env) is None:
-            return "no CUDA toolkit found (install one, or set CUDA_HOME to it)"
-        return None
+        return _toolchain.cuda_missing(env, torch)
 
     return _decision(env, "FASTASAM_BUILD_CUDA", "the CUDA extension", reason,
                      f"CUDA toolkit ({find_cuda_home(env)}) and CUDA PyTorch found")
-
-
-def _arch_list(torch) -> str:
-    """The architectures fastasam._C is built for, comma-separated."""
-    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    return arch_list(dict(os.environ), caps)
 
 
 def _extensions() -> tuple[list, dict]:
@@ -132,8 +121,7 @@ def _extensions() -> tuple[list, dict]:
     if cuda:
         import torch.utils.cpp_extension as cpp_extension
 
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = find_cuda_home(env)
-        os.environ.update(build_environment(env, os.cpu_count(), torch.cuda.is_available()))
+        _, archs = _toolchain.configure_cuda_build(torch, cpp_extension)
         print(f"fastasam: building the CUDA extension fastasam._C (CUDA_HOME={os.environ['CUDA_HOME']}, "
               f"MAX_JOBS={os.environ['MAX_JOBS']}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')})")
@@ -141,7 +129,7 @@ def _extensions() -> tuple[list, dict]:
             "fastasam._C", ["csrc/binding.cpp", "csrc/multi_tensor.cu"],
             # the binding records the target list in fastasam._C.archs (host compiler only: nvcc would split the
             # value at its commas)
-            extra_compile_args={"cxx": ["-O3", f"-DFASTASAM_CUDA_ARCHS={_arch_list(torch)}"], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": ["-O3", f"-DFASTASAM_CUDA_ARCHS={archs}"], "nvcc": ["-O3"]},
         )
         ext.flag = "FASTASAM_BUILD_CUDA"
         exts.append(ext)

@@ -46,6 +46,27 @@ def arch_list(env: dict[str, str], capabilities: list[tuple[int, int]]) -> str:
     return ",".join(a for a in archs.replace(" ", ";").split(";") if a) or "unknown"
 
 
+def cuda_missing(env: dict[str, str], torch) -> str | None:
+    """Why ``fastasam._C`` cannot be built with this PyTorch (the ``torch`` module) under ``env``; None: it can."""
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) is not a CUDA build (install one from pytorch.org)"
+    if find_cuda_home(env) is None:
+        return "no CUDA toolkit found (install one, or set CUDA_HOME to it)"
+    return None
+
+
+def configure_cuda_build(torch, cpp_extension) -> tuple[str, str]:
+    """Point PyTorch's extension builder (``cpp_extension``) at the toolkit and add the build defaults to
+    ``os.environ``; returns (the toolkit folder, the architectures, comma-separated). For setup.py and the
+    just-in-time build alike."""
+    env = dict(os.environ)
+    home = find_cuda_home(env)
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = home
+    os.environ.update(build_environment(env, os.cpu_count(), torch.cuda.is_available()))
+    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    return home, arch_list(dict(os.environ), caps)
+
+
 def sources_dir() -> Path | None:
     """The folder holding ``multi_tensor.cu``: ``fastasam/csrc`` in an installed wheel, ``csrc`` in a source checkout
     (an editable install); None when neither has it."""

@@ -124,7 +124,7 @@ class ASAM(torch.optim.Optimizer):
 
     def first_step(self, zero_grad: bool = False) -> None:
         """Ascent: ``w <- w + e`` from the current gradients (first backward pass). Mutates the parameters."""
-        if not self.second_pass_needed and not self._engine.perturbed:
+        if self._steps_done % self.every and not self._engine.perturbed:  # second_pass_needed, inline: hot path
             raise RuntimeError(
                 f"fastasam: first_step() on a step that does not perturb (every={self.every}, step "
                 f"{self._steps_done}): opt.second_pass_needed is False. Call second_step() alone after the one "
@@ -138,12 +138,9 @@ class ASAM(torch.optim.Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass). On a step
         that does not perturb (``second_pass_needed`` False): the base optimizer's step on the one pass's gradient."""
-        if self._engine.perturbed or self.second_pass_needed:
-            if self._engine.perturbed:
-                self._two_pass_direction()
+        if self._descent_direction():
             self._engine.restore_and_step(self.base_optimizer)  # no first_step when one was needed: raises
         else:
-            self._one_pass_direction()
             self.base_optimizer.step()
         self._steps_done += 1
         self._opt_called = True  # what LR schedulers check to confirm optimizer.step() came first
@@ -161,13 +158,9 @@ class ASAM(torch.optim.Optimizer):
         grad_scale: torch.Tensor | None = self.__dict__["grad_scale"]  # None: the user already called unscale_
         found_inf: torch.Tensor = self.__dict__["found_inf"]
         first = None
-        if self._engine.perturbed or self.second_pass_needed:
-            if self._engine.perturbed:
-                self._two_pass_direction()
+        if self._descent_direction():
             self._engine.restore("restore, then the base optimizer's step: GradScaler (scaler.step)")
             first = self._engine.perturbation_skipped
-        else:
-            self._one_pass_direction()
         skip = found_inf.float().clamp(max=1.0)  # fused kernels test found_inf == 1
         if first is not None:
             skip = torch.maximum(skip, first.to(skip.device, torch.float32))
@@ -195,6 +188,17 @@ class ASAM(torch.optim.Optimizer):
 
     ascent_step = first_step
     descent_step = second_step
+
+    def _descent_direction(self) -> bool:
+        """Turn ``.grad`` into the descent direction before the base step; True when the step restores first (it
+        perturbed, or should have: the restore then raises for the missing first_step), False for a one-pass step."""
+        if self._engine.perturbed:
+            self._two_pass_direction()
+            return True
+        if self._steps_done % self.every == 0:  # second_pass_needed
+            return True
+        self._one_pass_direction()
+        return False
 
     # --- what the variants (fastasam.variants: LookSAM, GSAM) change: the gradient the base optimizer steps with ---
 

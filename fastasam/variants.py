@@ -169,12 +169,12 @@ class LookSAM(_Decomposed):
         self._axpby_([p.grad for p in both], [self._g_v[p] for p in both], 1.0, coef)
 
     def _own_state(self) -> dict[str, Any]:
-        index = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        index = {p: i for i, p in enumerate(self._params())}
         return {"steps_done": self._steps_done, "g_v": {index[p]: v.clone() for p, v in self._g_v.items()}}
 
     def _load_own_state(self, own: Mapping[str, Any]) -> None:
         super()._load_own_state(own)
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         self._g_v = {params[int(i)]: v.to(params[int(i)].device).clone() for i, v in own.get("g_v", {}).items()}
 
 

@@ -63,12 +63,11 @@ def jit_unavailable_reason(env: dict[str, str] | None = None) -> str | None:
     env = dict(os.environ) if env is None else env
     if env.get("FASTASAM_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
         return "FASTASAM_JIT=0 turns the just-in-time build off"
-    if torch.version.cuda is None:
-        return f"this PyTorch ({torch.__version__}) is not a CUDA build (install one from pytorch.org)"
     if _toolchain.sources_dir() is None:
         return "fastasam's CUDA sources are not installed (reinstall fastasam)"
-    if _toolchain.find_cuda_home(env) is None:
-        return "no CUDA toolkit found (install one, or set CUDA_HOME to it)"
+    missing = _toolchain.cuda_missing(env, torch)
+    if missing is not None:
+        return missing
     from torch.utils.cpp_extension import is_ninja_available
 
     if not is_ninja_available():
@@ -91,12 +90,7 @@ def build(verbose: bool = True) -> str | None:
     if reason is None:
         from torch.utils import cpp_extension
 
-        env = dict(os.environ)
-        home = _toolchain.find_cuda_home(env)
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = home
-        os.environ.update(_toolchain.build_environment(env, os.cpu_count(), torch.cuda.is_available()))
-        caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-        archs = _toolchain.arch_list(dict(os.environ), caps)
+        home, archs = _toolchain.configure_cuda_build(torch, cpp_extension)
         src = _toolchain.sources_dir()
         say(f"fastasam._C is not built; building the cuda backend's kernels just in time for {archs} "
             f"(CUDA_HOME={home}; once, a few minutes; cached in PyTorch's extensions folder)...")

@@ -28,11 +28,11 @@ import torch
 
 from .._toolchain import sources_dir
 from ._multi_tensor import MultiTensorBackend
+from .cuda_backend import _DTYPE_CODE  # the kernels' storage dtype codes (multi_tensor.h)
 
 name = "cuda_shim"
 traceable = False
 CHUNK = 1 << 11  # 2048 elements per block (the GPU's 8192 would leave the tests' tensors in one block each)
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as cuda_backend
 CSRC = sources_dir()
 # the library's cache: build/cuda_shim/ in a source checkout, else the user's cache folder
 if CSRC is not None and (CSRC.parent / "setup.py").is_file():
@@ -186,7 +186,7 @@ class _Launcher:
             args = (code, *ptrs[:3], count, CHUNK, *ptrs[3:], None)
         else:  # perturb: (rows, chunks, opts, sqnorm); restore: (rows, chunks); restore_sgd/_adam: (.., hyper)
             args = (code, *ptrs, count, CHUNK, int(copy), None)
-        rows, n_rows, elsize = ptrs[0], tensors[0].shape[0], tensors[0].new_empty((), dtype=dtype).element_size()
+        rows, n_rows, elsize = ptrs[0], tensors[0].shape[0], dtype.itemsize
         ranges, launch = shim.lib.fa_shim_ranges_from_rows, shim.launch
 
         def run() -> None:
