@@ -164,20 +164,30 @@ def numel(params) -> int:
     return sum(math.prod(p.shape) for p in params)
 
 
-def sharpness_loop(opt, params, steps: int, reload_at: int | None = None, make=None) -> list[list[torch.Tensor]]:
+def sharpness_loop(opt, params, steps: int, reload_at: int | None = None, make=None,
+                   scaler: torch.amp.GradScaler | None = None) -> list[list[torch.Tensor]]:
     """The documented loop for every variant (``if opt.second_pass_needed``: first_step and the second backward;
-    then second_step) on ``soup_loss``; at ``reload_at`` a ``state_dict`` goes into ``make()``'s new optimizer.
-    Returns the parameters after each step."""
+    then second_step) on ``soup_loss``; at ``reload_at`` a ``state_dict`` goes into ``make()``'s new optimizer. With
+    ``scaler``: scaled losses and ``scaler.step(opt)`` / ``scaler.update()`` for the second step. Returns the
+    parameters after each step."""
     history = []
     for i in range(steps):
         if i == reload_at:
             saved = copy.deepcopy(opt.state_dict())
             opt = make()
             opt.load_state_dict(saved)
-        soup_loss(params).backward()
-        if opt.second_pass_needed:
-            opt.first_step(zero_grad=True)
-            soup_loss(params).backward()
-        opt.second_step(zero_grad=True)
+        for second in (False, True):
+            if second and not opt.second_pass_needed:
+                break
+            if second:
+                opt.first_step(zero_grad=True)
+            loss = soup_loss(params)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.second_step()
+        opt.zero_grad()
         history.append([p.detach().clone() for p in params])
     return history

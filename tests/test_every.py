@@ -109,19 +109,6 @@ def test_gradscaler_steps_every_k_on_cpu():
         params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
         opt = fastasam.ASAM(params, torch.optim.SGD, lr=0.05, every=2, backend="foreach")
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if scaled else None
-        for _ in range(5):
-            loss = soup_loss(params)
-            (scaler.scale(loss) if scaled else loss).backward()
-            if opt.second_pass_needed:
-                opt.first_step(zero_grad=True)
-                loss = soup_loss(params)
-                (scaler.scale(loss) if scaled else loss).backward()
-            if scaled:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.second_step()
-            opt.zero_grad()
-        out.append([p.detach().clone() for p in params])
+        out.append(sharpness_loop(opt, params, 5, scaler=scaler)[-1])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

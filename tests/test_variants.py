@@ -184,19 +184,6 @@ def test_gradscaler_gives_the_unscaled_steps(kind, kw):
         params = small_params()
         opt = make(kind, params, "foreach", adaptive=True, **kw)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaled else None
-        for _ in range(5):
-            loss = soup_loss(params)
-            (scaler.scale(loss) if scaled else loss).backward()
-            if opt.second_pass_needed:
-                opt.first_step(zero_grad=True)
-                loss = soup_loss(params)
-                (scaler.scale(loss) if scaled else loss).backward()
-            if scaled:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.second_step()
-            opt.zero_grad()
-        out.append([p.detach().clone() for p in params])
+        out.append(sharpness_loop(opt, params, 5, scaler=scaler)[-1])
     assert_trajectories_close([out[1]], [out[0]], atol=1e-6, rtol=1e-5)
     assert not torch.equal(out[1][1], small_params()[1])
