@@ -17,7 +17,9 @@ the part that makes a step host-bound when the kernels take ~0.3 ms. Variants, i
 * ``torch SGD (foreach)``: ``torch.optim.SGD(foreach=True).step()`` alone, for scale;
 * ``fastasam <backend>``: ``first_step()`` + ``second_step()`` (SGD momentum + weight decay, the official weight /
   bias split), for every backend; for ``triton`` and ``cuda`` also with the Python version of the warm step's pass
-  over the tensors (``, Python pass``: what a step costs where ``fastasam._host`` is not built).
+  over the tensors (``, Python pass``: what a step costs where ``fastasam._host`` is not built);
+* ``fastasam <backend> GSAM`` (``triton``, ``cuda``): ``fastasam.GSAM``'s two steps, which add keeping ``g``, the
+  global sums and the direction (``fastasam._decompose``: three more launches) to ASAM's.
 
 Each phase gets new gradient tensor objects (as after ``zero_grad(set_to_none=True)``) at the same addresses; setting
 them is not timed. Reported: median microseconds per warm step, the ratio to the official loop (the median of the
@@ -105,7 +107,7 @@ class _NoLaunch:
     def __init__(self, real) -> None:
         self.dtypes, self.fused_dtypes, self.chunk = real.dtypes, real.fused_dtypes, real.chunk
 
-    def bind(self, *args) -> Callable[[], None]:
+    def bind(self, *args, **kwargs) -> Callable[[], None]:
         return _nothing
 
 
@@ -123,7 +125,8 @@ def _launchless(name: str) -> SimpleNamespace | str:
     except ImportError as exc:
         return f"{type(exc).__name__}: {exc}"
     host = MultiTensorBackend(name, _NoLaunch(mod._Launcher))
-    return SimpleNamespace(name=name, prepare=host.prepare, traceable=False, device_supported=lambda device: None)
+    return SimpleNamespace(name=name, prepare=host.prepare, traceable=False, device_supported=lambda device: None,
+                           _BACKEND=host)
 
 
 @contextlib.contextmanager
@@ -156,7 +159,8 @@ class Variant:
         else:
             groups = [{"params": [p for n, p in named if "weight" in n], "adaptive": True},
                       {"params": [p for n, p in named if "weight" not in n], "adaptive": False}]
-            self.opt = fastasam.ASAM(groups, torch.optim.SGD, backend="reference", **HPARAMS)
+            cls = fastasam.GSAM if kind == "gsam" else fastasam.ASAM
+            self.opt = cls(groups, torch.optim.SGD, backend="reference", **HPARAMS)
             self.phases = (self.opt.first_step, self.opt.second_step)
 
     def new_grads(self) -> None:
@@ -175,7 +179,7 @@ class Variant:
 
     def warm_up(self, steps: int) -> None:
         """Build the step plan (with the Python pass over the tensors for a ``PYTHON_PASS`` variant) and warm up."""
-        ctx = _resolving_to(self.backend) if self.kind == "fastasam" else contextlib.nullcontext()
+        ctx = _resolving_to(self.backend) if self.kind in ("fastasam", "gsam") else contextlib.nullcontext()
         with ctx, _watch.using("python") if self.name.endswith(PYTHON_PASS) else contextlib.nullcontext():
             for _ in range(steps):
                 self.run()
@@ -213,6 +217,8 @@ def variant_specs() -> tuple[list[tuple[str, str, object]], dict[str, str]]:
             specs.append((f"fastasam {name}", "fastasam", module))
             if name in ("triton", "cuda") and _watch.cpp_in_use():
                 specs.append((f"fastasam {name}{PYTHON_PASS}", "fastasam", module))
+            if name in ("triton", "cuda"):  # GSAM: ASAM's step plus keeping g, the sums and the direction
+                specs.append((f"fastasam {name} GSAM", "gsam", module))
     return specs, skipped
 
 

@@ -109,6 +109,36 @@ void restore_adam(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& 
   restore_update(fa_restore_adam, "restore + Adam", rows, chunks, hyper, count, chunk_size, dtype, copy);
 }
 
+void dots(at::Tensor& rows, const at::Tensor& chunks, at::Tensor& partials, at::Tensor& counter, at::Tensor& out,
+          int64_t count, int64_t chunk_size, int64_t dtype) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check(partials, "partials", at::kDouble, rows);
+  check(counter, "counter", at::kInt, rows);
+  check(out, "out", at::kDouble, rows);
+  TORCH_CHECK(partials.numel() >= 3 * count, "fastasam: partials has ", partials.numel(), " slots for ", count,
+              " chunks (3 each)");
+  TORCH_CHECK(out.numel() == 3, "fastasam: out must hold three values");
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_dots(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                   static_cast<int>(count), chunk_size, partials.data_ptr<double>(), counter.data_ptr<int32_t>(),
+                   out.data_ptr<double>(), stream_of(rows)),
+           "dot products");
+}
+
+void combine(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& sums, const at::Tensor& alpha,
+             int64_t count, int64_t chunk_size, int64_t dtype, int64_t mode) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check(sums, "sums", at::kDouble, rows);
+  check(alpha, "alpha", at::kDouble, rows);
+  TORCH_CHECK(sums.numel() == 3 && alpha.numel() == 1, "fastasam: sums must hold three values and alpha one");
+  TORCH_CHECK(mode >= FA_COMBINE_KEEP && mode <= FA_COMBINE_GSAM, "fastasam: unknown combine mode ", mode);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_combine(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                      sums.data_ptr<double>(), alpha.data_ptr<double>(), static_cast<int>(count), chunk_size,
+                      static_cast<int>(mode), stream_of(rows)),
+           "LookSAM/GSAM direction");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastasam, m) {
@@ -121,6 +151,10 @@ TORCH_LIBRARY(fastasam, m) {
         "bool copy) -> ()");
   m.def("restore_adam(Tensor(a!) rows, Tensor chunks, Tensor hyper, int count, int chunk_size, int dtype, "
         "bool copy) -> ()");
+  m.def("dots(Tensor(a!) rows, Tensor chunks, Tensor(b!) partials, Tensor(c!) counter, Tensor(d!) out, int count, "
+        "int chunk_size, int dtype) -> ()");
+  m.def("combine(Tensor(a!) rows, Tensor chunks, Tensor sums, Tensor alpha, int count, int chunk_size, int dtype, "
+        "int mode) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastasam, CUDA, m) {
@@ -129,6 +163,8 @@ TORCH_LIBRARY_IMPL(fastasam, CUDA, m) {
   m.impl("restore", &restore);
   m.impl("restore_sgd", &restore_sgd);
   m.impl("restore_adam", &restore_adam);
+  m.impl("dots", &dots);
+  m.impl("combine", &combine);
 }
 
 #define FA_STR_(...) #__VA_ARGS__

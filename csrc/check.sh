@@ -16,7 +16,8 @@ for src in *.cu; do
         "$NVCC" -std=c++17 -O3 -arch=sm_$arch -Werror all-warnings -Xcompiler -Wall,-Wextra -c "$src" \
             -o "$out/${src%.cu}.sm_$arch.o"
         "$NVCC" -std=c++17 -O3 -arch=sm_$arch -ptx "$src" -o "$out/${src%.cu}.sm_$arch.ptx"
-        for k in sqnorm_kernel perturb_kernel restore_kernel restore_sgd_kernel restore_adam_kernel; do
+        for k in sqnorm_kernel perturb_kernel restore_kernel restore_sgd_kernel restore_adam_kernel dots_kernel \
+                 combine_kernel_keep combine_kernel_look_full combine_kernel_look_one combine_kernel_gsam; do
             # 16-byte loads in each kernel's three instantiations (fp32, fp16, bf16)
             n=$(awk -v k="$k" '/^\.visible \.entry|^\.entry/ {f = index($0, k "I") > 0} f && /ld\.global(\.cg|\.nc)?\.v4/ {c++}
                 END {print c + 0}' "$out/${src%.cu}.sm_$arch.ptx")

@@ -323,6 +323,115 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
   });
 }
 
+// --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B -------------------
+
+// the three sums over the block in a fixed order (a shared-memory tree); the results in thread 0
+__device__ __forceinline__ void block_sum3(double (&s)[3]) {
+  __shared__ double buf[3][kThreads];
+#pragma unroll
+  for (int j = 0; j < 3; ++j) buf[j][threadIdx.x] = s[j];
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.x) < half) {
+#pragma unroll
+      for (int j = 0; j < 3; ++j) buf[j][threadIdx.x] += buf[j][threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < 3; ++j) s[j] = buf[j][0];
+  __syncthreads();  // buf may be reused by a second call
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dots_kernel(const int64_t* tab, const int32_t* chunks, int n_chunks,
+                                                        int64_t size, double* partials, int* counter, double* out) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const T* g = col<T>(c, FA_COL_G);
+  const T* k = col<T>(c, FA_COL_B);
+  double s[3] = {0.0, 0.0, 0.0};
+  for_each_element<T>(c, aligned(c, 3), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float gv[W], kv[W];
+    load<W>(g, i, gv);
+    load<W>(k, i, kv);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {  // products rounded in fp32, summed in fp64
+      s[0] += static_cast<double>(__fmul_rn(gv[j], gv[j]));
+      s[1] += static_cast<double>(__fmul_rn(gv[j], kv[j]));
+      s[2] += static_cast<double>(__fmul_rn(kv[j], kv[j]));
+    }
+  });
+  block_sum3(s);
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int j = 0; j < 3; ++j) partials[3 * blockIdx.x + j] = s[j];
+    __threadfence();
+    last = atomicAdd(counter, 1) == n_chunks - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  double t[3] = {0.0, 0.0, 0.0};
+  for (int i = threadIdx.x; i < n_chunks; i += blockDim.x) {
+#pragma unroll
+    for (int j = 0; j < 3; ++j) t[j] += *(volatile double*)(partials + 3 * i + j);
+  }
+  block_sum3(t);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int j = 0; j < 3; ++j) out[j] = t[j];
+    *counter = 0;
+  }
+}
+
+// num / den, 0 where den is 0 (fp64)
+__device__ __forceinline__ double ratio(double num, double den) { return den > 0.0 ? num / den : 0.0; }
+
+template <typename T, int MODE>
+__device__ __forceinline__ void combine(const int64_t* tab, const int32_t* chunks, const double* sums,
+                                        const double* alpha, int64_t size) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  double xd = 1.0, yd = 1.0;  // target <- x * target + y * other
+  if (MODE == FA_COMBINE_LOOK_FULL) {
+    xd = -ratio(sums[1], sums[2]);
+  } else if (MODE == FA_COMBINE_LOOK_ONE) {
+    yd = *alpha * ratio(sqrt(sums[0]), sqrt(sums[2]));
+  } else if (MODE == FA_COMBINE_GSAM) {
+    xd = 1.0 + *alpha * ratio(sums[1], sums[0]);
+    yd = -*alpha;
+  }
+  const float x = static_cast<float>(xd), y = static_cast<float>(yd);
+  constexpr bool into_g = MODE == FA_COMBINE_LOOK_ONE || MODE == FA_COMBINE_GSAM;
+  T* t = col<T>(c, into_g ? FA_COL_G : FA_COL_B);
+  const T* o = col<T>(c, into_g ? FA_COL_B : FA_COL_G);
+  for_each_element<T>(c, aligned(c, 3), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float ov[W];
+    load<W>(o, i, ov);
+    if (MODE != FA_COMBINE_KEEP) {
+      float tv[W];
+      load<W>(t, i, tv);
+#pragma unroll
+      for (int j = 0; j < W; ++j) ov[j] = __fadd_rn(__fmul_rn(x, tv[j]), __fmul_rn(y, ov[j]));  // each product rounded
+    }
+    store<W>(t, i, ov);
+  });
+}
+
+// one kernel per mode (a template of one parameter, as FA_DISPATCH launches them)
+#define FA_COMBINE_KERNEL(NAME, MODE)                                                                            \
+  template <typename T>                                                                                          \
+  __global__ void __launch_bounds__(kThreads) NAME(const int64_t* tab, const int32_t* chunks, const double* sums, \
+                                                   const double* alpha, int64_t size) {                          \
+    combine<T, MODE>(tab, chunks, sums, alpha, size);                                                            \
+  }
+FA_COMBINE_KERNEL(combine_kernel_keep, FA_COMBINE_KEEP)
+FA_COMBINE_KERNEL(combine_kernel_look_full, FA_COMBINE_LOOK_FULL)
+FA_COMBINE_KERNEL(combine_kernel_look_one, FA_COMBINE_LOOK_ONE)
+FA_COMBINE_KERNEL(combine_kernel_gsam, FA_COMBINE_GSAM)
+
 // dispatch on the storage dtype; an unknown dtype is a launch error, never a silent no-op
 
 #ifndef FA_LAUNCH  // the CPU shim (csrc/cpu_shim) defines its own: the kernels then run on the CPU
@@ -375,6 +484,26 @@ int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const
   if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
   const int blocks = count;
   FA_DISPATCH(restore_adam_kernel, rows, chunks, hyper, chunk_size, copy != 0)
+}
+
+int fa_dots(int dtype, const int64_t* rows, const int32_t* chunks, int count, int64_t chunk_size, double* partials,
+            int* counter, double* out, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  FA_DISPATCH(dots_kernel, rows, chunks, count, chunk_size, partials, counter, out)
+}
+
+int fa_combine(int dtype, const int64_t* rows, const int32_t* chunks, const double* sums, const double* alpha,
+               int count, int64_t chunk_size, int mode, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  switch (mode) {
+    case FA_COMBINE_KEEP: { FA_DISPATCH(combine_kernel_keep, rows, chunks, sums, alpha, chunk_size) }
+    case FA_COMBINE_LOOK_FULL: { FA_DISPATCH(combine_kernel_look_full, rows, chunks, sums, alpha, chunk_size) }
+    case FA_COMBINE_LOOK_ONE: { FA_DISPATCH(combine_kernel_look_one, rows, chunks, sums, alpha, chunk_size) }
+    case FA_COMBINE_GSAM: { FA_DISPATCH(combine_kernel_gsam, rows, chunks, sums, alpha, chunk_size) }
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
 }
 
 }  // extern "C"

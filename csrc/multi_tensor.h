@@ -55,6 +55,10 @@
 #define FA_ADAM_AMSGRAD 8
 #define FA_ADAM_MAXIMIZE 9
 #define FA_NHYPER 10
+#define FA_COMBINE_KEEP 0
+#define FA_COMBINE_LOOK_FULL 1
+#define FA_COMBINE_LOOK_ONE 2
+#define FA_COMBINE_GSAM 3
 
 // storage dtypes
 #define FA_FLOAT32 0
@@ -88,6 +92,17 @@ int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const 
 // restore, then torch.optim.Adam/AdamW's update; S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq (amsgrad).
 int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, int count,
                     int64_t chunk_size, int copy, cudaStream_t stream);
+
+// LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the variant's kept buffer in B.
+// out[0..2] = sums over the chunks of (G*G, G*B, B*B): products in fp32, sums in fp64; deterministic as fa_sqnorm.
+// partials: double[3 * count]; counter: int[1], zero before the first launch.
+int fa_dots(int dtype, const int64_t* rows, const int32_t* chunks, int count, int64_t chunk_size, double* partials,
+            int* counter, double* out, cudaStream_t stream);
+
+// target <- x * target + y * other (mode FA_COMBINE_*: which column is the target, and x, y from sums[0..2] and
+// *alpha in fp64, rounded once to fp32; a ratio whose denominator is 0 is 0); FA_COMBINE_KEEP copies G into B.
+int fa_combine(int dtype, const int64_t* rows, const int32_t* chunks, const double* sums, const double* alpha,
+               int count, int64_t chunk_size, int mode, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -44,11 +44,13 @@ class BucketReport:
 class StepReport:
     """The last step: its buckets, and how the second step ran (``"fused"``, or why it restored and called the base
     optimizer's ``step()`` for everything). ``base_only``: parameters with a gradient only in the second pass (the
-    base optimizer steps them; nothing to perturb or restore)."""
+    base optimizer steps them; nothing to perturb or restore). ``direction`` (LookSAM, GSAM): what computed the last
+    decomposition, ``"<backend> kernels"`` or ``"torch ops: <why not the kernels>"``."""
 
     buckets: tuple[BucketReport, ...]
     second_step: str
     base_only: int = 0
+    direction: str = ""
 
     @property
     def fused(self) -> int:
@@ -66,6 +68,8 @@ class StepReport:
                          b.perturbed, b.fused, sum(b.base_step.values()), sum(b.restore_only.values())))
         widths = [max(len(str(r[c])) for r in rows) for c in range(len(head))]
         lines = [f"second step: {self.second_step}"]
+        if self.direction:
+            lines.append(f"direction (LookSAM/GSAM): {self.direction}")
         for r in rows:
             lines.append("  ".join(str(x).ljust(w) if c < 2 else str(x).rjust(w)
                                    for c, (x, w) in enumerate(zip(r, widths))))

@@ -18,22 +18,30 @@ The loop is the same as for ``fastasam.ASAM(..., every=k)``: ``if opt.second_pas
 backward``; then ``second_step``. Products are in fp32 (fp64 for fp64 storage), sums in fp64, as device tensors:
 no host sync.
 
-The decompositions (two global sums and one multi-tensor update per step) run as ``torch._foreach_*`` ops over
-each fp32/fp64 device bucket on the fast backends and per tensor on the ``reference`` backend, which is the oracle
-the others are tested against (fp16/bf16 buckets take the per-tensor path too). Not yet: they are not fused into the
-multi-tensor kernels, and DTensor (FSDP2) parameters are refused.
+On the multi-tensor backends (``triton``, ``cuda``) each decomposition is two launches per (device, dtype) bucket,
+``dots`` and ``combine`` (``fastasam._decompose``): the three global sums, then the direction (or ``g_v``) computed
+from them on the device; keeping ``g`` is one copy launch. The tables are built once and confirmed each step by one
+pass over the parameters, as the step plan's are. The ``foreach`` backend (and any step the kernels cannot serve,
+e.g. a gradient in one pass only; ``opt.report()`` says which ran and why) runs them as ``torch._foreach_*`` ops over
+each fp32/fp64 device bucket, and the ``reference`` backend per tensor: the oracle the others are tested against.
+Not yet: the direction is not fused into the restore + update kernel (one more pass over the gradients), and DTensor
+(FSDP2) parameters are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from . import _decompose
+from ._decompose import Decomposer, PhaseTables
 from ._plan import accumulate_dtype
 from .optim import ASAM
+from .report import StepReport
 
 
 def _check_alpha(cls: str, alpha: float) -> float:
@@ -43,7 +51,77 @@ def _check_alpha(cls: str, alpha: float) -> float:
 
 
 class _Decomposed(ASAM):
-    """What LookSAM and GSAM share: the parameters with gradients, global sums, the checks."""
+    """What LookSAM and GSAM share: the parameters with gradients, global sums, the kernels' tables, the checks."""
+
+    alpha: float
+
+    def _decomposer(self) -> Decomposer:
+        dec = self.__dict__.get("_dec")
+        if dec is None:
+            dec = self._dec = Decomposer(self.backend)
+        return dec
+
+    # --- the hooks of ASAM's step (warm: one pass over the parameters to confirm the tables, two launches) -------
+
+    def _keep_first_gradient(self) -> None:
+        t = self._decomposer().ready("first", self.param_groups, self.alpha)
+        if t is None:
+            t = self._keep_cold()
+        if t is not None:
+            t.combine(_decompose.KEEP)
+
+    @torch.no_grad()
+    def _keep_cold(self) -> PhaseTables | None:
+        """Buffers for the gradients there are, and the tables (or, without them, the copy per tensor)."""
+        self._kept = self._buffers_for_grads(self._kept)
+        t = self._kernels("first")
+        if t is None:
+            for p, buf in self._kept.items():
+                buf.copy_(p.grad)
+        return t
+
+    def _direction(self, phase: str, mode: int, torch_ops: Callable[[], None]) -> None:
+        """The sums, then the combination ``mode`` on the kernels; or ``torch_ops`` (the same formulas)."""
+        t = self._kernels(phase)
+        if t is None:
+            with torch.no_grad():
+                torch_ops()
+            return
+        t.dots()
+        t.combine(mode)
+
+    def _kernels(self, phase: str) -> PhaseTables | None:
+        """The kernels' tables for this phase (warm: confirmed by one pass), or None: run the per-tensor path."""
+        dec = self._decomposer()
+        t = dec.ready(phase, self.param_groups, self.alpha)
+        if t is None:
+            self._params()  # refuses DTensors with the fix
+            t = dec.build(phase, self.param_groups, self._kept, self.alpha)
+            if isinstance(t, str):  # _dot / _axpby_ below: foreach over fp32/fp64 buckets, else per tensor
+                dec.last = f"torch ops: {t}"
+                return None
+        dec.last = t.served
+        return t
+
+    def _buffers_for_grads(self, kept: dict[torch.Tensor, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """One buffer per parameter with a gradient, laid out like the gradient (the ones in ``kept`` reused); the
+        kernels' tables are rebuilt when a buffer changes."""
+        out = {}
+        for p in self._params():
+            g = p.grad
+            if g is not None:
+                buf = kept.get(p)
+                if buf is None or not _decompose._same_layout(g, buf) or buf.dtype != g.dtype or \
+                        buf.device != g.device:
+                    buf = torch.empty_like(g)
+                out[p] = buf
+        if out.keys() != kept.keys() or any(out[p] is not kept[p] for p in out):
+            self._decomposer().invalidate()
+        return out
+
+    def report(self) -> StepReport:
+        """``ASAM.report()`` plus how the last decomposition ran (``direction``)."""
+        return dataclasses.replace(super().report(), direction=self._decomposer().last)
 
     def _params(self) -> list[torch.nn.Parameter]:
         params = [p for group in self.param_groups for p in group["params"]]
@@ -126,56 +204,52 @@ class LookSAM(_Decomposed):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"fastasam: LookSAM's k must be an int >= 1 (a full step every k steps), got {k!r}.")
         self.k, self.alpha = k, _check_alpha("LookSAM", alpha)
-        self._g_v: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> g during a full step, g_v after it
+        self._kept: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> g during a full step, g_v after it
         super().__init__(params, base_optimizer, rho=rho, eta=eta, adaptive=adaptive, eps=eps, restore=restore,
                          backend=backend, every=k, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
 
-    def _keep_first_gradient(self) -> None:
-        kept = {}
-        for p in self._params():
-            if p.grad is not None:
-                buf = self._g_v.get(p)
-                if buf is None or buf.shape != p.grad.shape or buf.dtype != p.grad.dtype:
-                    buf = torch.empty_like(p.grad)
-                kept[p] = buf.copy_(p.grad)
-        self._g_v = kept
+    def _two_pass_direction(self) -> None:  # full step: descend along g_s; keep g_v = g_s - c g (in place)
+        self._direction("second", _decompose.LOOK_FULL, self._two_pass_torch_ops)
 
-    @torch.no_grad()
-    def _two_pass_direction(self) -> None:  # full step: descend along g_s; keep g_v = g_s - c g
+    def _two_pass_torch_ops(self) -> None:
         params = self._params()
-        both = [p for p in params if p in self._g_v and p.grad is not None]
-        g, g_s = [self._g_v[p] for p in both], [p.grad for p in both]
-        kept = list(self._g_v.values())
+        both = [p for p in params if p in self._kept and p.grad is not None]
+        g, g_s = [self._kept[p] for p in both], [p.grad for p in both]
+        kept = list(self._kept.values())
         c = self._ratio(self._dot(g, g_s), self._dot(kept, kept))
         self._axpby_(g, g_s, -c, 1.0)  # in place: the buffers become g_v
         g_v = dict(zip(both, g))
         for p in params:  # a gradient in one pass only: the other is 0 there
-            if p in self._g_v and p not in g_v:
-                g_v[p] = self._g_v[p].mul_(-c)
+            if p in self._kept and p not in g_v:
+                g_v[p] = self._kept[p].mul_(-c)
             elif p not in g_v and p.grad is not None:
                 g_v[p] = p.grad.clone()
-        self._g_v = g_v
+        if g_v.keys() != self._kept.keys() or any(g_v[p] is not self._kept[p] for p in g_v):
+            self._decomposer().invalidate()
+        self._kept = g_v
 
-    @torch.no_grad()
     def _one_pass_direction(self) -> None:  # g + alpha * (||g|| / ||g_v||) * g_v
-        if not self._g_v:  # no full step yet (a checkpoint of the plain base optimizer): a plain step
-            return
+        if self._kept:  # else no full step yet (a checkpoint of the plain base optimizer): a plain step
+            self._direction("one", _decompose.LOOK_ONE, self._one_pass_torch_ops)
+
+    def _one_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]
         grads = [p.grad for p in with_grad]
-        kept = list(self._g_v.values())
+        kept = list(self._kept.values())
         gn, vn = self._dot(grads, grads), self._dot(kept, kept)
         coef = self.alpha * self._ratio(gn.sqrt() if gn is not None else None, vn.sqrt() if vn is not None else None)
-        both = [p for p in with_grad if p in self._g_v]
-        self._axpby_([p.grad for p in both], [self._g_v[p] for p in both], 1.0, coef)
+        both = [p for p in with_grad if p in self._kept]
+        self._axpby_([p.grad for p in both], [self._kept[p] for p in both], 1.0, coef)
 
     def _own_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(self._params())}
-        return {"steps_done": self._steps_done, "g_v": {index[p]: v.clone() for p, v in self._g_v.items()}}
+        return {"steps_done": self._steps_done, "g_v": {index[p]: v.clone() for p, v in self._kept.items()}}
 
     def _load_own_state(self, own: Mapping[str, Any]) -> None:
         super()._load_own_state(own)
         params = self._params()
-        self._g_v = {params[int(i)]: v.to(params[int(i)].device).clone() for i, v in own.get("g_v", {}).items()}
+        self._kept = {params[int(i)]: v.to(params[int(i)].device).clone() for i, v in own.get("g_v", {}).items()}
+        self._decomposer().invalidate()
 
 
 class GSAM(_Decomposed):
@@ -198,20 +272,18 @@ class GSAM(_Decomposed):
         **base_kwargs: Any,
     ) -> None:
         self.alpha = _check_alpha("GSAM", alpha)
-        self._g: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> g, while a step is in flight
+        self._kept: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> g (kept between steps: the kernels' tables)
         super().__init__(params, base_optimizer, rho=rho, eta=eta, adaptive=adaptive, eps=eps, restore=restore,
                          backend=backend, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
 
-    def _keep_first_gradient(self) -> None:
-        self._g = {p: p.grad.clone() for p in self._params() if p.grad is not None}
-
-    @torch.no_grad()
     def _two_pass_direction(self) -> None:  # (1 + alpha * c) * g_s - alpha * g, c = <g, g_s> / ||g_s||^2
+        self._direction("second", _decompose.GSAM, self._two_pass_torch_ops)
+
+    def _two_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]
         g_s = [p.grad for p in with_grad]
-        both = [p for p in with_grad if p in self._g]
-        c = self._ratio(self._dot([self._g[p] for p in both], [p.grad for p in both]), self._dot(g_s, g_s))
-        alone = [p.grad for p in with_grad if p not in self._g]  # no first-pass gradient: g = 0 there
-        self._axpby_([p.grad for p in both], [self._g[p] for p in both], 1 + self.alpha * c, -self.alpha)
+        both = [p for p in with_grad if p in self._kept]
+        c = self._ratio(self._dot([self._kept[p] for p in both], [p.grad for p in both]), self._dot(g_s, g_s))
+        alone = [p.grad for p in with_grad if p not in self._kept]  # no first-pass gradient: g = 0 there
+        self._axpby_([p.grad for p in both], [self._kept[p] for p in both], 1 + self.alpha * c, -self.alpha)
         self._axpby_(alone, alone, 1 + self.alpha * c, 0.0)
-        self._g = {}

@@ -27,7 +27,16 @@ _KERNELS = {
     "restore_kernel": ([("rows", "*i64"), ("chunks", "*i32")], {"COPY": False}),
     "restore_sgd_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32")], {"COPY": True}),
     "restore_adam_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32")], {"COPY": True}),
+    "dots_kernel": (
+        [("rows", "*i64"), ("chunks", "*i32"), ("partials", "*fp64"), ("counter", "*i32"), ("out", "*fp64"),
+         ("n_programs", "i32")],
+        {},
+    ),
 }
+# combine_kernel once per mode (fastasam/backends/_layout.py: COMBINE_*), listed as combine_kernel/<mode>
+for _mode, _code in (("keep", 0), ("look_full", 1), ("look_one", 2), ("gsam", 3)):
+    _KERNELS[f"combine_kernel/{_mode}"] = (
+        [("rows", "*i64"), ("chunks", "*i32"), ("sums", "*fp64"), ("alpha", "*fp64")], {"MODE": _code})
 
 
 def compile_all(archs: list[int], dtypes: list[str], chunk: int = 1 << 14, block: int = 1 << 10) -> list[dict]:
@@ -48,7 +57,7 @@ def compile_all(archs: list[int], dtypes: list[str], chunk: int = 1 << 14, block
                 const = {"DTYPE": tl_dtype[dtype], "ACC": tl.float32, "CHUNK": chunk, "BLOCK": block,
                          "ALIGNED": True, **extra}
                 signature.update({k: "constexpr" for k in const})
-                src = ASTSource(fn=getattr(K, name), signature=signature, constexprs=const)
+                src = ASTSource(fn=getattr(K, name.split("/")[0]), signature=signature, constexprs=const)
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
                 ptx = compiled.asm["ptx"]
                 rows.append({
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = r["vector_loads"] > 0
         bad += not ok
         verdict = "ok" if ok else "NO VECTOR LOADS"
-        print(f"sm_{r['arch']} {r['dtype']:>4} {r['kernel']:<20} cubin {r['cubin_bytes']:>7} B  "
+        print(f"sm_{r['arch']} {r['dtype']:>4} {r['kernel']:<24} cubin {r['cubin_bytes']:>7} B  "
               f"ld.global.v4 {r['vector_loads']:>3} / ld.global {r['global_loads']:>3}  {verdict}")
     return 1 if bad else 0
 

@@ -52,6 +52,8 @@ _ADAM_DECAY, _ADAM_STEP_SIZE, _ADAM_BC2, _ADAM_AMSGRAD, _ADAM_MAXIMIZE = (
     tl.constexpr(L.ADAM_DECAY_FACTOR), tl.constexpr(L.ADAM_STEP_SIZE), tl.constexpr(L.ADAM_BC2_SQRT),
     tl.constexpr(L.ADAM_AMSGRAD), tl.constexpr(L.ADAM_MAXIMIZE))
 _INF: tl.constexpr = tl.constexpr(float("inf"))
+_KEEP, _LOOK_FULL, _LOOK_ONE, _GSAM = (tl.constexpr(L.COMBINE_KEEP), tl.constexpr(L.COMBINE_LOOK_FULL),
+                                       tl.constexpr(L.COMBINE_LOOK_ONE), tl.constexpr(L.COMBINE_GSAM))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest even; under the interpreter the kernels
@@ -408,3 +410,119 @@ def restore_adam_kernel(
     if full * BLOCK < length:
         _adam_block(w, g, b, m1, m2, vmax, start + full * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
                     eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, COPY, True, ACC)
+
+
+# --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B --------------------
+
+
+@triton.jit
+def _dots_block(g, k, idx, n, MASKED: tl.constexpr, ACC: tl.constexpr):
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
+    a = tl.load(g + idx, mask=m, other=o).to(ACC)
+    b = tl.load(k + idx, mask=m, other=o).to(ACC)
+    # products rounded in ACC, summed in fp64 (LookSAM's g_v is the difference of nearly parallel vectors)
+    return (a * a).to(tl.float64), (a * b).to(tl.float64), (b * b).to(tl.float64)
+
+
+@triton.jit
+def dots_kernel(
+    rows, chunks, partials, counter, out, n_programs,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """``out[0..2] = sums over all chunks of (G*G, G*B, B*B)`` in fp64; deterministic like ``sqnorm_kernel``
+    (``partials``: fp64[3 * n_programs])."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
+    k = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    lanes = tl.arange(0, BLOCK)
+    gg = tl.zeros([BLOCK], tl.float64)
+    gk = tl.zeros([BLOCK], tl.float64)
+    kk = tl.zeros([BLOCK], tl.float64)
+    full = length // BLOCK
+    for j in range(0, full):
+        x, y, z = _dots_block(g, k, start + j * BLOCK + lanes, start + length, False, ACC)
+        gg += x
+        gk += y
+        kk += z
+    if full * BLOCK < length:
+        x, y, z = _dots_block(g, k, start + full * BLOCK + lanes, start + length, True, ACC)
+        gg += x
+        gk += y
+        kk += z
+    tl.store(partials + pid * 3, tl.sum(gg, axis=0))
+    tl.store(partials + pid * 3 + 1, tl.sum(gk, axis=0))
+    tl.store(partials + pid * 3 + 2, tl.sum(kk, axis=0))
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+    if ticket == n_programs - 1:  # the last program: fixed-order sums of the partials
+        tl.debug_barrier()
+        t0 = tl.zeros([BLOCK], tl.float64)
+        t1 = tl.zeros([BLOCK], tl.float64)
+        t2 = tl.zeros([BLOCK], tl.float64)
+        for base in range(0, n_programs, BLOCK):
+            idx = base + lanes
+            m = idx < n_programs
+            t0 += tl.load(partials + idx * 3, mask=m, other=0.0, volatile=True)
+            t1 += tl.load(partials + idx * 3 + 1, mask=m, other=0.0, volatile=True)
+            t2 += tl.load(partials + idx * 3 + 2, mask=m, other=0.0, volatile=True)
+        tl.store(out, tl.sum(t0, axis=0))
+        tl.store(out + 1, tl.sum(t1, axis=0))
+        tl.store(out + 2, tl.sum(t2, axis=0))
+        tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _ratio(num, den):
+    """``num / den`` in fp64, 0 where ``den`` is 0."""
+    ok = den > 0
+    return tl.where(ok, num / tl.where(ok, den, 1.0), 0.0)
+
+
+@triton.jit
+def _combine_block(t, o, idx, n, x, y, MODE: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
+    m = idx < n if MASKED else None
+    z = 0.0 if MASKED else None
+    ov = tl.load(o + idx, mask=m, other=z)
+    if MODE == _KEEP:
+        tl.store(t + idx, ov, mask=m)
+    else:
+        tv = tl.load(t + idx, mask=m, other=z).to(ACC)
+        tl.store(t + idx, _to(x * tv + y * ov.to(ACC), t.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def combine_kernel(
+    rows, chunks, sums, alpha,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    """``target <- x * target + y * other`` (``MODE``: ``_layout.COMBINE_*``); ``x``, ``y`` from ``sums`` =
+    (gg, gb, bb) and ``alpha`` (fp64 device scalars) in fp64, rounded once to ``ACC``."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
+    k = _ptr(rows, row, _B, DTYPE, ALIGNED)
+    x = tl.full([], 1.0, tl.float64)
+    y = tl.full([], 1.0, tl.float64)
+    if MODE == _LOOK_FULL:  # B <- G - (gb / bb) B
+        x = -_ratio(tl.load(sums + 1), tl.load(sums + 2))
+    elif MODE == _LOOK_ONE:  # G <- G + alpha (sqrt(gg) / sqrt(bb)) B
+        y = tl.load(alpha) * _ratio(tl.sqrt(tl.load(sums)), tl.sqrt(tl.load(sums + 2)))
+    elif MODE == _GSAM:  # G <- (1 + alpha gb / gg) G - alpha B
+        a = tl.load(alpha)
+        x = 1.0 + a * _ratio(tl.load(sums + 1), tl.load(sums))
+        y = -a
+    xa = x.to(ACC)
+    ya = y.to(ACC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    if MODE == _LOOK_ONE or MODE == _GSAM:
+        t, o = g, k
+    else:
+        t, o = k, g
+    for j in range(0, full):
+        _combine_block(t, o, start + j * BLOCK + lanes, start + length, xa, ya, MODE, False, ACC)
+    if full * BLOCK < length:
+        _combine_block(t, o, start + full * BLOCK + lanes, start + length, xa, ya, MODE, True, ACC)

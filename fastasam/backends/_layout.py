@@ -5,6 +5,10 @@
 ``chunks`` int32[C, 2]     (row, chunk number) per program / block;
 ``opts``   ACC[G, NOPT]    per parameter group of the sharpness-aware step;
 ``hyper``  fp32[H, NHYPER] per base-optimizer group, for the fused restore + update.
+
+LookSAM / GSAM (``fastasam/_decompose.py``) use the same ``rows`` layout with column G = a parameter's gradient and
+column B = the variant's kept buffer (``g`` or LookSAM's ``g_v``); ``dots`` sums ``(G*G, G*B, B*B)`` into fp64[3] and
+``combine`` (mode ``COMBINE_*``) rewrites one of the two columns from the other and those sums.
 """
 
 # rows: columns
@@ -26,3 +30,9 @@ SGD_LR, SGD_MOMENTUM, SGD_ONE_MINUS_DAMPENING, SGD_WEIGHT_DECAY, SGD_HAS_MOMENTU
 (ADAM_ONE_MINUS_BETA1, ADAM_BETA2, ADAM_ONE_MINUS_BETA2, ADAM_EPS, ADAM_WEIGHT_DECAY, ADAM_DECAY_FACTOR,
  ADAM_STEP_SIZE, ADAM_BC2_SQRT, ADAM_AMSGRAD, ADAM_MAXIMIZE) = range(10)
 NHYPER = 10
+
+# combine: modes (target <- x * target + y * other; x, y from the sums (gg, gb, bb) and alpha, in fp64)
+COMBINE_KEEP = 0  # B <- G (the first pass's gradient, kept)
+COMBINE_LOOK_FULL = 1  # B <- G - (gb / bb) * B: LookSAM's g_v from g_s (in G) and g (in B)
+COMBINE_LOOK_ONE = 2  # G <- G + alpha * (sqrt(gg) / sqrt(bb)) * B: LookSAM's one-pass direction
+COMBINE_GSAM = 3  # G <- (1 + alpha * gb / gg) * G - alpha * B: GSAM's direction from g_s (in G) and g (in B)

@@ -37,14 +37,14 @@ class Launcher(Protocol):
     """What a backend provides: the storage dtypes its kernels take (``fused_dtypes``: of the fused updates), the
     chunk size (elements per program / block), and ``bind``, which returns a function that launches ``kernel`` over
     ``count`` chunks with the runtime tensor arguments ``tensors`` (the kernel's arguments before its sizes and
-    compile-time options)."""
+    compile-time options); ``copy``: the restore mode, ``mode``: ``combine``'s ``_layout.COMBINE_*``."""
 
     dtypes: frozenset[torch.dtype]
     fused_dtypes: frozenset[torch.dtype]
     chunk: int
 
     def bind(self, kernel: str, count: int, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, aligned: bool,
-             copy: bool) -> Callable[[], None]: ...
+             copy: bool, mode: int = 0) -> Callable[[], None]: ...
 
 
 def _aligned(rows: torch.Tensor, columns: Sequence[int]) -> bool:

@@ -31,7 +31,7 @@ name = "cuda"
 traceable = False
 CHUNK = 1 << 13  # 8192 elements per block: ResNet-50's 25.6M elements make ~3,200 blocks (~24 per H100 SM)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FA_FLOAT32, FA_FLOAT16, FA_BFLOAT16
-OPS = ("sqnorm", "perturb", "restore", "restore_sgd", "restore_adam")
+OPS = ("sqnorm", "perturb", "restore", "restore_sgd", "restore_adam", "dots", "combine")
 
 JIT_NAME = "fastasam_cuda_jit"  # the module name in PyTorch's extensions cache
 EXTENSION = None  # the loaded extension module: fastasam._C, or the just-in-time build
@@ -130,16 +130,19 @@ def device_supported(device: torch.device) -> str | None:
 
 class _Launcher:
     """Binds ``torch.ops.fastasam`` launches (``_multi_tensor.Launcher``). Every op takes its tensors, the number of
-    chunks to launch, the chunk size and the storage dtype's code; all but the norm also the restore mode."""
+    chunks to launch, the chunk size and the storage dtype's code; then the restore mode (all but the norm and the
+    sums) or the mode (``combine``)."""
 
     dtypes = fused_dtypes = frozenset(_DTYPE_CODE)
     chunk = CHUNK
 
     def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool,
-             copy: bool) -> partial:
+             copy: bool, mode: int = 0) -> partial:
         op = getattr(torch.ops.fastasam, kernel).default  # resolved once, not per call
-        if kernel == "sqnorm":
+        if kernel in ("sqnorm", "dots"):
             return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype])
+        if kernel == "combine":
+            return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], mode)
         return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], copy)
 
 

@@ -103,6 +103,8 @@ class ShimLibrary:
             "fa_restore": [i, p, p, i, i64, i, p],
             "fa_restore_sgd": [i, p, p, p, i, i64, i, p],
             "fa_restore_adam": [i, p, p, p, i, i64, i, p],
+            "fa_dots": [i, p, p, i, i64, p, p, p, p],
+            "fa_combine": [i, p, p, p, p, i, i64, i, p],
             "fa_shim_configure": [u64, i, i],
             "fa_shim_set_ranges": [p, i64],
             "fa_shim_ranges_from_rows": [p, i64, i64],
@@ -116,7 +118,8 @@ class ShimLibrary:
         }
         for fn, args in sigs.items():
             getattr(lib, fn).argtypes = args
-        for fn in ("fa_sqnorm", "fa_perturb", "fa_restore", "fa_restore_sgd", "fa_restore_adam"):
+        for fn in ("fa_sqnorm", "fa_perturb", "fa_restore", "fa_restore_sgd", "fa_restore_adam", "fa_dots",
+                   "fa_combine"):
             getattr(lib, fn).restype = i
         lib.fa_shim_configure.restype = lib.fa_shim_set_ranges.restype = None
         lib.fa_shim_ranges_from_rows.restype = None
@@ -177,13 +180,18 @@ class _Launcher:
     dtypes = fused_dtypes = frozenset(_DTYPE_CODE)
     chunk = CHUNK
 
-    def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool, copy: bool):
+    def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool, copy: bool,
+             mode: int = 0):
         shim = _LIB
         if shim is None:
             raise RuntimeError(device_supported(torch.device("cpu")))
         code, ptrs = _DTYPE_CODE[dtype], [t.data_ptr() for t in tensors]
         if kernel == "sqnorm":  # (rows, chunks, opts, partials, counter, out)
             args = (code, *ptrs[:3], count, CHUNK, *ptrs[3:], None)
+        elif kernel == "dots":  # (rows, chunks, partials, counter, out)
+            args = (code, *ptrs[:2], count, CHUNK, *ptrs[2:], None)
+        elif kernel == "combine":  # (rows, chunks, sums, alpha)
+            args = (code, *ptrs, count, CHUNK, mode, None)
         else:  # perturb: (rows, chunks, opts, sqnorm); restore: (rows, chunks); restore_sgd/_adam: (.., hyper)
             args = (code, *ptrs, count, CHUNK, int(copy), None)
         rows, n_rows, elsize = ptrs[0], tensors[0].shape[0], dtype.itemsize

@@ -40,7 +40,8 @@ CHUNK = 1 << 12 if INTERPRET else 1 << 14
 BLOCK = 1 << 9 if INTERPRET else 1 << 10
 NUM_WARPS = 4
 _KERNELS = {"sqnorm": K.sqnorm_kernel, "perturb": K.perturb_kernel, "restore": K.restore_kernel,
-            "restore_sgd": K.restore_sgd_kernel, "restore_adam": K.restore_adam_kernel}
+            "restore_sgd": K.restore_sgd_kernel, "restore_adam": K.restore_adam_kernel, "dots": K.dots_kernel,
+            "combine": K.combine_kernel}
 
 
 def device_supported(device: torch.device) -> str | None:
@@ -97,9 +98,12 @@ class _Launcher:
     chunk = CHUNK
 
     def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool,
-             copy: bool) -> TritonLaunch:
+             copy: bool, mode: int = 0) -> TritonLaunch:
         meta = (_TL_DTYPE[dtype], _TL_DTYPE[accumulate_dtype(dtype)], CHUNK, BLOCK, aligned)
-        args = (*tensors, count, *meta) if kernel == "sqnorm" else (*tensors, *meta, copy)
+        if kernel in ("sqnorm", "dots"):
+            args = (*tensors, count, *meta)
+        else:
+            args = (*tensors, *meta, mode if kernel == "combine" else copy)
         return TritonLaunch(_KERNELS[kernel], count, args, tensors[0].device)
 
 

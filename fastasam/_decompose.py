@@ -1,0 +1,194 @@
+"""LookSAM's and GSAM's decompositions on the multi-tensor kernels (used by ``fastasam.variants``).
+
+Each step of these variants needs global sums over two parameter-sized vectors, a gradient ``G`` and the variant's
+kept buffer ``B`` (the first pass's ``g``, or LookSAM's ``g_v``), and one elementwise combination of the two. On the
+multi-tensor backends (``triton``, ``cuda``) that is two launches per (device, dtype) bucket:
+
+* ``dots``: the three sums ``(G*G, G*B, B*B)``, products in fp32 (fp64 for fp64 storage), sums in fp64, reduced
+  deterministically (per-chunk partials, summed in a fixed order by the last chunk) and left on the device;
+* ``combine``: derives its two coefficients from those sums (and ``alpha``) on the device, in fp64, and rewrites
+  ``G`` (LookSAM's one-pass direction, GSAM's direction) or ``B`` (LookSAM's ``g_v``; keeping ``g`` is a copy).
+
+Nothing is read on the host, so no step synchronises with the device. The device tables (the gradients' and
+buffers' addresses) are built per phase of the step (``"first"``: the first pass's gradients; ``"second"``: the
+second pass's; ``"one"``: a one-pass step's) and confirmed each step by the step plan's watch (``_watch``: one pass
+over the parameters in C++) and the param groups' identity; a moved gradient or a changed set of parameters rebuilds
+that phase's tables, a replaced buffer (``invalidate``) all of them.
+
+When the kernels cannot serve a step, :meth:`Decomposer.tables` returns the reason instead (a backend without
+multi-tensor kernels, a dtype its kernels lack, parameters on several devices, a gradient in one pass only, a
+gradient laid out unlike its buffer) and the variant runs its own ``foreach`` / per-tensor path, which computes the
+same formulas (the ``reference`` backend's per-tensor path is the oracle the kernels are tested against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import chain
+
+import torch
+
+from . import _watch, backends
+from .backends import _layout as L
+from .backends._multi_tensor import MultiTensorBackend, _aligned, _chunk_list, _rows_table
+from .backends._updates import flat_like
+
+KEEP, LOOK_FULL, LOOK_ONE, GSAM = L.COMBINE_KEEP, L.COMBINE_LOOK_FULL, L.COMBINE_LOOK_ONE, L.COMBINE_GSAM
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Element i of ``a``'s memory is element i of ``b``'s, both dense."""
+    return a.shape == b.shape and flat_like(a, b) and flat_like(b, a)
+
+
+class _Bucket:
+    """One (device, dtype) bucket of one phase: its rows table (G = the gradients, B = the buffers), chunks and the
+    bound launches."""
+
+    def __init__(self, launcher, dtype: torch.dtype, grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                 out: torch.Tensor, sums: torch.Tensor, alpha: torch.Tensor) -> None:
+        self.launcher, self.dtype = launcher, dtype
+        keep = [i for i, g in enumerate(grads) if g.numel() > 0]
+        grads, bufs = [grads[i] for i in keep], [bufs[i] for i in keep]
+        numels = [g.numel() for g in grads]
+        tab = _rows_table(([None] * len(grads), grads, bufs), numels, [0] * len(grads))
+        dev = out.device
+        self.rows_d = tab.to(dev)
+        chunks = _chunk_list(numels, range(len(grads)), launcher.chunk)
+        self.n_chunks = len(chunks)
+        self.chunks_d = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
+        self.aligned = _aligned(tab, (L.COL_G, L.COL_B))
+        self.partials = torch.empty(3 * max(1, self.n_chunks), dtype=torch.float64, device=dev)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.out, self.sums, self.alpha = out, sums, alpha
+        self._combine: dict[int, object] = {}
+        self._dots = None
+        if self.n_chunks:
+            self._dots = launcher.bind("dots", self.n_chunks, (self.rows_d, self.chunks_d, self.partials,
+                                                               self.counter, out), dtype, self.aligned, False)
+        else:
+            out.zero_()
+
+    def dots(self) -> None:
+        if self._dots is not None:
+            self._dots()
+
+    def combine(self, mode: int) -> None:
+        if not self.n_chunks:
+            return
+        launch = self._combine.get(mode)
+        if launch is None:
+            launch = self._combine[mode] = self.launcher.bind(
+                "combine", self.n_chunks, (self.rows_d, self.chunks_d, self.sums, self.alpha), self.dtype,
+                self.aligned, False, mode=mode)
+        launch()
+
+
+class PhaseTables:
+    """The kernels' view of one phase: a bucket per (device, dtype), the global sums, the watch."""
+
+    def __init__(self, backend: str, params: list[torch.Tensor], watch, buckets: list[_Bucket],
+                 outs: torch.Tensor, sums: torch.Tensor) -> None:
+        self.backend, self.params, self.watch = backend, params, watch
+        self.buckets, self.outs, self.sums = buckets, outs, sums
+        self.served = f"{backend} kernels"
+
+    def valid(self, groups: list[Mapping]) -> bool:
+        return _watch.same_params(groups, self.params) and self.watch.check() is not None
+
+    def dots(self) -> None:
+        """The global sums ``(G*G, G*B, B*B)`` into ``sums`` (on the device)."""
+        for b in self.buckets:
+            b.dots()
+        if len(self.buckets) > 1:  # several dtypes: each bucket's sums, then one fixed-order sum
+            torch.sum(self.outs, 0, out=self.sums)
+
+    def combine(self, mode: int) -> None:
+        for b in self.buckets:
+            b.combine(mode)
+
+
+class Decomposer:
+    """The tables of one optimizer, per phase, built when first needed and reused while nothing moves."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._phases: dict[str, PhaseTables] = {}
+        self._alpha: dict[torch.device, torch.Tensor] = {}  # fp64 device scalars the combine launches read
+        self._alpha_value: dict[torch.device, float] = {}
+        self.last = "no step has run yet"  # what served the last decomposition (``report``)
+
+    def invalidate(self) -> None:
+        """The buffers were replaced: every phase's tables point at the old ones."""
+        self._phases.clear()
+
+    def ready(self, phase: str, groups: list[Mapping], alpha: float) -> PhaseTables | None:
+        """This phase's tables when they are still valid (warm step), else None."""
+        t = self._phases.get(phase)
+        if t is None or not t.valid(groups):
+            return None
+        self._set_alpha(t.sums.device, alpha)
+        return t
+
+    def _set_alpha(self, device: torch.device, alpha: float) -> None:
+        if self._alpha_value.get(device) != alpha:
+            self._alpha[device].fill_(alpha)
+            self._alpha_value[device] = alpha
+
+    def build(self, phase: str, groups: list[Mapping], buffers: Mapping[torch.Tensor, torch.Tensor],
+              alpha: float) -> PhaseTables | str:
+        """Build this phase's tables over the parameters with a gradient and their ``buffers``; or why the kernels
+        cannot serve it (the variant then runs its per-tensor path)."""
+        self._phases.pop(phase, None)
+        params = list(chain.from_iterable(g["params"] for g in groups))
+        with_grad = [p for p in params if p.grad is not None]
+        absent = [p for p in params if p.grad is None]
+        reason = self._reason(with_grad, buffers)
+        if reason is not None:
+            self.last = reason
+            return reason
+        device = with_grad[0].device
+        module = backends.resolve(self.backend, device)
+        launcher = module._BACKEND.launcher
+        alpha_d = self._alpha.get(device)
+        if alpha_d is None:
+            alpha_d = self._alpha[device] = torch.zeros(1, dtype=torch.float64, device=device)
+            self._alpha_value.pop(device, None)
+        self._set_alpha(device, alpha)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in with_grad:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        outs = torch.zeros((len(by_dtype), 3), dtype=torch.float64, device=device)
+        sums = outs[0] if len(by_dtype) == 1 else torch.zeros(3, dtype=torch.float64, device=device)
+        buckets = [_Bucket(launcher, dtype, [p.grad for p in ps], [buffers[p] for p in ps], outs[i], sums, alpha_d)
+                   for i, (dtype, ps) in enumerate(by_dtype.items())]
+        contiguous = [p for p in with_grad if p.grad.is_contiguous()]
+        strided = [p for p in with_grad if not p.grad.is_contiguous()]
+        w = _watch.watch(contiguous, strided, [], [], absent, True)
+        t = self._phases[phase] = PhaseTables(module.name, params, w, buckets, outs, sums)
+        self.last = t.served
+        return t
+
+    def _reason(self, with_grad: list[torch.Tensor], buffers: Mapping[torch.Tensor, torch.Tensor]) -> str | None:
+        if not with_grad:
+            return "no parameter has a gradient"
+        if len(buffers) != len(with_grad) or any(p not in buffers for p in with_grad):
+            return "the parameters with a gradient differ between the two passes"
+        devices = {p.device for p in with_grad}
+        if len(devices) > 1:
+            return "the parameters are on several devices"
+        device = next(iter(devices))
+        module = backends.resolve(self.backend, device)
+        backend = getattr(module, "_BACKEND", None)
+        if not isinstance(backend, MultiTensorBackend):
+            return f"the {module.name} backend has no multi-tensor kernels"
+        dtypes = backend.launcher.dtypes
+        for p in with_grad:
+            g, b = p.grad, buffers[p]
+            if p.dtype not in dtypes:
+                return f"no {module.name} kernel for {str(p.dtype).replace('torch.', '')}"
+            if g.dtype != p.dtype or b.dtype != g.dtype or b.device != g.device:
+                return "a gradient or buffer of another dtype or device than its parameter"
+            if not _same_layout(g, b):
+                return "a gradient laid out unlike its kept buffer"
+        return None
