@@ -8,11 +8,12 @@
 from . import compat, distributed
 from .backends import available_backends
 from .optim import ASAM, SAM, adaptive_param_groups
+from .schedules import RhoFollowsLR
 from .utils import frozen_batchnorm_stats
 from .variants import GSAM, LookSAM
 
 __all__ = [
-    "ASAM", "GSAM", "LookSAM", "SAM", "adaptive_param_groups", "available_backends", "compat", "distributed",
-    "frozen_batchnorm_stats",
+    "ASAM", "GSAM", "LookSAM", "RhoFollowsLR", "SAM", "adaptive_param_groups", "available_backends", "compat",
+    "distributed", "frozen_batchnorm_stats",
 ]
 __version__ = "0.1.0"
