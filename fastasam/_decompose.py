@@ -15,6 +15,9 @@ second pass's; ``"one"``: a one-pass step's) and confirmed each step by the step
 over the parameters in C++) and the param groups' identity; a moved gradient or a changed set of parameters rebuilds
 that phase's tables, a replaced buffer (``invalidate``) all of them.
 
+DTensor parameters (FSDP2) are served as their local shards, bucketed by the process groups of their Shard mesh dims;
+each such bucket's sums are all-reduced over those groups (on the device) before the combination.
+
 When the kernels cannot serve a step, :meth:`Decomposer.tables` returns the reason instead (a backend without
 multi-tensor kernels, a dtype its kernels lack, parameters on several devices, a gradient in one pass only, a
 gradient laid out unlike its buffer) and the variant runs its own ``foreach`` / per-tensor path, which computes the
@@ -29,6 +32,7 @@ from itertools import chain
 import torch
 
 from . import _watch, backends
+from ._plan import is_dtensor, local_gradient, shard_groups
 from .backends import _layout as L
 from .backends._multi_tensor import MultiTensorBackend, _aligned, _chunk_list, _rows_table
 from .backends._updates import flat_like
@@ -46,8 +50,8 @@ class _Bucket:
     bound launches."""
 
     def __init__(self, launcher, dtype: torch.dtype, grads: list[torch.Tensor], bufs: list[torch.Tensor],
-                 out: torch.Tensor, sums: torch.Tensor, alpha: torch.Tensor) -> None:
-        self.launcher, self.dtype = launcher, dtype
+                 out: torch.Tensor, sums: torch.Tensor, alpha: torch.Tensor, over: tuple) -> None:
+        self.launcher, self.dtype, self.over = launcher, dtype, over
         keep = [i for i, g in enumerate(grads) if g.numel() > 0]
         grads, bufs = [grads[i] for i in keep], [bufs[i] for i in keep]
         numels = [g.numel() for g in grads]
@@ -72,6 +76,11 @@ class _Bucket:
     def dots(self) -> None:
         if self._dots is not None:
             self._dots()
+        if self.over:  # local shards of DTensors: their sums add up over the shard groups (on the device)
+            import torch.distributed as dist
+
+            for pg in self.over:
+                dist.all_reduce(self.out, op=dist.ReduceOp.SUM, group=pg)
 
     def combine(self, mode: int) -> None:
         if not self.n_chunks:
@@ -88,13 +97,25 @@ class PhaseTables:
     """The kernels' view of one phase: a bucket per (device, dtype), the global sums, the watch."""
 
     def __init__(self, backend: str, params: list[torch.Tensor], watch, buckets: list[_Bucket],
-                 outs: torch.Tensor, sums: torch.Tensor) -> None:
+                 outs: torch.Tensor, sums: torch.Tensor, dtensors: list[torch.Tensor]) -> None:
         self.backend, self.params, self.watch = backend, params, watch
         self.buckets, self.outs, self.sums = buckets, outs, sums
         self.served = f"{backend} kernels"
+        # DTensor parameters: the watch sees that they have a gradient; their local shards' places are checked here
+        self.dtensors = dtensors
+        self.local_places = self._local_places()
+
+    def _local_places(self) -> list[tuple]:
+        out = []
+        for p in self.dtensors:
+            g = local_gradient(p, p.grad)
+            out.append((g.data_ptr(), g.stride()))
+        return out
 
     def valid(self, groups: list[Mapping]) -> bool:
-        return _watch.same_params(groups, self.params) and self.watch.check() is not None
+        if not (_watch.same_params(groups, self.params) and self.watch.check() is not None):
+            return False
+        return not self.dtensors or self._local_places() == self.local_places
 
     def dots(self) -> None:
         """The global sums ``(G*G, G*B, B*B)`` into ``sums`` (on the device)."""
@@ -143,7 +164,8 @@ class Decomposer:
         params = list(chain.from_iterable(g["params"] for g in groups))
         with_grad = [p for p in params if p.grad is not None]
         absent = [p for p in params if p.grad is None]
-        reason = self._reason(with_grad, buffers)
+        local = {p: local_gradient(p, p.grad) if is_dtensor(p) else p.grad for p in with_grad}
+        reason = self._reason(with_grad, local, buffers)
         if reason is not None:
             self.last = reason
             return reason
@@ -155,21 +177,25 @@ class Decomposer:
             alpha_d = self._alpha[device] = torch.zeros(1, dtype=torch.float64, device=device)
             self._alpha_value.pop(device, None)
         self._set_alpha(device, alpha)
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        # one bucket per (dtype, shard groups): the same on every rank, so the all-reduces pair up
+        by_key: dict[tuple, list[torch.Tensor]] = {}
         for p in with_grad:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        outs = torch.zeros((len(by_dtype), 3), dtype=torch.float64, device=device)
-        sums = outs[0] if len(by_dtype) == 1 else torch.zeros(3, dtype=torch.float64, device=device)
-        buckets = [_Bucket(launcher, dtype, [p.grad for p in ps], [buffers[p] for p in ps], outs[i], sums, alpha_d)
-                   for i, (dtype, ps) in enumerate(by_dtype.items())]
-        contiguous = [p for p in with_grad if p.grad.is_contiguous()]
-        strided = [p for p in with_grad if not p.grad.is_contiguous()]
-        w = _watch.watch(contiguous, strided, [], [], absent, True)
-        t = self._phases[phase] = PhaseTables(module.name, params, w, buckets, outs, sums)
+            by_key.setdefault((p.dtype, shard_groups(p)), []).append(p)
+        outs = torch.zeros((len(by_key), 3), dtype=torch.float64, device=device)
+        sums = outs[0] if len(by_key) == 1 else torch.zeros(3, dtype=torch.float64, device=device)
+        buckets = [_Bucket(launcher, dtype, [local[p] for p in ps], [buffers[p] for p in ps], outs[i], sums, alpha_d,
+                           over) for i, ((dtype, over), ps) in enumerate(by_key.items())]
+        plain = [p for p in with_grad if not is_dtensor(p)]
+        dtensors = [p for p in with_grad if is_dtensor(p)]
+        contiguous = [p for p in plain if p.grad.is_contiguous()]
+        strided = [p for p in plain if not p.grad.is_contiguous()]
+        w = _watch.watch(contiguous, strided, [], dtensors, absent, True)
+        t = self._phases[phase] = PhaseTables(module.name, params, w, buckets, outs, sums, dtensors)
         self.last = t.served
         return t
 
-    def _reason(self, with_grad: list[torch.Tensor], buffers: Mapping[torch.Tensor, torch.Tensor]) -> str | None:
+    def _reason(self, with_grad: list[torch.Tensor], local: Mapping[torch.Tensor, torch.Tensor],
+                buffers: Mapping[torch.Tensor, torch.Tensor]) -> str | None:
         if not with_grad:
             return "no parameter has a gradient"
         if len(buffers) != len(with_grad) or any(p not in buffers for p in with_grad):
@@ -184,7 +210,7 @@ class Decomposer:
             return f"the {module.name} backend has no multi-tensor kernels"
         dtypes = backend.launcher.dtypes
         for p in with_grad:
-            g, b = p.grad, buffers[p]
+            g, b = local[p], buffers[p]
             if p.dtype not in dtypes:
                 return f"no {module.name} kernel for {str(p.dtype).replace('torch.', '')}"
             if g.dtype != p.dtype or b.dtype != g.dtype or b.device != g.device:

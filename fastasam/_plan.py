@@ -101,9 +101,15 @@ def _local(p: torch.Tensor, g: torch.Tensor, name: str) -> tuple[torch.Tensor, t
     for placement in p.placements:
         if not (placement.is_shard() or placement.is_replicate()):
             raise RuntimeError(f"fastasam: {name} has placement {placement}; only Shard and Replicate are supported.")
-    mesh = p.device_mesh
-    over = tuple(mesh.get_group(d) for d, placement in enumerate(p.placements) if placement.is_shard())
-    return p.to_local(), g.to_local(), over
+    return p.to_local(), g.to_local(), shard_groups(p)
+
+
+def shard_groups(p: torch.Tensor) -> tuple:
+    """The process groups over which a DTensor parameter's local sums add up to the global one (its Shard mesh dims;
+    replicated dims hold copies); () for a plain tensor."""
+    if not is_dtensor(p):
+        return ()
+    return tuple(p.device_mesh.get_group(d) for d, placement in enumerate(p.placements) if placement.is_shard())
 
 
 def local_gradient(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

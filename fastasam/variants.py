@@ -24,8 +24,9 @@ from them on the device; keeping ``g`` is one copy launch. The tables are built 
 pass over the parameters, as the step plan's are. The ``foreach`` backend (and any step the kernels cannot serve,
 e.g. a gradient in one pass only; ``opt.report()`` says which ran and why) runs them as ``torch._foreach_*`` ops over
 each fp32/fp64 device bucket, and the ``reference`` backend per tensor: the oracle the others are tested against.
-Not yet: the direction is not fused into the restore + update kernel (one more pass over the gradients), and DTensor
-(FSDP2) parameters are refused.
+DTensor parameters (FSDP2 ``fully_shard``) work on their local shards: the sums of each shard group's parameters are
+all-reduced over it (on the device), and LookSAM's ``g_v`` is saved as DTensors of the parameters' placements. Not
+yet: the direction is not fused into the restore + update kernel (one more pass over the gradients).
 """
 
 from __future__ import annotations
@@ -39,9 +40,17 @@ import torch
 
 from . import _decompose
 from ._decompose import Decomposer, PhaseTables
-from ._plan import accumulate_dtype
+from ._plan import accumulate_dtype, is_dtensor, local_gradient, shard_groups
 from .optim import ASAM
 from .report import StepReport
+
+
+def _by_key(keys: list) -> dict:
+    """key -> the indices that have it, in first-seen order (the same on every rank)."""
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
 
 
 def _check_alpha(cls: str, alpha: float) -> float:
@@ -77,7 +86,7 @@ class _Decomposed(ASAM):
         t = self._kernels("first")
         if t is None:
             for p, buf in self._kept.items():
-                buf.copy_(p.grad)
+                buf.copy_(self._grad(p))
         return t
 
     def _direction(self, phase: str, mode: int, torch_ops: Callable[[], None]) -> None:
@@ -95,7 +104,6 @@ class _Decomposed(ASAM):
         dec = self._decomposer()
         t = dec.ready(phase, self.param_groups, self.alpha)
         if t is None:
-            self._params()  # refuses DTensors with the fix
             t = dec.build(phase, self.param_groups, self._kept, self.alpha)
             if isinstance(t, str):  # _dot / _axpby_ below: foreach over fp32/fp64 buckets, else per tensor
                 dec.last = f"torch ops: {t}"
@@ -108,7 +116,7 @@ class _Decomposed(ASAM):
         kernels' tables are rebuilt when a buffer changes."""
         out = {}
         for p in self._params():
-            g = p.grad
+            g = self._grad(p)
             if g is not None:
                 buf = kept.get(p)
                 if buf is None or not _decompose._same_layout(g, buf) or buf.dtype != g.dtype or \
@@ -124,11 +132,18 @@ class _Decomposed(ASAM):
         return dataclasses.replace(super().report(), direction=self._decomposer().last)
 
     def _params(self) -> list[torch.nn.Parameter]:
-        params = [p for group in self.param_groups for p in group["params"]]
-        if any(type(p).__name__ == "DTensor" for p in params):
-            raise NotImplementedError(f"fastasam: {type(self).__name__} does not support DTensor (FSDP2) parameters "
-                                      "yet; use ASAM/SAM there.")
-        return params
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _grad(p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient as the decompositions see it: a DTensor's (FSDP2) local shard, which shares its memory."""
+        g = p.grad
+        return local_gradient(p, g) if g is not None and is_dtensor(p) else g
+
+    @staticmethod
+    def _overs(params: Iterable[torch.Tensor]) -> list[tuple]:
+        """Per parameter, the process groups its local sums are summed over (a DTensor's Shard mesh dims)."""
+        return [shard_groups(p) for p in params]
 
     def _foreach_ok(self, *lists: list[torch.Tensor]) -> bool:
         """The foreach path serves one fp32/fp64 device bucket on the fast backends; the ``reference`` backend (the
@@ -139,11 +154,23 @@ class _Decomposed(ASAM):
         return first.dtype in (torch.float32, torch.float64) and all(
             t.dtype == first.dtype and t.device == first.device for ts in lists for t in ts)
 
-    def _dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor | None:
+    def _dot(self, a: list[torch.Tensor], b: list[torch.Tensor], over: list[tuple] | None = None
+             ) -> torch.Tensor | None:
         """sum_i <a_i, b_i>: products in the accumulate dtype, summed in fp64 (LookSAM's ``g_v`` is the difference of
-        nearly parallel vectors, which amplifies the sums' rounding), on the first tensor's device (None: empty)."""
+        nearly parallel vectors, which amplifies the sums' rounding), on the first tensor's device (None: empty).
+        ``over[i]``: the process groups over which the sum of pair i's local shards is summed (DTensors)."""
         if not a:
             return None
+        if over is not None and any(over):  # the pairs of each set of groups: local sums, all-reduced, then added
+            import torch.distributed as dist
+
+            total = None
+            for groups, idx in _by_key(over).items():
+                part = self._dot([a[i] for i in idx], [b[i] for i in idx])
+                for pg in groups:
+                    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+                total = part if total is None else total + part.to(total.device)
+            return total
         f64 = torch.float64
         if self._foreach_ok(a, b):  # no foreach sum exists: the positive and negative parts' 1-norms
             prods = torch._foreach_mul(a, b)
@@ -181,6 +208,22 @@ class _Decomposed(ASAM):
         return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
 
 
+def _saved(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A kept buffer for ``state_dict()``: a copy; for a DTensor parameter, a DTensor of its placements (the buffer
+    is the local shard), so that distributed checkpointing saves it as it saves the parameter."""
+    if is_dtensor(p):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(v.clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return v.clone()
+
+
+def _loaded(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if is_dtensor(v):
+        v = v.to_local()
+    return v.to(p.to_local().device if is_dtensor(p) else p.device).clone()
+
+
 class LookSAM(_Decomposed):
     """LookSAM: (A)SAM's two passes on every k-th step only; the steps between reuse the component ``g_v`` of the
     last second-pass gradient that is orthogonal to the first (see the module docstring). ``k=1`` is (A)SAM."""
@@ -214,16 +257,16 @@ class LookSAM(_Decomposed):
     def _two_pass_torch_ops(self) -> None:
         params = self._params()
         both = [p for p in params if p in self._kept and p.grad is not None]
-        g, g_s = [self._kept[p] for p in both], [p.grad for p in both]
+        g, g_s = [self._kept[p] for p in both], [self._grad(p) for p in both]
         kept = list(self._kept.values())
-        c = self._ratio(self._dot(g, g_s), self._dot(kept, kept))
+        c = self._ratio(self._dot(g, g_s, self._overs(both)), self._dot(kept, kept, self._overs(self._kept)))
         self._axpby_(g, g_s, -c, 1.0)  # in place: the buffers become g_v
         g_v = dict(zip(both, g))
         for p in params:  # a gradient in one pass only: the other is 0 there
             if p in self._kept and p not in g_v:
                 g_v[p] = self._kept[p].mul_(-c)
             elif p not in g_v and p.grad is not None:
-                g_v[p] = p.grad.clone()
+                g_v[p] = self._grad(p).clone()
         if g_v.keys() != self._kept.keys() or any(g_v[p] is not self._kept[p] for p in g_v):
             self._decomposer().invalidate()
         self._kept = g_v
@@ -234,21 +277,21 @@ class LookSAM(_Decomposed):
 
     def _one_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]
-        grads = [p.grad for p in with_grad]
+        grads = [self._grad(p) for p in with_grad]
         kept = list(self._kept.values())
-        gn, vn = self._dot(grads, grads), self._dot(kept, kept)
+        gn, vn = self._dot(grads, grads, self._overs(with_grad)), self._dot(kept, kept, self._overs(self._kept))
         coef = self.alpha * self._ratio(gn.sqrt() if gn is not None else None, vn.sqrt() if vn is not None else None)
         both = [p for p in with_grad if p in self._kept]
-        self._axpby_([p.grad for p in both], [self._kept[p] for p in both], 1.0, coef)
+        self._axpby_([self._grad(p) for p in both], [self._kept[p] for p in both], 1.0, coef)
 
     def _own_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(self._params())}
-        return {"steps_done": self._steps_done, "g_v": {index[p]: v.clone() for p, v in self._kept.items()}}
+        return {"steps_done": self._steps_done, "g_v": {index[p]: _saved(p, v) for p, v in self._kept.items()}}
 
     def _load_own_state(self, own: Mapping[str, Any]) -> None:
         super()._load_own_state(own)
         params = self._params()
-        self._kept = {params[int(i)]: v.to(params[int(i)].device).clone() for i, v in own.get("g_v", {}).items()}
+        self._kept = {params[int(i)]: _loaded(params[int(i)], v) for i, v in own.get("g_v", {}).items()}
         self._decomposer().invalidate()
 
 
@@ -281,9 +324,10 @@ class GSAM(_Decomposed):
 
     def _two_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]
-        g_s = [p.grad for p in with_grad]
+        g_s = [self._grad(p) for p in with_grad]
         both = [p for p in with_grad if p in self._kept]
-        c = self._ratio(self._dot([self._kept[p] for p in both], [p.grad for p in both]), self._dot(g_s, g_s))
-        alone = [p.grad for p in with_grad if p not in self._kept]  # no first-pass gradient: g = 0 there
-        self._axpby_([p.grad for p in both], [self._kept[p] for p in both], 1 + self.alpha * c, -self.alpha)
+        c = self._ratio(self._dot([self._kept[p] for p in both], [self._grad(p) for p in both], self._overs(both)),
+                        self._dot(g_s, g_s, self._overs(with_grad)))
+        alone = [self._grad(p) for p in with_grad if p not in self._kept]  # no first-pass gradient: g = 0 there
+        self._axpby_([self._grad(p) for p in both], [self._kept[p] for p in both], 1 + self.alpha * c, -self.alpha)
         self._axpby_(alone, alone, 1 + self.alpha * c, 0.0)

@@ -217,7 +217,7 @@ def _fsdp_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 1, bias=False), nn.Tanh(), nn.Linear(1, 3))
 
 
-def _fsdp_worker(rank: int, out_dir: str, backend: str) -> None:
+def _fsdp_worker(rank: int, out_dir: str, backend: str, kind: str = "asam") -> None:
     from torch.distributed.fsdp import fully_shard
 
     _load(backend)
@@ -226,13 +226,21 @@ def _fsdp_worker(rank: int, out_dir: str, backend: str) -> None:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
-                        weight_decay=1e-2, backend=backend)
-    _train(model, opt, _batches(), rank, WORLD, "global")
+    if kind == "asam":
+        opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=RHO, eta=ETA, lr=LR, momentum=0.9,
+                            weight_decay=1e-2, backend=backend)
+    else:
+        opt = _optimizer(model.parameters(), backend, kind)
+    directions = []
+    for batch in _batches():
+        _train(model, opt, [batch], rank, WORLD, "global")
+        directions.append(opt.report().direction)
     local = [p.to_local().detach().clone() for p in model.parameters()]
     full = [p.full_tensor().detach() for p in model.parameters()]
-    norm = opt.grad_norm.detach().clone()
-    torch.save({"full": full, "local": local, "norm": norm}, os.path.join(out_dir, f"rank{rank}.pt"))
+    norm = opt.grad_norm.detach().clone() if opt.grad_norm is not None else None
+    saved = opt.state_dict()["fastasam"] if kind == "looksam" else None
+    torch.save({"full": full, "local": local, "norm": norm, "directions": directions, "saved": saved},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("backend", ["reference", *fastasam.backends.available_backends("cpu")[1:]])
@@ -251,6 +259,27 @@ def test_fsdp2_sharded_run_equals_one_process_on_the_global_batch(backend):
     torch.testing.assert_close(ranks[0]["norm"].double(), opt.grad_norm.double(), atol=1e-6, rtol=1e-5)
     for got, ref in zip(ranks[0]["full"], want):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,kind", [(b, k) for b in ("reference", *fastasam.backends.available_backends("cpu")[1:])
+                                          for k in ("looksam", "gsam")])
+def test_fsdp2_looksam_and_gsam_equal_one_process_on_the_global_batch(backend, kind):
+    """The decompositions' sums over local shards are all-reduced over the shard group (the kernels' too): the
+    sharded run equals one process, and LookSAM's g_v is saved as DTensors."""
+    model = _fsdp_model()
+    opt = _optimizer(model.parameters(), backend, kind)
+    _train(model, opt, _batches())
+    want = [p.detach() for p in model.parameters()]
+    ranks = _spawn(_fsdp_worker, backend, kind)
+    for got, ref in zip(ranks[0]["full"], want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    for got, ref in zip(ranks[1]["full"], want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    if backend in ("triton", "cuda_shim"):
+        assert ranks[0]["directions"][-1] == f"{backend} kernels"
+    if kind == "looksam":
+        g_v = ranks[0]["saved"]["g_v"]
+        assert len(g_v) == 5 and all(type(v).__name__ == "DTensor" for v in g_v.values())
 
 
 def test_a_dtensor_gradient_that_is_not_reduced_yet_is_refused():
