@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=step_time.RESULTS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    timing.cpu_threads(args.threads)
     todo = plan(device, args.smoke)
     env = step_time.environment(device)
     print(f"fastasam benchmark suite on {env['device_name']} ({device}), torch {env['torch']}, commit {env['commit']}",
@@ -89,4 +88,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    timing.steady_cpu("benchmarks", None)
     main()

@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    timing.cpu_threads(args.threads)
     result = run(device, args.arch, args.batch, args.image_size, args.amp, args.channels_last, args.steps, args.warmup)
     env = environment(device)
     md = markdown(result, env)
@@ -158,4 +157,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    timing.steady_cpu("benchmarks.e2e", None)
     main()

@@ -238,9 +238,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    timing.cpu_threads(args.threads)
     on_gpu = device.type == "cuda"
     steps = args.steps or (50 if on_gpu else 10)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 2)
@@ -262,4 +261,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    timing.steady_cpu("benchmarks.step_time", None)
     main()

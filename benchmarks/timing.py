@@ -14,7 +14,11 @@ the others, and its median ends up on the wrong side of every comparison. So:
   line, ``noisy`` field) a spread above ``SPREAD_LIMIT``: then that variant's times are not to be trusted.
 
 None of this cancels what differs from one process to the next, or a load that slows some variants more than others
-(two threads on two shared cores): ``benchmarks/results/stability-cpu.md`` measures both on a 2-core CPU.
+(two threads on two shared cores): ``benchmarks/results/stability-cpu.md`` measures both on a 2-core CPU. So a CPU run
+of the suite, ``step_time`` or ``e2e`` is a *steady CPU run* (``steady_cpu``): one torch thread unless ``--threads``
+says otherwise, and PyTorch's CPU allocator on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read when torch
+starts: the command runs again in a new process with it set), which removed the process-to-process swings of the
+per-tensor reference loop in the measurements there.
 
 Used by ``step_time`` and ``e2e`` (through ``measure``: CUDA events on a GPU, ``perf_counter`` on the CPU, peak memory
 from one separate step per variant) and by ``host_overhead`` (its variants time their own phases).
@@ -22,6 +26,7 @@ from one separate step per variant) and by ``host_overhead`` (its variants time 
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -30,8 +35,38 @@ from collections.abc import Callable, Sequence
 import torch
 
 SPREAD_LIMIT = 0.25  # interquartile range / median above which a variant's times are flagged as not to be trusted
-THREADS_HELP = ("CPU threads for torch's ops (default: torch's, one per core); on a CPU shared with other busy "
-                "processes fewer threads than cores keep the times far steadier (an op's threads wait for each other)")
+STEADY_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def steady_cpu(module: str, argv: list[str] | None) -> None:
+    """Called first by a benchmark's ``__main__``: unless it is meant for a GPU (``--device cuda``, or no ``--device``
+    and a GPU present), is a ``--smoke`` run, or ``STEADY_ENV`` is already set, run ``python -m module argv`` again
+    in this process's place with ``STEADY_ENV`` in the environment and ``--threads 1`` unless ``argv`` names a count
+    (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--smoke" in argv or all(os.environ.get(k) is not None for k in STEADY_ENV):
+        return
+    device = next((a.split("=", 1)[1] for a in argv if a.startswith("--device=")), None)
+    if "--device" in argv[:-1]:
+        device = argv[argv.index("--device") + 1]
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return
+    if not any(a == "--threads" or a.startswith("--threads=") for a in argv):
+        argv += ["--threads", "1"]
+    print(f"(steady CPU run: {' '.join(f'{k}={v}' for k, v in STEADY_ENV.items())} {' '.join(argv)}; "
+          "benchmarks/timing.py)", flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], {**os.environ, **STEADY_ENV})
+
+
+def cpu_threads(threads: int | None) -> None:
+    """Set torch's CPU threads when ``--threads`` was given (``steady_cpu`` gives 1 to a CPU run)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+THREADS_HELP = ("CPU threads for torch's ops (default: 1 on a CPU run, torch's own on a GPU run); on a CPU shared with "
+                "other busy processes fewer threads than cores keep the times far steadier (an op's threads wait for "
+                "each other)")
 
 
 def clock(device: torch.device) -> Callable[[Callable[[], None]], float]:

@@ -174,3 +174,24 @@ def test_measure_flags_a_high_spread_variant_and_not_a_steady_one(monkeypatch, c
                             "speedup_vs_reference": 1.0, "speedup_spread": None} for r in rows]}
     e2e_table = {line.split(" | ")[0]: line for line in e2e.markdown(e2e_result, env).splitlines()}
     assert "| 0% |" in e2e_table["| steady"] and "% ! |" in e2e_table["| jumpy"]
+
+
+def test_a_cpu_run_restarts_itself_steady_and_a_gpu_or_smoke_run_does_not(monkeypatch):
+    """``timing.steady_cpu``: a CPU run of a benchmark runs again with PyTorch's allocator on huge pages and one
+    thread (unless --threads says otherwise); GPU runs, smoke runs and runs already steady start nothing."""
+    calls = []
+    monkeypatch.setattr(timing.os, "execve", lambda exe, argv, env: calls.append((argv[1:], env)))
+    monkeypatch.setattr(timing.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    timing.steady_cpu("benchmarks", ["--smoke"])
+    timing.steady_cpu("benchmarks.e2e", ["--device", "cuda"])
+    timing.steady_cpu("benchmarks.e2e", ["--device=cuda:1"])
+    assert calls == []
+    timing.steady_cpu("benchmarks", [])
+    timing.steady_cpu("benchmarks.step_time", ["--device", "cpu", "--threads", "2"])
+    assert [argv for argv, _ in calls] == [["-m", "benchmarks", "--threads", "1"],
+                                          ["-m", "benchmarks.step_time", "--device", "cpu", "--threads", "2"]]
+    assert all(env["THP_MEM_ALLOC_ENABLE"] == "1" for _, env in calls)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # already steady (the restarted process itself)
+    timing.steady_cpu("benchmarks", [])
+    assert len(calls) == 2

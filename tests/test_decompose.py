@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 from conftest import (
-    FAST_CASES,
-    MULTI_TENSOR,
+    KERNEL_CASES,
+    KERNELS,
     awkward_params,
     sharpness_loop,
     soup_loss,
@@ -23,8 +23,6 @@ from fastasam._decompose import Decomposer, PhaseTables
 from fastasam._plan import accumulate_dtype
 from fastasam.backends import cuda_shim
 
-KERNEL_CASES = [(b, d) for b, d in FAST_CASES if b in MULTI_TENSOR]
-KERNELS = pytest.mark.parametrize("backend,device", KERNEL_CASES, ids=[f"{b}-{d}" for b, d in KERNEL_CASES])
 ALPHA = 0.3
 MODES = {"keep": _decompose.KEEP, "look_full": _decompose.LOOK_FULL, "look_one": _decompose.LOOK_ONE,
          "gsam": _decompose.GSAM}

@@ -261,8 +261,10 @@ def test_fsdp2_sharded_run_equals_one_process_on_the_global_batch(backend):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend,kind", [(b, k) for b in ("reference", *fastasam.backends.available_backends("cpu")[1:])
-                                          for k in ("looksam", "gsam")])
+CPU_BACKENDS = ("reference", *fastasam.backends.available_backends("cpu")[1:])
+
+
+@pytest.mark.parametrize("backend,kind", [(b, k) for b in CPU_BACKENDS for k in ("looksam", "gsam")])
 def test_fsdp2_looksam_and_gsam_equal_one_process_on_the_global_batch(backend, kind):
     """The decompositions' sums over local shards are all-reduced over the shard group (the kernels' too): the
     sharded run equals one process, and LookSAM's g_v is saved as DTensors."""

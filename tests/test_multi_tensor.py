@@ -9,17 +9,13 @@ import pytest
 import torch
 from conftest import (
     DTYPE_TOLERANCES,
-    FAST_CASES,
-    MULTI_TENSOR,
+    KERNELS,
     assert_trajectories_close,
     assert_trajectories_equal,
     soup_loss,
 )
 
 import fastasam
-
-KERNEL_CASES = [(b, d) for b, d in FAST_CASES if b in MULTI_TENSOR]
-KERNELS = pytest.mark.parametrize("backend,device", KERNEL_CASES, ids=[f"{b}-{d}" for b, d in KERNEL_CASES])
 
 
 def small_params(device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST_CASES, MULTI_TENSOR, soup_loss
+from conftest import KERNELS, soup_loss
 
 import fastasam
 
@@ -76,10 +76,9 @@ def test_a_plain_optimizer_is_refused():
         fastasam.RhoFollowsLR(torch.optim.SGD(_model(), lr=0.1), rho_max=0.1)
 
 
-KERNEL_CASES = [(b, d) for b, d in FAST_CASES if b in MULTI_TENSOR]
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_CASES, ids=[f"{b}-{d}" for b, d in KERNEL_CASES])
+@KERNELS
 def test_the_kernels_take_the_new_rho_each_step(backend, device):
     """The scheduled rho reaches the kernels' tables: the trajectory equals the oracle's, and differs from a run at
     constant rho."""
