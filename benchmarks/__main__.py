@@ -41,7 +41,7 @@ def plan(device: torch.device, smoke: bool) -> dict:
                         "steps": 30, "warmup": 5}}
     return {"step_time": [("resnet50", torch.float32)], "steps": 10, "warmup": 2, "variants": None, "host": host,
             "e2e": {"arch": "resnet50", "batch": 8, "image_size": 64, "amp": "none", "channels_last": True,
-                    "steps": 3, "warmup": 1}}
+                    "steps": 6, "warmup": 1}}
 
 
 def main(argv: list[str] | None = None) -> dict:
