@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import FAST_CASES
+from conftest import FAST_CASES, KERNEL_CASES
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
@@ -47,24 +47,37 @@ def test_frozen_stats_restore_flags_after_an_exception_and_keep_untracked_layers
     assert tracked.track_running_stats and not untracked.track_running_stats
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+ACCUMULATION_CASES = [("asam", "auto"), *((kind, b) for kind in ("looksam", "gsam")
+                                           for b in ("reference", *(b for b, _ in KERNEL_CASES)))]
+
+
+@pytest.mark.parametrize("kind,backend", ACCUMULATION_CASES, ids=[f"{k}-{b}" for k, b in ACCUMULATION_CASES])
+def test_gradient_accumulation_equals_one_big_batch(kind, backend):
+    """Both passes accumulated over micro-batches equal one big batch (for LookSAM also its one-pass steps)."""
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randn(32, 2)
     big, small = nn.Linear(6, 2), nn.Linear(6, 2)
     small.load_state_dict(big.state_dict())
-    opt_big = fastasam.ASAM(big.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
-    opt_small = fastasam.ASAM(small.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+
+    def make(model):
+        cls, kw = {"asam": (fastasam.ASAM, {}), "looksam": (fastasam.LookSAM, {"k": 2, "alpha": 0.7}),
+                   "gsam": (fastasam.GSAM, {"alpha": 0.3})}[kind]
+        return cls(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, backend=backend, **kw)
+
+    opt_big, opt_small = make(big), make(small)
     loss_fn = nn.MSELoss()
     for _ in range(4):
         loss_fn(big(x), y).backward()
-        opt_big.first_step(zero_grad=True)
-        loss_fn(big(x), y).backward()
+        if opt_big.second_pass_needed:
+            opt_big.first_step(zero_grad=True)
+            loss_fn(big(x), y).backward()
         opt_big.second_step(zero_grad=True)
         for xs, ys in zip(x.chunk(4), y.chunk(4)):  # micro-batches, both passes
             (loss_fn(small(xs), ys) / 4).backward()
-        opt_small.first_step(zero_grad=True)
-        for xs, ys in zip(x.chunk(4), y.chunk(4)):
-            (loss_fn(small(xs), ys) / 4).backward()
+        if opt_small.second_pass_needed:
+            opt_small.first_step(zero_grad=True)
+            for xs, ys in zip(x.chunk(4), y.chunk(4)):
+                (loss_fn(small(xs), ys) / 4).backward()
         opt_small.second_step(zero_grad=True)
     for a, b in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
