@@ -93,8 +93,11 @@ def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_coun
     assert set(tiny) >= {"official loop", "torch SGD (foreach)", "fastasam reference", "fastasam foreach"}
     fused = [n for n in tiny if n.startswith(("fastasam triton", "fastasam cuda"))]
     assert fused, "no multi-tensor backend measured"
+    backends = [n for n in fused if not n.endswith((host_overhead.PYTHON_PASS, " GSAM"))]
+    assert [n for n in fused if n.endswith(" GSAM")] == [f"{n} GSAM" for n in backends]  # and fastasam.GSAM on each
     if _watch.cpp_in_use():  # each multi-tensor backend also with the Python pass
-        assert sum(n.endswith(host_overhead.PYTHON_PASS) for n in fused) * 2 == len(fused)
+        assert [n for n in fused if n.endswith(host_overhead.PYTHON_PASS)] == [n + host_overhead.PYTHON_PASS
+                                                                            for n in backends]
     for name in fused:
         assert tiny[name]["python_calls"] == many[name]["python_calls"] < many["official loop"]["python_calls"] / 100
     assert many["official loop"]["python_calls"] > 10 * tiny["official loop"]["python_calls"]
