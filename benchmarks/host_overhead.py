@@ -22,11 +22,12 @@ the part that makes a step host-bound when the kernels take ~0.3 ms. Variants, i
   global sums and the direction (``fastasam._decompose``: three more launches) to ASAM's.
 
 Each phase gets new gradient tensor objects (as after ``zero_grad(set_to_none=True)``) at the same addresses; setting
-them is not timed. A variant whose step takes under a millisecond makes five steps in a row each round and counts
-their median (``SHORT_S``, ``REPEAT``). Reported: median microseconds per warm step, the ratio to the official loop
-(the median of the per-round ratios), Python-level calls per step (function calls and C calls from Python code,
-counted with ``sys.setprofile``: a number noise does not move), and with ``--callgrind`` instructions per step under
-valgrind (also noise-free). Writes
+them is not timed. Each step runs right after another variant's (the official loop's milliseconds of ops fill the
+caches, as a training step's forward and backward would): a steady-state loop of one variant alone (five steps in a
+row, their median) measured fastasam's ResNet-50 step at 11-13 us against 30-50 us here. Reported: median
+microseconds per warm step, the ratio to the official loop (the median of the per-round ratios), Python-level calls
+per step (function calls and C calls from Python code, counted with ``sys.setprofile``: a number noise does not
+move), and with ``--callgrind`` instructions per step under valgrind (also noise-free). Writes
 ``benchmarks/results/host-overhead-cpu.{json,md,png}``.
 """
 
@@ -55,10 +56,6 @@ from fastasam.backends._multi_tensor import MultiTensorBackend
 
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 DEFAULT_SETS = ("resnet50", "gpt2_medium", "many_2000")
-# a variant whose warm step is shorter than SHORT_S (fastasam's kernel backends: tens of microseconds) takes REPEAT
-# steps in a row each round and counts their median: measured right after a variant that ran milliseconds of ops, a
-# single such step's time depends on what those ops left in the caches, and two runs' ratios differed by up to 50%
-SHORT_S, REPEAT = 1e-3, 5
 PYTHON_PASS = ", Python pass"  # the variant's plan checks the tensors with fastasam._watch.PyWatch, not fastasam._host
 
 
@@ -182,20 +179,12 @@ class Variant:
             spent += time.perf_counter() - t0
         return spent
 
-    def run_round(self) -> float:
-        """One round's time: a warm step, or for a variant whose step is shorter than ``SHORT_S`` the median of
-        ``REPEAT`` steps in a row (the first of them pays for the caches the previous variant's step filled)."""
-        if self.repeat == 1:
-            return self.run()
-        return statistics.median([self.run() for _ in range(self.repeat)])
-
     def warm_up(self, steps: int) -> None:
-        """Build the step plan (with the Python pass over the tensors for a ``PYTHON_PASS`` variant) and warm up;
-        decide how many steps a round takes (``run_round``)."""
+        """Build the step plan (with the Python pass over the tensors for a ``PYTHON_PASS`` variant) and warm up."""
         ctx = _resolving_to(self.backend) if self.kind in ("fastasam", "gsam") else contextlib.nullcontext()
         with ctx, _watch.using("python") if self.name.endswith(PYTHON_PASS) else contextlib.nullcontext():
-            last = [self.run() for _ in range(max(1, steps))]
-        self.repeat = REPEAT if min(last) < SHORT_S else 1
+            for _ in range(steps):
+                self.run()
 
     def python_calls(self) -> int:
         """Python function calls and C calls made from Python code in the phases of one warm step (deterministic)."""
@@ -256,7 +245,7 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
     if steps < 2:
         raise SystemExit("host_overhead: --steps must be at least 2")
     # round robin, the order rotating (timing.interleave): each step of each variant under the same load
-    times = timing.interleave([(v.name, v.run_round) for v in variants], steps, label=param_set)
+    times = timing.interleave([(v.name, v.run) for v in variants], steps, label=param_set)
     official = times["official loop"]
     rows = []
     for v in variants:
