@@ -87,26 +87,35 @@ void restore(at::Tensor& rows, const at::Tensor& chunks, int64_t count, int64_t 
 }
 
 // the fused restore + update launchers share their signature (multi_tensor.h)
-using UpdateLauncher = int (*)(int, const int64_t*, const int32_t*, const float*, int, int64_t, int, cudaStream_t);
+using UpdateLauncher = int (*)(int, const int64_t*, const int32_t*, const float*, const double*, const double*, int,
+                               int64_t, int, int, cudaStream_t);
 
 void restore_update(UpdateLauncher launch, const char* what, at::Tensor& rows, const at::Tensor& chunks,
-                    const at::Tensor& hyper, int64_t count, int64_t chunk_size, int64_t dtype, bool copy) {
+                    const at::Tensor& hyper, const at::Tensor& sums, const at::Tensor& alpha, int64_t count,
+                    int64_t chunk_size, int64_t dtype, bool copy, int64_t mode) {
   check_tables(rows, chunks, count, chunk_size, dtype);
   check_table(hyper, "hyper", FA_NHYPER, rows);
+  check(sums, "sums", at::kDouble, rows);
+  check(alpha, "alpha", at::kDouble, rows);
+  TORCH_CHECK(sums.numel() == 3 && alpha.numel() == 1, "fastasam: sums must hold three values and alpha one");
+  TORCH_CHECK(mode == 0 || mode == FA_COMBINE_GSAM, "fastasam: unknown direction mode ", mode);
   const c10::cuda::CUDAGuard guard(rows.device());
   raise_on(launch(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(), hyper.data_ptr<float>(),
-                  static_cast<int>(count), chunk_size, copy, stream_of(rows)),
+                  sums.data_ptr<double>(), alpha.data_ptr<double>(), static_cast<int>(count), chunk_size, copy,
+                  static_cast<int>(mode), stream_of(rows)),
            what);
 }
 
-void restore_sgd(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, int64_t count,
-                 int64_t chunk_size, int64_t dtype, bool copy) {
-  restore_update(fa_restore_sgd, "restore + SGD", rows, chunks, hyper, count, chunk_size, dtype, copy);
+void restore_sgd(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& sums,
+                 const at::Tensor& alpha, int64_t count, int64_t chunk_size, int64_t dtype, bool copy, int64_t mode) {
+  restore_update(fa_restore_sgd, "restore + SGD", rows, chunks, hyper, sums, alpha, count, chunk_size, dtype, copy,
+                 mode);
 }
 
-void restore_adam(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, int64_t count,
-                  int64_t chunk_size, int64_t dtype, bool copy) {
-  restore_update(fa_restore_adam, "restore + Adam", rows, chunks, hyper, count, chunk_size, dtype, copy);
+void restore_adam(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& sums,
+                  const at::Tensor& alpha, int64_t count, int64_t chunk_size, int64_t dtype, bool copy, int64_t mode) {
+  restore_update(fa_restore_adam, "restore + Adam", rows, chunks, hyper, sums, alpha, count, chunk_size, dtype, copy,
+                 mode);
 }
 
 void dots(at::Tensor& rows, const at::Tensor& chunks, at::Tensor& partials, at::Tensor& counter, at::Tensor& out,
@@ -147,10 +156,10 @@ TORCH_LIBRARY(fastasam, m) {
   m.def("perturb(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor sqnorm, int count, int chunk_size, int dtype, "
         "bool copy) -> ()");
   m.def("restore(Tensor(a!) rows, Tensor chunks, int count, int chunk_size, int dtype, bool copy) -> ()");
-  m.def("restore_sgd(Tensor(a!) rows, Tensor chunks, Tensor hyper, int count, int chunk_size, int dtype, "
-        "bool copy) -> ()");
-  m.def("restore_adam(Tensor(a!) rows, Tensor chunks, Tensor hyper, int count, int chunk_size, int dtype, "
-        "bool copy) -> ()");
+  m.def("restore_sgd(Tensor(a!) rows, Tensor chunks, Tensor hyper, Tensor sums, Tensor alpha, int count, "
+        "int chunk_size, int dtype, bool copy, int mode) -> ()");
+  m.def("restore_adam(Tensor(a!) rows, Tensor chunks, Tensor hyper, Tensor sums, Tensor alpha, int count, "
+        "int chunk_size, int dtype, bool copy, int mode) -> ()");
   m.def("dots(Tensor(a!) rows, Tensor chunks, Tensor(b!) partials, Tensor(c!) counter, Tensor(d!) out, int count, "
         "int chunk_size, int dtype) -> ()");
   m.def("combine(Tensor(a!) rows, Tensor chunks, Tensor sums, Tensor alpha, int count, int chunk_size, int dtype, "

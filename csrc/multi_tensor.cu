@@ -207,6 +207,42 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const int64_t* tab, c
 
 // --- phase 3: restore, alone or fused with the base optimizer's update -------------------------------------------
 
+// num / den, 0 where den is 0 (fp64)
+__device__ __forceinline__ double ratio(double num, double den) { return den > 0.0 ? num / den : 0.0; }
+
+// The update's gradient x * G + y * K: (1, 0) without a direction; GSAM's (mode FA_COMBINE_GSAM): x = 1 + alpha *
+// sums[1] / sums[0], y = -alpha, in fp64, rounded once to fp32 (as the combine kernel computes them).
+struct Direction {
+  float x = 1.f, y = 0.f;
+  bool on = false;
+};
+__device__ __forceinline__ Direction direction_of(const double* sums, const double* alpha, int mode) {
+  Direction d;
+  if (mode == FA_COMBINE_GSAM) {
+    d.x = static_cast<float>(1.0 + *alpha * ratio(sums[1], sums[0]));
+    d.y = static_cast<float>(-*alpha);
+    d.on = true;
+  }
+  return d;
+}
+
+// the update's gradient at element i (W values): G, or x * G + y * K (each product rounded, then the sum)
+template <int W, typename T>
+__device__ __forceinline__ void gradient(const T* g, const T* k, int64_t i, const Direction& dir, float (&d)[W]) {
+  load<W>(g, i, d);
+  if (dir.on) {
+    float kv[W];
+    load<W>(k, i, kv);
+#pragma unroll
+    for (int j = 0; j < W; ++j) d[j] = __fadd_rn(__fmul_rn(dir.x, d[j]), __fmul_rn(dir.y, kv[j]));
+  }
+}
+
+// 16-byte aligned: the first ncols columns, and K when a direction reads it
+__device__ __forceinline__ bool aligned_with_k(const Chunk& c, int ncols, const Direction& dir) {
+  return aligned(c, ncols) && (!dir.on || (c.row[FA_COL_K] & 15) == 0);
+}
+
 // the original weights, as the storage dtype holds them
 template <int W, typename T>
 __device__ __forceinline__ void restored(const T* w, const T* b, int64_t i, bool copy, float (&p)[W]) {
@@ -235,7 +271,9 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(const int64_t* tab, c
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* tab, const int32_t* chunks,
-                                                               const float* hyper, int64_t size, bool copy) {
+                                                               const float* hyper, const double* sums,
+                                                               const double* alpha, int64_t size, bool copy,
+                                                               int mode) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
   const bool fresh = (c.flags & FA_FLAG_FRESH_STATE) != 0;
   const float* h = hyper_of(hyper, c);
@@ -247,11 +285,13 @@ __global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* ta
   const T* g = col<T>(c, FA_COL_G);
   const T* b = col<T>(c, FA_COL_B);
   T* mom = col<T>(c, FA_COL_S1);
-  for_each_element<T>(c, aligned(c, 4), [&](auto width, int64_t i) {
+  const T* k = col<T>(c, FA_COL_K);
+  const Direction dir = direction_of(sums, alpha, mode);
+  for_each_element<T>(c, aligned_with_k(c, 4, dir), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
     float p[W], d[W];
     restored<W>(w, b, i, copy, p);
-    load<W>(g, i, d);
+    gradient<W>(g, k, i, dir, d);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       if (maximize) d[k] = -d[k];
@@ -275,7 +315,9 @@ __global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* ta
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* tab, const int32_t* chunks,
-                                                                const float* hyper, int64_t size, bool copy) {
+                                                                const float* hyper, const double* sums,
+                                                                const double* alpha, int64_t size, bool copy,
+                                                                int mode) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
   const float* h = hyper_of(hyper, c);
   const float lerp_weight = h[FA_ADAM_ONE_MINUS_BETA1], beta2 = h[FA_ADAM_BETA2];
@@ -289,11 +331,13 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
   T* m1 = col<T>(c, FA_COL_S1);
   T* m2 = col<T>(c, FA_COL_S2);
   T* vmax = col<T>(c, FA_COL_S3);
-  for_each_element<T>(c, aligned(c, 6), [&](auto width, int64_t i) {
+  const T* k = col<T>(c, FA_COL_K);
+  const Direction dir = direction_of(sums, alpha, mode);
+  for_each_element<T>(c, aligned_with_k(c, 6, dir), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
     float p[W], d[W], m[W], v[W];
     restored<W>(w, b, i, copy, p);
-    load<W>(g, i, d);
+    gradient<W>(g, k, i, dir, d);
     load<W>(m1, i, m);
     load<W>(m2, i, v);
 #pragma unroll
@@ -386,9 +430,6 @@ __global__ void __launch_bounds__(kThreads) dots_kernel(const int64_t* tab, cons
   }
 }
 
-// num / den, 0 where den is 0 (fp64)
-__device__ __forceinline__ double ratio(double num, double den) { return den > 0.0 ? num / den : 0.0; }
-
 template <typename T, int MODE>
 __device__ __forceinline__ void combine(const int64_t* tab, const int32_t* chunks, const double* sums,
                                         const double* alpha, int64_t size) {
@@ -398,11 +439,13 @@ __device__ __forceinline__ void combine(const int64_t* tab, const int32_t* chunk
     xd = -ratio(sums[1], sums[2]);
   } else if (MODE == FA_COMBINE_LOOK_ONE) {
     yd = *alpha * ratio(sqrt(sums[0]), sqrt(sums[2]));
-  } else if (MODE == FA_COMBINE_GSAM) {
-    xd = 1.0 + *alpha * ratio(sums[1], sums[0]);
-    yd = -*alpha;
   }
-  const float x = static_cast<float>(xd), y = static_cast<float>(yd);
+  float x = static_cast<float>(xd), y = static_cast<float>(yd);
+  if (MODE == FA_COMBINE_GSAM) {  // as the fused update computes it
+    const Direction dir = direction_of(sums, alpha, MODE);
+    x = dir.x;
+    y = dir.y;
+  }
   constexpr bool into_g = MODE == FA_COMBINE_LOOK_ONE || MODE == FA_COMBINE_GSAM;
   T* t = col<T>(c, into_g ? FA_COL_G : FA_COL_B);
   const T* o = col<T>(c, into_g ? FA_COL_B : FA_COL_G);
@@ -472,18 +515,18 @@ int fa_restore(int dtype, const int64_t* rows, const int32_t* chunks, int count,
   FA_DISPATCH(restore_kernel, rows, chunks, chunk_size, copy != 0)
 }
 
-int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, int count,
-                   int64_t chunk_size, int copy, cudaStream_t stream) {
-  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
+                   const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream) {
+  if (count <= 0 || (mode != 0 && mode != FA_COMBINE_GSAM)) return static_cast<int>(cudaErrorInvalidValue);
   const int blocks = count;
-  FA_DISPATCH(restore_sgd_kernel, rows, chunks, hyper, chunk_size, copy != 0)
+  FA_DISPATCH(restore_sgd_kernel, rows, chunks, hyper, sums, alpha, chunk_size, copy != 0, mode)
 }
 
-int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, int count,
-                    int64_t chunk_size, int copy, cudaStream_t stream) {
-  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
+                    const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream) {
+  if (count <= 0 || (mode != 0 && mode != FA_COMBINE_GSAM)) return static_cast<int>(cudaErrorInvalidValue);
   const int blocks = count;
-  FA_DISPATCH(restore_adam_kernel, rows, chunks, hyper, chunk_size, copy != 0)
+  FA_DISPATCH(restore_adam_kernel, rows, chunks, hyper, sums, alpha, chunk_size, copy != 0, mode)
 }
 
 int fa_dots(int dtype, const int64_t* rows, const int32_t* chunks, int count, int64_t chunk_size, double* partials,

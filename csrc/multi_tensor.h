@@ -27,7 +27,8 @@
 #define FA_COL_S3 5
 #define FA_COL_NUMEL 6
 #define FA_COL_FLAGS 7
-#define FA_NCOL 8
+#define FA_COL_K 8
+#define FA_NCOL 9
 #define FA_FLAG_FRESH_STATE 2
 #define FA_OPT_SHIFT 8
 #define FA_HYPER_SHIFT 32
@@ -85,13 +86,16 @@ int fa_restore(int dtype, const int64_t* rows, const int32_t* chunks, int count,
                cudaStream_t stream);
 
 // restore, then torch.optim.SGD's update; S1 = momentum buffer, flag FA_FLAG_FRESH_STATE: the buffer is new (torch's
-// first step sets it to d_p).
-int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, int count,
-                   int64_t chunk_size, int copy, cudaStream_t stream);
+// first step sets it to d_p). The update's gradient: G (mode 0), or with mode FA_COMBINE_GSAM GSAM's direction
+// x * G + y * K with x = 1 + alpha * sums[1] / sums[0] (0 where sums[0] is 0), y = -alpha (as fa_combine; sums and
+// alpha are read only in that mode).
+int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
+                   const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream);
 
-// restore, then torch.optim.Adam/AdamW's update; S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq (amsgrad).
-int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, int count,
-                    int64_t chunk_size, int copy, cudaStream_t stream);
+// restore, then torch.optim.Adam/AdamW's update; S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq (amsgrad); the
+// gradient as for fa_restore_sgd.
+int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
+                    const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream);
 
 // LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the variant's kept buffer in B.
 // out[0..2] = sums over the chunks of (G*G, G*B, B*B): products in fp32, sums in fp64; deterministic as fa_sqnorm.

@@ -129,11 +129,30 @@ class PhaseTables:
             b.combine(mode)
 
 
+class Deferred:
+    """A combination whose sums are computed but which is not applied yet: the engine either has the fused restore +
+    update step along it (``fused_into_update``; GSAM's direction, one pass over the gradients saved) or calls
+    ``apply`` (the ``combine`` launches) before the base optimizer reads the gradients."""
+
+    __slots__ = ("tables", "mode", "kept", "sums", "alpha", "version", "dec")
+
+    def __init__(self, tables: PhaseTables, mode: int, kept: Mapping, dec: Decomposer) -> None:
+        self.tables, self.mode, self.kept, self.dec = tables, mode, kept, dec
+        self.sums, self.alpha, self.version = tables.sums, dec._alpha[tables.sums.device], dec.version
+
+    def apply(self) -> None:
+        self.tables.combine(self.mode)
+
+    def fused_into_update(self) -> None:
+        self.dec.last = f"{self.tables.backend} kernels, fused into the restore + update"
+
+
 class Decomposer:
     """The tables of one optimizer, per phase, built when first needed and reused while nothing moves."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
+        self.version = 0  # bumped when the buffers are replaced (the fused update's K column follows it)
         self._phases: dict[str, PhaseTables] = {}
         self._alpha: dict[torch.device, torch.Tensor] = {}  # fp64 device scalars the combine launches read
         self._alpha_value: dict[torch.device, float] = {}
@@ -142,6 +161,7 @@ class Decomposer:
     def invalidate(self) -> None:
         """The buffers were replaced: every phase's tables point at the old ones."""
         self._phases.clear()
+        self.version += 1
 
     def ready(self, phase: str, groups: list[Mapping], alpha: float) -> PhaseTables | None:
         """This phase's tables when they are still valid (warm step), else None."""

@@ -122,47 +122,59 @@ class SharpnessEngine:
         devices = {p.device for g in groups for p in g["params"]}
         return all(getattr(backends.resolve(self.backend, d), "traceable", False) for d in devices)
 
-    def restore_and_step(self, base: torch.optim.Optimizer) -> None:
-        """Restore, then ``base.step()``; for the tensors a fused update can take, restore and update in one pass."""
+    def restore_and_step(self, base: torch.optim.Optimizer, direction=None) -> None:
+        """Restore, then ``base.step()``; for the tensors a fused update can take, restore and update in one pass.
+        ``direction``: a descent direction not yet in the gradients (``fastasam._decompose.Deferred``, GSAM's): the
+        fused update steps along it when it takes every tensor, else it is applied to the gradients first."""
         plan = self._pending_plan()
         if plan.traced:
             with torch.no_grad():
-                self._restore_then_step(plan, base, "restore, then the base optimizer's step (torch.compile)")
+                self._restore_then_step(plan, base, "restore, then the base optimizer's step (torch.compile)",
+                                        direction)
         elif torch.compiler.is_compiling():
-            torch.compiler.disable(self._restore_and_step_planned)(plan, base)
+            torch.compiler.disable(self._restore_and_step_planned)(plan, base, direction)
         else:
-            self._restore_and_step_planned(plan, base)
+            self._restore_and_step_planned(plan, base, direction)
 
-    def _restore_and_step_planned(self, plan: StepPlan, base: torch.optim.Optimizer) -> None:
+    def _restore_and_step_planned(self, plan: StepPlan, base: torch.optim.Optimizer, direction=None) -> None:
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            self._restore_and_step_in(plan, base)
+            self._restore_and_step_in(plan, base, direction)
         finally:
             torch._C._set_grad_enabled(enabled)
 
-    def _restore_and_step_in(self, plan: StepPlan, base: torch.optim.Optimizer) -> None:
+    def _restore_and_step_in(self, plan: StepPlan, base: torch.optim.Optimizer, direction=None) -> None:
         update = plan.update
         if update is None or not update.valid(base) or not update.check():
             update = plan.update = UpdatePlan(plan, base)
         if update.mode != "fused":
-            self._restore_then_step(plan, base, update.mode)
+            self._restore_then_step(plan, base, update.mode, direction)
             return
         if update.capturing_adam():  # torch.optim.Adam's host step count cannot be captured; its own path decides
             self._restore_then_step(plan, base, "restore, then the base optimizer's step: Adam during CUDA-graph "
-                                                "capture")
+                                                "capture", direction)
             return
         if not update.sync():  # the Adam step counts were changed from outside: plan again from the state as it is
             update = plan.update = UpdatePlan(plan, base)
             if update.mode != "fused" or not update.sync():
-                self._restore_then_step(plan, base, update.mode)
+                self._restore_then_step(plan, base, update.mode, direction)
                 return
-        update.restore_fused()
+        fuse = False
+        if direction is not None:
+            fuse = update.bind_direction(direction)
+            if fuse:
+                direction.fused_into_update()
+            else:
+                direction.apply()
+        update.restore_fused(fuse)
         self._pending = None
         self._last = (plan, update.mode)
         update.step_rest()
 
-    def _restore_then_step(self, plan: StepPlan, base: torch.optim.Optimizer, why: str) -> None:
+    def _restore_then_step(self, plan: StepPlan, base: torch.optim.Optimizer, why: str, direction=None) -> None:
+        if direction is not None:
+            direction.apply()
         plan.restore()
         self._pending = None
         self._last = (plan, why)

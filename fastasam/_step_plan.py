@@ -413,12 +413,22 @@ class UpdatePlan:
         return isinstance(self.update, AdamUpdate) and any(
             b.device.type == "cuda" for b in self.plan.buckets) and torch.cuda.is_current_stream_capturing()
 
-    def restore_fused(self) -> None:
-        """The fused restore + update, and the restore of every other perturbed tensor."""
+    def bind_direction(self, direction) -> bool:
+        """GSAM's direction (``fastasam._decompose.Deferred``) can ride in the fused update when every tensor with a
+        gradient is in it (no base-optimizer step on the rest, which would need the direction in its gradients);
+        binds it and returns True, else False."""
+        if self.subset:
+            return False
+        return all(u.bind_direction(direction.kept, direction.sums, direction.alpha, direction.version)
+                   for u in self.runners.values())
+
+    def restore_fused(self, direction: bool = False) -> None:
+        """The fused restore + update (``direction``: along the bound direction), and the restore of every other
+        perturbed tensor."""
         for bi, r in enumerate(self.plan.runners):
             u = self.runners.get(bi)
             if u is not None:
-                u.run()
+                u.run(direction)
             else:
                 r.restore()
 

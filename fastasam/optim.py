@@ -139,7 +139,8 @@ class ASAM(torch.optim.Optimizer):
         """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass). On a step
         that does not perturb (``second_pass_needed`` False): the base optimizer's step on the one pass's gradient."""
         if self._descent_direction():
-            self._engine.restore_and_step(self.base_optimizer)  # no first_step when one was needed: raises
+            deferred, self._deferred = self._deferred, None  # a direction left to the fused update (GSAM)
+            self._engine.restore_and_step(self.base_optimizer, deferred)  # no first_step when one was needed: raises
         else:
             self.base_optimizer.step()
         self._steps_done += 1
@@ -159,6 +160,9 @@ class ASAM(torch.optim.Optimizer):
         found_inf: torch.Tensor = self.__dict__["found_inf"]
         first = None
         if self._descent_direction():
+            deferred, self._deferred = self._deferred, None
+            if deferred is not None:  # the base optimizer steps on the gradients: the direction goes into them
+                deferred.apply()
             self._engine.restore("restore, then the base optimizer's step: GradScaler (scaler.step)")
             first = self._engine.perturbation_skipped
         skip = found_inf.float().clamp(max=1.0)  # fused kernels test found_inf == 1
@@ -188,6 +192,8 @@ class ASAM(torch.optim.Optimizer):
 
     ascent_step = first_step
     descent_step = second_step
+
+    _deferred = None  # the variants' direction when the fused update may apply it (fastasam._decompose.Deferred)
 
     def _descent_direction(self) -> bool:
         """Turn ``.grad`` into the descent direction before the base step; True when the step restores first (it

@@ -24,9 +24,12 @@ from them on the device; keeping ``g`` is one copy launch. The tables are built 
 pass over the parameters, as the step plan's are. The ``foreach`` backend (and any step the kernels cannot serve,
 e.g. a gradient in one pass only; ``opt.report()`` says which ran and why) runs them as ``torch._foreach_*`` ops over
 each fp32/fp64 device bucket, and the ``reference`` backend per tensor: the oracle the others are tested against.
+GSAM's direction is not written into the gradients when the fused restore + update takes every tensor: that kernel
+reads ``g_s`` and ``g`` and forms the direction itself (``fastasam._decompose.Deferred``); otherwise (a base-optimizer
+step on some tensors, GradScaler, a non-fused engine path) ``combine`` writes it first. LookSAM's ``g_v`` and its
+one-pass direction are separate launches (its one-pass steps use the base optimizer's own step).
 DTensor parameters (FSDP2 ``fully_shard``) work on their local shards: the sums of each shard group's parameters are
-all-reduced over it (on the device), and LookSAM's ``g_v`` is saved as DTensors of the parameters' placements. Not
-yet: the direction is not fused into the restore + update kernel (one more pass over the gradients).
+all-reduced over it (on the device), and LookSAM's ``g_v`` is saved as DTensors of the parameters' placements.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 import torch
 
 from . import _decompose
-from ._decompose import Decomposer, PhaseTables
+from ._decompose import Decomposer, Deferred, PhaseTables
 from ._plan import accumulate_dtype, is_dtensor, local_gradient, shard_groups
 from .optim import ASAM
 from .report import StepReport
@@ -320,7 +323,13 @@ class GSAM(_Decomposed):
                          backend=backend, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
 
     def _two_pass_direction(self) -> None:  # (1 + alpha * c) * g_s - alpha * g, c = <g, g_s> / ||g_s||^2
-        self._direction("second", _decompose.GSAM, self._two_pass_torch_ops)
+        t = self._kernels("second")
+        if t is None:
+            with torch.no_grad():
+                self._two_pass_torch_ops()
+            return
+        t.dots()  # the direction itself: in the fused restore + update when it takes every tensor, else applied
+        self._deferred = Deferred(t, _decompose.GSAM, self._kept, self._decomposer())
 
     def _two_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]

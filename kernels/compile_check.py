@@ -15,6 +15,7 @@ import sys
 
 _DTYPES = ("fp32", "bf16")
 
+_UPDATE_ARGS = [("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32"), ("sums", "*fp64"), ("alpha", "*fp64")]
 # kernel name -> runtime arguments (name, Triton type; "P" = pointer of the storage dtype's accumulate type) and the
 # constexpr options besides DTYPE/ACC/CHUNK/BLOCK/ALIGNED
 _KERNELS = {
@@ -25,8 +26,11 @@ _KERNELS = {
     ),
     "perturb_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("opts", "*fp32"), ("sqnorm", "*fp32")], {"COPY": True}),
     "restore_kernel": ([("rows", "*i64"), ("chunks", "*i32")], {"COPY": False}),
-    "restore_sgd_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32")], {"COPY": True}),
-    "restore_adam_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32")], {"COPY": True}),
+    "restore_sgd_kernel": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 0}),
+    "restore_adam_kernel": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 0}),
+    # with GSAM's direction (fastasam/backends/_layout.py: COMBINE_GSAM)
+    "restore_sgd_kernel/gsam": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 3}),
+    "restore_adam_kernel/gsam": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 3}),
     "dots_kernel": (
         [("rows", "*i64"), ("chunks", "*i32"), ("partials", "*fp64"), ("counter", "*i32"), ("out", "*fp64"),
          ("n_programs", "i32")],

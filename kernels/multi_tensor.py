@@ -36,6 +36,7 @@ from fastasam.backends import _layout as L
 _W, _G, _B = tl.constexpr(L.COL_W), tl.constexpr(L.COL_G), tl.constexpr(L.COL_B)
 _S1, _S2, _S3 = tl.constexpr(L.COL_S1), tl.constexpr(L.COL_S2), tl.constexpr(L.COL_S3)
 _NUMEL, _FLAGS, _NCOL = tl.constexpr(L.COL_NUMEL), tl.constexpr(L.COL_FLAGS), tl.constexpr(L.NCOL)
+_K = tl.constexpr(L.COL_K)
 _FRESH, _OPT_SHIFT, _HYPER_SHIFT, _SLOT_MASK = (tl.constexpr(L.FLAG_FRESH_STATE), tl.constexpr(L.OPT_SHIFT),
                                                 tl.constexpr(L.HYPER_SHIFT), tl.constexpr(L.SLOT_MASK))
 _ETA, _RHO, _ADAPTIVE, _EPS, _NOPT = (tl.constexpr(L.OPT_ETA), tl.constexpr(L.OPT_RHO), tl.constexpr(L.OPT_ADAPTIVE),
@@ -285,14 +286,41 @@ def restore_kernel(
 
 
 @triton.jit
+def _ratio(num, den):
+    """``num / den`` in fp64, 0 where ``den`` is 0."""
+    ok = den > 0
+    return tl.where(ok, num / tl.where(ok, den, 1.0), 0.0)
+
+
+@triton.jit
+def _gradient(g, k, idx, m, o, xa, ya, DIRECTION: tl.constexpr, ACC: tl.constexpr):
+    """The update's gradient: G, or GSAM's direction ``xa * G + ya * K`` (each product rounded, then the sum)."""
+    d = tl.load(g + idx, mask=m, other=o).to(ACC)
+    if DIRECTION == _GSAM:
+        d = xa * d + ya * tl.load(k + idx, mask=m, other=o).to(ACC)
+    return d
+
+
+@triton.jit
+def _direction_coefs(sums, alpha, DIRECTION: tl.constexpr, ACC: tl.constexpr):
+    """(x, y) of the update's gradient ``x * G + y * K`` in ``ACC`` (1, 0 without a direction)."""
+    if DIRECTION == _GSAM:
+        a = tl.load(alpha)
+        x = 1.0 + a * _ratio(tl.load(sums + 1), tl.load(sums))
+        return x.to(ACC), (-a).to(ACC)
+    else:
+        return tl.full([], 1.0, ACC), tl.full([], 0.0, ACC)
+
+
+@triton.jit
 def _sgd_block(
-    w, g, b, mom, idx, n, fresh, lr, momentum, one_minus_dampening, weight_decay, has_momentum, nesterov, maximize,
-    COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+    w, g, b, mom, k, idx, n, fresh, lr, momentum, one_minus_dampening, weight_decay, has_momentum, nesterov, maximize,
+    xa, ya, COPY: tl.constexpr, DIRECTION: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
 ):
     m = idx < n if MASKED else None
     o = 0.0 if MASKED else None
     p = _restored(w, b, idx, n, COPY, MASKED, ACC)
-    d = tl.load(g + idx, mask=m, other=o).to(ACC)
+    d = _gradient(g, k, idx, m, o, xa, ya, DIRECTION, ACC)
     if maximize:
         d = -d
     if weight_decay != 0:
@@ -313,14 +341,16 @@ def _sgd_block(
 
 @triton.jit
 def restore_sgd_kernel(
-    rows, chunks, hyper,
+    rows, chunks, hyper, sums, alpha,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    COPY: tl.constexpr,
+    COPY: tl.constexpr, DIRECTION: tl.constexpr,
 ):
     """Restore, then ``torch.optim.SGD``'s update with the second-pass gradient, in one pass over memory.
 
-    Rows: W parameter, G gradient, B restore buffer, S1 momentum buffer (flag FRESH: the buffer is new).
-    ``hyper`` row: lr, momentum, 1 - dampening, weight_decay, has_momentum, nesterov, maximize."""
+    Rows: W parameter, G gradient, B restore buffer, S1 momentum buffer (flag FRESH: the buffer is new), K (with
+    ``DIRECTION`` = ``COMBINE_GSAM``: GSAM's kept first gradient; the update then steps along GSAM's direction from
+    G, K, ``sums`` and ``alpha``, as ``combine_kernel`` computes it). ``hyper`` row: lr, momentum, 1 - dampening,
+    weight_decay, has_momentum, nesterov, maximize."""
     pid = tl.program_id(0)
     row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
     fresh = (flags & _FRESH) != 0
@@ -333,27 +363,29 @@ def restore_sgd_kernel(
     maximize = _hyper(hyper, flags, _SGD_MAXIMIZE) != 0
     w, g, b = _wgb(rows, row, DTYPE, ALIGNED)
     mom = _ptr(rows, row, _S1, DTYPE, ALIGNED)
+    k = _ptr(rows, row, _K, DTYPE, ALIGNED)
+    xa, ya = _direction_coefs(sums, alpha, DIRECTION, ACC)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     end = start + length
     for j in range(0, full):
-        _sgd_block(w, g, b, mom, start + j * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
-                   weight_decay, has_momentum, nesterov, maximize, COPY, False, ACC)
+        _sgd_block(w, g, b, mom, k, start + j * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
+                   weight_decay, has_momentum, nesterov, maximize, xa, ya, COPY, DIRECTION, False, ACC)
     if full * BLOCK < length:
-        _sgd_block(w, g, b, mom, start + full * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
-                   weight_decay, has_momentum, nesterov, maximize, COPY, True, ACC)
+        _sgd_block(w, g, b, mom, k, start + full * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
+                   weight_decay, has_momentum, nesterov, maximize, xa, ya, COPY, DIRECTION, True, ACC)
 
 
 @triton.jit
 def _adam_block(
-    w, g, b, m1, m2, vmax, idx, n, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
-    bc2_sqrt, amsgrad, maximize,
-    COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+    w, g, b, m1, m2, vmax, k, idx, n, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+    bc2_sqrt, amsgrad, maximize, xa, ya,
+    COPY: tl.constexpr, DIRECTION: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
 ):
     m = idx < n if MASKED else None
     o = 0.0 if MASKED else None
     p = _restored(w, b, idx, n, COPY, MASKED, ACC)
-    d = tl.load(g + idx, mask=m, other=o).to(ACC)
+    d = _gradient(g, k, idx, m, o, xa, ya, DIRECTION, ACC)
     if maximize:
         d = -d
     if decay_factor != 1:  # AdamW: p *= 1 - lr * weight_decay
@@ -378,13 +410,14 @@ def _adam_block(
 
 @triton.jit
 def restore_adam_kernel(
-    rows, chunks, hyper,
+    rows, chunks, hyper, sums, alpha,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    COPY: tl.constexpr,
+    COPY: tl.constexpr, DIRECTION: tl.constexpr,
 ):
     """Restore, then ``torch.optim.Adam`` / ``AdamW``'s update. Rows: W, G, B, S1 exp_avg, S2 exp_avg_sq,
-    S3 max_exp_avg_sq (amsgrad). ``hyper`` row: 1 - beta1, beta2, 1 - beta2, eps, weight_decay (L2; 0 for AdamW),
-    1 - lr * weight_decay (AdamW; else 1), lr / (1 - beta1^step), sqrt(1 - beta2^step), amsgrad, maximize."""
+    S3 max_exp_avg_sq (amsgrad), K (``DIRECTION``: as ``restore_sgd_kernel``). ``hyper`` row: 1 - beta1, beta2,
+    1 - beta2, eps, weight_decay (L2; 0 for AdamW), 1 - lr * weight_decay (AdamW; else 1), lr / (1 - beta1^step),
+    sqrt(1 - beta2^step), amsgrad, maximize."""
     pid = tl.program_id(0)
     row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
     lerp_weight = _hyper(hyper, flags, _ADAM_OMB1)
@@ -401,15 +434,19 @@ def restore_adam_kernel(
     m1 = _ptr(rows, row, _S1, DTYPE, ALIGNED)
     m2 = _ptr(rows, row, _S2, DTYPE, ALIGNED)
     vmax = _ptr(rows, row, _S3, DTYPE, ALIGNED)
+    k = _ptr(rows, row, _K, DTYPE, ALIGNED)
+    xa, ya = _direction_coefs(sums, alpha, DIRECTION, ACC)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     end = start + length
     for j in range(0, full):
-        _adam_block(w, g, b, m1, m2, vmax, start + j * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2, eps,
-                    weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, COPY, False, ACC)
+        _adam_block(w, g, b, m1, m2, vmax, k, start + j * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
+                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, xa, ya, COPY, DIRECTION,
+                    False, ACC)
     if full * BLOCK < length:
-        _adam_block(w, g, b, m1, m2, vmax, start + full * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
-                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, COPY, True, ACC)
+        _adam_block(w, g, b, m1, m2, vmax, k, start + full * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
+                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, xa, ya, COPY, DIRECTION,
+                    True, ACC)
 
 
 # --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B --------------------
@@ -474,13 +511,6 @@ def dots_kernel(
 
 
 @triton.jit
-def _ratio(num, den):
-    """``num / den`` in fp64, 0 where ``den`` is 0."""
-    ok = den > 0
-    return tl.where(ok, num / tl.where(ok, den, 1.0), 0.0)
-
-
-@triton.jit
 def _combine_block(t, o, idx, n, x, y, MODE: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
     m = idx < n if MASKED else None
     z = 0.0 if MASKED else None
@@ -510,12 +540,10 @@ def combine_kernel(
         x = -_ratio(tl.load(sums + 1), tl.load(sums + 2))
     elif MODE == _LOOK_ONE:  # G <- G + alpha (sqrt(gg) / sqrt(bb)) B
         y = tl.load(alpha) * _ratio(tl.sqrt(tl.load(sums)), tl.sqrt(tl.load(sums + 2)))
-    elif MODE == _GSAM:  # G <- (1 + alpha gb / gg) G - alpha B
-        a = tl.load(alpha)
-        x = 1.0 + a * _ratio(tl.load(sums + 1), tl.load(sums))
-        y = -a
     xa = x.to(ACC)
     ya = y.to(ACC)
+    if MODE == _GSAM:  # G <- (1 + alpha gb / gg) G - alpha B
+        xa, ya = _direction_coefs(sums, alpha, MODE, ACC)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     if MODE == _LOOK_ONE or MODE == _GSAM:

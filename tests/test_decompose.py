@@ -12,6 +12,7 @@ import torch
 from conftest import (
     KERNEL_CASES,
     KERNELS,
+    assert_trajectories_close,
     awkward_params,
     sharpness_loop,
     soup_loss,
@@ -146,8 +147,8 @@ PLANTED = {
     "short-tree": ("for (int half = kThreads / 2; half > 0; half >>= 1)",
                    "for (int half = kThreads / 4; half > 0; half >>= 1)"),
     # GSAM's coefficient over ||B||^2 instead of ||G||^2
-    "gsam-denominator": ("xd = 1.0 + *alpha * ratio(sums[1], sums[0]);",
-                         "xd = 1.0 + *alpha * ratio(sums[1], sums[2]);"),
+    "gsam-denominator": ("d.x = static_cast<float>(1.0 + *alpha * ratio(sums[1], sums[0]));",
+                         "d.x = static_cast<float>(1.0 + *alpha * ratio(sums[1], sums[2]));"),
     # the last chunk's counter is not reset: the next launch's sums are never written
     "counter-not-reset": ("    for (int j = 0; j < 3; ++j) out[j] = t[j];\n    *counter = 0;",
                           "    for (int j = 0; j < 3; ++j) out[j] = t[j];\n    (void)counter;"),
@@ -180,6 +181,12 @@ def test_planted_bugs_in_the_cuda_kernels_are_caught(bug):
 LR, MOMENTUM, RHO, ETA = 0.05, 0.9, 0.3, 0.01
 KINDS = pytest.mark.parametrize("kind,kw", [("looksam", {"k": 3, "alpha": 0.7}), ("gsam", {"alpha": 0.3})],
                                 ids=["looksam", "gsam"])
+
+
+def _served(kind: str, backend: str) -> str:
+    """What ``report().direction`` says when the kernels served the step: GSAM's direction rides in the fused
+    restore + update when that takes every tensor (SGD here)."""
+    return f"{backend} kernels" + (", fused into the restore + update" if kind == "gsam" else "")
 
 
 def make(kind: str, params, backend: str, **kw):
@@ -218,7 +225,7 @@ def test_half_precision_runs_the_kernels_and_equals_the_reference_step_after_ste
     atol, rtol = HALF[dtype]
     pairs, opt = _forced(kind, kw, backend, lambda: awkward_params(device, dtype, chunk_sized=False),
                          lambda ps: [{"params": ps[:20], "adaptive": True}, {"params": ps[20:], "adaptive": False}])
-    assert opt.report().direction == f"{backend} kernels"
+    assert opt.report().direction == _served(kind, backend)
     for got, want in pairs:
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
@@ -234,7 +241,7 @@ def test_mixed_dtypes_sum_over_every_bucket(backend, device, kind, kw):
 
     pairs, opt = _forced(kind, kw, backend, params,
                          lambda ps: [{"params": ps[:25]}, {"params": ps[25:], "lr": 0.02}])
-    assert opt.report().direction == f"{backend} kernels"
+    assert opt.report().direction == _served(kind, backend)
     for got, want in pairs:
         # the fp32 tensors would be off by far more if only their own bucket entered the sums
         for a, b in zip(got[:25], want[:25], strict=True):
@@ -297,7 +304,7 @@ def test_a_warm_step_rebuilds_nothing_and_a_moved_gradient_rebuilds_its_phase(ba
     parts, got = _warm_then_moved(opt, params, built)
     cold = {"looksam": ["first", "one", "second"], "gsam": ["first", "second"]}[kind]
     assert parts == [cold, [], ["second"]]  # cold: each phase once; warm: nothing; moved: that phase only
-    assert opt.report().direction == f"{backend} kernels"
+    assert opt.report().direction == _served(kind, backend)
     _, want = _warm_then_moved(make(kind, ref, "reference", **kw), ref, [])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-4)
@@ -330,4 +337,59 @@ def test_a_gradient_in_one_pass_only_falls_back_and_says_why(backend, device, ki
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert dirs[3] == "torch ops: the parameters with a gradient differ between the two passes"
-    assert dirs[-1] == f"{backend} kernels" and dirs[0] == f"{backend} kernels"
+    assert dirs[-1] == _served(kind, backend) and dirs[0] == _served(kind, backend)
+
+
+# --- GSAM's direction inside the fused restore + update -------------------------------------------------------------
+
+BASES = {"sgd": (torch.optim.SGD, {"momentum": 0.9, "weight_decay": 1e-3}),
+         "adam": (torch.optim.Adam, {"weight_decay": 1e-3}),
+         "adamw": (torch.optim.AdamW, {"weight_decay": 1e-2})}
+
+
+def _gsam_run(backend: str, device: str, base: str, steps: int = 8, rho_zero_group: bool = False):
+    params = awkward_params(device, torch.float32, chunk_sized=False)
+    cls, kw = BASES[base]
+    groups = [{"params": params[:20], "adaptive": True}, {"params": params[20:]}]
+    if rho_zero_group:  # not perturbed: the base optimizer steps them, so the direction must be in their gradients
+        groups[1]["rho"] = 0.0
+    opt = fastasam.GSAM(groups, cls, rho=RHO, eta=ETA, alpha=0.3, lr=0.01, backend=backend, **kw)
+    return sharpness_loop(opt, params, steps), opt
+
+
+@KERNELS
+@pytest.mark.parametrize("base", list(BASES))
+def test_gsam_steps_along_its_direction_inside_the_fused_update(backend, device, base):
+    """Every tensor fused: the update kernel reads g_s and g and forms the direction itself (no combine launch, one
+    pass over the gradients less); equal to the oracle, for SGD, Adam and AdamW."""
+    (got, opt), (want, _) = _gsam_run(backend, device, base), _gsam_run("reference", "cpu", base)
+    assert opt.report().direction == f"{backend} kernels, fused into the restore + update"
+    assert_trajectories_close(got, [[w.to(device) for w in s] for s in want], atol=2e-6, rtol=2e-5)
+
+
+@KERNELS
+def test_gsam_applies_its_direction_first_when_the_base_optimizer_steps_some_tensors(backend, device):
+    (got, opt), (want, _) = (_gsam_run(backend, device, "sgd", rho_zero_group=True),
+                             _gsam_run("reference", "cpu", "sgd", rho_zero_group=True))
+    assert opt.report().direction == f"{backend} kernels"  # the combine launch, then the fused update and SGD
+    assert_trajectories_close(got, [[w.to(device) for w in s] for s in want], atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.skipif(("cuda_shim", "cpu") not in KERNEL_CASES, reason="the CUDA CPU shim is not loaded")
+@pytest.mark.parametrize("bug", [None, "k-coefficient", "k-column"])
+def test_planted_bugs_in_the_fused_direction_are_caught(bug):
+    plants = {  # K weighted by x instead of y; the direction reads the gradient again instead of K
+        "k-coefficient": ("__fmul_rn(dir.y, kv[j])", "__fmul_rn(dir.x, kv[j])"),
+        "k-column": ("const T* k = col<T>(c, FA_COL_K);", "const T* k = col<T>(c, FA_COL_G);"),
+    }
+    good = cuda_shim.enable().path
+    try:
+        if bug is not None:
+            cuda_shim.enable(cuda_shim.build({"multi_tensor.cu": plants[bug]}))
+        cuda_shim.enable().configure(racecheck=True)
+        (got, opt), (want, _) = _gsam_run("cuda_shim", "cpu", "sgd", steps=3), _gsam_run("reference", "cpu", "sgd", 3)
+        assert opt.report().direction.endswith("fused into the restore + update")
+        close = all(torch.allclose(a, b, atol=2e-6, rtol=2e-5) for s, t in zip(got, want) for a, b in zip(s, t))
+        assert close == (bug is None)
+    finally:
+        cuda_shim.enable(good).configure()

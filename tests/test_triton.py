@@ -46,7 +46,7 @@ def test_kernels_compile_for_sm80_and_sm90_with_vector_loads():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_")]
-    assert len(lines) == 2 * 2 * 10 and all(line.endswith("ok") for line in lines), proc.stdout
+    assert len(lines) == 2 * 2 * 12 and all(line.endswith("ok") for line in lines), proc.stdout
 
 
 @pytest.mark.cuda

@@ -106,7 +106,7 @@ def test_every_backend_equals_the_reference_and_resumes_bit_exactly(backend, dev
         params = small_params(device)
         opt = make(kind, params, backend, **kw)
         sharpness_loop(opt, params, 2)
-        assert opt.report().direction == f"{backend} kernels"
+        assert opt.report().direction.startswith(f"{backend} kernels")
     # the kernels' norms sum in other orders: ulps in e, which LookSAM's g_v amplifies (measured 1.7e-6 after 10 steps)
     tol = {"atol": 5e-6, "rtol": 1e-4} if kind == "looksam" else {"atol": 1e-6, "rtol": 1e-5}
     assert_trajectories_close(got, run("reference"), **tol)

@@ -337,8 +337,8 @@ void fa_shim_ranges_from_rows(const int64_t* rows, int64_t n_rows, int64_t elsiz
   std::vector<int64_t> pairs;
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t* row = rows + r * FA_NCOL;
-    for (int c = FA_COL_W; c <= FA_COL_S3; ++c) {
-      if (row[c] == 0) continue;
+    for (int c = FA_COL_W; c <= FA_COL_K; ++c) {
+      if (c == FA_COL_NUMEL || c == FA_COL_FLAGS || row[c] == 0) continue;
       pairs.push_back(row[c]);
       pairs.push_back(row[c] + row[FA_COL_NUMEL] * elsize);
     }

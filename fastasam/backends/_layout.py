@@ -13,7 +13,8 @@ column B = the variant's kept buffer (``g`` or LookSAM's ``g_v``); ``dots`` sums
 
 # rows: columns
 COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_NUMEL, COL_FLAGS = range(8)
-NCOL = 8
+COL_K = 8  # the fused update's kept gradient (GSAM's g: the update's direction mode COMBINE_GSAM); 0 when unused
+NCOL = 9
 # rows: the flags word
 FLAG_FRESH_STATE = 2  # the optimizer state of this row is new this step (torch.optim.SGD: momentum = d_p)
 OPT_SHIFT = 8  # bits 8..31: the row's index into ``opts``

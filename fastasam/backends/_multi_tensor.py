@@ -337,6 +337,11 @@ class UpdateRunner:
         self.restore_chunks_d = torch.tensor(restore_chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
         bind = phase1.launcher.bind
         self.n_fused_chunks = len(chunks)
+        # GSAM's direction (fastasam/_decompose.py) fused into the update: the K column, the sums and alpha it reads
+        self._no_sums = torch.zeros(3, dtype=torch.float64, device=dev)
+        self._no_alpha = torch.zeros(1, dtype=torch.float64, device=dev)
+        self._direction_key: tuple | None = None
+        self._fused_dir = None
         self._bind_fused()
         self._restore = bind("restore", len(restore_chunks), (phase1.rows_d, self.restore_chunks_d), b.dtype,
                              phase1.aligned["restore"], phase1.copy) if restore_chunks else None
@@ -345,11 +350,35 @@ class UpdateRunner:
     def _bind_fused(self) -> None:
         used = (L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3)
         self._fused = None
+        self._direction_key = self._fused_dir = None  # rebound when next asked for
         if self.n_fused_chunks:
             self._fused = self.phase1.launcher.bind(self.update.kernel, self.n_fused_chunks,
-                                                    (self.rows_d, self.chunks_d, self.hyper_d),
-                                                    self.phase1.bucket.dtype, _aligned(self._tab, used),
-                                                    self.phase1.copy)
+                                                    (self.rows_d, self.chunks_d, self.hyper_d, self._no_sums,
+                                                     self._no_alpha), self.phase1.bucket.dtype,
+                                                    _aligned(self._tab, used), self.phase1.copy)
+
+    def bind_direction(self, kept, sums: torch.Tensor, alpha: torch.Tensor, version: int) -> bool:
+        """Have the fused update step along GSAM's direction from the gradients and ``kept[param]`` (the K column),
+        ``sums`` and ``alpha``; False (nothing bound) when a fused tensor has no kept buffer laid out like it. The
+        K column is written when the buffers changed (``version``) or the launch was rebound."""
+        key = (version, sums.data_ptr(), alpha.data_ptr())
+        if key == self._direction_key:
+            return True
+        b = self.phase1.bucket
+        bufs = [kept.get(b.keys[i]) for i in self.fused_rows]
+        if any(k is None or k.dtype != b.params[i].dtype or not flat_like(k, b.params[i])
+               for k, i in zip(bufs, self.fused_rows, strict=True)):
+            return False
+        if bufs:
+            self._tab[:, L.COL_K] = torch.tensor([k.data_ptr() for k in bufs], dtype=torch.int64)
+            _upload(self.rows_d, self._tab.clone(), "GSAM's kept gradients")
+        if self.n_fused_chunks:
+            used = (L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3, L.COL_K)
+            self._fused_dir = self.phase1.launcher.bind(
+                self.update.kernel, self.n_fused_chunks, (self.rows_d, self.chunks_d, self.hyper_d, sums, alpha),
+                self.phase1.bucket.dtype, _aligned(self._tab, used), self.phase1.copy, mode=L.COMBINE_GSAM)
+        self._direction_key = key
+        return True
 
     def refresh_addresses(self) -> bool:
         """The second-pass gradients moved: rewrite their column in place, if they are still laid out like their
@@ -393,9 +422,12 @@ class UpdateRunner:
         if host:
             _upload(self.hyper_d, torch.tensor(host, dtype=torch.float32), "hyper-parameters")
 
-    def run(self) -> None:
-        if self._fused is not None:
-            self._fused()
+    def run(self, direction: bool = False) -> None:
+        """The fused restore + update (``direction``: along the direction bound by ``bind_direction``), the plain
+        restore of the other perturbed kernel tensors, the foreach part's restore."""
+        fused = self._fused_dir if direction else self._fused
+        if fused is not None:
+            fused()
         if self._restore is not None:
             self._restore()
         self.phase1.restore_rest()

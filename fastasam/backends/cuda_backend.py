@@ -131,7 +131,7 @@ def device_supported(device: torch.device) -> str | None:
 class _Launcher:
     """Binds ``torch.ops.fastasam`` launches (``_multi_tensor.Launcher``). Every op takes its tensors, the number of
     chunks to launch, the chunk size and the storage dtype's code; then the restore mode (all but the norm and the
-    sums) or the mode (``combine``)."""
+    sums) and the mode (``combine``; the fused updates' direction)."""
 
     dtypes = fused_dtypes = frozenset(_DTYPE_CODE)
     chunk = CHUNK
@@ -143,6 +143,8 @@ class _Launcher:
             return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype])
         if kernel == "combine":
             return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], mode)
+        if kernel in ("restore_sgd", "restore_adam"):  # mode: the update's direction
+            return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], copy, mode)
         return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], copy)
 
 

@@ -101,8 +101,8 @@ class ShimLibrary:
             "fa_sqnorm": [i, p, p, p, i, i64, p, p, p, p],
             "fa_perturb": [i, p, p, p, p, i, i64, i, p],
             "fa_restore": [i, p, p, i, i64, i, p],
-            "fa_restore_sgd": [i, p, p, p, i, i64, i, p],
-            "fa_restore_adam": [i, p, p, p, i, i64, i, p],
+            "fa_restore_sgd": [i, p, p, p, p, p, i, i64, i, i, p],
+            "fa_restore_adam": [i, p, p, p, p, p, i, i64, i, i, p],
             "fa_dots": [i, p, p, i, i64, p, p, p, p],
             "fa_combine": [i, p, p, p, p, i, i64, i, p],
             "fa_shim_configure": [u64, i, i],
@@ -192,7 +192,9 @@ class _Launcher:
             args = (code, *ptrs[:2], count, CHUNK, *ptrs[2:], None)
         elif kernel == "combine":  # (rows, chunks, sums, alpha)
             args = (code, *ptrs, count, CHUNK, mode, None)
-        else:  # perturb: (rows, chunks, opts, sqnorm); restore: (rows, chunks); restore_sgd/_adam: (.., hyper)
+        elif kernel in ("restore_sgd", "restore_adam"):  # (rows, chunks, hyper, sums, alpha); mode: the direction
+            args = (code, *ptrs, count, CHUNK, int(copy), mode, None)
+        else:  # perturb: (rows, chunks, opts, sqnorm); restore: (rows, chunks)
             args = (code, *ptrs, count, CHUNK, int(copy), None)
         rows, n_rows, elsize = ptrs[0], tensors[0].shape[0], dtype.itemsize
         ranges, launch = shim.lib.fa_shim_ranges_from_rows, shim.launch

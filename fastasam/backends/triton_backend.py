@@ -102,8 +102,12 @@ class _Launcher:
         meta = (_TL_DTYPE[dtype], _TL_DTYPE[accumulate_dtype(dtype)], CHUNK, BLOCK, aligned)
         if kernel in ("sqnorm", "dots"):
             args = (*tensors, count, *meta)
+        elif kernel == "combine":
+            args = (*tensors, *meta, mode)
+        elif kernel in ("restore_sgd", "restore_adam"):  # mode: the update's direction
+            args = (*tensors, *meta, copy, mode)
         else:
-            args = (*tensors, *meta, mode if kernel == "combine" else copy)
+            args = (*tensors, *meta, copy)
         return TritonLaunch(_KERNELS[kernel], count, args, tensors[0].device)
 
 
