@@ -419,7 +419,8 @@ class UpdatePlan:
         binds it and returns True, else False."""
         if self.subset:
             return False
-        return all(u.bind_direction(direction.kept, direction.sums, direction.alpha, direction.version)
+        key = (direction.version, direction.tables)
+        return all(u.bind_direction(direction.kept, direction.sums, direction.alpha, key)
                    for u in self.runners.values())
 
     def restore_fused(self, direction: bool = False) -> None:

@@ -357,11 +357,11 @@ class UpdateRunner:
                                                      self._no_alpha), self.phase1.bucket.dtype,
                                                     _aligned(self._tab, used), self.phase1.copy)
 
-    def bind_direction(self, kept, sums: torch.Tensor, alpha: torch.Tensor, version: int) -> bool:
+    def bind_direction(self, kept, sums: torch.Tensor, alpha: torch.Tensor, key: tuple) -> bool:
         """Have the fused update step along GSAM's direction from the gradients and ``kept[param]`` (the K column),
         ``sums`` and ``alpha``; False (nothing bound) when a fused tensor has no kept buffer laid out like it. The
-        K column is written when the buffers changed (``version``) or the launch was rebound."""
-        key = (version, sums.data_ptr(), alpha.data_ptr())
+        K column is written when ``key`` changes (the buffers' version and the tables that own ``sums``) or the
+        launch was rebound."""
         if key == self._direction_key:
             return True
         b = self.phase1.bucket
