@@ -2,7 +2,7 @@
 backend that works here against the ``reference`` oracle (exit status 1 when one disagrees).
 
     python -m fastasam            # versions, devices, backends (and why not), what ``auto`` picks, the extensions
-    python -m fastasam --check    # + 3 ASAM steps per backend and device against the oracle, pass/fail
+    python -m fastasam --check    # + 3 ASAM, GSAM, LookSAM steps per backend and device against the oracle
     python -m fastasam --build    # build the cuda backend's extension just in time where fastasam._C is missing
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import platform
 import sys
@@ -95,15 +96,21 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _steps(backend: str, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+KINDS = {"ASAM": (fastasam.ASAM, {}), "GSAM": (fastasam.GSAM, {"alpha": 0.2}),
+         "LookSAM": (fastasam.LookSAM, {"k": 2, "alpha": 0.5})}
+
+
+def _steps(backend: str, device: torch.device, dtype: torch.dtype, kind: str = "ASAM") -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (1,), (300,), (3, 3, 2, 2), (8193,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
     groups = [{"params": params[:3]}, {"params": params[3:], "adaptive": False, "rho": 0.1}]
-    opt = fastasam.ASAM(groups, torch.optim.SGD, backend=backend, rho=0.5, eta=0.01, lr=0.05, momentum=0.9,
-                        weight_decay=1e-3)
+    cls, kw = KINDS[kind]
+    opt = cls(groups, torch.optim.SGD, backend=backend, rho=0.5, eta=0.01, lr=0.05, momentum=0.9, weight_decay=1e-3,
+              **kw)
     for _ in range(3):
-        for phase in (opt.first_step, opt.second_step):
+        phases = (opt.first_step, opt.second_step) if opt.second_pass_needed else (opt.second_step,)
+        for phase in phases:
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
             phase()
@@ -111,17 +118,18 @@ def _steps(backend: str, device: torch.device, dtype: torch.dtype) -> list[torch
 
 
 def check() -> bool:
-    """Three ASAM + SGD steps per backend, device and dtype against the oracle; prints a line each."""
+    """Three ASAM, GSAM and LookSAM (+ SGD) steps per backend, device and dtype against the oracle; a line each."""
     ok = True
     for dev in _devices():
         # fused updates round once where torch.optim rounds after each op: a few bf16 ulps apart after 3 steps
-        for dtype, atol, rtol in ((torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-2, 3e-2)):
-            want = _steps("reference", dev, dtype)
+        for (dtype, atol, rtol), kind in itertools.product(((torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-2, 3e-2)),
+                                                           KINDS):
+            want = _steps("reference", dev, dtype, kind)
             for b in backends.available_backends(dev):
                 if b == "reference":
                     continue
                 try:
-                    got = _steps(b, dev, dtype)
+                    got = _steps(b, dev, dtype, kind)
                     err = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
                     worst = max(float(((g - w).abs() / (atol + rtol * w.abs())).max())
                                 for g, w in zip(got, want, strict=True))
@@ -129,7 +137,7 @@ def check() -> bool:
                 except Exception as exc:  # noqa: BLE001 - a check reports every failure and goes on
                     good, what = False, f"{type(exc).__name__}: {exc}"
                 ok &= good
-                print(f"  {'pass' if good else 'FAIL'}  {b:8s} {str(dev):8s} {str(dtype):15s} {what}")
+                print(f"  {'pass' if good else 'FAIL'}  {b:8s} {str(dev):8s} {str(dtype):15s} {kind:8s} {what}")
     return ok
 
 
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbuild: FAILED (the reason is above); backend=\"auto\" falls back to what works")
         return 1
     if args.check:
-        print("\ncheck: 3 ASAM + SGD steps per backend against the reference oracle")
+        print("\ncheck: 3 ASAM, GSAM and LookSAM (+ SGD) steps per backend against the reference oracle")
         ok = check()
         print("check: all passed" if ok else "check: FAILED")
         return 0 if ok else 1

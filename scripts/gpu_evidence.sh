@@ -53,7 +53,7 @@ run_phase() {
         "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|pytest|ninja|timm|lightning|torchvision) " || true
         ;;
       build)
-        build && "$PY" -m fastasam.kernels.compile_check
+        build && "$PY" -m fastasam.kernels.compile_check && "$PY" -m fastasam --check
         ;;
       tests)
         build && timeout "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider -ra

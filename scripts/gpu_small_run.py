@@ -1,7 +1,8 @@
-"""A small run of every GPU kernel, for compute-sanitizer (scripts/gpu_evidence.sh, phase ``sanitize``): a few ASAM
-steps with the ``cuda`` and ``triton`` backends on awkward sizes (1 element, a chunk boundary, a misaligned view), fp32
-and bf16, with SGD momentum (fused restore + SGD) and AdamW (fused restore + Adam), each checked against the
-``reference`` oracle. Exit 0 when every backend present matched; 1 otherwise."""
+"""A small run of every GPU kernel, for compute-sanitizer (scripts/gpu_evidence.sh, phase ``sanitize``): a few ASAM,
+GSAM (the sums, keeping g, the direction inside the fused update) and LookSAM (g_v, the one-pass direction) steps with
+the ``cuda`` and ``triton`` backends on awkward sizes (1 element, a chunk boundary, a misaligned view), fp32 and bf16,
+with SGD momentum (fused restore + SGD) and AdamW (fused restore + Adam), each checked against the ``reference``
+oracle. Exit 0 when every backend present matched; 1 otherwise."""
 
 from __future__ import annotations
 
@@ -22,12 +23,17 @@ def params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     return out
 
 
-def run(backend: str, dtype: torch.dtype, base: type, **kw) -> list[torch.Tensor]:
+KINDS = {"ASAM": (fastasam.ASAM, {}), "GSAM": (fastasam.GSAM, {"alpha": 0.2}),
+         "LookSAM": (fastasam.LookSAM, {"k": 2, "alpha": 0.5})}
+
+
+def run(backend: str, dtype: torch.dtype, base: type, kind: str = "ASAM", **kw) -> list[torch.Tensor]:
     ps = params(dtype)
-    opt = fastasam.ASAM(ps, base, backend=backend, rho=0.5, eta=0.01, lr=0.01, **kw)
+    cls, extra = KINDS[kind]
+    opt = cls(ps, base, backend=backend, rho=0.5, eta=0.01, lr=0.01, **extra, **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
-        for phase in (opt.first_step, opt.second_step):
+        for phase in (opt.first_step, opt.second_step) if opt.second_pass_needed else (opt.second_step,):
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
             phase()
@@ -39,17 +45,18 @@ def main() -> int:
     ok = True
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         for base, kw in ((torch.optim.SGD, {"momentum": 0.9, "weight_decay": 1e-4}), (torch.optim.AdamW, {})):
-            want = run("reference", dtype, base, **kw)
-            for backend in ("cuda", "triton"):
-                if backend not in fastasam.available_backends("cuda"):
-                    print(f"{backend}: not available here, skipped")
-                    continue
-                got = run(backend, dtype, base, **kw)
-                err = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
-                good = err <= tol
-                ok &= good
-                print(f"{backend:6s} {str(dtype):15s} {base.__name__:5s} max |diff| vs reference {err:.2e} "
-                      f"{'ok' if good else 'MISMATCH'}")
+            for kind in KINDS:
+                want = run("reference", dtype, base, kind, **kw)
+                for backend in ("cuda", "triton"):
+                    if backend not in fastasam.available_backends("cuda"):
+                        print(f"{backend}: not available here, skipped")
+                        continue
+                    got = run(backend, dtype, base, kind, **kw)
+                    err = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+                    good = err <= tol
+                    ok &= good
+                    print(f"{backend:6s} {str(dtype):15s} {base.__name__:5s} {kind:7s} max |diff| vs reference "
+                          f"{err:.2e} {'ok' if good else 'MISMATCH'}")
     return 0 if ok else 1
 
 

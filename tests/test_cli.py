@@ -29,24 +29,28 @@ def test_report_names_everything_a_user_needs():
 
 def test_check_passes_here_and_fails_on_a_wrong_or_crashing_backend(monkeypatch, capsys):
     assert cli.main(["--check"]) == 0
-    assert "check: all passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "check: all passed" in out
+    for kind in ("ASAM", "GSAM", "LookSAM"):  # every variant, on every backend here
+        assert f"pass  foreach  cpu      torch.float32   {kind}" in out
     real = cli._steps
 
-    def wrong(backend, device, dtype):
-        out = real(backend, device, dtype)
-        if backend == "foreach":
-            out[1] = out[1] + 1e-3  # a planted error of 1e-3 in one tensor
+    def wrong(backend, device, dtype, kind):
+        out = real(backend, device, dtype, kind)
+        if backend == "foreach" and kind == "GSAM":
+            out[1] = out[1] + 1e-3  # a planted error of 1e-3 in one tensor of one variant
         return out
 
     monkeypatch.setattr(cli, "_steps", wrong)
     assert cli.main(["--check"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  foreach  cpu      torch.float32" in out and "check: FAILED" in out
+    assert "FAIL  foreach  cpu      torch.float32   GSAM" in out and "check: FAILED" in out
+    assert "pass  foreach  cpu      torch.float32   ASAM" in out
 
-    def crash(backend, device, dtype):
+    def crash(backend, device, dtype, kind):
         if backend == "foreach":
             raise RuntimeError("planted")
-        return real(backend, device, dtype)
+        return real(backend, device, dtype, kind)
 
     monkeypatch.setattr(cli, "_steps", crash)
     assert cli.main(["--check"]) == 1
