@@ -18,7 +18,7 @@ that phase's tables, a replaced buffer (``invalidate``) all of them.
 DTensor parameters (FSDP2) are served as their local shards, bucketed by the process groups of their Shard mesh dims;
 each such bucket's sums are all-reduced over those groups (on the device) before the combination.
 
-When the kernels cannot serve a step, :meth:`Decomposer.tables` returns the reason instead (a backend without
+When the kernels cannot serve a step, :meth:`Decomposer.build` returns the reason instead (a backend without
 multi-tensor kernels, a dtype its kernels lack, parameters on several devices, a gradient in one pass only, a
 gradient laid out unlike its buffer) and the variant runs its own ``foreach`` / per-tensor path, which computes the
 same formulas (the ``reference`` backend's per-tensor path is the oracle the kernels are tested against).
@@ -32,7 +32,7 @@ from itertools import chain
 import torch
 
 from . import _watch, backends
-from ._plan import is_dtensor, local_gradient, shard_groups
+from ._plan import indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
 from .backends import _layout as L
 from .backends._multi_tensor import MultiTensorBackend, _aligned, _chunk_list, _rows_table
 from .backends._updates import flat_like
@@ -76,11 +76,7 @@ class _Bucket:
     def dots(self) -> None:
         if self._dots is not None:
             self._dots()
-        if self.over:  # local shards of DTensors: their sums add up over the shard groups (on the device)
-            import torch.distributed as dist
-
-            for pg in self.over:
-                dist.all_reduce(self.out, op=dist.ReduceOp.SUM, group=pg)
+        sum_over(self.out, self.over)  # local shards of DTensors: their sums add up over the shard groups
 
     def combine(self, mode: int) -> None:
         if not self.n_chunks:
@@ -169,6 +165,7 @@ class Decomposer:
         if t is None or not t.valid(groups):
             return None
         self._set_alpha(t.sums.device, alpha)
+        self.last = t.served
         return t
 
     def _set_alpha(self, device: torch.device, alpha: float) -> None:
@@ -179,18 +176,17 @@ class Decomposer:
     def build(self, phase: str, groups: list[Mapping], buffers: Mapping[torch.Tensor, torch.Tensor],
               alpha: float) -> PhaseTables | str:
         """Build this phase's tables over the parameters with a gradient and their ``buffers``; or why the kernels
-        cannot serve it (the variant then runs its per-tensor path)."""
+        cannot serve it (the variant then runs its per-tensor path; ``last`` says so)."""
         self._phases.pop(phase, None)
         params = list(chain.from_iterable(g["params"] for g in groups))
         with_grad = [p for p in params if p.grad is not None]
         absent = [p for p in params if p.grad is None]
         local = {p: local_gradient(p, p.grad) if is_dtensor(p) else p.grad for p in with_grad}
-        reason = self._reason(with_grad, local, buffers)
+        module, reason = self._served_by(with_grad, local, buffers)
         if reason is not None:
-            self.last = reason
+            self.last = f"torch ops: {reason}"
             return reason
         device = with_grad[0].device
-        module = backends.resolve(self.backend, device)
         launcher = module._BACKEND.launcher
         alpha_d = self._alpha.get(device)
         if alpha_d is None:
@@ -198,13 +194,11 @@ class Decomposer:
             self._alpha_value.pop(device, None)
         self._set_alpha(device, alpha)
         # one bucket per (dtype, shard groups): the same on every rank, so the all-reduces pair up
-        by_key: dict[tuple, list[torch.Tensor]] = {}
-        for p in with_grad:
-            by_key.setdefault((p.dtype, shard_groups(p)), []).append(p)
+        by_key = indices_by_key([(p.dtype, shard_groups(p)) for p in with_grad])
         outs = torch.zeros((len(by_key), 3), dtype=torch.float64, device=device)
         sums = outs[0] if len(by_key) == 1 else torch.zeros(3, dtype=torch.float64, device=device)
-        buckets = [_Bucket(launcher, dtype, [local[p] for p in ps], [buffers[p] for p in ps], outs[i], sums, alpha_d,
-                           over) for i, ((dtype, over), ps) in enumerate(by_key.items())]
+        buckets = [_Bucket(launcher, dtype, [local[with_grad[j]] for j in idx], [buffers[with_grad[j]] for j in idx],
+                           outs[i], sums, alpha_d, over) for i, ((dtype, over), idx) in enumerate(by_key.items())]
         plain = [p for p in with_grad if not is_dtensor(p)]
         dtensors = [p for p in with_grad if is_dtensor(p)]
         contiguous = [p for p in plain if p.grad.is_contiguous()]
@@ -214,27 +208,27 @@ class Decomposer:
         self.last = t.served
         return t
 
-    def _reason(self, with_grad: list[torch.Tensor], local: Mapping[torch.Tensor, torch.Tensor],
-                buffers: Mapping[torch.Tensor, torch.Tensor]) -> str | None:
+    def _served_by(self, with_grad: list[torch.Tensor], local: Mapping[torch.Tensor, torch.Tensor],
+                   buffers: Mapping[torch.Tensor, torch.Tensor]) -> tuple[object, str | None]:
+        """(the backend module whose kernels serve these tensors, None), or (None, why none can)."""
         if not with_grad:
-            return "no parameter has a gradient"
+            return None, "no parameter has a gradient"
         if len(buffers) != len(with_grad) or any(p not in buffers for p in with_grad):
-            return "the parameters with a gradient differ between the two passes"
+            return None, "the parameters with a gradient differ between the two passes"
         devices = {p.device for p in with_grad}
         if len(devices) > 1:
-            return "the parameters are on several devices"
-        device = next(iter(devices))
-        module = backends.resolve(self.backend, device)
+            return None, "the parameters are on several devices"
+        module = backends.resolve(self.backend, next(iter(devices)))
         backend = getattr(module, "_BACKEND", None)
         if not isinstance(backend, MultiTensorBackend):
-            return f"the {module.name} backend has no multi-tensor kernels"
+            return None, f"the {module.name} backend has no multi-tensor kernels"
         dtypes = backend.launcher.dtypes
         for p in with_grad:
             g, b = local[p], buffers[p]
             if p.dtype not in dtypes:
-                return f"no {module.name} kernel for {str(p.dtype).replace('torch.', '')}"
+                return None, f"no {module.name} kernel for {str(p.dtype).replace('torch.', '')}"
             if g.dtype != p.dtype or b.dtype != g.dtype or b.device != g.device:
-                return "a gradient or buffer of another dtype or device than its parameter"
+                return None, "a gradient or buffer of another dtype or device than its parameter"
             if not _same_layout(g, b):
-                return "a gradient laid out unlike its kept buffer"
-        return None
+                return None, "a gradient laid out unlike its kept buffer"
+        return module, None

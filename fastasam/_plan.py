@@ -112,6 +112,24 @@ def shard_groups(p: torch.Tensor) -> tuple:
     return tuple(p.device_mesh.get_group(d) for d, placement in enumerate(p.placements) if placement.is_shard())
 
 
+def sum_over(t: torch.Tensor, groups: tuple) -> torch.Tensor:
+    """``t``, summed in place over each process group of ``groups`` (``shard_groups``; on the device)."""
+    if groups:
+        import torch.distributed as dist
+
+        for pg in groups:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=pg)
+    return t
+
+
+def indices_by_key(keys: list) -> dict:
+    """key -> the indices that have it, in first-seen order (the same on every rank for the same keys)."""
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
 def local_gradient(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The local shard of DTensor ``p``'s gradient ``g`` (their placements must still match)."""
     return _local(p, g, "a DTensor parameter")[1]

@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 from . import _watch, backends
-from ._plan import Bucket, build_buckets, local_gradient
+from ._plan import Bucket, build_buckets, local_gradient, sum_over
 from .backends._multi_tensor import PerturbRunner, UpdateRunner
 from .backends._updates import AdamUpdate, flat_like, fused_update_for
 
@@ -248,14 +248,8 @@ def _combine(buckets: list[Bucket], shares: list[torch.Tensor]) -> torch.Tensor:
             sharded.setdefault((b.reduce_over, b.device), []).append(share.to(acc))
         else:
             whole.append(share)
-    if sharded:
-        import torch.distributed as dist
-
-        for (over, _), parts in sharded.items():
-            part = torch.stack(parts).sum()
-            for pg in over:
-                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
-            whole.append(part)
+    for (over, _), parts in sharded.items():
+        whole.append(sum_over(torch.stack(parts).sum(), over))
     if len(whole) == 1:
         return whole[0].to(acc)
     return torch.stack([s.to(main, acc) for s in whole]).sum()

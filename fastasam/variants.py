@@ -43,17 +43,9 @@ import torch
 
 from . import _decompose
 from ._decompose import Decomposer, Deferred, PhaseTables
-from ._plan import accumulate_dtype, is_dtensor, local_gradient, shard_groups
+from ._plan import accumulate_dtype, indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
 from .optim import ASAM
 from .report import StepReport
-
-
-def _by_key(keys: list) -> dict:
-    """key -> the indices that have it, in first-seen order (the same on every rank)."""
-    out: dict = {}
-    for i, k in enumerate(keys):
-        out.setdefault(k, []).append(i)
-    return out
 
 
 def _check_alpha(cls: str, alpha: float) -> float:
@@ -85,50 +77,51 @@ class _Decomposed(ASAM):
     @torch.no_grad()
     def _keep_cold(self) -> PhaseTables | None:
         """Buffers for the gradients there are, and the tables (or, without them, the copy per tensor)."""
-        self._kept = self._buffers_for_grads(self._kept)
-        t = self._kernels("first")
+        self._set_kept(self._buffers_for_grads())
+        t = self._build("first")
         if t is None:
             for p, buf in self._kept.items():
                 buf.copy_(self._grad(p))
         return t
 
-    def _direction(self, phase: str, mode: int, torch_ops: Callable[[], None]) -> None:
-        """The sums, then the combination ``mode`` on the kernels; or ``torch_ops`` (the same formulas)."""
-        t = self._kernels(phase)
+    def _direction(self, phase: str, mode: int, torch_ops: Callable[[], None], defer: bool = False) -> None:
+        """The sums, then the combination ``mode`` on the kernels (``defer``: left to the engine, which may fuse it
+        into the restore + update); or ``torch_ops`` (the same formulas)."""
+        t = self._decomposer().ready(phase, self.param_groups, self.alpha) or self._build(phase)
         if t is None:
             with torch.no_grad():
                 torch_ops()
             return
         t.dots()
-        t.combine(mode)
+        if defer:
+            self._deferred = Deferred(t, mode, self._kept, self._decomposer())
+        else:
+            t.combine(mode)
 
-    def _kernels(self, phase: str) -> PhaseTables | None:
-        """The kernels' tables for this phase (warm: confirmed by one pass), or None: run the per-tensor path."""
-        dec = self._decomposer()
-        t = dec.ready(phase, self.param_groups, self.alpha)
-        if t is None:
-            t = dec.build(phase, self.param_groups, self._kept, self.alpha)
-            if isinstance(t, str):  # _dot / _axpby_ below: foreach over fp32/fp64 buckets, else per tensor
-                dec.last = f"torch ops: {t}"
-                return None
-        dec.last = t.served
-        return t
+    def _build(self, phase: str) -> PhaseTables | None:
+        """The kernels' tables for this phase, or None: run the per-tensor path (``_dot`` / ``_axpby_``: foreach over
+        fp32/fp64 buckets, else per tensor)."""
+        t = self._decomposer().build(phase, self.param_groups, self._kept, self.alpha)
+        return None if isinstance(t, str) else t
 
-    def _buffers_for_grads(self, kept: dict[torch.Tensor, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
-        """One buffer per parameter with a gradient, laid out like the gradient (the ones in ``kept`` reused); the
-        kernels' tables are rebuilt when a buffer changes."""
+    def _buffers_for_grads(self) -> dict[torch.Tensor, torch.Tensor]:
+        """One buffer per parameter with a gradient, laid out like the gradient (the kept ones reused)."""
         out = {}
         for p in self._params():
             g = self._grad(p)
             if g is not None:
-                buf = kept.get(p)
+                buf = self._kept.get(p)
                 if buf is None or not _decompose._same_layout(g, buf) or buf.dtype != g.dtype or \
                         buf.device != g.device:
                     buf = torch.empty_like(g)
                 out[p] = buf
-        if out.keys() != kept.keys() or any(out[p] is not kept[p] for p in out):
-            self._decomposer().invalidate()
         return out
+
+    def _set_kept(self, kept: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Keep these buffers; the kernels' tables are rebuilt when one of them changed."""
+        if kept.keys() != self._kept.keys() or any(kept[p] is not self._kept[p] for p in kept):
+            self._decomposer().invalidate()
+        self._kept = kept
 
     def report(self) -> StepReport:
         """``ASAM.report()`` plus how the last decomposition ran (``direction``)."""
@@ -165,13 +158,9 @@ class _Decomposed(ASAM):
         if not a:
             return None
         if over is not None and any(over):  # the pairs of each set of groups: local sums, all-reduced, then added
-            import torch.distributed as dist
-
             total = None
-            for groups, idx in _by_key(over).items():
-                part = self._dot([a[i] for i in idx], [b[i] for i in idx])
-                for pg in groups:
-                    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+            for groups, idx in indices_by_key(over).items():
+                part = sum_over(self._dot([a[i] for i in idx], [b[i] for i in idx]), groups)
                 total = part if total is None else total + part.to(total.device)
             return total
         f64 = torch.float64
@@ -270,9 +259,7 @@ class LookSAM(_Decomposed):
                 g_v[p] = self._kept[p].mul_(-c)
             elif p not in g_v and p.grad is not None:
                 g_v[p] = self._grad(p).clone()
-        if g_v.keys() != self._kept.keys() or any(g_v[p] is not self._kept[p] for p in g_v):
-            self._decomposer().invalidate()
-        self._kept = g_v
+        self._set_kept(g_v)
 
     def _one_pass_direction(self) -> None:  # g + alpha * (||g|| / ||g_v||) * g_v
         if self._kept:  # else no full step yet (a checkpoint of the plain base optimizer): a plain step
@@ -323,13 +310,8 @@ class GSAM(_Decomposed):
                          backend=backend, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
 
     def _two_pass_direction(self) -> None:  # (1 + alpha * c) * g_s - alpha * g, c = <g, g_s> / ||g_s||^2
-        t = self._kernels("second")
-        if t is None:
-            with torch.no_grad():
-                self._two_pass_torch_ops()
-            return
-        t.dots()  # the direction itself: in the fused restore + update when it takes every tensor, else applied
-        self._deferred = Deferred(t, _decompose.GSAM, self._kept, self._decomposer())
+        # the direction itself: in the fused restore + update when that takes every tensor, else applied first
+        self._direction("second", _decompose.GSAM, self._two_pass_torch_ops, defer=True)
 
     def _two_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]

@@ -11,6 +11,7 @@ import sys
 import torch
 
 import fastasam
+from fastasam.__main__ import KINDS  # the optimizers `python -m fastasam --check` runs, with their options
 
 SIZES = [1, 7, 8192, 8193, 3 * 8192 + 5]
 
@@ -21,10 +22,6 @@ def params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     base = torch.randn(1001, generator=gen).to("cuda", dtype)
     out.append(torch.nn.Parameter(base[1:]))  # a view whose address is not 16-byte aligned
     return out
-
-
-KINDS = {"ASAM": (fastasam.ASAM, {}), "GSAM": (fastasam.GSAM, {"alpha": 0.2}),
-         "LookSAM": (fastasam.LookSAM, {"k": 2, "alpha": 0.5})}
 
 
 def run(backend: str, dtype: torch.dtype, base: type, kind: str = "ASAM", **kw) -> list[torch.Tensor]:
