@@ -17,8 +17,9 @@ None of this cancels what differs from one process to the next, or a load that s
 (two threads on two shared cores): ``benchmarks/results/stability-cpu.md`` measures both on a 2-core CPU. So a CPU run
 of the suite, ``step_time`` or ``e2e`` is a *steady CPU run* (``steady_cpu``): one torch thread unless ``--threads``
 says otherwise, and PyTorch's CPU allocator on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read when torch
-starts: the command runs again in a new process with it set), which removed the process-to-process swings of the
-per-tensor reference loop in the measurements there.
+starts: the command runs again in a new process with it set). Those settings narrowed the process-to-process swings
+of the per-tensor reference loop in one pair of runs there, but not in two later pairs (108-165 ms a step): the 10%
+run-to-run target is not met on that machine.
 
 Used by ``step_time`` and ``e2e`` (through ``measure``: CUDA events on a GPU, ``perf_counter`` on the CPU, peak memory
 from one separate step per variant) and by ``host_overhead`` (its variants time their own phases).
