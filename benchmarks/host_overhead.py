@@ -57,6 +57,7 @@ from fastasam.backends._multi_tensor import MultiTensorBackend
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 DEFAULT_SETS = ("resnet50", "gpt2_medium", "many_2000")
 PYTHON_PASS = ", Python pass"  # the variant's plan checks the tensors with fastasam._watch.PyWatch, not fastasam._host
+PASS_SPLIT = ("fastasam triton", "fastasam cuda")  # --callgrind also counts these with the pass skipped
 
 
 class OfficialLoop:
@@ -255,20 +256,24 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
                "vs_official": timing.paired_ratio(times[v.name], official), "python_calls": v.python_calls()}
         if callgrind:
             row["instructions"] = callgrind_instructions(param_set, v.name)
+            if v.name in PASS_SPLIT:
+                row["instructions_no_pass"] = callgrind_instructions(param_set, v.name, trust_pass=True)
         rows.append(row)
     return {"param_set": param_set, "tensors": len(variants[0].params), "steps": steps, "rows": rows,
             "skipped": skipped}
 
 
-def callgrind_instructions(param_set: str, variant: str, steps: int = 5) -> int | None:
+def callgrind_instructions(param_set: str, variant: str, steps: int = 5, trust_pass: bool = False) -> int | None:
     """Instructions per warm step of one variant under ``valgrind --tool=callgrind``, or None when valgrind is
     missing. Counting is switched on only around two windows of the worker (``_worker``): ``steps`` warm steps, and
-    the same number of gradient resets alone; their difference over ``steps`` is the step's."""
+    the same number of gradient resets alone; their difference over ``steps`` is the step's. ``trust_pass``: with
+    the warm step's pass over the tensors skipped (a diagnostic; see ``_trusting``)."""
     if not (_which("valgrind") and _which("callgrind_control")):
         return None
     out = Path(f"/tmp/fastasam-callgrind-{os.getpid()}.out")
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-           "-m", "benchmarks.host_overhead", "--worker", param_set, variant, str(steps)]
+           "-m", "benchmarks.host_overhead", "--worker", param_set, variant, str(steps),
+           *(["--trust-pass"] if trust_pass else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     dumps = [Path(f"{out}.{k}") for k in (1, 2)]
     try:
@@ -290,9 +295,37 @@ def _which(cmd: str) -> bool:
     return any(os.access(os.path.join(d, cmd), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep))
 
 
-def _worker(param_set: str, variant: str, steps: int) -> None:
+@contextlib.contextmanager
+def _trusting() -> Iterator[None]:
+    """Plans built inside skip the warm step's pass over the tensors: each watch answers what its first check did,
+    and the identity pass says "the same". Only to count what the rest of a step costs (the benchmark's tensors do
+    not move); never in training, where it would let the kernels read stale addresses."""
+
+    class Trusted:
+        def __init__(self, real) -> None:
+            self.real, self.answer = real, real.check()
+
+        def check(self):
+            return self.answer
+
+        def __len__(self) -> int:
+            return len(self.real)
+
+    real_watch, real_same = _watch.watch, _watch.same_params
+    _watch.watch = lambda *args, **kwargs: Trusted(real_watch(*args, **kwargs))
+    _watch.same_params = lambda groups, expected: True
+    try:
+        yield
+    finally:
+        _watch.watch, _watch.same_params = real_watch, real_same
+
+
+def _worker(param_set: str, variant: str, steps: int, trust_pass: bool = False) -> None:
     """Inside valgrind: warm the variant up, then count two windows (dumped to separate files): ``steps`` warm steps,
-    then as many gradient resets alone."""
+    then as many gradient resets alone. ``trust_pass``: see ``_trusting``."""
+    if trust_pass:
+        with _trusting():
+            return _worker(param_set, variant, steps)
     specs, _ = variant_specs()
     chosen = next(Variant(name, param_set, kind, backend) for name, kind, backend in specs if name == variant)
     chosen.warm_up(3)
@@ -335,10 +368,35 @@ def markdown(results: list[dict], env: dict) -> str:
                   "|---|" + "---:|" * len(scaling[0][1])]
         for name, cols in scaling:
             lines.append(f"| {name} | " + " | ".join(f"{x:.2f}x" for _, _, x in cols) + " |")
+    lines += pass_split_lines(results)
     for res in results:
         for name, why in res["skipped"].items():
             lines.append(f"\n{name} skipped: {why}")
     return "\n".join(lines) + "\n"
+
+
+def pass_split_lines(results: list[dict]) -> list[str]:
+    """Instructions per warm step with and without the one pass over the tensors (``--callgrind``): what is flat in
+    the tensor count and what the pass adds per tensor."""
+    base = {r["name"]: r for res in results if res["param_set"] == "resnet50" for r in res["rows"]}
+    rows = [(res, r) for res in results for r in res["rows"] if r.get("instructions_no_pass")]
+    if not rows:
+        return []
+    lines = ["", "Instructions per warm step with the pass over the tensors skipped (its checks trusted: a "
+             "diagnostic, `--trust-pass`), and what the pass costs (both phases' checks and the identity pass):", "",
+             "| parameter set | variant | instructions / step | vs resnet50 | without the pass | vs resnet50 | "
+             "the pass, per tensor |", "|---|---|---:|---:|---:|---:|---:|"]
+
+    def vs(r: dict, key: str) -> str:
+        b = base.get(r["name"], {}).get(key)
+        return f"{r[key] / b:.2f}x" if b else "-"
+
+    for res, r in rows:
+        per = (r["instructions"] - r["instructions_no_pass"]) / res["tensors"]
+        lines.append(f"| {res['param_set']} ({res['tensors']}) | {r['name']} | {r['instructions']:,} | "
+                     f"{vs(r, 'instructions')} | {r['instructions_no_pass']:,} | {vs(r, 'instructions_no_pass')} | "
+                     f"{per:,.0f} |")
+    return lines
 
 
 def scaling_rows(results: list[dict]) -> list:
@@ -390,9 +448,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also count instructions per step under valgrind (for these sets; none named: all)")
     parser.add_argument("--out", type=Path, default=step_time.RESULTS)
     parser.add_argument("--worker", nargs=3, metavar=("SET", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--trust-pass", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker[0], args.worker[1], int(args.worker[2]))
+        _worker(args.worker[0], args.worker[1], int(args.worker[2]), args.trust_pass)
         return []
     env = step_time.environment(torch.device("cpu"))
     results = []

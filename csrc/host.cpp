@@ -2,13 +2,14 @@
 //
 // fastasam/_watch.py says what a phase confirms before its kernels read tensors through addresses recorded when the
 // step plan was built; its Python version makes ~600 ns of map calls per tensor, this one reads the same fields
-// straight from the tensors (~170 instructions, 30-150 ns with the gradients in or out of cache). The two are interchangeable and tested against each other.
+// straight from the tensors' fields. The two are interchangeable and tested against each other.
 
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <c10/core/UndefinedTensorImpl.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -22,10 +23,26 @@ inline const c10::TensorImpl* impl_of(PyObject* obj) {
   return THPVariable_Unpack(obj).unsafeGetTensorImpl();
 }
 
-// The address Python's Tensor.data_ptr() reports, or -1 where it would raise (no storage: sparse and the like).
-inline int64_t address(const c10::TensorImpl* t) {
-  if (t->layout() != c10::kStrided || !t->has_storage()) return -1;
-  return static_cast<int64_t>(reinterpret_cast<intptr_t>(t->data()));
+// Where a tensor's elements are: its storage's allocation and its offset in elements (equal pairs, equal addresses:
+// a tensor's dtype cannot change in place, and a gradient's is its parameter's). Read straight from the fields,
+// with none of data()'s checks: a few loads. {nullptr, -1}: no storage (sparse and the like).
+struct Where {
+  const void* base;
+  int64_t offset;
+  bool operator==(const Where& o) const { return base == o.base && offset == o.offset; }
+  bool operator!=(const Where& o) const { return !(*this == o); }
+};
+
+inline Where where(const c10::TensorImpl* t) {
+  const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
+  if (s == nullptr) return {nullptr, -1};
+  return {s->data_ptr().get(), t->storage_offset()};
+}
+
+// The tensor behind a gradient, or nullptr where there is none.
+inline const c10::TensorImpl* grad_of(const c10::TensorImpl* param) {
+  const c10::TensorImpl* g = param->grad().unsafeGetTensorImpl();
+  return g == c10::UndefinedTensorImpl::singleton() ? nullptr : g;
 }
 
 std::vector<PyObject*> tensors_of(const py::list& items, const char* what) {
@@ -41,72 +58,87 @@ std::vector<PyObject*> tensors_of(const py::list& items, const char* what) {
 
 // Watch: the kernel tensors' gradient addresses and layouts as they are now, and which tensors must (or must not)
 // have a gradient; check() confirms that nothing moved. Same contract as fastasam._watch.PyWatch (see there).
+// A kernel tensor's check reads its record and four objects: the parameter's Python object (which tensor it holds
+// now: torch.utils.swap_tensors can change it), the parameter, its gradient, the gradient's storage.
 class Watch {
  public:
   Watch(py::list params, py::list absent, int64_t n_kernel, int64_t n_contiguous, int64_t n_plain,
         bool check_params)
       : params_(copy(params)), absent_(copy(absent)), n_kernel_(n_kernel), n_contiguous_(n_contiguous),
         n_plain_(n_plain), check_params_(check_params) {
-    items_ = tensors_of(params_, "params");
+    const std::vector<PyObject*> items = tensors_of(params_, "params");
     absent_items_ = tensors_of(absent_, "absent");
-    const auto n = static_cast<int64_t>(items_.size());
+    const auto n = static_cast<int64_t>(items.size());
     if (n_contiguous < 0 || n_contiguous > n_kernel || n_kernel > n || n_plain < 0 || n_plain > n)
       throw py::value_error("fastasam._host.Watch: need 0 <= n_contiguous <= n_kernel <= len(params), "
                             "0 <= n_plain <= len(params)");
+    kernel_.reserve(n_kernel);
     for (int64_t i = 0; i < n_kernel; ++i) {
-      const at::Tensor& g = impl_of(items_[i])->grad();
-      if (!g.defined()) throw py::value_error("fastasam._host.Watch: a kernel tensor has no gradient");
-      grad_ptrs_.push_back(address(g.unsafeGetTensorImpl()));
+      const c10::TensorImpl* p = impl_of(items[i]);
+      const c10::TensorImpl* g = grad_of(p);
+      if (g == nullptr) throw py::value_error("fastasam._host.Watch: a kernel tensor has no gradient");
+      Kernel k{items[i], where(g), check_params && i < n_plain ? where(p) : Where{nullptr, -1}};
+      kernel_.push_back(k);
       if (i >= n_contiguous) {
-        auto s = g.strides();
+        auto s = g->strides();
         strides_.emplace_back(s.begin(), s.end());
       }
     }
+    for (int64_t i = n_kernel; i < n; ++i) rest_.push_back(items[i]);
     if (check_params)
-      for (int64_t i = 0; i < n_plain; ++i) param_ptrs_.push_back(address(impl_of(items_[i])));
+      for (int64_t i = n_kernel; i < n_plain; ++i) rest_where_.push_back(where(impl_of(items[i])));
   }
 
   // The gradients of the tensors after the kernel ones (a list, in order) when nothing moved, else None.
   py::object check() const {
-    const auto n = static_cast<int64_t>(items_.size());
-    if (check_params_)
-      for (int64_t i = 0; i < n_plain_; ++i)
-        if (address(impl_of(items_[i])) != param_ptrs_[i]) return py::none();
+    const bool params = check_params_;
+    const int64_t n_plain_kernel = std::min(n_plain_, n_kernel_);
     for (int64_t i = 0; i < n_kernel_; ++i) {
-      const c10::TensorImpl* gi = impl_of(items_[i])->grad().unsafeGetTensorImpl();
-      if (gi == c10::UndefinedTensorImpl::singleton()) return py::none();  // no gradient
-      if (address(gi) != grad_ptrs_[i]) return py::none();
+      const Kernel& k = kernel_[i];
+      const c10::TensorImpl* p = impl_of(k.param);
+      if (params && i < n_plain_kernel && where(p) != k.param_at) return py::none();
+      const c10::TensorImpl* g = grad_of(p);
+      if (g == nullptr || where(g) != k.grad_at) return py::none();
       if (i < n_contiguous_) {
-        if (!gi->is_contiguous()) return py::none();
-      } else if (gi->strides() != c10::IntArrayRef(strides_[i - n_contiguous_])) {
+        if (!g->is_contiguous()) return py::none();
+      } else if (g->strides() != c10::IntArrayRef(strides_[i - n_contiguous_])) {
         return py::none();
       }
     }
+    if (params)
+      for (size_t i = 0; i < rest_where_.size(); ++i)
+        if (where(impl_of(rest_[i])) != rest_where_[i]) return py::none();
     for (PyObject* a : absent_items_)
-      if (impl_of(a)->grad().defined()) return py::none();
-    py::list out(n - n_kernel_);
-    for (int64_t i = n_kernel_; i < n; ++i) {
-      const at::Tensor& g = impl_of(items_[i])->grad();
+      if (grad_of(impl_of(a)) != nullptr) return py::none();
+    const auto m = static_cast<Py_ssize_t>(rest_.size());
+    py::list out(m);
+    for (Py_ssize_t i = 0; i < m; ++i) {
+      const at::Tensor& g = impl_of(rest_[i])->grad();
       if (!g.defined()) return py::none();
       PyObject* wrapped = THPVariable_Wrap(g);  // the gradient's own Python object (a new reference)
       if (wrapped == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(out.ptr(), i - n_kernel_, wrapped);
+      PyList_SET_ITEM(out.ptr(), i, wrapped);
     }
     return std::move(out);
   }
 
-  int64_t size() const { return static_cast<int64_t>(items_.size() + absent_items_.size()); }
+  int64_t size() const { return static_cast<int64_t>(PyList_GET_SIZE(params_.ptr()) + absent_items_.size()); }
 
  private:
-  // Copies of the caller's lists, which nothing else can change: they keep the tensors that items_ borrows alive.
+  struct Kernel {
+    PyObject* param;
+    Where grad_at, param_at;
+  };
+  // Copies of the caller's lists, which nothing else can change: they keep the objects the raw pointers name alive.
   static py::list copy(const py::list& items) {
     return py::reinterpret_steal<py::list>(PySequence_List(items.ptr()));
   }
   py::list params_, absent_;
-  std::vector<PyObject*> items_, absent_items_;
+  std::vector<Kernel> kernel_;
+  std::vector<PyObject*> rest_, absent_items_;
+  std::vector<Where> rest_where_;
   int64_t n_kernel_, n_contiguous_, n_plain_;
   bool check_params_;
-  std::vector<int64_t> grad_ptrs_, param_ptrs_;
   std::vector<std::vector<int64_t>> strides_;
 };
 

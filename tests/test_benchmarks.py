@@ -198,3 +198,25 @@ def test_a_cpu_run_restarts_itself_steady_and_a_gpu_or_smoke_run_does_not(monkey
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # already steady (the restarted process itself)
     timing.steady_cpu("benchmarks", [])
     assert len(calls) == 2
+
+
+def test_trusting_skips_the_pass_only_inside_and_the_split_table_shows_what_the_pass_adds():
+    """``--trust-pass`` (a callgrind diagnostic): inside ``_trusting`` a watch answers its first check whatever moved
+    and the identity pass says "the same"; outside, both are the real ones again. The table derives the pass's cost
+    per tensor from the two counts."""
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with host_overhead._trusting():
+        w = _watch.watch([p], [], [], [], [], check_params=True)
+        p.grad = torch.ones(3)  # moved: a real watch says None
+        assert w.check() == []
+        assert _watch.same_params([{"params": [p]}], [])
+    w = _watch.watch([p], [], [], [], [], check_params=True)
+    p.grad = torch.ones(3)
+    assert w.check() is None
+    assert not _watch.same_params([{"params": [p]}], [])
+    rows = [{"param_set": s, "tensors": n, "rows": [{"name": "fastasam cuda", "instructions": i,
+                                                      "instructions_no_pass": j}]}
+            for s, n, i, j in (("resnet50", 161, 156_000, 129_000), ("many_2000", 2000, 409_000, 127_000))]
+    table = "\n".join(host_overhead.pass_split_lines(rows))
+    assert "| many_2000 (2000) | fastasam cuda | 409,000 | 2.62x | 127,000 | 0.98x | 141 |" in table

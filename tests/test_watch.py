@@ -40,12 +40,23 @@ def setup_tensors():
     o, n = torch.zeros(2, requires_grad=True), torch.zeros(6, requires_grad=True)
     for p in (a, b, s, o):
         p.grad = torch.ones_like(p)
+    b.grad = torch.ones(6)[:5]  # a view at offset 0 of a larger storage: it can move within that storage
     return a, b, s, o, n
 
 
 def move(p: torch.Tensor) -> None:
     with torch.no_grad():
         p.set_(torch.zeros(p.shape))
+
+
+def swap(p: torch.Tensor) -> None:
+    """torch.utils.swap_tensors: the Python object ``p`` now holds another tensor (with its own gradient), and the
+    tensor it held goes to an object that is dropped at once (a pass that kept the old tensor would read freed
+    memory)."""
+    other = torch.zeros(p.shape, requires_grad=True)
+    other.grad = torch.ones(p.shape)
+    torch.utils.swap_tensors(p, other)
+    del other
 
 
 def renew(p: torch.Tensor) -> None:
@@ -57,6 +68,9 @@ CHANGES = {
     "nothing": lambda a, b, s, o, n: None,
     "new gradient objects, same addresses": lambda a, b, s, o, n: [renew(p) for p in (a, b, s, o)],
     "a kernel gradient moved": lambda a, b, s, o, n: setattr(b, "grad", b.grad.clone()),
+    "a kernel gradient one element further in its storage": lambda a, b, s, o, n: setattr(
+        b, "grad", b.grad.as_strided((5,), (1,), 1)),
+    "torch.utils.swap_tensors gave a parameter object another tensor": lambda a, b, s, o, n: swap(a),
     "a kernel gradient vanished": lambda a, b, s, o, n: setattr(a, "grad", None),
     "a kernel gradient at the same address, other strides": lambda a, b, s, o, n: setattr(
         s, "grad", s.grad.as_strided(s.shape, (1, 3))),
@@ -69,6 +83,8 @@ CHANGES = {
     "a parameter outside the kernels moved": lambda a, b, s, o, n: move(o),
 }
 NOTICED = {"a kernel gradient moved", "a kernel gradient vanished",
+           "a kernel gradient one element further in its storage",
+           "torch.utils.swap_tensors gave a parameter object another tensor",
            "a kernel gradient at the same address, other strides", "a contiguous gradient becomes strided in place",
            "an other tensor lost its gradient",
            "an absent tensor got a gradient", "a parameter moved", "a parameter outside the kernels moved"}
