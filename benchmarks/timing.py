@@ -16,10 +16,10 @@ the others, and its median ends up on the wrong side of every comparison. So:
 None of this cancels what differs from one process to the next, or a load that slows some variants more than others
 (two threads on two shared cores): ``benchmarks/results/stability-cpu.md`` measures both on a 2-core CPU. So a CPU run
 of the suite, ``step_time`` or ``e2e`` is a *steady CPU run* (``steady_cpu``): one torch thread unless ``--threads``
-says otherwise, and PyTorch's CPU allocator on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read when torch
-starts: the command runs again in a new process with it set). Those settings narrowed the process-to-process swings
-of the per-tensor reference loop in one pair of runs there, but not in two later pairs (108-165 ms a step): the 10%
-run-to-run target is not met on that machine.
+says otherwise, PyTorch's CPU allocator on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read when torch
+starts) and glibc's malloc with fixed thresholds (``STEADY_ENV``, read when the process starts: the command runs again
+in a new process with them set). Huge pages and one thread alone did not stop the per-tensor reference loop from
+taking 108-165 ms a step from one process to the next; with malloc's thresholds fixed it took 97-101 ms in three.
 
 Used by ``step_time`` and ``e2e`` (through ``measure``: CUDA events on a GPU, ``perf_counter`` on the CPU, peak memory
 from one separate step per variant) and by ``host_overhead`` (its variants time their own phases).
@@ -36,7 +36,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 SPREAD_LIMIT = 0.25  # interquartile range / median above which a variant's times are flagged as not to be trusted
-STEADY_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+# PyTorch's CPU allocator on transparent huge pages (read when torch starts), and glibc's malloc with fixed thresholds
+# (read when the process starts): by default glibc moves its mmap threshold after each large free and hands freed heap
+# back to the kernel above a trim threshold, so how often a per-tensor loop's temporaries page-fault anew depends on the
+# process's own history. Fixed (mmap threshold 32 MiB, glibc's largest; no trimming; 256 MiB top pad), the reference
+# loop took 97-101 ms a step in three processes where it took 138-155 ms without (stability-cpu.md).
+STEADY_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+              "MALLOC_TRIM_THRESHOLD_": str(4 << 30), "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
 def steady_cpu(module: str, argv: list[str] | None) -> None:

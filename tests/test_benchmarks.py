@@ -180,12 +180,14 @@ def test_measure_flags_a_high_spread_variant_and_not_a_steady_one(monkeypatch, c
 
 
 def test_a_cpu_run_restarts_itself_steady_and_a_gpu_or_smoke_run_does_not(monkeypatch):
-    """``timing.steady_cpu``: a CPU run of a benchmark runs again with PyTorch's allocator on huge pages and one
-    thread (unless --threads says otherwise); GPU runs, smoke runs and runs already steady start nothing."""
+    """``timing.steady_cpu``: a CPU run of a benchmark runs again with PyTorch's allocator on huge pages, glibc's
+    malloc thresholds fixed and one thread (unless --threads says otherwise); GPU runs, smoke runs and runs already
+    steady start nothing."""
     calls = []
     monkeypatch.setattr(timing.os, "execve", lambda exe, argv, env: calls.append((argv[1:], env)))
     monkeypatch.setattr(timing.torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    for k in timing.STEADY_ENV:
+        monkeypatch.delenv(k, raising=False)
     timing.steady_cpu("benchmarks", ["--smoke"])
     timing.steady_cpu("benchmarks.e2e", ["--device", "cuda"])
     timing.steady_cpu("benchmarks.e2e", ["--device=cuda:1"])
@@ -194,10 +196,15 @@ def test_a_cpu_run_restarts_itself_steady_and_a_gpu_or_smoke_run_does_not(monkey
     timing.steady_cpu("benchmarks.step_time", ["--device", "cpu", "--threads", "2"])
     assert [argv for argv, _ in calls] == [["-m", "benchmarks", "--threads", "1"],
                                           ["-m", "benchmarks.step_time", "--device", "cpu", "--threads", "2"]]
-    assert all(env["THP_MEM_ALLOC_ENABLE"] == "1" for _, env in calls)
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # already steady (the restarted process itself)
+    assert all(env["THP_MEM_ALLOC_ENABLE"] == "1" and env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+               and env["MALLOC_TRIM_THRESHOLD_"] for _, env in calls)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    timing.steady_cpu("benchmarks", [])  # only part of the settings: run again with all of them
+    assert len(calls) == 3
+    for k, v in timing.STEADY_ENV.items():  # already steady (the restarted process itself)
+        monkeypatch.setenv(k, v)
     timing.steady_cpu("benchmarks", [])
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_trusting_skips_the_pass_only_inside_and_the_split_table_shows_what_the_pass_adds():
