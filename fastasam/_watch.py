@@ -14,9 +14,11 @@ tensor:
 
 Any difference returns None and the engine rebuilds what changed.
 
-Two interchangeable implementations: ``fastasam._host.Watch`` (csrc/host.cpp, built by setup.py wherever PyTorch is:
-~30-150 ns a tensor) and ``PyWatch`` below (~600 ns a tensor), used when the extension is missing or
-``FASTASAM_HOST=python`` is set. ``watch(...)`` makes whichever is in use; ``IMPLEMENTATION`` says which.
+Two interchangeable implementations: ``fastasam._host.Watch`` (csrc/host.cpp, built by setup.py wherever PyTorch is;
+it compares each tensor's storage allocation and offset read straight from the fields: ~70 instructions a kernel
+tensor in the first phase, which also checks the parameter, ~45 in the second) and ``PyWatch`` below (~600 ns a
+tensor), used when the extension is missing or ``FASTASAM_HOST=python`` is set. ``watch(...)`` makes whichever is
+in use; ``IMPLEMENTATION`` says which.
 """
 
 from __future__ import annotations

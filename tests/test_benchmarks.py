@@ -227,3 +227,38 @@ def test_trusting_skips_the_pass_only_inside_and_the_split_table_shows_what_the_
             for s, n, i, j in (("resnet50", 161, 156_000, 129_000), ("many_2000", 2000, 409_000, 127_000))]
     table = "\n".join(host_overhead.pass_split_lines(rows))
     assert "| many_2000 (2000) | fastasam cuda | 409,000 | 2.62x | 127,000 | 0.98x | 141 |" in table
+
+
+def test_compare_reads_every_ratio_of_two_suite_runs_and_fails_on_a_change_over_the_limit(tmp_path, capsys):
+    """``python -m benchmarks.compare``: step-time speed-ups, end-to-end ratios and host ratios of two suite JSONs,
+    each with its change; exit code 1 when one moved by more than the limit or is missing from a run."""
+    from benchmarks import compare
+
+    def suite(speedup: float, e2e_ratio: float, host: float) -> dict:
+        return {"environment": {"commit": "abc"},
+                "results": [{"param_set": "resnet50", "dtype": "torch.float32",
+                             "rows": [{"variant": "asam-reference", "speedup_vs_reference": 1.0},
+                                      {"variant": "asam-foreach", "speedup_vs_reference": speedup}]},
+                            {"param_set": "resnet50 training step",
+                             "rows": [{"variant": "sgd", "ratio_vs_sgd": 1.0},
+                                      {"variant": "asam-auto", "ratio_vs_sgd": e2e_ratio}]}],
+                "host_overhead": [{"param_set": "resnet50", "rows": [{"name": "official loop", "vs_official": 1.0},
+                                                                     {"name": "fastasam cuda", "vs_official": host}]}]}
+
+    paths = {}
+    for name, args in {"one": (1.15, 2.0, 0.007), "close": (1.2, 2.1, 0.0075), "far": (1.15, 2.0, 0.009)}.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(suite(*args)))
+    assert set(compare.ratios(suite(1.15, 2.0, 0.007))) == {
+        "step resnet50 torch.float32: asam-foreach vs reference", "e2e resnet50 training step: asam-auto / sgd",
+        "host resnet50: fastasam cuda vs official loop"}
+    assert compare.main([str(paths["one"]), str(paths["close"])]) == 0
+    assert "+7.1%" in capsys.readouterr().out  # 0.0075 / 0.007
+    assert compare.main([str(paths["one"]), str(paths["far"])]) == 1  # the host ratio moved by 29%
+    assert "+28.6% **over**" in capsys.readouterr().out
+    missing = suite(1.15, 2.0, 0.007)
+    missing["host_overhead"] = []
+    paths["missing"] = tmp_path / "missing.json"
+    paths["missing"].write_text(json.dumps(missing))
+    assert compare.main([str(paths["one"]), str(paths["missing"]), "--markdown", str(tmp_path / "t.md")]) == 1
+    assert "missing" in (tmp_path / "t.md").read_text()

@@ -1,0 +1,85 @@
+"""Do two runs of the benchmark suite agree? Every ratio the suite prints, run 2 over run 1.
+
+    python -m benchmarks.compare run1/suite-cpu.json run2/suite-cpu.json            # limit 10%
+    python -m benchmarks.compare a.json b.json --limit 0.05 --markdown table.md
+
+The ratios: step time, each variant's speed-up over ``asam-reference``; end to end, each variant's step time over
+SGD's; host work, each variant vs the official loop. Prints one line per ratio with its change (run 2 / run 1 - 1)
+and a verdict; the exit code is 1 when a ratio changed by more than ``--limit`` or one run lacks a ratio the other
+has (``benchmarks/results/stability-cpu.md`` records such comparisons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def ratios(suite: dict) -> dict[str, float]:
+    """name -> ratio for every ratio in a suite JSON (``python -m benchmarks`` writes ``suite-<device>.json``)."""
+    out = {}
+    for res in suite["results"]:
+        for r in res["rows"]:
+            if "ratio_vs_sgd" in r:  # end to end
+                if r["variant"] != "sgd":
+                    out[f"e2e {res['param_set']}: {r['variant']} / sgd"] = r["ratio_vs_sgd"]
+            elif r.get("speedup_vs_reference") is not None and r["variant"] != "asam-reference":
+                out[f"step {res['param_set']} {res['dtype']}: {r['variant']} vs reference"] = r["speedup_vs_reference"]
+    for res in suite.get("host_overhead", []):
+        for r in res["rows"]:
+            if r["name"] != "official loop":
+                out[f"host {res['param_set']}: {r['name']} vs official loop"] = r["vs_official"]
+    return out
+
+
+def compare(first: dict, second: dict, limit: float) -> tuple[list[tuple[str, float | None, float | None,
+                                                                          float | None]], bool]:
+    """(name, run 1, run 2, change) per ratio, and whether every ratio is in both runs and changed by at most
+    ``limit``."""
+    a, b = ratios(first), ratios(second)
+    rows, ok = [], True
+    for name in [*a, *(n for n in b if n not in a)]:
+        x, y = a.get(name), b.get(name)
+        change = y / x - 1 if x and y else None
+        ok &= change is not None and abs(change) <= limit
+        rows.append((name, x, y, change))
+    return rows, ok
+
+
+def markdown(rows: list, limit: float, ok: bool, labels: tuple[str, str]) -> str:
+    lines = [f"| ratio | {labels[0]} | {labels[1]} | change |", "|---|---:|---:|---:|"]
+    for name, x, y, change in rows:
+        cell = "missing" if change is None else f"{change * 100:+.1f}%" + (" **over**" if abs(change) > limit else "")
+        lines.append(f"| {name} | {_fmt(x)} | {_fmt(y)} | {cell} |")
+    worst = max((abs(c) for *_, c in rows if c is not None), default=0.0)
+    lines += ["", f"Largest change {worst * 100:.1f}%; limit {limit * 100:.0f}%: "
+                  + ("every ratio agrees." if ok else "**not every ratio agrees.**")]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("first", type=Path)
+    parser.add_argument("second", type=Path)
+    parser.add_argument("--limit", type=float, default=0.10, help="largest change allowed (0.10: 10%%)")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    first, second = (json.loads(p.read_text()) for p in (args.first, args.second))
+    rows, ok = compare(first, second, args.limit)
+    labels = tuple(f"{p.parent.name or p.name} ({s['environment'].get('commit', '?')})"
+                   for p, s in ((args.first, first), (args.second, second)))
+    md = markdown(rows, args.limit, ok, labels)
+    print(md, end="")
+    if args.markdown:
+        args.markdown.write_text(md)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
