@@ -9,7 +9,6 @@
 #include <c10/core/UndefinedTensorImpl.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -65,20 +64,19 @@ class Watch {
   Watch(py::list params, py::list absent, int64_t n_kernel, int64_t n_contiguous, int64_t n_plain,
         bool check_params)
       : params_(copy(params)), absent_(copy(absent)), n_kernel_(n_kernel), n_contiguous_(n_contiguous),
-        n_plain_(n_plain), check_params_(check_params) {
+        check_params_(check_params) {
     const std::vector<PyObject*> items = tensors_of(params_, "params");
     absent_items_ = tensors_of(absent_, "absent");
     const auto n = static_cast<int64_t>(items.size());
-    if (n_contiguous < 0 || n_contiguous > n_kernel || n_kernel > n || n_plain < 0 || n_plain > n)
-      throw py::value_error("fastasam._host.Watch: need 0 <= n_contiguous <= n_kernel <= len(params), "
-                            "0 <= n_plain <= len(params)");
+    // the layout _watch.watch passes: kernel tensors (contiguous first), other plain tensors, then DTensors
+    if (n_contiguous < 0 || n_contiguous > n_kernel || n_kernel > n_plain || n_plain > n)
+      throw py::value_error("fastasam._host.Watch: need 0 <= n_contiguous <= n_kernel <= n_plain <= len(params)");
     kernel_.reserve(n_kernel);
     for (int64_t i = 0; i < n_kernel; ++i) {
       const c10::TensorImpl* p = impl_of(items[i]);
       const c10::TensorImpl* g = grad_of(p);
       if (g == nullptr) throw py::value_error("fastasam._host.Watch: a kernel tensor has no gradient");
-      Kernel k{items[i], where(g), check_params && i < n_plain ? where(p) : Where{nullptr, -1}};
-      kernel_.push_back(k);
+      kernel_.push_back({items[i], where(g), check_params ? where(p) : Where{nullptr, -1}});
       if (i >= n_contiguous) {
         auto s = g->strides();
         strides_.emplace_back(s.begin(), s.end());
@@ -91,12 +89,10 @@ class Watch {
 
   // The gradients of the tensors after the kernel ones (a list, in order) when nothing moved, else None.
   py::object check() const {
-    const bool params = check_params_;
-    const int64_t n_plain_kernel = std::min(n_plain_, n_kernel_);
     for (int64_t i = 0; i < n_kernel_; ++i) {
       const Kernel& k = kernel_[i];
       const c10::TensorImpl* p = impl_of(k.param);
-      if (params && i < n_plain_kernel && where(p) != k.param_at) return py::none();
+      if (check_params_ && where(p) != k.param_at) return py::none();
       const c10::TensorImpl* g = grad_of(p);
       if (g == nullptr || where(g) != k.grad_at) return py::none();
       if (i < n_contiguous_) {
@@ -105,7 +101,7 @@ class Watch {
         return py::none();
       }
     }
-    if (params)
+    if (check_params_)
       for (size_t i = 0; i < rest_where_.size(); ++i)
         if (where(impl_of(rest_[i])) != rest_where_[i]) return py::none();
     for (PyObject* a : absent_items_)
@@ -137,7 +133,7 @@ class Watch {
   std::vector<Kernel> kernel_;
   std::vector<PyObject*> rest_, absent_items_;
   std::vector<Where> rest_where_;
-  int64_t n_kernel_, n_contiguous_, n_plain_;
+  int64_t n_kernel_, n_contiguous_;
   bool check_params_;
   std::vector<std::vector<int64_t>> strides_;
 };
