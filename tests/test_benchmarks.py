@@ -102,6 +102,27 @@ def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_coun
         assert tiny[name]["python_calls"] == many[name]["python_calls"] < many["official loop"]["python_calls"] / 100
     assert many["official loop"]["python_calls"] > 10 * tiny["official loop"]["python_calls"]
     assert (tmp_path / "host-overhead-cpu.md").read_text().count("| many_2000 (2000) |") == len(many)
+    for row in [*tiny.values(), *many.values()]:  # both steps of a round: after another variant's, after its own
+        assert row["after_other_us"] > 0 and row["after_other_vs_official"] > 0
+    assert tiny["official loop"]["after_other_vs_official"] == tiny["official loop"]["vs_official"] == 1.0
+
+
+def test_host_overhead_times_a_steady_step_after_each_step_after_another_variant():
+    """Each round a variant makes two steps: the first (right after another variant's) goes to ``first``, the second
+    (right after its own: steady state) is what the round reports."""
+    calls = []
+
+    class Fake:
+        def run(self) -> float:
+            calls.append(len(calls))
+            return float(len(calls))  # 1.0, 2.0, 3.0, ...
+
+    first: list[float] = []
+    times = timing.interleave([("a", host_overhead._two_steps(Fake(), first))], 3)
+    assert first == [1.0, 3.0, 5.0] and times["a"] == [2.0, 4.0, 6.0]
+    calls.clear()  # several steady steps: the round's is their median
+    times = timing.interleave([("a", host_overhead._two_steps(Fake(), [], 3))], 2)
+    assert times["a"] == [3.0, 7.0]  # steps 2-4, then 6-8
 
 
 def test_interleave_runs_every_variant_once_a_round_in_rotated_order():
@@ -262,3 +283,18 @@ def test_compare_reads_every_ratio_of_two_suite_runs_and_fails_on_a_change_over_
     paths["missing"].write_text(json.dumps(missing))
     assert compare.main([str(paths["one"]), str(paths["missing"]), "--markdown", str(tmp_path / "t.md")]) == 1
     assert "missing" in (tmp_path / "t.md").read_text()
+    # the host ratios of the step after another variant's are listed, with their change, and not held to the limit
+    cold = suite(1.15, 2.0, 0.007)
+    cold["host_overhead"][0]["rows"][1]["after_other_vs_official"] = 0.02
+    colder = json.loads(json.dumps(cold))
+    colder["host_overhead"][0]["rows"][1]["after_other_vs_official"] = 0.03
+    paths["cold"], paths["colder"] = tmp_path / "cold.json", tmp_path / "colder.json"
+    paths["cold"].write_text(json.dumps(cold))
+    paths["colder"].write_text(json.dumps(colder))
+    assert compare.main([str(paths["cold"]), str(paths["colder"])]) == 0
+    out = capsys.readouterr().out
+    assert "| host resnet50: fastasam cuda, after another variant | 0.02x | 0.03x | +50.0% |" in out
+    assert "**over**" not in out
+    # a host-overhead JSON (python -m benchmarks.host_overhead) compares too
+    host_only = {"environment": {"commit": "abc"}, "results": cold["host_overhead"]}
+    assert compare.ratios(host_only) == {"host resnet50: fastasam cuda vs official loop": 0.007}
