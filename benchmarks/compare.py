@@ -19,12 +19,15 @@ import sys
 from pathlib import Path
 
 
+def _is_host(res: dict) -> bool:
+    """Whether a ``results`` entry is host work (``host_overhead``'s rows), not step time or end to end."""
+    return bool(res["rows"]) and "vs_official" in res["rows"][0]
+
+
 def _host(suite: dict) -> list[dict]:
     """The host-work results of a suite JSON, or of a ``host-overhead-cpu.json`` (``python -m
     benchmarks.host_overhead``)."""
-    if "host_overhead" in suite:
-        return suite["host_overhead"]
-    return [res for res in suite["results"] if res["rows"] and "vs_official" in res["rows"][0]]
+    return suite["host_overhead"] if "host_overhead" in suite else list(filter(_is_host, suite["results"]))
 
 
 def ratios(suite: dict) -> dict[str, float]:
@@ -32,7 +35,7 @@ def ratios(suite: dict) -> dict[str, float]:
     host-overhead JSON."""
     out = {}
     for res in suite["results"]:
-        if res["rows"] and "vs_official" in res["rows"][0]:
+        if _is_host(res):
             continue  # a host-overhead JSON's results: below
         for r in res["rows"]:
             if "ratio_vs_sgd" in r:  # end to end

@@ -253,7 +253,7 @@ def _two_steps(v: Variant, first: list[float], steady: int = 1) -> Callable[[], 
     ratios report)."""
     def run() -> float:
         first.append(v.run())
-        return statistics.median([v.run() for _ in range(steady)]) if steady > 1 else v.run()
+        return statistics.median([v.run() for _ in range(steady)])
     return run
 
 
@@ -379,10 +379,11 @@ def _worker(param_set: str, variant: str, steps: int, trust_pass: bool = False) 
 def markdown(results: list[dict], env: dict) -> str:
     lines = [f"### Host work of a warm step on {env['device_name']} (tiny CPU tensors, kernel launches no-ops)", "",
              f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}. "
-             f"{results[0]['steps']} interleaved rounds, each variant two steps a round: median us and vs official "
-             "loop (the median of the per-round ratios) of the step right after the variant's own (steady state); "
-             "after another variant: the same of the step before it, right after another variant's (partly cold "
-             "caches). SGD momentum + weight decay, official weight/bias split; "
+             f"{results[0]['steps']} interleaved rounds, in each a variant's step right after another variant's, "
+             f"then steps right after its own ({STEADY_STEPS} for a sub-millisecond variant, their median the "
+             "round's): median us and vs official loop (the median of the per-round ratios) of the latter (steady "
+             "state); after another variant: the same of the former (partly cold caches). SGD momentum + weight "
+             "decay, official weight/bias split; "
              f"the pass over the tensors: {env.get('host_pass', 'python')}.", ""]
     has_cg = any(r.get("instructions") for res in results for r in res["rows"])
     head = ("| parameter set | variant | median us | IQR us | vs official loop | after another variant: us, vs "
