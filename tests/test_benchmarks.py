@@ -4,6 +4,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,27 +103,45 @@ def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_coun
         assert tiny[name]["python_calls"] == many[name]["python_calls"] < many["official loop"]["python_calls"] / 100
     assert many["official loop"]["python_calls"] > 10 * tiny["official loop"]["python_calls"]
     assert (tmp_path / "host-overhead-cpu.md").read_text().count("| many_2000 (2000) |") == len(many)
-    for row in [*tiny.values(), *many.values()]:  # both steps of a round: after another variant's, after its own
-        assert row["after_other_us"] > 0 and row["after_other_vs_official"] > 0
-    assert tiny["official loop"]["after_other_vs_official"] == tiny["official loop"]["vs_official"] == 1.0
+    for res in results:
+        rows = {r["name"]: r for r in res["rows"]}
+        assert res["ratio_of"] == host_overhead.RATIO_OF == "minima"
+        for name, row in rows.items():  # a round: a step after another variant's, then steps after its own
+            assert row["after_other_us"] > 0 and row["after_other_vs_official"] > 0
+            assert 0 < row["min_us"] <= row["median_us"] and row["median_vs_official"] > 0
+            assert row["vs_official"] == pytest.approx(row["min_us"] / rows["official loop"]["min_us"])
+            per_round = host_overhead.STEADY_STEPS if name.startswith(host_overhead.FUSED) else 1
+            assert row["steady_steps"] == 3 * per_round
+        official = rows["official loop"]
+        assert official["after_other_vs_official"] == official["vs_official"] == official["median_vs_official"] == 1
 
 
-def test_host_overhead_times_a_steady_step_after_each_step_after_another_variant():
-    """Each round a variant makes two steps: the first (right after another variant's) goes to ``first``, the second
-    (right after its own: steady state) is what the round reports."""
+def test_host_overhead_times_steady_steps_after_each_step_after_another_variant():
+    """Each round a variant makes a step right after another variant's (to ``first``), then untimed warm-in steps,
+    then steady steps (to ``steady``), whose median the round reports; fused variants get the warm-in and several
+    steady steps, the others one, whatever their speed."""
     calls = []
 
     class Fake:
+        name = "fastasam cuda"
+
         def run(self) -> float:
             calls.append(len(calls))
             return float(len(calls))  # 1.0, 2.0, 3.0, ...
 
     first: list[float] = []
-    times = timing.interleave([("a", host_overhead._two_steps(Fake(), first))], 3)
-    assert first == [1.0, 3.0, 5.0] and times["a"] == [2.0, 4.0, 6.0]
-    calls.clear()  # several steady steps: the round's is their median
-    times = timing.interleave([("a", host_overhead._two_steps(Fake(), [], 3))], 2)
-    assert times["a"] == [3.0, 7.0]  # steps 2-4, then 6-8
+    steady: list[float] = []
+    times = timing.interleave([("a", host_overhead._turn(Fake(), first, steady))], 3)
+    assert first == [1.0, 3.0, 5.0] and times["a"] == steady == [2.0, 4.0, 6.0]
+    calls.clear()  # 2 warm-in steps (not timed), 3 steady steps: the round's is their median
+    first, steady = [], []
+    times = timing.interleave([("a", host_overhead._turn(Fake(), first, steady, 2, 3))], 2)
+    assert first == [1.0, 7.0] and steady == [4.0, 5.0, 6.0, 10.0, 11.0, 12.0] and times["a"] == [5.0, 11.0]
+    assert host_overhead._steady_plan(Fake()) == (host_overhead.WARM_IN, host_overhead.STEADY_STEPS)
+    for name in ("fastasam cuda GSAM", "fastasam triton, Python pass"):
+        assert host_overhead._steady_plan(SimpleNamespace(name=name))[1] == host_overhead.STEADY_STEPS
+    for name in ("official loop", "torch SGD (foreach)", "fastasam foreach", "fastasam reference"):
+        assert host_overhead._steady_plan(SimpleNamespace(name=name)) == (0, 1)
 
 
 def test_interleave_runs_every_variant_once_a_round_in_rotated_order():
@@ -295,6 +314,17 @@ def test_compare_reads_every_ratio_of_two_suite_runs_and_fails_on_a_change_over_
     out = capsys.readouterr().out
     assert "| host resnet50: fastasam cuda, after another variant | 0.02x | 0.03x | +50.0% |" in out
     assert "**over**" not in out
+    colder["host_overhead"][0]["rows"][1]["median_vs_official"] = 0.011  # as loaded: listed, not held either
+    cold["host_overhead"][0]["rows"][1]["median_vs_official"] = 0.01
+    paths["cold"].write_text(json.dumps(cold))
+    paths["colder"].write_text(json.dumps(colder))
+    assert compare.main([str(paths["cold"]), str(paths["colder"])]) == 0
+    assert "| host resnet50: fastasam cuda, median of rounds | 0.01x | 0.011x | +10.0% |" in capsys.readouterr().out
+    # host ratios of different statistics (minima against an older run's per-round medians) are not compared
+    colder["host_overhead"][0]["ratio_of"] = "minima"
+    paths["colder"].write_text(json.dumps(colder))
+    assert compare.main([str(paths["cold"]), str(paths["colder"])]) == 2
+    assert "cannot compare" in capsys.readouterr().err
     # a host-overhead JSON (python -m benchmarks.host_overhead) compares too
     host_only = {"environment": {"commit": "abc"}, "results": cold["host_overhead"]}
     assert compare.ratios(host_only) == {"host resnet50: fastasam cuda vs official loop": 0.007}
