@@ -253,7 +253,7 @@ def tiny_params(param_set: str) -> list:
 
 
 WARM_IN = 4  # a fused variant's untimed steps right after its first, before its timed steady ones
-STEADY_STEPS = 8  # a fused variant's timed steps in a row each round (a step of its own after the warm-in ones)
+STEADY_STEPS = 16  # a fused variant's timed steps in a row each round (a step of its own after the warm-in ones)
 
 
 def _turn(v: Variant, first: list[float], steady: list[float], warm_in: int = 0,
