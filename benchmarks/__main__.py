@@ -26,7 +26,7 @@ from benchmarks import e2e, host_overhead, step_time, timing
 
 def plan(device: torch.device, smoke: bool) -> dict:
     """What to run: step-time (param set, dtype) pairs with their step counts, and the end-to-end configuration."""
-    host = {"param_sets": list(host_overhead.DEFAULT_SETS), "steps": 100, "warmup": 5}
+    host = {"param_sets": list(host_overhead.DEFAULT_SETS), "steps": host_overhead.ROUNDS, "warmup": 5}
     if smoke:
         return {"step_time": [("resnet_tiny", torch.float32)], "steps": 2, "warmup": 1,
                 "variants": ["asam-reference", "asam-auto", "sgd"],

@@ -253,6 +253,10 @@ def tiny_params(param_set: str) -> list:
 
 
 WARM_IN = 4  # a fused variant's untimed steps right after its first, before its timed steady ones
+# Rounds a run makes (the suite's too): the fastest steps are those of the quietest moment of the run, so a longer run
+# finds them more surely. Six runs of 100 rounds at 2,000 tensors: the ratios moved by up to 13% between two of them;
+# the same steps pooled two by two (200 rounds) by up to 11%, three by three (300) by up to 4% (stability-cpu.md).
+ROUNDS = 300
 STEADY_STEPS = 16  # a fused variant's timed steps in a row each round (a step of its own after the warm-in ones)
 
 
@@ -506,7 +510,7 @@ def plot(results: list[dict], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param-sets", nargs="+", default=list(DEFAULT_SETS), choices=sorted(PARAM_SETS))
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=ROUNDS, help="interleaved rounds (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--callgrind", nargs="*", metavar="SET", default=None,
                         help="also count instructions per step under valgrind (for these sets; none named: all)")
