@@ -29,18 +29,19 @@ state, as in a training loop's step after step: the host path's own cost): one f
 for a fused one (``triton``, ``cuda``: 10 us to 1 ms, whose step came down to its floor over ~5 steps of its own
 here) ``WARM_IN`` untimed steps, then ``STEADY_STEPS`` timed ones.
 
-What is reported of the steady steps: their fastest (``min_us``) and the round medians' median and interquartile
-range; the ratio to the official loop held to account (``vs_official``, ``RATIO_OF``) is of the minima, the
-variant's fastest steady step over the official loop's. On a shared machine other work only ever adds to a step's
-time: the fastest step is the host path's own cost, the median is that cost plus what the other tenants took that
-minute. A fused step's objects (~2 MB at 2,000 tensors) do not fit a core's L2, so it runs at the speed of the L3 and
-memory the tenants share: within one process the median ratio of a 2,000-tensor step drifted by 1.7x over 30 s, and
-over five processes it varied by 17%, where the ratio of the minima varied by 8% and the official loop's fastest step
-by 1.3% (``benchmarks/results/stability-cpu.md``). The median of the per-round ratios (``median_vs_official``, what
-the step costs on this machine as loaded) and the first step's (``after_other_vs_official``) are reported beside
-it. Also reported: Python-level calls per step (function calls and C calls from Python code, counted with
-``sys.setprofile``: a number noise does not move), and with ``--callgrind`` instructions per step under valgrind
-(also noise-free). Writes ``benchmarks/results/host-overhead-cpu.{json,md,png}``.
+What is reported of the steady steps: their fastest (``min_us``) and the round medians' median and interquartile range;
+the ratio to the official loop held to account (``vs_official``, ``RATIO_OF``) is of the minima, the variant's fastest
+steady step over the official loop's. On a shared machine other work only ever adds to a step's time: the fastest step
+is the host path's cost with the least of it (the quietest moment of the run), the median is that cost plus what the
+other tenants took that minute. A fused step's objects (~2 MB at 2,000 tensors) do not fit a core's L2, so it runs at
+the speed of the L3 and memory the tenants share: within one process the median ratio of a 2,000-tensor step drifted by
+1.7x over 30 s. Over six processes of 100 rounds the median of the per-round ratios moved by up to 49% between two of
+them, the ratio of the minima by up to 13%, and by up to 4% with the same steps pooled into runs of ``ROUNDS`` = 300
+(``benchmarks/results/stability-cpu.md``). The median of the per-round ratios (``median_vs_official``, what the step
+costs on this machine as loaded) and the first step's (``after_other_vs_official``) are reported beside it. Also
+reported: Python-level calls per step (function calls and C calls from Python code, counted with ``sys.setprofile``: a
+number noise does not move), and with ``--callgrind`` instructions per step under valgrind (also noise-free). Writes
+``benchmarks/results/host-overhead-cpu.{json,md,png}``.
 """
 
 from __future__ import annotations
