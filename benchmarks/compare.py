@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     first, second = (json.loads(p.read_text()) for p in (args.first, args.second))
-    if ratio_of(first) and ratio_of(second) and ratio_of(first) != ratio_of(second):
-        print(f"cannot compare: the host ratios of {args.first} are of {', '.join(sorted(ratio_of(first)))}, those "
-              f"of {args.second} of {', '.join(sorted(ratio_of(second)))}; run both with the same benchmarks "
-              "version", file=sys.stderr)
+    of_first, of_second = ratio_of(first), ratio_of(second)
+    if of_first and of_second and of_first != of_second:
+        print(f"cannot compare: the host ratios of {args.first} are of {', '.join(sorted(of_first))}, those of "
+              f"{args.second} of {', '.join(sorted(of_second))}; run both with the same benchmarks version",
+              file=sys.stderr)
         return 2
     rows, ok = compare(first, second, args.limit)
     labels = tuple(f"{p.parent.name or p.name} ({s['environment'].get('commit', '?')})"

@@ -70,8 +70,9 @@ from fastasam.backends._multi_tensor import MultiTensorBackend
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 DEFAULT_SETS = ("resnet50", "gpt2_medium", "many_2000")
 PYTHON_PASS = ", Python pass"  # the variant's plan checks the tensors with fastasam._watch.PyWatch, not fastasam._host
-FUSED = ("fastasam triton", "fastasam cuda")  # the variants (and their Python-pass and GSAM rows) of the fused path
-PASS_SPLIT = FUSED  # --callgrind also counts these with the pass skipped
+# the variants of the fused path (their names also begin the Python-pass and GSAM rows'); --callgrind also counts
+# these two with the pass over the tensors skipped
+FUSED = ("fastasam triton", "fastasam cuda")
 RATIO_OF = "minima"  # ``vs_official``: a variant's fastest steady step over the official loop's (see the docstring)
 
 
@@ -253,11 +254,11 @@ def tiny_params(param_set: str) -> list:
     return out
 
 
-WARM_IN = 4  # a fused variant's untimed steps right after its first, before its timed steady ones
 # Rounds a run makes (the suite's too): the fastest steps are those of the quietest moment of the run, so a longer run
 # finds them more surely. Six runs of 100 rounds at 2,000 tensors: the ratios moved by up to 13% between two of them;
 # the same steps pooled two by two (200 rounds) by up to 11%, three by three (300) by up to 4% (stability-cpu.md).
 ROUNDS = 300
+WARM_IN = 4  # a fused variant's untimed steps right after its first, before its timed steady ones
 STEADY_STEPS = 16  # a fused variant's timed steps in a row each round (a step of its own after the warm-in ones)
 
 
@@ -299,17 +300,17 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
     official, official_first, floor = times["official loop"], first["official loop"], min(steady["official loop"])
     rows = []
     for v in variants:
-        med = statistics.median(times[v.name])
+        med, fastest = statistics.median(times[v.name]), min(steady[v.name])
         q1, _, q3 = statistics.quantiles(times[v.name], n=4)
-        row = {"name": v.name, "min_us": min(steady[v.name]) * 1e6, "median_us": med * 1e6,
-               "iqr_us": (q3 - q1) * 1e6, "vs_official": min(steady[v.name]) / floor,
+        row = {"name": v.name, "min_us": fastest * 1e6, "median_us": med * 1e6,
+               "iqr_us": (q3 - q1) * 1e6, "vs_official": fastest / floor,
                "median_vs_official": timing.paired_ratio(times[v.name], official),
                "after_other_us": statistics.median(first[v.name]) * 1e6,
                "after_other_vs_official": timing.paired_ratio(first[v.name], official_first),
                "steady_steps": len(steady[v.name]), "python_calls": v.python_calls()}
         if callgrind:
             row["instructions"] = callgrind_instructions(param_set, v.name)
-            if v.name in PASS_SPLIT:
+            if v.name in FUSED:
                 row["instructions_no_pass"] = callgrind_instructions(param_set, v.name, trust_pass=True)
         rows.append(row)
     return {"param_set": param_set, "tensors": len(variants[0].params), "steps": steps, "ratio_of": RATIO_OF,
