@@ -1,8 +1,12 @@
 """Models for the end-to-end benchmark and the trainer, built here so that nothing needs torchvision.
 
-``resnet50()`` has torchvision's ResNet-50 layout and parameter names (checked against
-``param_sets.resnet50``); torchvision's own model is used instead where torchvision imports (``get_model``).
-``resnet_tiny()`` is the same code with one narrow block per stage, for CPU tests.
+``resnet50()`` is torchvision's ResNet-50 (v1.5: stride in the 3x3 convolution): its layout and parameter names
+(checked against ``param_sets.resnet50``) and its default initialisation (``zero_init_residual=False``): convolutions
+``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, BatchNorm weight 1 and bias 0, the classifier
+``nn.Linear``'s own default. Modules are built in torchvision's order (a block's downsample before its
+convolutions), so the same seed gives the same weights. ``get_model`` always builds it here: a run does not
+depend on whether torchvision is installed. ``resnet_tiny()`` is the same code with one narrow block per stage,
+for CPU tests.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, width: int, stride: int = 1) -> None:
         super().__init__()
         out = width * self.expansion
+        downsample = None  # built first and registered last, as torchvision does
+        if stride != 1 or inplanes != out:
+            downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
@@ -24,10 +31,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or inplanes != out:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out))
+        self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -61,9 +65,6 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():  # zero-init the last BN of each block: each residual block starts as identity
-            if isinstance(m, Bottleneck):
-                nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -81,14 +82,9 @@ def resnet_tiny(num_classes: int = 10) -> ResNet:
 
 
 def get_model(arch: str, num_classes: int) -> nn.Module:
-    """``resnet50`` (torchvision's where it imports, else the copy here) or ``resnet_tiny``."""
+    """``resnet50`` (torchvision's ResNet-50, built here whether or not torchvision imports) or ``resnet_tiny``."""
     if arch == "resnet50":
-        try:
-            import torchvision
-
-            return torchvision.models.resnet50(num_classes=num_classes)
-        except Exception:  # noqa: BLE001 - torchvision missing or built against another torch
-            return resnet50(num_classes)
+        return resnet50(num_classes)
     if arch == "resnet_tiny":
         return resnet_tiny(num_classes)
     raise ValueError(f"unknown arch {arch!r}; choose resnet50 or resnet_tiny")

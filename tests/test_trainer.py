@@ -1,18 +1,28 @@
 """The ImageNet trainer on CPU: a tiny ImageFolder made here, a run interrupted and resumed to the same weights,
-torchrun with 2 gloo processes, and the errors for bad input."""
+torchrun with 2 gloo processes, and the errors for bad input; stopping (a signal to one rank, --max-steps at an
+epoch's end), resuming on another number of processes, and the run directory's safety (lock, overwrite, safe loads,
+corrupt checkpoints, a full disk, fsync)."""
 
 from __future__ import annotations
 
+import builtins
+import errno
+import fcntl
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import train_imagenet
+from benchmarks import checkpoint, train_imagenet
+from benchmarks.checkpoint import CheckpointError, RunDirectoryError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +50,19 @@ def _args(data: Path, ckpt: Path, *extra: str) -> list[str]:
 
 
 def _final(ckpt: Path) -> dict:
-    return torch.load(ckpt / "last.pt", weights_only=False)
+    return torch.load(ckpt / "last.pt", weights_only=True)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(image_folder, tmp_path):
-    whole = train_imagenet.main(_args(image_folder, tmp_path / "a"))
+@pytest.fixture(scope="module")
+def whole_run(image_folder, tmp_path_factory) -> tuple[dict, Path]:
+    """An uninterrupted run of ``_args``: 2 epochs of 6 steps, (what main returned, its run directory)."""
+    ckpt = tmp_path_factory.mktemp("whole")
+    return train_imagenet.main(_args(image_folder, ckpt)), ckpt
+
+
+def test_interrupted_run_resumes_to_the_same_weights(image_folder, tmp_path, whole_run):
+    whole, whole_dir = whole_run
+    shutil.copytree(whole_dir, tmp_path / "a")
     assert whole["steps"] == 12 and not whole["stopped"] and whole["images"] == 6
     stopped = train_imagenet.main(_args(image_folder, tmp_path / "b", "--max-steps", "4"))  # mid-epoch 0
     assert stopped == {"steps": 4, "stopped": True}
@@ -71,13 +89,23 @@ def test_other_optimizers_and_bf16_autocast_train(image_folder, tmp_path, opt, i
     assert out["steps"] == 6 and out["images"] == 6
 
 
+def _synthetic_args(ckpt: Path, *extra: str) -> list[str]:
+    return ["--data", "synthetic", "--arch", "resnet_tiny", "--image-size", "16", "--num-classes", "5",
+            "--synthetic-size", "32", "--epochs", "1", "--global-batch", "8", "--amp", "none", "--workers", "0",
+            "--ckpt-dir", str(ckpt), "--print-every", "2", *extra]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "benchmarks.train_imagenet", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def test_torchrun_two_gloo_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "benchmarks.train_imagenet", "--data", "synthetic", "--arch", "resnet_tiny", "--image-size", "16",
-           "--num-classes", "5", "--synthetic-size", "32", "--epochs", "1", "--global-batch", "8", "--amp", "none",
-           "--workers", "0", "--ckpt-dir", str(tmp_path), "--print-every", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(_torchrun(*_synthetic_args(tmp_path)), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 process(es)" in proc.stdout and "step 4/4" in proc.stdout
     assert "(3 images)" in proc.stdout  # the 3 validation images are counted over both ranks
@@ -96,3 +124,351 @@ def test_bad_input_is_named(tmp_path, image_folder):
 def test_paper_preset_sets_the_papers_asam_options():
     args = train_imagenet.parse_args(["--preset", "paper-asam", "--epochs", "3"])
     assert (args.arch, args.opt, args.rho, args.eta, args.epochs) == ("resnet50", "asam", 1.0, 0.01, 3)
+
+
+# --- stopping: a signal to one rank, --max-steps at an epoch's end --------------------------------------------------
+
+def _tagged_pids(tag: str, *env: str) -> list[int]:
+    """The pids whose environment carries ``STOP_TEST_TAG=tag`` and every ``env`` entry (Linux /proc)."""
+    want = {f"STOP_TEST_TAG={tag}".encode(), *(e.encode() for e in env)}
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and want <= set((d / "environ").read_bytes().split(b"\0")):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _worker_pid(tag: str, rank: int, deadline: float) -> int:
+    """The pid of the torchrun worker of ``rank`` started with ``tag``."""
+    while time.monotonic() < deadline:
+        pids = _tagged_pids(tag, f"RANK={rank}")
+        if pids:
+            return pids[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.fixture(scope="module")
+def ddp_run_stopped_by_sigterm_to_rank_1(tmp_path_factory) -> tuple[Path, int, str]:
+    """A 2-process run (100 epochs of 4 steps) that gets SIGTERM on rank 1 only, after rank 0 printed step 2:
+    (its run directory, the step it stopped at, its stdout)."""
+    ckpt, tag = tmp_path_factory.mktemp("sigterm"), uuid.uuid4().hex
+    proc = subprocess.Popen(_torchrun(*_synthetic_args(ckpt, "--epochs", "100", "--print-every", "1")), cwd=ROOT,
+                            env={**ENV, "STOP_TEST_TAG": tag}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if " (2/400) " in line:
+                break
+        os.kill(_worker_pid(tag, 1, time.monotonic() + 30), signal.SIGTERM)
+        signalled = time.monotonic()
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+    except BaseException:
+        for pid in [proc.pid, *_tagged_pids(tag)]:  # torchrun's workers lead sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        raise
+    stdout = "".join(out) + rest
+    assert proc.returncode == 0, stdout  # torchrun exits 0 only when both ranks did
+    assert elapsed < 20, stdout
+    stops = [line for line in stdout.splitlines() if line.startswith("stopped at step")]
+    assert len(stops) == 1 and "(signal)" in stops[0], stdout
+    return ckpt, int(stops[0].split()[3]), stdout
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_bit_exact(ddp_run_stopped_by_sigterm_to_rank_1,
+                                                                            tmp_path):
+    stopped_dir, stop, _ = ddp_run_stopped_by_sigterm_to_rank_1
+    assert 2 <= stop < 400
+    state = _final(stopped_dir)
+    assert (state["step"], state["world"]) == (stop, 2)
+    assert (state["epoch"], state["step_in_epoch"]) == ((stop - 1) // 4, (stop - 1) % 4 + 1)
+    assert sorted(p.name for p in stopped_dir.iterdir()) == [".lock", "last.pt", "log.jsonl"]  # no temporary file
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(stopped_dir, resumed_dir)
+    end = str(stop + 3)
+    for cmd in (_torchrun(*_synthetic_args(resumed_dir, "--epochs", "100", "--resume", "--max-steps", end)),
+                _torchrun(*_synthetic_args(tmp_path / "whole", "--epochs", "100", "--max-steps", end))):
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = _final(tmp_path / "whole"), _final(resumed_dir)
+    assert a["step"] == b["step"] == stop + 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_resume_on_one_process_of_a_two_process_run(ddp_run_stopped_by_sigterm_to_rank_1, tmp_path, capsys):
+    """The documented behaviour: it continues (same global sample order, a printed note), and the new checkpoint
+    records the new number of processes."""
+    stopped_dir, stop, _ = ddp_run_stopped_by_sigterm_to_rank_1
+    shutil.copytree(stopped_dir, tmp_path / "one")
+    out = train_imagenet.main(_synthetic_args(tmp_path / "one", "--epochs", "100", "--resume", "--max-steps",
+                                              str(stop + 2)))
+    assert out["steps"] == stop + 2 and out["stopped"]
+    printed = capsys.readouterr().out
+    assert "written by 2 process(es), this run has 1" in printed and "same images" in printed
+    state = _final(tmp_path / "one")
+    assert (state["step"], state["world"], state["global_batch"]) == (stop + 2, 1, 8)
+
+
+def test_global_sample_order_does_not_depend_on_the_number_of_processes():
+    """Step k trains on the same images over all ranks for 1, 2 or 3 processes, also from a mid-epoch start
+    (27 images, global batch 6: 4 steps, the 3 images left over never padded in)."""
+    def global_batches(world: int, start: int) -> list[list[int]]:
+        per_rank = []
+        for rank in range(world):
+            sampler, batch, steps = train_imagenet.train_sampler(27, 6, rank, world, seed=3)
+            assert (batch, steps) == (6 // world, 4)
+            sampler.set_epoch(5, start * batch)
+            idx = list(sampler)[: (steps - start) * batch]
+            per_rank.append([idx[k * batch:(k + 1) * batch] for k in range(steps - start)])
+        return [sorted(sum((r[k] for r in per_rank), [])) for k in range(len(per_rank[0]))]
+
+    for start in (0, 2):
+        one = global_batches(1, start)
+        assert len(one) == 4 - start and len(set(sum(one, []))) == 6 * (4 - start)
+        assert global_batches(2, start) == one and global_batches(3, start) == one
+
+
+def test_a_second_signal_ends_a_stopping_process_at_once():
+    code = ("import os, signal, time\n"
+            "from benchmarks.train_imagenet import Stop\n"
+            "with Stop() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    assert stop.signum == signal.SIGTERM\n"
+            "    print('stopping', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=50)
+    assert proc.stdout == "stopping\n", proc.stderr
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - t0 < 40
+    before = signal.getsignal(signal.SIGTERM)
+    with train_imagenet.Stop():
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are put back
+
+
+def _evals(ckpt: Path) -> list[dict]:
+    return [e for e in map(json.loads, (ckpt / "log.jsonl").read_text().splitlines()) if "top1" in e]
+
+
+@pytest.mark.parametrize("how", ["max-steps", "signal"])
+def test_a_stop_at_an_epochs_last_step_keeps_its_evaluation(image_folder, tmp_path, monkeypatch, how, whole_run):
+    whole, whole_dir = whole_run  # 2 epochs of 6 steps
+    shutil.copytree(whole_dir, tmp_path / "a")
+    if how == "max-steps":
+        out = train_imagenet.main(_args(image_folder, tmp_path / "b", "--max-steps", "6"))
+    else:  # SIGTERM arrives during step 6, the last of epoch 0
+        lr_factor = train_imagenet.lr_factor
+
+        def signal_at_step_6(step, *a):
+            if step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return lr_factor(step, *a)
+
+        monkeypatch.setattr(train_imagenet, "lr_factor", signal_at_step_6)
+        out = train_imagenet.main(_args(image_folder, tmp_path / "b"))
+        monkeypatch.setattr(train_imagenet, "lr_factor", lr_factor)
+    assert out["steps"] == 6 and out["stopped"]
+    resumed = train_imagenet.main(_args(image_folder, tmp_path / "b", "--resume"))
+    assert resumed["steps"] == 12 and not resumed["stopped"]
+    assert _evals(tmp_path / "b") == _evals(tmp_path / "a")
+    assert [e["epoch"] for e in _evals(tmp_path / "a")] == [0, 1]
+    assert whole["epoch"] == resumed["epoch"] == 1 and whole["top1"] == resumed["top1"]
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_the_logged_evaluation_has_the_consoles_epoch(image_folder, tmp_path, capsys):
+    train_imagenet.main(_args(image_folder, tmp_path, "--epochs", "1"))
+    assert "epoch 0 eval: top-1" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log if "top1" in e] == [0] and {e["epoch"] for e in log if "loss" in e} == {0}
+
+
+# --- the run directory: lock, overwrite, checkpoint files ------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_directory_is_refused(image_folder, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 424242 on elsewhere\n")
+        held.flush()
+        with pytest.raises(RunDirectoryError, match="in use by another run.*pid 424242"):
+            train_imagenet.main(_args(image_folder, tmp_path, "--epochs", "1", "--max-steps", "1"))
+        assert not (tmp_path / "log.jsonl").exists() and not (tmp_path / "last.pt").exists()
+    out = train_imagenet.main(_args(image_folder, tmp_path, "--epochs", "1", "--max-steps", "1"))  # lock released
+    assert out["steps"] == 1
+
+
+def test_an_existing_run_is_not_overwritten_without_a_flag(image_folder, tmp_path):
+    train_imagenet.main(_args(image_folder, tmp_path, "--max-steps", "2", "--print-every", "1"))
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(RunDirectoryError, match="holds a run.*--resume.*--overwrite"):
+        train_imagenet.main(_args(image_folder, tmp_path, "--max-steps", "1"))
+    assert (tmp_path / "last.pt").read_bytes() == before
+    out = train_imagenet.main(_args(image_folder, tmp_path, "--max-steps", "1", "--print-every", "1", "--overwrite"))
+    assert out["steps"] == 1 and _final(tmp_path)["step"] == 1
+    assert [e["step"] for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1]
+    with pytest.raises(SystemExit):
+        train_imagenet.parse_args(["--resume", "--overwrite"])
+
+
+class _CreatesAFile:
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return builtins.open, (self.path, "w")
+
+
+def test_a_crafted_checkpoint_is_refused_unexecuted(image_folder, tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "run").mkdir()
+    torch.save({"model": _CreatesAFile(marker), "step": 0}, tmp_path / "run" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*last\.pt.*objects other than tensors"):
+        train_imagenet.main(_args(image_folder, tmp_path / "run", "--resume"))
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(image_folder, tmp_path_factory) -> bytes:
+    ckpt = tmp_path_factory.mktemp("good")
+    train_imagenet.main(_args(image_folder, ckpt, "--max-steps", "1"))
+    return (ckpt / "last.pt").read_bytes()
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("empty", r"last\.pt is empty \(0 bytes\)"),
+    ("truncated", r"last\.pt \(\d+ bytes\) is truncated or not a torch checkpoint"),
+    ("garbage", r"last\.pt \(\d+ bytes\) is (truncated or )?not a torch checkpoint"),
+    ("foreign", r"last\.pt is not a checkpoint of this trainer: it lacks \['model', 'optimizer'"),
+])
+def test_a_bad_checkpoint_is_a_clear_error_naming_the_file(image_folder, tmp_path, good_checkpoint, kind, match):
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "last.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(good_checkpoint[: len(good_checkpoint) // 2])
+    elif kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all\n" * 10)
+    else:  # a model's bare state_dict
+        torch.save(train_imagenet.get_model("resnet_tiny", 3).state_dict(), path)
+    with pytest.raises(CheckpointError, match=match) as err:
+        train_imagenet.main(_args(image_folder, run, "--resume"))
+    assert str(path) in str(err.value)
+
+
+def test_resume_with_another_global_batch_is_refused(image_folder, tmp_path):
+    train_imagenet.main(_args(image_folder, tmp_path, "--max-steps", "1"))
+    with pytest.raises(CheckpointError, match="--global-batch 4 and 6 steps per epoch.*--global-batch 8"):
+        train_imagenet.main(_args(image_folder, tmp_path, "--resume", "--global-batch", "8"))
+
+
+def _mount_small_tmpfs(mnt: Path) -> bool:
+    mnt.mkdir()
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                                capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "simulated"])
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(image_folder, tmp_path, monkeypatch, disk):
+    """A 1 MiB tmpfs filled but for 32 KiB (the checkpoint needs ~100 KiB; mounting needs root), and a simulated
+    full disk: torch.save's writer failing as it does on ENOSPC (the OSError as the context of its RuntimeError)."""
+    mnt = tmp_path / "disk"
+    if disk == "tmpfs":
+        if not _mount_small_tmpfs(mnt):
+            pytest.skip("mounting a tmpfs needs root; the simulated case runs everywhere")
+        (mnt / "filler").write_bytes(b"\0" * (shutil.disk_usage(mnt).free - 32 * 1024))
+    else:
+        mnt.mkdir()
+        real_save = torch.save
+
+        def save(obj, f, *a, **k):
+            if isinstance(f, str | Path):
+                return real_save(obj, f, *a, **k)
+            f.write(b"PK\3\4partial")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+        monkeypatch.setattr(torch, "save", save)
+    run = mnt / "run"
+    try:
+        with pytest.raises(CheckpointError, match=r"could not write the checkpoint .*last\.pt: the disk is full "
+                                                  r"\(\d+\.\d MiB free on .*\)") as err:
+            train_imagenet.main(_args(image_folder, run, "--max-steps", "1"))
+        assert str(run / "last.pt") in str(err.value)
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "log.jsonl"]  # no last.pt.tmp
+    finally:
+        if disk == "tmpfs" and subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mnt)], check=True)  # a file left open: detach it anyway
+
+
+def test_a_checkpoint_is_fsynced_with_its_directory(image_folder, tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    train_imagenet.main(_args(image_folder, tmp_path, "--max-steps", "1"))
+    assert str(tmp_path / "last.pt.tmp") in synced and str(tmp_path) in synced
+    assert synced.index(str(tmp_path / "last.pt.tmp")) < synced.index(str(tmp_path))
+
+
+def test_a_checkpoint_holds_only_what_loads_with_weights_only(tmp_path):
+    with pytest.raises(TypeError, match=r"state\['args'\]\['dir'\] is a pathlib.*PosixPath.*weights_only=True"):
+        checkpoint.save_checkpoint(tmp_path / "last.pt", {"args": {"dir": tmp_path}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_default_run_directory_is_git_ignored():
+    assert train_imagenet.parse_args([]).ckpt_dir == Path("runs/imagenet")
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "check-ignore", "-q", "runs/imagenet/last.pt"], cwd=ROOT)
+    assert proc.returncode == 0
+
+
+def test_resnet50_is_torchvisions_with_its_default_init(monkeypatch):
+    """torchvision's documented init (zero_init_residual=False): convolutions kaiming_normal_(fan_out, relu), every
+    BatchNorm weight 1 and bias 0 (the last BN of each block too), and the Linear's default; one model whether or
+    not torchvision imports."""
+    fake = type(sys)("torchvision")
+    fake.models = type(sys)("torchvision.models")
+    fake.models.resnet50 = lambda **k: pytest.fail("get_model used torchvision's model")
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.models", fake.models)
+    torch.manual_seed(0)
+    model = train_imagenet.get_model("resnet50", 1000)
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+        elif isinstance(m, torch.nn.Conv2d):
+            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            std = (2 / fan_out) ** 0.5
+            assert abs(m.weight.std().item() / std - 1) < 0.1 and abs(m.weight.mean().item()) < 0.1 * std, name
+    bound = 1 / 2048**0.5
+    assert model.fc.weight.abs().max() <= bound and model.fc.weight.std() > 0.9 * bound / 3**0.5
