@@ -129,7 +129,7 @@ def _extensions() -> tuple[list, dict]:
             "fastasam._C", ["csrc/binding.cpp", "csrc/multi_tensor.cu"],
             # the binding records the target list in fastasam._C.archs (host compiler only: nvcc would split the
             # value at its commas)
-            extra_compile_args={"cxx": ["-O3", f"-DFASTASAM_CUDA_ARCHS={archs}"], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": ["-O3", f"-DFASTASAM_CUDA_ARCHS={archs}"], "nvcc": list(_toolchain.NVCC_FLAGS)},
         )
         ext.flag = "FASTASAM_BUILD_CUDA"
         exts.append(ext)

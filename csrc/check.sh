@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Compile every pure-CUDA source for sm_80 (A100) and sm_90 (H100/H200) with nvcc, warnings as errors, and report
 # the 16-byte vector loads in each kernel's PTX. Needs only nvcc (no GPU, no PyTorch): CI runs it.
+# The floating-point contraction policy (multi_tensor.cu's header): compiled with -fmad=false, as setup.py and the
+# just-in-time build compile it (fastasam/_toolchain.py: NVCC_FLAGS), the PTX must hold no fma and no add/sub/mul
+# without a rounding mode (ptxas may fuse those). A deliberate __fmaf_rn / fma() would show there too: the kernels
+# have none.
 # binding.cpp needs PyTorch's CUDA headers and is compiled by setup.py where those exist.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -9,13 +13,24 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
     echo "csrc/check.sh: nvcc not found (set NVCC=/path/to/nvcc); CUDA sources not checked" >&2
     exit 1
 fi
+NVCC_FLAGS=(-std=c++17 -O3 -fmad=false)
+# a contracted (fma) or contractible (add/sub/mul without a rounding mode) floating-point PTX instruction
+CONTRACTED='^\s*(@!?%p[0-9]+\s+)?(fma(\.[a-z0-9]+)*|(add|sub|mul)(\.ftz)?(\.sat)?)\.(f16|bf16|f32|f64|f16x2|bf16x2)\s'
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 for src in *.cu; do
     for arch in 80 90; do
-        "$NVCC" -std=c++17 -O3 -arch=sm_$arch -Werror all-warnings -Xcompiler -Wall,-Wextra -c "$src" \
+        "$NVCC" "${NVCC_FLAGS[@]}" -arch=sm_$arch -Werror all-warnings -Xcompiler -Wall,-Wextra -c "$src" \
             -o "$out/${src%.cu}.sm_$arch.o"
-        "$NVCC" -std=c++17 -O3 -arch=sm_$arch -ptx "$src" -o "$out/${src%.cu}.sm_$arch.ptx"
+        "$NVCC" "${NVCC_FLAGS[@]}" -arch=sm_$arch -ptx "$src" -o "$out/${src%.cu}.sm_$arch.ptx"
+        n=$(grep -cE "$CONTRACTED" "$out/${src%.cu}.sm_$arch.ptx" || true)
+        if [ "$n" -ne 0 ]; then
+            echo "csrc/check.sh: $src sm_$arch: $n contracted or contractible floating-point instructions in the PTX" \
+                 "(fma, or add/sub/mul without .rn); the kernels must round every product and sum" >&2
+            grep -m 5 -nE "$CONTRACTED" "$out/${src%.cu}.sm_$arch.ptx" >&2
+            exit 1
+        fi
+        printf '  %s sm_%s no fma, every fp add/sub/mul rounded (.rn)\n' "$src" "$arch"
         for k in sqnorm_kernel perturb_kernel restore_kernel restore_sgd_kernel restore_adam_kernel dots_kernel \
                  combine_kernel_keep combine_kernel_look_full combine_kernel_look_one combine_kernel_gsam; do
             # 16-byte loads in each kernel's three instantiations (fp32, fp16, bf16)

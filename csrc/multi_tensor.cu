@@ -4,6 +4,19 @@
 // One block per chunk. A row whose tensors are all 16-byte aligned is processed 16 bytes per thread per iteration
 // (4 fp32 or 8 fp16/bf16 values, one vector load per tensor); other rows, and the last few elements of a chunk,
 // element by element. Offsets are int64 (tensors over 2^31 elements).
+//
+// Floating-point contraction: none. Every product and every sum rounds once, in the order written; nothing is fused
+// into a multiply-add. nvcc contracts a * b + c by default (-fmad=true), so this file is compiled with -fmad=false
+// everywhere it is built (setup.py and the just-in-time build take fastasam/_toolchain.py's NVCC_FLAGS;
+// csrc/check.sh uses the same flag and fails on any fma, or add/sub/mul without a rounding mode, in the PTX). The
+// __fmul_rn / __fadd_rn spelled out below say the same where the order matters most (GSAM's x * G + y * K). The
+// Triton kernels (kernels/multi_tensor.py) follow the same policy (enable_fp_fusion=False), the CPU shim that runs
+// this file in tests is compiled with -ffp-contract=off, and Triton's interpreter never fuses, so all four agree bit
+// for bit on every elementwise result from the same inputs (perturbation, restore, fused updates, combinations).
+// The reductions (squared norm, dots) are deterministic but summed in each backend's own order (chunk size, block
+// sums), so they agree across backends and with torch only to rounding; comparisons with torch's own optimizers
+// hold within a bound where torch rounds differently (fp16/bf16 after every op in its foreach paths). The kernels
+// are bound by memory bandwidth: the fused multiply-adds forgone cost nothing measurable.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

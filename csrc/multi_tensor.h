@@ -33,6 +33,9 @@
 #define FA_OPT_SHIFT 8
 #define FA_HYPER_SHIFT 32
 #define FA_SLOT_MASK 16777215
+// flags bits FA_ALIGN_SHIFT..+6: the host marks each address column 16-byte aligned (for the Triton kernels; these
+// kernels check the addresses themselves)
+#define FA_ALIGN_SHIFT 56
 #define FA_OPT_ETA 0
 #define FA_OPT_RHO 1
 #define FA_OPT_ADAPTIVE 2

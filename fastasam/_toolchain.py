@@ -8,6 +8,10 @@ import os
 from pathlib import Path
 
 DEFAULT_ARCHS = "8.0;9.0"  # A100, H100/H200: the targets when no GPU is visible
+# nvcc flags of csrc/multi_tensor.cu wherever it is built (setup.py, the just-in-time build; csrc/check.sh repeats
+# them): -fmad=false, no floating-point contraction (nvcc fuses a * b + c by default), so that the cuda backend
+# computes the numbers of the Triton kernels, the CPU shim and the oracle (csrc/multi_tensor.cu's header)
+NVCC_FLAGS = ("-O3", "-fmad=false")
 
 
 def find_cuda_home(env: dict[str, str]) -> str | None:

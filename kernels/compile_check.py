@@ -1,23 +1,29 @@
-"""Compile every Triton kernel for real GPU targets without a GPU, and report how its global loads came out.
+"""Compile every Triton kernel for real GPU targets without a GPU, and report how its global loads and its
+floating-point arithmetic came out.
 
 ``python -m fastasam.kernels.compile_check [--arch 80 90]`` lowers each kernel to PTX and a cubin with Triton's own
-toolchain (ptxas ships with the triton wheel) for the given compute capabilities, for fp32 and bf16 storage, and
-prints one line per kernel: the number of 16-byte vector loads (``ld.global.v4``) and of all global loads. It exits
-non-zero when a kernel fails to compile or when the aligned kernels contain no vector load. Run it with
-``TRITON_INTERPRET`` unset: the interpreter replaces the kernels by Python functions.
+toolchain (ptxas ships with the triton wheel) for the given compute capabilities, for fp32 and bf16 storage, with the
+compile options the ``triton`` backend launches with (``multi_tensor.COMPILE_OPTIONS``), in two variants: ``vector``
+(``ALIGNED=True``: the vector path for rows marked 16-byte aligned and the element path for the others, chosen per
+row at run time) and ``element`` (``ALIGNED=False``: a table without aligned rows, the element path alone). It prints
+one line per kernel and variant: the number of 16-byte vector loads (``ld.global.v4``), of all global loads, and of
+contractible floating-point instructions (``fma``, and ``add``/``sub``/``mul`` without a rounding mode, which ptxas
+may fuse). It exits non-zero when a kernel fails to compile, when a ``vector`` variant contains no vector load, or
+when any variant contains a contractible instruction (the contraction policy of ``multi_tensor``: every product and
+sum rounds once). Run it with ``TRITON_INTERPRET`` unset: the interpreter replaces the kernels by Python functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 _DTYPES = ("fp32", "bf16")
 
 _UPDATE_ARGS = [("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32"), ("sums", "*fp64"), ("alpha", "*fp64")]
-# kernel name -> runtime arguments (name, Triton type; "P" = pointer of the storage dtype's accumulate type) and the
-# constexpr options besides DTYPE/ACC/CHUNK/BLOCK/ALIGNED
+# kernel name -> runtime arguments (name, Triton type) and the constexpr options besides DTYPE/ACC/CHUNK/BLOCK/ALIGNED
 _KERNELS = {
     "sqnorm_kernel": (
         [("rows", "*i64"), ("chunks", "*i32"), ("opts", "*fp32"), ("partials", "*fp32"), ("counter", "*i32"),
@@ -43,7 +49,37 @@ for _mode, _code in (("keep", 0), ("look_full", 1), ("look_one", 2), ("gsam", 3)
         [("rows", "*i64"), ("chunks", "*i32"), ("sums", "*fp64"), ("alpha", "*fp64")], {"MODE": _code})
 
 
-def compile_all(archs: list[int], dtypes: list[str], chunk: int = 1 << 14, block: int = 1 << 10) -> list[dict]:
+# a floating-point instruction the compiler contracted (fma), or one ptxas may still contract: add/sub/mul without a
+# rounding mode (PTX: "mul/add sequences with no rounding modifiers may be optimized to use fused-multiply-add")
+_FMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?fma(?:\.\w+)*\.(?:f16|bf16|f32|f64|f16x2|bf16x2)\s+([^;]*);", re.M)
+_UNROUNDED = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:add|sub|mul)(?:\.ftz)?(?:\.sat)?\.(?:f16|bf16|f32|f64|f16x2|bf16x2)\s",
+                        re.M)
+# +-1 in bf16, fp16 (and two of them packed) and fp32, as PTX writes a register's constant. An fma by +-1 is an exact
+# add or subtract: how sm_80 subtracts bf16 values (LLVM computes a bf16 -> fp32 -> bf16 difference in bf16, which
+# rounds the same), not a contraction.
+_ONES = {"0x3F80", "0xBF80", "0x3C00", "0xBC00",  # bf16, fp16
+         "1065369472", "-1082081408", "1006648320", "-1140802560",  # the same, two packed in 32 bits (decimal)
+         "0f3F800000", "0fBF800000"}  # fp32
+_MOV_CONST = re.compile(r"^\s*mov\.b(?:16|32)\s+(%\w+),\s*([^;\s]+);", re.M)
+VARIANTS = {"vector": True, "element": False}  # variant -> ALIGNED
+
+
+def contractible(ptx: str) -> int:
+    """The PTX instructions that are, or may become, fused multiply-adds (an fma by a register holding +-1, an exact
+    add or subtract, is not one)."""
+    ones = {reg for reg, value in _MOV_CONST.findall(ptx) if value in _ONES}
+    fused = 0
+    for operands in _FMA.findall(ptx):
+        a, b = [x.strip() for x in operands.split(",")][1:3]
+        fused += a not in ones and b not in ones
+    return fused + len(_UNROUNDED.findall(ptx))
+
+
+def compile_all(archs: list[int], dtypes: list[str], chunk: int = 1 << 14, block: int = 1 << 10,
+                kernels: list[str] | None = None, variants: list[str] | None = None,
+                options: dict | None = None) -> list[dict]:
+    """One dict per (arch, dtype, kernel, variant) compiled; ``options``: Triton compile options over the backend's
+    own (``num_warps``, ``multi_tensor.COMPILE_OPTIONS``)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("compile_check: unset TRITON_INTERPRET; the interpreter does not compile kernels.")
     import triton
@@ -52,24 +88,39 @@ def compile_all(archs: list[int], dtypes: list[str], chunk: int = 1 << 14, block
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    opts = {"num_warps": 4, **K.COMPILE_OPTIONS, **(options or {})}
     tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16}
     rows = []
     for arch in archs:
         for dtype in dtypes:
-            for name, (args, extra) in _KERNELS.items():
-                signature = dict(args)
-                const = {"DTYPE": tl_dtype[dtype], "ACC": tl.float32, "CHUNK": chunk, "BLOCK": block,
-                         "ALIGNED": True, **extra}
-                signature.update({k: "constexpr" for k in const})
-                src = ASTSource(fn=getattr(K, name.split("/")[0]), signature=signature, constexprs=const)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-                ptx = compiled.asm["ptx"]
-                rows.append({
-                    "arch": arch, "dtype": dtype, "kernel": name, "cubin_bytes": len(compiled.asm["cubin"]),
-                    "vector_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
-                    "global_loads": ptx.count("ld.global"),
-                })
+            for name in kernels or list(_KERNELS):
+                args, extra = _KERNELS[name]
+                for variant in variants or list(VARIANTS):
+                    signature = dict(args)
+                    const = {"DTYPE": tl_dtype[dtype], "ACC": tl.float32, "CHUNK": chunk, "BLOCK": block,
+                             "ALIGNED": VARIANTS[variant], **extra}
+                    signature.update({k: "constexpr" for k in const})
+                    src = ASTSource(fn=getattr(K, name.split("/")[0]), signature=signature, constexprs=const)
+                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+                    ptx = compiled.asm["ptx"]
+                    rows.append({
+                        "arch": arch, "dtype": dtype, "kernel": name, "variant": variant,
+                        "cubin_bytes": len(compiled.asm["cubin"]),
+                        "vector_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
+                        "global_loads": ptx.count("ld.global"),
+                        "contractible": contractible(ptx),
+                    })
     return rows
+
+
+def verdict(row: dict) -> str:
+    """"ok", or what is wrong with a compiled kernel."""
+    problems = []
+    if row["variant"] == "vector" and row["vector_loads"] == 0:
+        problems.append("NO VECTOR LOADS")
+    if row["contractible"]:
+        problems.append("CONTRACTIBLE FP ARITHMETIC")
+    return ", ".join(problems) or "ok"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,15 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=list(_DTYPES), choices=_DTYPES)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows = compile_all(args.arch, args.dtype)
     bad = 0
     for r in rows:
-        ok = r["vector_loads"] > 0
-        bad += not ok
-        verdict = "ok" if ok else "NO VECTOR LOADS"
-        print(f"sm_{r['arch']} {r['dtype']:>4} {r['kernel']:<24} cubin {r['cubin_bytes']:>7} B  "
-              f"ld.global.v4 {r['vector_loads']:>3} / ld.global {r['global_loads']:>3}  {verdict}")
+        v = verdict(r)
+        bad += v != "ok"
+        print(f"sm_{r['arch']} {r['dtype']:>4} {r['kernel']:<24} {r['variant']:<7} cubin {r['cubin_bytes']:>7} B  "
+              f"ld.global.v4 {r['vector_loads']:>3} / ld.global {r['global_loads']:>3}  "
+              f"fma/unrounded {r['contractible']:>3}  {v}")
     return 1 if bad else 0
 
 

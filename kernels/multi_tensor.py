@@ -1,22 +1,48 @@
 """Triton multi-tensor kernels: every phase of a sharpness-aware step over all tensors of one (device, dtype) bucket in
 one launch.
 
-The host (``fastasam/backends/_tables.py``, shared with the CUDA C++ kernels in ``csrc/``) describes a bucket with small
-device tables, built once and reused while nothing moves:
+The host (``fastasam/backends/_multi_tensor.py``, shared with the CUDA C++ kernels in ``csrc/``) describes a bucket
+with small device tables, built once and reused while nothing moves:
 
 * ``rows``   int64[N, NCOL]: per tensor the addresses of the parameter, its gradient, the restore buffer and up to
   three optimizer-state tensors, the element count and a flags word (bit 1: the state is new this step; bits 8..31:
-  the tensor's row in ``opts``; bits 32..55: its row in ``hyper``);
+  the tensor's row in ``opts``; bits 32..55: its row in ``hyper``; bits 56..62: which address columns are 16-byte
+  aligned, written by the host with the addresses);
 * ``chunks`` int32[C, 2]: (tensor row, chunk number); program ``pid`` handles elements
   ``[chunk * CHUNK, min((chunk + 1) * CHUNK, numel))`` of its tensor, so a 2-element bias and a 2M-element weight are
   scheduled alike and one launch covers the whole model;
 * ``opts``   ACC[G, NOPT]: per parameter group eta, rho, adaptive (0/1) and the norm's eps;
-* ``hyper``  fp32[H, NHYPER]: per base-optimizer group the update's hyper-parameters (see ``_sgd`` / ``_adam`` below),
-  each computed on the host in double precision as torch.optim computes it, then rounded once.
+* ``hyper``  fp32[H, NHYPER]: per base-optimizer group the update's hyper-parameters (see ``_sgd_block`` /
+  ``_adam_block`` below), each computed on the host in double precision as torch.optim computes it, then rounded
+  once.
 
-Inside a chunk, full blocks of ``BLOCK`` elements are loaded without a mask (so 16-byte aligned tensors get vector
-loads) and one masked block finishes the tail. Math runs in ``ACC`` (fp32, or fp64 for fp64 storage); every store
-rounds once to the storage dtype. Offsets are int64, so tensors over 2^31 elements are addressed correctly.
+Inside a chunk, full blocks of ``BLOCK`` elements are loaded without a mask and one masked block finishes the tail.
+Vector loads are decided per tensor: a row whose flags mark every column the kernel reads 16-byte aligned takes the
+vector path (the pointers carry ``tl.multiple_of(., 16)``, so full blocks become 16-byte accesses), any other row
+the element path, in the same launch; one misaligned tensor (a view at an odd offset) costs only itself. The
+``ALIGNED`` option says whether a table has aligned rows at all (without, the vector path is not compiled). Math runs
+in ``ACC`` (fp32, or fp64 for fp64 storage); every store rounds once to the storage dtype. Offsets are int64, so
+tensors over 2^31 elements are addressed correctly.
+
+Floating-point contraction: none. Every product and every sum in these kernels rounds once, in ``ACC``, in the
+order written; nothing is fused into a multiply-add (``COMPILE_OPTIONS``: ``enable_fp_fusion=False``, which every
+launch passes and ``compile_check`` verifies in the PTX). The CUDA kernels (``csrc/multi_tensor.cu``) follow the same
+policy (nvcc ``-fmad=false``, checked by ``csrc/check.sh``), the CPU shim that runs them in tests is compiled with
+``-ffp-contract=off``, and Triton's interpreter never fuses. Hence:
+
+* bit for bit, across ``triton``, ``cuda``, the shim and the interpreter: every elementwise result from the same
+  inputs, i.e. the perturbation from a given squared norm, the restore, the fused SGD / Adam / AdamW updates,
+  ``combine`` and GSAM's direction ``x * G + y * K``; and against torch evaluating the same expression op by op
+  (``combine``, GSAM's direction: two rounded products, then the rounded sum);
+* within a bound only: the reductions (the squared norm, ``dots``): each backend sums per-chunk partials in its own
+  fixed order (Triton's and CUDA's chunks and block sums differ, and differ from torch's order), so they are
+  deterministic run to run but agree with each other and with the oracle only to rounding, and what derives from
+  them (the perturbation's scale, LookSAM's and GSAM's coefficients) inherits that; and comparisons with torch's own
+  optimizers where torch computes otherwise (its foreach / per-tensor paths round fp16 / bf16 after every op, its
+  CPU kernels may fuse; its CUDA fused AdamW computes its bias corrections in fp32 on the device and uses fma).
+  torch's fused AdamW on the CPU in bf16 computes as the fused update does: equal bits there.
+
+The kernels are bound by memory bandwidth, so the multiply-adds this forgoes cost nothing measurable.
 
 The squared norm is reduced deterministically without float atomics: each program writes its partial sum to its own
 slot; an integer counter tells the program that finishes last, which sums the partials in a fixed order and resets the
@@ -37,6 +63,15 @@ _W, _G, _B = tl.constexpr(L.COL_W), tl.constexpr(L.COL_G), tl.constexpr(L.COL_B)
 _S1, _S2, _S3 = tl.constexpr(L.COL_S1), tl.constexpr(L.COL_S2), tl.constexpr(L.COL_S3)
 _NUMEL, _FLAGS, _NCOL = tl.constexpr(L.COL_NUMEL), tl.constexpr(L.COL_FLAGS), tl.constexpr(L.NCOL)
 _K = tl.constexpr(L.COL_K)
+# per kernel, the flags bits that send a row down its vector path: every address column it reads is 16-byte aligned
+_V_SQNORM = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G))
+_V_PERTURB = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B))
+_V_RESTORE = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_B))
+_V_SGD = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1))
+_V_SGD_K = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_K))
+_V_ADAM = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3))
+_V_ADAM_K = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3, L.COL_K))
+_V_PAIR = tl.constexpr(L.aligned_mask(L.COL_G, L.COL_B))
 _FRESH, _OPT_SHIFT, _HYPER_SHIFT, _SLOT_MASK = (tl.constexpr(L.FLAG_FRESH_STATE), tl.constexpr(L.OPT_SHIFT),
                                                 tl.constexpr(L.HYPER_SHIFT), tl.constexpr(L.SLOT_MASK))
 _ETA, _RHO, _ADAPTIVE, _EPS, _NOPT = (tl.constexpr(L.OPT_ETA), tl.constexpr(L.OPT_RHO), tl.constexpr(L.OPT_ADAPTIVE),
@@ -57,9 +92,15 @@ _KEEP, _LOOK_FULL, _LOOK_ONE, _GSAM = (tl.constexpr(L.COMBINE_KEEP), tl.constexp
                                        tl.constexpr(L.COMBINE_LOOK_ONE), tl.constexpr(L.COMBINE_GSAM))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton compile options of every launch of these kernels (and of compile_check): no floating-point contraction (see
+# above). Triton 3.6 fuses a * b + c into one multiply-add by default; 3.9 warns that its default will change.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 # Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest even; under the interpreter the kernels
 # round explicitly so that CI checks the numbers a GPU produces.
 _ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRET)
+# Under the interpreter every address a vector path uses is checked against its row's mark (a GPU would fault on a
+# misaligned 16-byte access; the interpreter would not notice).
+_CHECK_VECTOR_ROWS: tl.constexpr = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -92,17 +133,32 @@ def _sqrt(x, ACC: tl.constexpr):
 
 
 @triton.jit
-def _ptr(rows, row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p = tl.load(rows + row * _NCOL + col).to(tl.pointer_type(DTYPE))
+def _vector(flags, MASK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Whether a row takes the vector path: its flags mark every column in ``MASK`` 16-byte aligned. ``ALIGNED``:
+    some row of the table may (else the launch compiles the element path alone)."""
     if ALIGNED:
-        p = tl.multiple_of(p, 16)
-    return p
+        return (flags & MASK) == MASK
+    else:
+        return tl.full([], 0, tl.int1)
 
 
 @triton.jit
-def _wgb(rows, row, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def _ptr(rows, row, col: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    """Column ``col`` of a row as a ``DTYPE`` pointer; ``VEC``: the row's flags mark it 16-byte aligned, which the
+    compiler is told (so full blocks become 16-byte vector accesses)."""
+    a = tl.load(rows + row * _NCOL + col)
+    if VEC:
+        if _CHECK_VECTOR_ROWS:
+            tl.assume(a % 16 == 0)  # the interpreter raises where the row's mark is wrong
+        return tl.multiple_of(a.to(tl.pointer_type(DTYPE)), 16)
+    else:
+        return a.to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _wgb(rows, row, DTYPE: tl.constexpr, VEC: tl.constexpr):
     """The parameter, gradient and restore-buffer pointers of a row."""
-    return _ptr(rows, row, _W, DTYPE, ALIGNED), _ptr(rows, row, _G, DTYPE, ALIGNED), _ptr(rows, row, _B, DTYPE, ALIGNED)
+    return _ptr(rows, row, _W, DTYPE, VEC), _ptr(rows, row, _G, DTYPE, VEC), _ptr(rows, row, _B, DTYPE, VEC)
 
 
 @triton.jit
@@ -151,6 +207,18 @@ def _sq_chunk(w, g, start, length, eta, ADAPTIVE: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
+def _sq_row(rows, row, opts, flags, start, length, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+            VEC: tl.constexpr):
+    g = _ptr(rows, row, _G, DTYPE, VEC)
+    if _opt(opts, flags, _ADAPTIVE) != 0:
+        w = _ptr(rows, row, _W, DTYPE, VEC)
+        part = _sq_chunk(w, g, start, length, _opt(opts, flags, _ETA).to(ACC), True, ACC, BLOCK)
+    else:
+        part = _sq_chunk(g, g, start, length, 0.0, False, ACC, BLOCK)
+    return part
+
+
+@triton.jit
 def sqnorm_kernel(
     rows, chunks, opts, partials, counter, out, n_programs,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
@@ -158,12 +226,10 @@ def sqnorm_kernel(
     """``out = sum over all chunks of sum((T_w * g)^2)``; ``T_w = |w| + eta`` for adaptive groups, else 1."""
     pid = tl.program_id(0)
     row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
-    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
-    if _opt(opts, flags, _ADAPTIVE) != 0:
-        w = _ptr(rows, row, _W, DTYPE, ALIGNED)
-        part = _sq_chunk(w, g, start, length, _opt(opts, flags, _ETA).to(ACC), True, ACC, BLOCK)
+    if _vector(flags, _V_SQNORM, ALIGNED):
+        part = _sq_row(rows, row, opts, flags, start, length, DTYPE, ACC, BLOCK, True)
     else:
-        part = _sq_chunk(g, g, start, length, 0.0, False, ACC, BLOCK)
+        part = _sq_row(rows, row, opts, flags, start, length, DTYPE, ACC, BLOCK, False)
     tl.store(partials + pid, part)
     tl.debug_barrier()  # every thread's share of the store is issued before the counter moves
     ticket = tl.atomic_add(counter, 1, sem="acq_rel")
@@ -221,6 +287,19 @@ def _perturb_chunk(
 
 
 @triton.jit
+def _perturb_row(
+    rows, row, opts, flags, start, length, scale, finite,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, COPY: tl.constexpr, VEC: tl.constexpr,
+):
+    w, g, b = _wgb(rows, row, DTYPE, VEC)
+    if _opt(opts, flags, _ADAPTIVE) != 0:
+        _perturb_chunk(w, g, b, start, length, _opt(opts, flags, _ETA).to(ACC), scale, finite, True, COPY, ACC,
+                       BLOCK)
+    else:
+        _perturb_chunk(w, g, b, start, length, 0.0, scale, finite, False, COPY, ACC, BLOCK)
+
+
+@triton.jit
 def perturb_kernel(
     rows, chunks, opts, sqnorm,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
@@ -237,12 +316,10 @@ def perturb_kernel(
     ok = finite & (norm > 0)
     inv = _div(tl.full([], 1.0, ACC), tl.where(ok, norm + _opt(opts, flags, _EPS).to(ACC), 1.0), ACC)
     scale = tl.where(ok, inv * _opt(opts, flags, _RHO).to(ACC), 0.0)
-    w, g, b = _wgb(rows, row, DTYPE, ALIGNED)
-    if _opt(opts, flags, _ADAPTIVE) != 0:
-        _perturb_chunk(w, g, b, start, length, _opt(opts, flags, _ETA).to(ACC), scale, finite, True, COPY, ACC,
-                       BLOCK)
+    if _vector(flags, _V_PERTURB, ALIGNED):
+        _perturb_row(rows, row, opts, flags, start, length, scale, finite, DTYPE, ACC, BLOCK, COPY, True)
     else:
-        _perturb_chunk(w, g, b, start, length, 0.0, scale, finite, False, COPY, ACC, BLOCK)
+        _perturb_row(rows, row, opts, flags, start, length, scale, finite, DTYPE, ACC, BLOCK, COPY, False)
 
 
 # --- phase 3: restore, alone or fused with the base optimizer's update -----------------------------------------------
@@ -267,6 +344,19 @@ def _restore_block(w, b, idx, n, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: 
 
 
 @triton.jit
+def _restore_row(rows, row, start, length, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                 COPY: tl.constexpr, VEC: tl.constexpr):
+    w = _ptr(rows, row, _W, DTYPE, VEC)
+    b = _ptr(rows, row, _B, DTYPE, VEC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    for j in range(0, full):
+        _restore_block(w, b, start + j * BLOCK + lanes, start + length, COPY, False, ACC)
+    if full * BLOCK < length:
+        _restore_block(w, b, start + full * BLOCK + lanes, start + length, COPY, True, ACC)
+
+
+@triton.jit
 def restore_kernel(
     rows, chunks,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
@@ -275,14 +365,10 @@ def restore_kernel(
     """``w <- saved w`` (``COPY``) or ``w <- w - e``."""
     pid = tl.program_id(0)
     row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
-    w = _ptr(rows, row, _W, DTYPE, ALIGNED)
-    b = _ptr(rows, row, _B, DTYPE, ALIGNED)
-    lanes = tl.arange(0, BLOCK)
-    full = length // BLOCK
-    for j in range(0, full):
-        _restore_block(w, b, start + j * BLOCK + lanes, start + length, COPY, False, ACC)
-    if full * BLOCK < length:
-        _restore_block(w, b, start + full * BLOCK + lanes, start + length, COPY, True, ACC)
+    if _vector(flags, _V_RESTORE, ALIGNED):
+        _restore_row(rows, row, start, length, DTYPE, ACC, BLOCK, COPY, True)
+    else:
+        _restore_row(rows, row, start, length, DTYPE, ACC, BLOCK, COPY, False)
 
 
 @triton.jit
@@ -340,6 +426,35 @@ def _sgd_block(
 
 
 @triton.jit
+def _k_ptr(rows, row, DTYPE: tl.constexpr, DIRECTION: tl.constexpr, VEC: tl.constexpr):
+    """The K column (read only along GSAM's direction, so only then part of the row's vector mark)."""
+    if DIRECTION == _GSAM:
+        return _ptr(rows, row, _K, DTYPE, VEC)
+    else:
+        return _ptr(rows, row, _K, DTYPE, False)
+
+
+@triton.jit
+def _sgd_row(
+    rows, row, start, length, fresh, lr, momentum, one_minus_dampening, weight_decay, has_momentum, nesterov, maximize,
+    xa, ya, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, COPY: tl.constexpr, DIRECTION: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    w, g, b = _wgb(rows, row, DTYPE, VEC)
+    mom = _ptr(rows, row, _S1, DTYPE, VEC)
+    k = _k_ptr(rows, row, DTYPE, DIRECTION, VEC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    end = start + length
+    for j in range(0, full):
+        _sgd_block(w, g, b, mom, k, start + j * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
+                   weight_decay, has_momentum, nesterov, maximize, xa, ya, COPY, DIRECTION, False, ACC)
+    if full * BLOCK < length:
+        _sgd_block(w, g, b, mom, k, start + full * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
+                   weight_decay, has_momentum, nesterov, maximize, xa, ya, COPY, DIRECTION, True, ACC)
+
+
+@triton.jit
 def restore_sgd_kernel(
     rows, chunks, hyper, sums, alpha,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
@@ -361,19 +476,13 @@ def restore_sgd_kernel(
     has_momentum = _hyper(hyper, flags, _SGD_HAS_MOMENTUM) != 0
     nesterov = _hyper(hyper, flags, _SGD_NESTEROV) != 0
     maximize = _hyper(hyper, flags, _SGD_MAXIMIZE) != 0
-    w, g, b = _wgb(rows, row, DTYPE, ALIGNED)
-    mom = _ptr(rows, row, _S1, DTYPE, ALIGNED)
-    k = _ptr(rows, row, _K, DTYPE, ALIGNED)
     xa, ya = _direction_coefs(sums, alpha, DIRECTION, ACC)
-    lanes = tl.arange(0, BLOCK)
-    full = length // BLOCK
-    end = start + length
-    for j in range(0, full):
-        _sgd_block(w, g, b, mom, k, start + j * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
-                   weight_decay, has_momentum, nesterov, maximize, xa, ya, COPY, DIRECTION, False, ACC)
-    if full * BLOCK < length:
-        _sgd_block(w, g, b, mom, k, start + full * BLOCK + lanes, end, fresh, lr, momentum, one_minus_dampening,
-                   weight_decay, has_momentum, nesterov, maximize, xa, ya, COPY, DIRECTION, True, ACC)
+    if _vector(flags, _V_SGD_K if DIRECTION == _GSAM else _V_SGD, ALIGNED):
+        _sgd_row(rows, row, start, length, fresh, lr, momentum, one_minus_dampening, weight_decay, has_momentum,
+                 nesterov, maximize, xa, ya, DTYPE, ACC, BLOCK, COPY, DIRECTION, True)
+    else:
+        _sgd_row(rows, row, start, length, fresh, lr, momentum, one_minus_dampening, weight_decay, has_momentum,
+                 nesterov, maximize, xa, ya, DTYPE, ACC, BLOCK, COPY, DIRECTION, False)
 
 
 @triton.jit
@@ -409,6 +518,31 @@ def _adam_block(
 
 
 @triton.jit
+def _adam_row(
+    rows, row, start, length, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+    bc2_sqrt, amsgrad, maximize, xa, ya,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, COPY: tl.constexpr, DIRECTION: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    w, g, b = _wgb(rows, row, DTYPE, VEC)
+    m1 = _ptr(rows, row, _S1, DTYPE, VEC)
+    m2 = _ptr(rows, row, _S2, DTYPE, VEC)
+    vmax = _ptr(rows, row, _S3, DTYPE, VEC)
+    k = _k_ptr(rows, row, DTYPE, DIRECTION, VEC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    end = start + length
+    for j in range(0, full):
+        _adam_block(w, g, b, m1, m2, vmax, k, start + j * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
+                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, xa, ya, COPY, DIRECTION,
+                    False, ACC)
+    if full * BLOCK < length:
+        _adam_block(w, g, b, m1, m2, vmax, k, start + full * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
+                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, xa, ya, COPY, DIRECTION,
+                    True, ACC)
+
+
+@triton.jit
 def restore_adam_kernel(
     rows, chunks, hyper, sums, alpha,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
@@ -430,23 +564,13 @@ def restore_adam_kernel(
     bc2_sqrt = _hyper(hyper, flags, _ADAM_BC2)
     amsgrad = _hyper(hyper, flags, _ADAM_AMSGRAD) != 0
     maximize = _hyper(hyper, flags, _ADAM_MAXIMIZE) != 0
-    w, g, b = _wgb(rows, row, DTYPE, ALIGNED)
-    m1 = _ptr(rows, row, _S1, DTYPE, ALIGNED)
-    m2 = _ptr(rows, row, _S2, DTYPE, ALIGNED)
-    vmax = _ptr(rows, row, _S3, DTYPE, ALIGNED)
-    k = _ptr(rows, row, _K, DTYPE, ALIGNED)
     xa, ya = _direction_coefs(sums, alpha, DIRECTION, ACC)
-    lanes = tl.arange(0, BLOCK)
-    full = length // BLOCK
-    end = start + length
-    for j in range(0, full):
-        _adam_block(w, g, b, m1, m2, vmax, k, start + j * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
-                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, xa, ya, COPY, DIRECTION,
-                    False, ACC)
-    if full * BLOCK < length:
-        _adam_block(w, g, b, m1, m2, vmax, k, start + full * BLOCK + lanes, end, lerp_weight, beta2, one_minus_beta2,
-                    eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, xa, ya, COPY, DIRECTION,
-                    True, ACC)
+    if _vector(flags, _V_ADAM_K if DIRECTION == _GSAM else _V_ADAM, ALIGNED):
+        _adam_row(rows, row, start, length, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                  step_size, bc2_sqrt, amsgrad, maximize, xa, ya, DTYPE, ACC, BLOCK, COPY, DIRECTION, True)
+    else:
+        _adam_row(rows, row, start, length, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                  step_size, bc2_sqrt, amsgrad, maximize, xa, ya, DTYPE, ACC, BLOCK, COPY, DIRECTION, False)
 
 
 # --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B --------------------
@@ -463,16 +587,11 @@ def _dots_block(g, k, idx, n, MASKED: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def dots_kernel(
-    rows, chunks, partials, counter, out, n_programs,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-):
-    """``out[0..2] = sums over all chunks of (G*G, G*B, B*B)`` in fp64; deterministic like ``sqnorm_kernel``
-    (``partials``: fp64[3 * n_programs])."""
-    pid = tl.program_id(0)
-    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
-    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
-    k = _ptr(rows, row, _B, DTYPE, ALIGNED)
+def _dots_row(rows, row, start, length, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+              VEC: tl.constexpr):
+    """The chunk's three sums (G*G, G*B, B*B) in fp64."""
+    g = _ptr(rows, row, _G, DTYPE, VEC)
+    k = _ptr(rows, row, _B, DTYPE, VEC)
     lanes = tl.arange(0, BLOCK)
     gg = tl.zeros([BLOCK], tl.float64)
     gk = tl.zeros([BLOCK], tl.float64)
@@ -488,13 +607,30 @@ def dots_kernel(
         gg += x
         gk += y
         kk += z
-    tl.store(partials + pid * 3, tl.sum(gg, axis=0))
-    tl.store(partials + pid * 3 + 1, tl.sum(gk, axis=0))
-    tl.store(partials + pid * 3 + 2, tl.sum(kk, axis=0))
+    return tl.sum(gg, axis=0), tl.sum(gk, axis=0), tl.sum(kk, axis=0)
+
+
+@triton.jit
+def dots_kernel(
+    rows, chunks, partials, counter, out, n_programs,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """``out[0..2] = sums over all chunks of (G*G, G*B, B*B)`` in fp64; deterministic like ``sqnorm_kernel``
+    (``partials``: fp64[3 * n_programs])."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    if _vector(flags, _V_PAIR, ALIGNED):
+        gg, gk, kk = _dots_row(rows, row, start, length, DTYPE, ACC, BLOCK, True)
+    else:
+        gg, gk, kk = _dots_row(rows, row, start, length, DTYPE, ACC, BLOCK, False)
+    tl.store(partials + pid * 3, gg)
+    tl.store(partials + pid * 3 + 1, gk)
+    tl.store(partials + pid * 3 + 2, kk)
     tl.debug_barrier()
     ticket = tl.atomic_add(counter, 1, sem="acq_rel")
     if ticket == n_programs - 1:  # the last program: fixed-order sums of the partials
         tl.debug_barrier()
+        lanes = tl.arange(0, BLOCK)
         t0 = tl.zeros([BLOCK], tl.float64)
         t1 = tl.zeros([BLOCK], tl.float64)
         t2 = tl.zeros([BLOCK], tl.float64)
@@ -523,27 +659,10 @@ def _combine_block(t, o, idx, n, x, y, MODE: tl.constexpr, MASKED: tl.constexpr,
 
 
 @triton.jit
-def combine_kernel(
-    rows, chunks, sums, alpha,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    MODE: tl.constexpr,
-):
-    """``target <- x * target + y * other`` (``MODE``: ``_layout.COMBINE_*``); ``x``, ``y`` from ``sums`` =
-    (gg, gb, bb) and ``alpha`` (fp64 device scalars) in fp64, rounded once to ``ACC``."""
-    pid = tl.program_id(0)
-    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
-    g = _ptr(rows, row, _G, DTYPE, ALIGNED)
-    k = _ptr(rows, row, _B, DTYPE, ALIGNED)
-    x = tl.full([], 1.0, tl.float64)
-    y = tl.full([], 1.0, tl.float64)
-    if MODE == _LOOK_FULL:  # B <- G - (gb / bb) B
-        x = -_ratio(tl.load(sums + 1), tl.load(sums + 2))
-    elif MODE == _LOOK_ONE:  # G <- G + alpha (sqrt(gg) / sqrt(bb)) B
-        y = tl.load(alpha) * _ratio(tl.sqrt(tl.load(sums)), tl.sqrt(tl.load(sums + 2)))
-    xa = x.to(ACC)
-    ya = y.to(ACC)
-    if MODE == _GSAM:  # G <- (1 + alpha gb / gg) G - alpha B
-        xa, ya = _direction_coefs(sums, alpha, MODE, ACC)
+def _combine_row(rows, row, start, length, xa, ya, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                 MODE: tl.constexpr, VEC: tl.constexpr):
+    g = _ptr(rows, row, _G, DTYPE, VEC)
+    k = _ptr(rows, row, _B, DTYPE, VEC)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     if MODE == _LOOK_ONE or MODE == _GSAM:
@@ -554,3 +673,29 @@ def combine_kernel(
         _combine_block(t, o, start + j * BLOCK + lanes, start + length, xa, ya, MODE, False, ACC)
     if full * BLOCK < length:
         _combine_block(t, o, start + full * BLOCK + lanes, start + length, xa, ya, MODE, True, ACC)
+
+
+@triton.jit
+def combine_kernel(
+    rows, chunks, sums, alpha,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    """``target <- x * target + y * other`` (``MODE``: ``_layout.COMBINE_*``); ``x``, ``y`` from ``sums`` =
+    (gg, gb, bb) and ``alpha`` (fp64 device scalars) in fp64, rounded once to ``ACC``."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    x = tl.full([], 1.0, tl.float64)
+    y = tl.full([], 1.0, tl.float64)
+    if MODE == _LOOK_FULL:  # B <- G - (gb / bb) B
+        x = -_ratio(tl.load(sums + 1), tl.load(sums + 2))
+    elif MODE == _LOOK_ONE:  # G <- G + alpha (sqrt(gg) / sqrt(bb)) B
+        y = tl.load(alpha) * _ratio(tl.sqrt(tl.load(sums)), tl.sqrt(tl.load(sums + 2)))
+    xa = x.to(ACC)
+    ya = y.to(ACC)
+    if MODE == _GSAM:  # G <- (1 + alpha gb / gg) G - alpha B
+        xa, ya = _direction_coefs(sums, alpha, MODE, ACC)
+    if _vector(flags, _V_PAIR, ALIGNED):
+        _combine_row(rows, row, start, length, xa, ya, DTYPE, ACC, BLOCK, MODE, True)
+    else:
+        _combine_row(rows, row, start, length, xa, ya, DTYPE, ACC, BLOCK, MODE, False)

@@ -20,6 +20,18 @@ FLAG_FRESH_STATE = 2  # the optimizer state of this row is new this step (torch.
 OPT_SHIFT = 8  # bits 8..31: the row's index into ``opts``
 HYPER_SHIFT = 32  # bits 32..55: the row's index into ``hyper``
 SLOT_MASK = (1 << 24) - 1
+# bits 56..62: which address columns hold a 16-byte aligned address (bit ALIGN_SHIFT + i for POINTER_COLS[i]; an
+# unused column's 0 is aligned). The host sets them from the addresses wherever it writes a table
+# (``_multi_tensor._mark_aligned``); a Triton kernel takes its vector path for a row whose bits cover every column it
+# reads (``aligned_mask``), else its element path. The CUDA kernels look at the addresses themselves.
+ALIGN_SHIFT = 56
+POINTER_COLS = (COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_K)
+
+
+def aligned_mask(*cols: int) -> int:
+    """The flags bits that mark the address columns ``cols`` (of ``POINTER_COLS``) 16-byte aligned."""
+    return sum(1 << (ALIGN_SHIFT + POINTER_COLS.index(c)) for c in set(cols))
+
 
 # opts: columns
 OPT_ETA, OPT_RHO, OPT_ADAPTIVE, OPT_EPS = range(4)

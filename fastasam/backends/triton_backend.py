@@ -10,7 +10,8 @@ launches the same kernel with the same argument objects every step, so each boun
 ``kernel[grid]`` once (Triton specialises, compiles and caches as usual and returns its ``CompiledKernel``) and from
 then on calls that compiled kernel's launcher directly, ``compiled[grid](*args, stream=...)``, Triton's own API for
 launching a compiled kernel, with exactly the arguments it was specialised for. ``FASTASAM_TRITON_FAST_LAUNCH=0``
-goes through ``kernel[grid]`` every time.
+goes through ``kernel[grid]`` every time. Every launch compiles with ``multi_tensor.COMPILE_OPTIONS`` (no
+floating-point contraction: the numbers of the ``cuda`` backend and of the interpreter, bit for bit).
 
 With ``TRITON_INTERPRET=1`` in the environment before Triton is imported, the kernels run on CPU tensors through
 Triton's interpreter (slowly): this is how CI tests them without a GPU.
@@ -85,7 +86,7 @@ class TritonLaunch:
     def _launch_and_keep(self) -> None:
         guard = torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
         with guard:
-            compiled = self.kernel[(self.grid,)](*self.args, num_warps=NUM_WARPS)
+            compiled = self.kernel[(self.grid,)](*self.args, num_warps=NUM_WARPS, **K.COMPILE_OPTIONS)
         if FAST_LAUNCH and not INTERPRET and self.device is not None and hasattr(compiled, "launch_metadata"):
             self.runner = compiled[(self.grid, 1, 1)]
 
