@@ -1,11 +1,16 @@
-"""A small run of every GPU kernel, for compute-sanitizer (scripts/gpu_evidence.sh, phase ``sanitize``): a few ASAM,
+"""A small run of every GPU kernel, for compute-sanitizer (scripts/gpu_evidence.sh part1, steps ``memcheck`` and
+``racecheck``): a few ASAM,
 GSAM (the sums, keeping g, the direction inside the fused update) and LookSAM (g_v, the one-pass direction) steps with
 the ``cuda`` and ``triton`` backends on awkward sizes (1 element, a chunk boundary, a misaligned view), fp32 and bf16,
 with SGD momentum (fused restore + SGD) and AdamW (fused restore + Adam), each checked against the ``reference``
-oracle. Exit 0 when every backend present matched; 1 otherwise."""
+oracle. Exit 0 when every backend present matched; 1 otherwise.
+
+    python scripts/gpu_small_run.py [--backends cuda triton] [--steps 3]
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -24,12 +29,12 @@ def params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     return out
 
 
-def run(backend: str, dtype: torch.dtype, base: type, kind: str = "ASAM", **kw) -> list[torch.Tensor]:
+def run(backend: str, dtype: torch.dtype, base: type, kind: str = "ASAM", steps: int = 3, **kw) -> list[torch.Tensor]:
     ps = params(dtype)
     cls, extra = KINDS[kind]
     opt = cls(ps, base, backend=backend, rho=0.5, eta=0.01, lr=0.01, **extra, **kw)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
+    for _ in range(steps):
         for phase in (opt.first_step, opt.second_step) if opt.second_pass_needed else (opt.second_step,):
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
@@ -38,17 +43,21 @@ def run(backend: str, dtype: torch.dtype, base: type, kind: str = "ASAM", **kw) 
     return [p.detach().float().cpu() for p in ps]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"])
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps of each run")
+    args = parser.parse_args(argv)
     ok = True
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         for base, kw in ((torch.optim.SGD, {"momentum": 0.9, "weight_decay": 1e-4}), (torch.optim.AdamW, {})):
             for kind in KINDS:
-                want = run("reference", dtype, base, kind, **kw)
-                for backend in ("cuda", "triton"):
+                want = run("reference", dtype, base, kind, args.steps, **kw)
+                for backend in args.backends:
                     if backend not in fastasam.available_backends("cuda"):
                         print(f"{backend}: not available here, skipped")
                         continue
-                    got = run(backend, dtype, base, kind, **kw)
+                    got = run(backend, dtype, base, kind, args.steps, **kw)
                     err = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
                     good = err <= tol
                     ok &= good

@@ -25,6 +25,7 @@ from functools import partial
 import torch
 
 from .. import _toolchain
+from . import _layout
 from ._multi_tensor import MultiTensorBackend
 
 name = "cuda"
@@ -38,12 +39,102 @@ EXTENSION = None  # the loaded extension module: fastasam._C, or the just-in-tim
 JIT_ERROR: str | None = None  # why the last just-in-time build failed in this process
 
 
+# --- the ops' fake (FakeTensor / meta) versions -----------------------------------------------------------------
+# The C++ library (csrc/binding.cpp) names this module with `m.set_python_module`: torch requires that a C++ op's
+# Python fake be registered by the module so named. Every op returns nothing (schema `-> ()`) and writes only through
+# the addresses in `rows` and into the tensors its schema marks `Tensor(x!)`, in place: a fake allocates nothing,
+# changes no tensor's metadata and returns None. It checks what the CUDA version checks that a fake can see (devices,
+# dtypes, shapes, the integer arguments), so a wrong call fails while tracing as it would when run.
+
+
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype, rows: torch.Tensor, width: int | None = None) -> None:
+    torch._check(t.device.type in ("cuda", "meta"), lambda: f"fastasam: {name} must be a CUDA tensor, got {t.device}")
+    torch._check(t.device == rows.device, lambda: f"fastasam: {name} is on {t.device} but the table on {rows.device}")
+    torch._check(t.dtype == dtype, lambda: f"fastasam: {name} must be {dtype}, got {t.dtype}")
+    torch._check(t.is_contiguous(), lambda: f"fastasam: {name} must be contiguous")
+    if width is not None:
+        torch._check(t.dim() == 2 and t.shape[1] == width, lambda: f"fastasam: {name} must be [*, {width}]")
+
+
+def _check_tables(rows, chunks, count: int, chunk_size: int, dtype: int) -> None:
+    _check(rows, "rows", torch.int64, rows, _layout.NCOL)
+    _check(chunks, "chunks", torch.int32, rows, 2)
+    torch._check(0 < count <= min(chunks.shape[0], 2**31 - 1),
+                 lambda: f"fastasam: count={count} is outside the {chunks.shape[0]} chunks")
+    torch._check(chunk_size > 0 and chunk_size % 8 == 0,
+                 lambda: f"fastasam: chunk_size={chunk_size} must be a positive multiple of 8")
+    torch._check(dtype in _DTYPE_CODE.values(), lambda: f"fastasam: unsupported storage dtype code {dtype}")
+
+
+def _check_update(rows, hyper, sums, alpha, mode: int) -> None:
+    _check(hyper, "hyper", torch.float32, rows, _layout.NHYPER)
+    _check(sums, "sums", torch.float64, rows)
+    _check(alpha, "alpha", torch.float64, rows)
+    torch._check(sums.numel() == 3 and alpha.numel() == 1,
+                 lambda: "fastasam: sums must hold three values and alpha one")
+    torch._check(mode in (0, _layout.COMBINE_GSAM), lambda: f"fastasam: unknown direction mode {mode}")
+
+
+def _fake_sqnorm(rows, chunks, opts, partials, counter, out, count, chunk_size, dtype) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+    _check(opts, "opts", torch.float32, rows, _layout.NOPT)
+    for t, name, dt in ((partials, "partials", torch.float32), (counter, "counter", torch.int32),
+                        (out, "out", torch.float32)):
+        _check(t, name, dt, rows)
+    torch._check(partials.numel() >= count, lambda: f"fastasam: partials has {partials.numel()} slots for {count}")
+
+
+def _fake_perturb(rows, chunks, opts, sqnorm, count, chunk_size, dtype, copy) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+    _check(opts, "opts", torch.float32, rows, _layout.NOPT)
+    _check(sqnorm, "sqnorm", torch.float32, rows)
+    torch._check(sqnorm.numel() == 1, lambda: "fastasam: sqnorm must hold one value")
+
+
+def _fake_restore(rows, chunks, count, chunk_size, dtype, copy) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+
+
+def _fake_restore_update(rows, chunks, hyper, sums, alpha, count, chunk_size, dtype, copy, mode) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+    _check_update(rows, hyper, sums, alpha, mode)
+
+
+def _fake_dots(rows, chunks, partials, counter, out, count, chunk_size, dtype) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+    for t, name, dt in ((partials, "partials", torch.float64), (counter, "counter", torch.int32),
+                        (out, "out", torch.float64)):
+        _check(t, name, dt, rows)
+    torch._check(partials.numel() >= 3 * count, lambda: f"fastasam: partials has {partials.numel()} slots for "
+                                                        f"{count} chunks (3 each)")
+    torch._check(out.numel() == 3, lambda: "fastasam: out must hold three values")
+
+
+def _fake_combine(rows, chunks, sums, alpha, count, chunk_size, dtype, mode) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+    _check(sums, "sums", torch.float64, rows)
+    _check(alpha, "alpha", torch.float64, rows)
+    torch._check(sums.numel() == 3 and alpha.numel() == 1,
+                 lambda: "fastasam: sums must hold three values and alpha one")
+    torch._check(_layout.COMBINE_KEEP <= mode <= _layout.COMBINE_GSAM,
+                 lambda: f"fastasam: unknown combine mode {mode}")
+
+
+FAKES = {"sqnorm": _fake_sqnorm, "perturb": _fake_perturb, "restore": _fake_restore,
+         "restore_sgd": _fake_restore_update, "restore_adam": _fake_restore_update, "dots": _fake_dots,
+         "combine": _fake_combine}
+_FAKES_REGISTERED = False
+
+
 def _registered(module) -> None:
-    global EXTENSION, EXTENSION_ERROR
+    """``module`` (``fastasam._C`` or the just-in-time build) is loaded: its ops are ``torch.ops.fastasam.*``; their
+    fakes are registered here, once per process (this module is the one the C++ library names)."""
+    global EXTENSION, EXTENSION_ERROR, _FAKES_REGISTERED
     EXTENSION, EXTENSION_ERROR = module, None
-    for op in OPS:
-        # every op returns nothing and writes through addresses: its fake (meta) version does nothing
-        torch.library.register_fake(f"fastasam::{op}")(lambda *args, **kwargs: None)
+    if not _FAKES_REGISTERED:
+        for op in OPS:
+            torch.library.register_fake(f"fastasam::{op}", FAKES[op])
+        _FAKES_REGISTERED = True
 
 
 EXTENSION_ERROR: str | None = None
@@ -98,7 +189,8 @@ def build(verbose: bool = True) -> str | None:
         try:
             module = cpp_extension.load(
                 name=JIT_NAME, sources=[str(src / "binding.cpp"), str(src / "multi_tensor.cu")],
-                extra_cflags=["-O3", f"-DFASTASAM_CUDA_ARCHS={archs}"], extra_cuda_cflags=["-O3"], verbose=False)
+                extra_cflags=["-O3", f"-DFASTASAM_CUDA_ARCHS={archs}"],
+                extra_cuda_cflags=list(_toolchain.NVCC_FLAGS), verbose=False)
         except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure
             reason = f"the just-in-time build failed ({type(exc).__name__}: {str(exc).strip()[-2000:]})"
         else:
