@@ -38,6 +38,19 @@ inline Where where(const c10::TensorImpl* t) {
   return {s->data_ptr().get(), t->storage_offset()};
 }
 
+// A parameter's memory as a kernel reaches it: where it is, its element count and dtype. Equal records: a kernel
+// that writes numel elements of this dtype from the recorded address writes exactly the parameter's elements (a
+// parameter whose data was replaced by a smaller or converted tensor that happens to sit at the old address differs).
+struct Extent {
+  Where at;
+  int64_t numel;
+  caffe2::TypeMeta dtype;
+  bool operator==(const Extent& o) const { return at == o.at && numel == o.numel && dtype == o.dtype; }
+  bool operator!=(const Extent& o) const { return !(*this == o); }
+};
+
+inline Extent extent(const c10::TensorImpl* t) { return {where(t), t->numel(), t->dtype()}; }
+
 // The tensor behind a gradient, or nullptr where there is none.
 inline const c10::TensorImpl* grad_of(const c10::TensorImpl* param) {
   const c10::TensorImpl* g = param->grad().unsafeGetTensorImpl();
@@ -76,7 +89,7 @@ class Watch {
       const c10::TensorImpl* p = impl_of(items[i]);
       const c10::TensorImpl* g = grad_of(p);
       if (g == nullptr) throw py::value_error("fastasam._host.Watch: a kernel tensor has no gradient");
-      kernel_.push_back({items[i], where(g), check_params ? where(p) : Where{nullptr, -1}});
+      kernel_.push_back({items[i], where(g), check_params ? extent(p) : Extent{{nullptr, -1}, -1, caffe2::TypeMeta()}});
       if (i >= n_contiguous) {
         auto s = g->strides();
         strides_.emplace_back(s.begin(), s.end());
@@ -84,7 +97,19 @@ class Watch {
     }
     for (int64_t i = n_kernel; i < n; ++i) rest_.push_back(items[i]);
     if (check_params)
-      for (int64_t i = n_kernel; i < n_plain; ++i) rest_where_.push_back(where(impl_of(items[i])));
+      for (int64_t i = n_kernel; i < n_plain; ++i) rest_at_.push_back(extent(impl_of(items[i])));
+  }
+
+  // Whether every parameter (all but the DTensors) is where it was and as large: the kernels' tables still point at
+  // the parameters' current memory. Only for a watch made with check_params (else true). check() also answers None
+  // when a parameter moved; this says whether that was the reason.
+  bool params_intact() const {
+    if (!check_params_) return true;
+    for (const Kernel& k : kernel_)
+      if (extent(impl_of(k.param)) != k.param_at) return false;
+    for (size_t i = 0; i < rest_at_.size(); ++i)
+      if (extent(impl_of(rest_[i])) != rest_at_[i]) return false;
+    return true;
   }
 
   // The gradients of the tensors after the kernel ones (a list, in order) when nothing moved, else None.
@@ -92,7 +117,7 @@ class Watch {
     for (int64_t i = 0; i < n_kernel_; ++i) {
       const Kernel& k = kernel_[i];
       const c10::TensorImpl* p = impl_of(k.param);
-      if (check_params_ && where(p) != k.param_at) return py::none();
+      if (check_params_ && extent(p) != k.param_at) return py::none();
       const c10::TensorImpl* g = grad_of(p);
       if (g == nullptr || where(g) != k.grad_at) return py::none();
       if (i < n_contiguous_) {
@@ -102,8 +127,8 @@ class Watch {
       }
     }
     if (check_params_)
-      for (size_t i = 0; i < rest_where_.size(); ++i)
-        if (where(impl_of(rest_[i])) != rest_where_[i]) return py::none();
+      for (size_t i = 0; i < rest_at_.size(); ++i)
+        if (extent(impl_of(rest_[i])) != rest_at_[i]) return py::none();
     for (PyObject* a : absent_items_)
       if (grad_of(impl_of(a)) != nullptr) return py::none();
     const auto m = static_cast<Py_ssize_t>(rest_.size());
@@ -123,7 +148,8 @@ class Watch {
  private:
   struct Kernel {
     PyObject* param;
-    Where grad_at, param_at;
+    Where grad_at;
+    Extent param_at;
   };
   // Copies of the caller's lists, which nothing else can change: they keep the objects the raw pointers name alive.
   static py::list copy(const py::list& items) {
@@ -132,7 +158,7 @@ class Watch {
   py::list params_, absent_;
   std::vector<Kernel> kernel_;
   std::vector<PyObject*> rest_, absent_items_;
-  std::vector<Where> rest_where_;
+  std::vector<Extent> rest_at_;
   int64_t n_kernel_, n_contiguous_;
   bool check_params_;
   std::vector<std::vector<int64_t>> strides_;
@@ -183,6 +209,7 @@ PYBIND11_MODULE(_host, m) {
       .def(py::init<py::list, py::list, int64_t, int64_t, int64_t, bool>(), py::arg("params"), py::arg("absent"),
            py::arg("n_kernel"), py::arg("n_contiguous"), py::arg("n_plain"), py::arg("check_params"))
       .def("check", &Watch::check)
+      .def("params_intact", &Watch::params_intact)
       .def("__len__", &Watch::size);
   m.def("same_params", &same_params, py::arg("groups"), py::arg("expected"));
 }

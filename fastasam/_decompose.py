@@ -32,7 +32,7 @@ from itertools import chain
 import torch
 
 from . import _watch, backends
-from ._plan import indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
+from ._plan import check_not_capturing, indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
 from .backends import _layout as L
 from .backends._multi_tensor import MultiTensorBackend, _aligned, _chunk_list, _rows_table
 from .backends._updates import flat_like
@@ -186,6 +186,7 @@ class Decomposer:
         if reason is not None:
             self.last = f"torch ops: {reason}"
             return reason
+        check_not_capturing({p.device for p in with_grad}, f"the tables of the {phase} phase")
         device = with_grad[0].device
         launcher = module._BACKEND.launcher
         alpha_d = self._alpha.get(device)

@@ -146,7 +146,12 @@ class SharpnessEngine:
 
     def _restore_and_step_in(self, plan: StepPlan, base: torch.optim.Optimizer, direction=None) -> None:
         update = plan.update
-        if update is None or not update.valid(base) or not update.check():
+        warm = update is not None and update.valid(base) and update.check()  # check() confirms the fused tensors
+        if not (warm and update.covers_all) and not plan.params_intact():
+            self._restore_moved(plan, direction)  # the tables point at memory the parameters no longer hold
+            base.step()
+            return
+        if not warm:
             update = plan.update = UpdatePlan(plan, base)
         if update.mode != "fused":
             self._restore_then_step(plan, base, update.mode, direction)
@@ -184,9 +189,24 @@ class SharpnessEngine:
     def restore(self, why: str = "restore, then the base optimizer's step") -> None:
         """Undo the perturbation (the caller steps the base optimizer itself)."""
         plan = self._pending_plan()
+        if not plan.traced and not plan.params_intact():
+            self._restore_moved(plan)
+            return
         plan.restore()
         self._pending = None
         self._last = (plan, why)
+
+    def _restore_moved(self, plan: StepPlan, direction=None) -> None:
+        """A parameter's storage changed between the two steps: restore tensor by tensor into the storage each
+        parameter holds now (as the oracle does), or raise having written nothing; the plan is dropped, so the next
+        step plans from the parameters as they are. The caller then has the base optimizer step."""
+        plan.restore_tensor_by_tensor()
+        if direction is not None:
+            direction.apply()
+        self._pending = None
+        self._plan = None
+        self._last = (plan, "restore tensor by tensor, then the base optimizer's step: a parameter's storage changed "
+                            "between first_step and second_step")
 
     def _pending_plan(self) -> StepPlan:
         if self._pending is None:

@@ -77,6 +77,18 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_not_capturing(devices: Iterable[torch.device], what: str) -> None:
+    """Raise a clear error when ``what`` (a plan's tables: allocations and copies from host memory) would be built
+    while a CUDA graph is being captured on the current stream, where those operations are illegal."""
+    if any(d.type == "cuda" for d in devices) and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"fastasam: {what} would be built during CUDA-graph capture, which cannot allocate or copy from host "
+            "memory. A step plan is built on the first step and again after the parameters, their gradients' "
+            "layout or the options change. Warm up first: run a few eager steps (first_step and second_step, with "
+            "the parameters, gradients and options the graph will see) on a side stream before capturing."
+        )
+
+
 def param_name(group: Mapping, gi: int, pi: int) -> str:
     """How an error message names a parameter: its ``param_names`` entry where the group has one."""
     names = group.get("param_names")

@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 from . import _watch, backends
-from ._plan import Bucket, build_buckets, local_gradient, sum_over
+from ._plan import Bucket, build_buckets, check_not_capturing, local_gradient, param_name, sum_over
 from .backends._multi_tensor import PerturbRunner, UpdateRunner
 from .backends._updates import AdamUpdate, flat_like, fused_update_for
 
@@ -24,9 +24,11 @@ _params_of = itemgetter("params")
 
 
 def check_nonnegative(name: str, value: object, where: str = "") -> None:
-    """Raise a ``ValueError`` naming the option unless ``value`` is a real number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # also rejects NaN
-        raise ValueError(f"fastasam: invalid {name}={value!r}{where}; it must be a number >= 0.")
+    """Raise a ``ValueError`` naming the option unless ``value`` is a finite real number >= 0 (inf and NaN are
+    refused: an infinite rho or eps, or an infinite eta, would make every weight inf/NaN or skip every
+    perturbation)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):  # NaN fails
+        raise ValueError(f"fastasam: invalid {name}={value!r}{where}; it must be a finite number >= 0.")
 
 
 def _options(groups: Iterable[Mapping]) -> list[tuple]:
@@ -96,6 +98,8 @@ class StepPlan:
 
     def __init__(self, engine, groups: list[Mapping], traced: bool = False) -> None:
         self.engine, self.traced = engine, traced
+        if not traced:
+            check_not_capturing({p.device for g in groups for p in g["params"]}, "the step plan")
         self.groups, self.options = groups, _options(groups)
         _check_options(self.options)
         self.group_ids = list(map(id, groups))
@@ -235,6 +239,46 @@ class StepPlan:
         for r in self.runners:
             r.restore()
 
+    # --- between the two steps ------------------------------------------------------------------------------------
+
+    def params_intact(self) -> bool:
+        """Whether every parameter is still where, and as large as, the plan's tables recorded (one pass, no Python
+        call per tensor). False when a parameter's storage was changed between the two steps (``p.data = ...``,
+        ``torch.utils.swap_tensors``, ``set_``, a dtype or device change): the kernels must not run."""
+        return self.watch is None or self.watch.params_intact()
+
+    def restore_tensor_by_tensor(self) -> None:
+        """Undo the perturbation through the parameters' current tensors, one by one (the oracle's restore), after
+        a parameter's storage changed: ``w`` is written into whatever storage each parameter holds now. Every
+        perturbed parameter is checked first; a shape or device that no longer matches its restore buffer raises,
+        and nothing is written."""
+        from . import reference
+
+        problems = []
+        for b in self.buckets:
+            for i in range(b.n_perturbed):
+                p, buf = b.params[i], b.buffers[i]
+                if p.shape != buf.shape or p.device != buf.device:
+                    problems.append(f"{self._name(b.keys[i])} is now {tuple(p.shape)} on {p.device}, was "
+                                    f"{tuple(buf.shape)} on {buf.device}")
+        if problems:
+            raise RuntimeError(
+                "fastasam: a parameter changed between first_step() and second_step() in a way the perturbation "
+                f"cannot be undone in ({'; '.join(problems)}); nothing was written, and the other parameters still "
+                "hold w + e. Change parameters' shapes or devices only after second_step() (or before first_step())."
+            )
+        for b in self.buckets:
+            head = b.head(b.n_perturbed)
+            if head.params:
+                reference.restore_(head, self.engine.restore_mode)
+
+    def _name(self, key: torch.Tensor) -> str:
+        for gi, g in enumerate(self.groups):
+            for j, p in enumerate(g["params"]):
+                if p is key:
+                    return param_name(g, gi, j)
+        return "a parameter"
+
 
 def _combine(buckets: list[Bucket], shares: list[torch.Tensor]) -> torch.Tensor:
     """The global squared norm from the buckets' shares, on the first bucket's device; the shares of sharded buckets
@@ -278,6 +322,7 @@ class UpdatePlan:
     base optimizer's own step for the rest. ``mode`` describes it for the report."""
 
     def __init__(self, plan: StepPlan, base: torch.optim.Optimizer) -> None:
+        check_not_capturing({b.device for b in plan.buckets}, "the second step's plan (the fused update's tables)")
         self.plan, self.base = plan, base
         self.state = base.state
         self.base_groups, self.base_group_ids = base.param_groups, list(map(id, base.param_groups))
@@ -292,6 +337,7 @@ class UpdatePlan:
         self.watch = None
         self.absent: list[torch.Tensor] = []
         self.structure = None
+        self.covers_all = False  # every perturbed tensor is fused: this plan's watch also confirms the parameters
         base_name = type(base).__name__
         if self.update is None:
             self._unfused(f"{base_name} has no fused update")
@@ -335,8 +381,8 @@ class UpdatePlan:
             if rest:
                 self.subset.append((g, rest))
         self.absent = absent
-        contiguous, strided, _, _, _ = self._watched()
-        self.watch = _watch.watch(contiguous, strided, [], [], absent, check_params=False)
+        self.covers_all = all(id(k) in fused for b in plan.buckets for k in b.keys[: b.n_perturbed])
+        self.watch = _watch.watch(*self._watched(), check_params=True)
 
     def _unfused(self, why: str) -> None:
         self.mode = "restore, then the base optimizer's step: " + why
@@ -378,15 +424,16 @@ class UpdatePlan:
         return self._structure() == self.structure
 
     def check(self) -> bool:
-        """The second pass's gradients are where the fused tables expect them (one pass); if only their addresses
-        changed, the tables are rewritten in place. False: rebuild."""
+        """The fused tensors and their second-pass gradients are where the fused tables expect them (one pass); if
+        only the gradients' addresses changed, the tables are rewritten in place. False: rebuild (or a parameter
+        moved, which the engine then finds)."""
         if self.watch is None or self.watch.check() is not None:
             return True
-        if any(p.grad is not None for p in self.absent):
+        if not self.watch.params_intact() or any(p.grad is not None for p in self.absent):
             return False
         if not all(u.refresh_addresses() for u in self.runners.values()):
             return False
-        self.watch = _watch.watch(*self._watched(), check_params=False)
+        self.watch = _watch.watch(*self._watched(), check_params=True)
         return True
 
     def _watched(self) -> tuple[list, list, list, list, list]:

@@ -36,6 +36,8 @@ _params_of = itemgetter("params")
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _stride = torch.Tensor.stride
+_numel = torch.Tensor.numel
+_dtype = attrgetter("dtype")
 
 
 class PyWatch:
@@ -44,7 +46,7 @@ class PyWatch:
     to have no gradient. ``check_params``: also compare the parameters' addresses (all but the DTensors, whose
     storage is their local shard's): the first phase; the second trusts them."""
 
-    __slots__ = ("params", "absent", "n_kernel", "n_contiguous", "n_plain", "param_ptrs", "grad_ptrs",
+    __slots__ = ("params", "absent", "n_kernel", "n_contiguous", "n_plain", "param_ptrs", "param_sizes", "grad_ptrs",
                  "grad_strides", "check_params")
 
     def __init__(self, kernel_contiguous: list[torch.Tensor], kernel_strided: list[torch.Tensor],
@@ -60,10 +62,24 @@ class PyWatch:
         grads = list(map(_grad, kernel))
         self.grad_ptrs = list(map(_data_ptr, grads))
         self.grad_strides = list(map(_stride, grads[self.n_contiguous:]))
-        self.param_ptrs = list(map(_data_ptr, self.params[: self.n_plain])) if check_params else []
+        plain = self.params[: self.n_plain] if check_params else []
+        self.param_ptrs = list(map(_data_ptr, plain))
+        self.param_sizes = list(zip(map(_numel, plain), map(_dtype, plain)))
 
     def __len__(self) -> int:
         return len(self.params) + len(self.absent)
+
+    def params_intact(self) -> bool:
+        """Whether every parameter but the DTensors is where it was, with as many elements of the same dtype: the
+        tables still point at the parameters' current memory. True for a watch without ``check_params``."""
+        if not self.check_params:
+            return True
+        plain = self.params if self.n_plain == len(self.params) else self.params[: self.n_plain]
+        try:
+            return (list(map(_data_ptr, plain)) == self.param_ptrs
+                    and list(zip(map(_numel, plain), map(_dtype, plain))) == self.param_sizes)
+        except RuntimeError:  # a parameter without storage
+            return False
 
     def check(self) -> list[torch.Tensor] | None:
         """The current gradients of the non-kernel ``params`` (``params[n_kernel:]``) when nothing moved, else None.
@@ -73,8 +89,7 @@ class PyWatch:
         n, c = self.n_kernel, self.n_contiguous
         kernel_grads = grads[:n] if n < len(grads) else grads
         try:
-            if self.check_params and list(map(_data_ptr, params if self.n_plain == len(params) else
-                                                  params[: self.n_plain])) != self.param_ptrs:
+            if self.check_params and not self.params_intact():
                 return None
             if n and list(map(_data_ptr, kernel_grads)) != self.grad_ptrs:  # TypeError on a None gradient
                 return None

@@ -48,9 +48,9 @@ def builds(monkeypatch) -> Counter:
         monkeypatch.setattr(owner, name, counted)
     real_upload = _multi_tensor._upload
 
-    def upload(dst, host, what):
+    def upload(dst, host, what, pinned=False):
         seen[f"upload {what}"] += 1
-        return real_upload(dst, host, what)
+        return real_upload(dst, host, what, pinned)
 
     monkeypatch.setattr(_multi_tensor, "_upload", upload)
     return seen

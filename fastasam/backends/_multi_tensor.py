@@ -37,7 +37,9 @@ class Launcher(Protocol):
     """What a backend provides: the storage dtypes its kernels take (``fused_dtypes``: of the fused updates), the
     chunk size (elements per program / block), and ``bind``, which returns a function that launches ``kernel`` over
     ``count`` chunks with the runtime tensor arguments ``tensors`` (the kernel's arguments before its sizes and
-    compile-time options); ``copy``: the restore mode, ``mode``: ``combine``'s ``_layout.COMBINE_*``."""
+    compile-time options); ``aligned``: some row of the table has every column this kernel reads 16-byte aligned
+    (``_aligned``; each row's own flags then choose vector or element loads); ``copy``: the restore mode, ``mode``:
+    ``combine``'s ``_layout.COMBINE_*``."""
 
     dtypes: frozenset[torch.dtype]
     fused_dtypes: frozenset[torch.dtype]
@@ -47,10 +49,27 @@ class Launcher(Protocol):
              copy: bool, mode: int = 0) -> Callable[[], None]: ...
 
 
+_POINTER_COLS = list(L.POINTER_COLS)
+_ALIGN_BITS = torch.tensor([L.aligned_mask(c) for c in L.POINTER_COLS], dtype=torch.int64)
+_ALIGN_ALL = L.aligned_mask(*L.POINTER_COLS)
+
+
+def _mark_aligned(tab: torch.Tensor) -> torch.Tensor:
+    """Set the alignment bits of every row's flags (``_layout.ALIGN_SHIFT``) from the addresses in ``tab`` (a host
+    rows table, changed in place and returned): each address column 16-byte aligned gets its bit, so each kernel
+    decides per row whether to use vector loads. Called wherever addresses or flags are written."""
+    if tab.numel():
+        bits = (((tab[:, _POINTER_COLS] % 16) == 0).to(torch.int64) * _ALIGN_BITS).sum(1)
+        tab[:, L.COL_FLAGS] = (tab[:, L.COL_FLAGS] & ~_ALIGN_ALL) | bits
+    return tab
+
+
 def _aligned(rows: torch.Tensor, columns: Sequence[int]) -> bool:
-    """Every address in these columns of the table is 16-byte aligned (the kernel reading them may use vector
-    loads)."""
-    return bool(((rows[:, list(columns)] % 16) == 0).all()) if rows.numel() else True
+    """Some row of the host table ``rows`` (alignment bits set by ``_mark_aligned``) has every address in these
+    columns 16-byte aligned: the launch of the kernel reading them compiles its vector path (``ALIGNED``), which each
+    row then takes or not by its own bits."""
+    mask = L.aligned_mask(*columns)
+    return bool(((rows[:, L.COL_FLAGS] & mask) == mask).any())
 
 
 def _chunk_list(numels: Sequence[int], rows: Sequence[int], chunk: int) -> list[tuple[int, int]]:
@@ -68,7 +87,7 @@ def _rows_table(columns: Sequence[Sequence[torch.Tensor | None]], numels: Sequen
     if len(numels):
         tab[:, L.COL_NUMEL] = torch.tensor(numels, dtype=torch.int64)
         tab[:, L.COL_FLAGS] = torch.tensor(flags, dtype=torch.int64)
-    return tab
+    return _mark_aligned(tab)
 
 
 class MultiTensorBackend:
@@ -148,7 +167,7 @@ class PerturbRunner:
         bs = [b.buffers[i] if i < b.n_perturbed else None for i in self.rows]
         flags = [self.slot[b.group[i]] << L.OPT_SHIFT for i in self.rows]
         tab = _rows_table((ws, gs, bs), [t.numel() for t in ws], flags)
-        # each kernel may use vector loads where the columns it reads are aligned
+        # each kernel compiles its vector path where some row has the columns it reads aligned
         self.aligned = {"sqnorm": _aligned(tab, (L.COL_W, L.COL_G)),
                         "perturb": _aligned(tab, (L.COL_W, L.COL_G, L.COL_B)),
                         "restore": _aligned(tab, (L.COL_W, L.COL_B))}
@@ -371,6 +390,7 @@ class UpdateRunner:
             return False
         if bufs:
             self._tab[:, L.COL_K] = torch.tensor([k.data_ptr() for k in bufs], dtype=torch.int64)
+            _mark_aligned(self._tab)
             _upload(self.rows_d, self._tab.clone(), "GSAM's kept gradients")
         if self.n_fused_chunks:
             used = (L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3, L.COL_K)
@@ -389,6 +409,7 @@ class UpdateRunner:
             return False
         if grads:
             self._tab[:, L.COL_G] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+            _mark_aligned(self._tab)
             _upload(self.rows_d, self._tab.clone(), "gradient addresses")
         self._bind_fused()
         return True
@@ -420,7 +441,8 @@ class UpdateRunner:
             steps.append(0.0 if counter is None else float(counter[0]))
         host = [self.update.hyper_row(groups[gi], s) for gi, s in zip(self.groups, steps, strict=True)]
         if host:
-            _upload(self.hyper_d, torch.tensor(host, dtype=torch.float32), "hyper-parameters")
+            cuda = self.hyper_d.is_cuda
+            _upload(self.hyper_d, torch.tensor(host, dtype=torch.float32, pin_memory=cuda), "hyper-parameters", cuda)
 
     def run(self, direction: bool = False) -> None:
         """The fused restore + update (``direction``: along the direction bound by ``bind_direction``), the plain
@@ -436,15 +458,24 @@ class UpdateRunner:
             self.flags = [f & ~L.FLAG_FRESH_STATE for f in self.flags]
             if self.flags:
                 self._tab[:, L.COL_FLAGS] = torch.tensor(self.flags, dtype=torch.int64)
+                _mark_aligned(self._tab)
                 _upload(self.rows_d, self._tab.clone(), "optimizer state")
 
 
-def _upload(dst: torch.Tensor, host: torch.Tensor, what: str) -> None:
-    """Copy a host table into its device tensor in place (its address, bound into the launches, stays)."""
-    if dst.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+def _upload(dst: torch.Tensor, host: torch.Tensor, what: str, pinned: bool = False) -> None:
+    """Copy a host table into its device tensor in place (its address, bound into the launches, stays).
+
+    To a CUDA tensor the copy is asynchronous from page-locked memory: ``host`` itself when the caller made it
+    pinned (``pinned``), else a pinned copy of it. The pinned block comes from PyTorch's caching host allocator,
+    which does not hand it out again before the copy has run, so the caller may change ``host`` right after (a copy
+    from pageable memory would make the host wait for the device instead)."""
+    if dst.device.type != "cuda":
+        dst.copy_(host)
+        return
+    if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"fastasam: the {what} changed while a CUDA graph is being captured; a graph replays the values it was "
             "captured with. Run one eager step with the new values before capturing, and capture again after "
             "changing them."
         )
-    dst.copy_(host, non_blocking=dst.device.type == "cuda")
+    dst.copy_(host if pinned else host.pin_memory(), non_blocking=True)

@@ -22,6 +22,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +50,8 @@ FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread", 
 
 _LIB: ShimLibrary | None = None
 LOAD_ERROR: str | None = None
+# live_memory(): what the tests declare alive; None: each launch may touch the tensors its rows table names
+_LIVE: Callable[[], Iterable[torch.Tensor]] | None = None
 
 
 def compiler() -> str:
@@ -163,6 +167,30 @@ def enable(path: Path | None = None) -> ShimLibrary:
     return _LIB
 
 
+@contextmanager
+def live_memory(tensors: Callable[[], Iterable[torch.Tensor]]) -> Iterator[None]:
+    """Inside, each launch may touch only the storage of the tensors ``tensors()`` returns when it runs (plus the
+    launch's own tables), instead of whatever its rows table names: a table entry that points at memory no tensor
+    holds any more (a parameter whose storage was replaced, then freed) is reported as a violation and not written.
+    For tests; the tensors' whole storages are allowed."""
+    global _LIVE
+    before, _LIVE = _LIVE, tensors
+    try:
+        yield
+    finally:
+        _LIVE = before
+
+
+def _set_live_ranges(lib: ctypes.CDLL, launch_tensors: tuple) -> None:
+    pairs = []
+    for t in (*_LIVE(), *launch_tensors):
+        s = t.untyped_storage()
+        if s.nbytes():
+            pairs += [s.data_ptr(), s.data_ptr() + s.nbytes()]
+    arr = (ctypes.c_int64 * len(pairs))(*pairs)
+    lib.fa_shim_set_ranges(arr, len(pairs) // 2)
+
+
 def device_supported(device: torch.device) -> str | None:
     if _LIB is None:
         why = f" (loading failed: {LOAD_ERROR})" if LOAD_ERROR else ""
@@ -200,7 +228,10 @@ class _Launcher:
         ranges, launch = shim.lib.fa_shim_ranges_from_rows, shim.launch
 
         def run() -> None:
-            ranges(rows, n_rows, elsize)  # the rows' addresses change when gradients move: read them each launch
+            if _LIVE is None:
+                ranges(rows, n_rows, elsize)  # the rows' addresses change when gradients move: read them each launch
+            else:
+                _set_live_ranges(shim.lib, tensors)
             launch(kernel, *args)
 
         return run
