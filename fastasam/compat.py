@@ -17,12 +17,18 @@ import torch
 from torch import nn
 
 from ._engine import SharpnessEngine, check_nonnegative
+from .optim import check_no_duplicates
 
 OFFICIAL_EPS = 1e-16
 
 
 class ASAM:
-    """``ASAM(optimizer, model, rho=0.5, eta=0.01)``: wraps an existing optimizer instance, as the official code."""
+    """``ASAM(optimizer, model, rho=0.5, eta=0.01)``: wraps an existing optimizer instance, as the official code.
+
+    Refused with a ``ValueError``: ``rho`` or ``eta`` not a finite number >= 0 (also when changed later: the next
+    ``ascent_step`` raises before writing anything), and an ``optimizer`` whose param group lists a parameter twice
+    (torch only warns; its step would update that parameter twice).
+    """
 
     adaptive = True
 
@@ -38,6 +44,8 @@ class ASAM:
             raise TypeError(f"fastasam.compat: model must be a torch.nn.Module, got {type(model).__name__}.")
         check_nonnegative("rho", rho)
         check_nonnegative("eta", eta)
+        for i, group in enumerate(optimizer.param_groups):
+            check_no_duplicates(group["params"], f"the optimizer's param_groups[{i}]")
         self.optimizer = optimizer
         self.model = model
         self.rho = rho

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from itertools import chain, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 from typing import Any
 
 import torch
@@ -12,6 +18,89 @@ from ._engine import SharpnessEngine, check_nonnegative
 from .report import StepReport
 
 _OWN_GROUP_KEYS = ("rho", "eta", "adaptive")
+_params_of = itemgetter("params")
+_grad_of = attrgetter("grad")
+_not_none = partial(is_not, None)
+_deref = weakref.ref.__call__
+
+
+class _Default(float):
+    """A default argument value that an explicit argument of the same value can be told from (by identity)."""
+
+    __slots__ = ()
+
+
+_NORM_EPS = _Default(1e-12)  # the default of ``eps`` and ``norm_eps``: the epsilon added to the global norm
+
+
+class _Gone:
+    pass
+
+
+_DEAD = weakref.ref(_Gone())  # a dead reference: what a gradient the last step(closure) did not leave is compared to
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _takes_eps(base_optimizer: type[torch.optim.Optimizer]) -> bool:
+    """Whether the base optimizer's constructor has an ``eps`` option (Adam, AdamW, RMSprop, Adagrad, ...)."""
+    try:
+        return "eps" in inspect.signature(base_optimizer.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _norm_eps(eps: float, norm_eps: float, base_optimizer: type[torch.optim.Optimizer]) -> float:
+    """The epsilon added to the global norm, from ``eps`` (the community sam.py's name) or ``norm_eps``: ``eps`` only
+    where it cannot be read as the base optimizer's own ``eps``."""
+    if eps is _NORM_EPS:
+        check_nonnegative("norm_eps", norm_eps)
+        return float(norm_eps)
+    if norm_eps is not _NORM_EPS:
+        raise ValueError(
+            f"fastasam: both eps={eps!r} and norm_eps={norm_eps!r} given; both name the epsilon added to the global "
+            "gradient norm. Pass norm_eps= only."
+        )
+    if _takes_eps(base_optimizer):
+        name = base_optimizer.__name__
+        raise ValueError(
+            f"fastasam: eps={eps!r} is ambiguous: {name} has an eps option of its own (its denominator's epsilon), "
+            f"and fastasam's eps is the epsilon added to the global gradient norm. For {name}'s, pass "
+            f"base_optimizer_kwargs={{'eps': {eps!r}}}; for the norm's, pass norm_eps={eps!r}."
+        )
+    check_nonnegative("eps", eps)
+    return float(eps)
+
+
+def check_no_duplicates(params: list, where: str) -> None:
+    """Raise a ``ValueError`` when a parameter appears more than once in ``params`` (tensors, or ``(name, tensor)``
+    pairs as ``named_parameters()`` yields them): it would count twice in the norm and be perturbed twice."""
+    tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+    if len(set(map(id, tensors))) == len(tensors):
+        return
+    positions: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        positions.setdefault(id(t), []).append(i)
+    repeats = [at for at in positions.values() if len(at) > 1]
+    listed = "; ".join(" and ".join(map(str, at)) for at in repeats)
+    raise ValueError(
+        f"fastasam: {where} lists the same parameter more than once (at positions {listed} of its 'params'); it "
+        "would count twice in the gradient norm and be perturbed twice. List each parameter once, e.g. "
+        "list(dict.fromkeys(params)), or pass model.parameters(), which yields a shared parameter once."
+    )
+
+
+def _as_param_list(param_group: dict[str, Any]) -> list:
+    """``param_group["params"]`` as a list, as ``torch.optim.Optimizer.add_param_group`` makes it (a set is left to
+    torch, which refuses it)."""
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        params = param_group["params"] = [params]
+    elif not isinstance(params, (list, set)):
+        params = param_group["params"] = list(params)
+    return params if isinstance(params, list) else []
 
 
 def _check_base_optimizer(base_optimizer: Any) -> None:
@@ -40,7 +129,12 @@ class ASAM(torch.optim.Optimizer):
         rho: neighbourhood radius (>= 0). ``rho=0`` reproduces the base optimizer exactly.
         eta: added to ``|w|`` in adaptive tensors (>= 0).
         adaptive: scale the perturbation by ``(|w| + eta)^2`` (ASAM); ``False`` gives SAM.
-        eps: added to the global norm (>= 0).
+        eps: the community sam.py's name for ``norm_eps``, accepted when the base optimizer has no ``eps`` option of
+            its own (``torch.optim.SGD``). With a base optimizer that has one (``torch.optim.Adam``, ``AdamW``,
+            ``RMSprop``, ...) an explicit ``eps`` would be ambiguous and is refused: pass ``norm_eps`` for the norm's,
+            ``base_optimizer_kwargs={"eps": ...}`` for the base optimizer's. Giving both ``eps`` and ``norm_eps`` is
+            an error.
+        norm_eps: added to the global norm (a finite number >= 0; default 1e-12).
         restore: ``"copy"`` saves ``w`` and copies it back (bit-exact, like the community sam.py) or
             ``"subtract"`` saves ``e`` and subtracts it (like the official asam.py). Either keeps one buffer
             per parameter.
@@ -53,6 +147,11 @@ class ASAM(torch.optim.Optimizer):
     ``param_groups`` and ``state`` are the base optimizer's own, so LR schedulers, ``state_dict`` and per-group
     options work as with the base optimizer alone. After ``first_step``, ``grad_norm`` holds the global norm and
     ``perturbation_skipped`` whether it was inf/NaN (then nothing was perturbed); both are device tensors.
+
+    Refused with a ``ValueError`` (they would change the algorithm without a sign): a parameter listed twice in a
+    param group (here and in ``add_param_group``), a ``rho``, ``eta`` or ``norm_eps`` that is not a finite number
+    >= 0 (also a group's ``rho``/``eta`` changed later: the next ``first_step`` raises before writing anything),
+    an ambiguous ``eps`` (above), and in ``load_state_dict`` the state of another base optimizer class.
     """
 
     def __init__(
@@ -63,7 +162,8 @@ class ASAM(torch.optim.Optimizer):
         rho: float = 0.5,
         eta: float = 0.01,
         adaptive: bool = True,
-        eps: float = 1e-12,
+        eps: float = _NORM_EPS,
+        norm_eps: float = _NORM_EPS,
         restore: str = "copy",
         backend: str = "auto",
         every: int = 1,
@@ -73,11 +173,12 @@ class ASAM(torch.optim.Optimizer):
         _check_base_optimizer(base_optimizer)
         check_nonnegative("rho", rho)
         check_nonnegative("eta", eta)
+        norm_eps = _norm_eps(eps, norm_eps, base_optimizer)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"fastasam: every must be an int >= 1 (perturb on every k-th step), got {every!r}.")
         self.every = every
         self._steps_done = 0  # completed steps (second_step calls): which step perturbs; in state_dict when every > 1
-        self._engine = SharpnessEngine(backend=backend, eps=eps, restore=restore)
+        self._engine = SharpnessEngine(backend=backend, eps=norm_eps, restore=restore)
         super().__init__(params, dict(rho=rho, eta=eta, adaptive=bool(adaptive)))
         base = base_optimizer(self.param_groups, **{**base_kwargs, **(base_optimizer_kwargs or {})})
         clash = set(_OWN_GROUP_KEYS) & set(base.defaults)
@@ -85,6 +186,11 @@ class ASAM(torch.optim.Optimizer):
             raise ValueError(
                 f"fastasam: {base_optimizer.__name__} has its own option(s) {sorted(clash)}, which would share a "
                 "param-group key with ASAM's; this base optimizer is not supported."
+            )
+        if eps is not _NORM_EPS and "eps" in base.defaults:  # an eps taken through **kwargs: ambiguous as well
+            raise ValueError(
+                f"fastasam: eps={eps!r} is ambiguous: {base_optimizer.__name__} has an eps option of its own. For "
+                f"its, pass base_optimizer_kwargs={{'eps': {eps!r}}}; for the global norm's, pass norm_eps={eps!r}."
             )
         self.base_optimizer = base
         self.param_groups = base.param_groups
@@ -231,7 +337,19 @@ class ASAM(torch.optim.Optimizer):
         ``optimizer.step()`` once, such as Hugging Face's Trainer; see ``fastasam.hf``).
 
         Unlike the community sam.py, ``step`` runs the first backward pass itself, so do not call ``backward``
-        before it.
+        before it: a gradient it would add to is refused. The rule, checked on the host from tensor identities
+        (no value is read): a gradient present when ``step(closure)`` begins must be a tensor the previous
+        ``step(closure)`` left in ``.grad`` (the second pass's gradient, zeroed in place or not, as under
+        ``zero_grad(set_to_none=False)`` or a Lightning loop); those are set to ``None`` before the closure runs,
+        so its backward starts from nothing. Any other gradient raises a ``RuntimeError`` and nothing runs: remove
+        the ``backward`` before ``step(closure)`` (or call ``zero_grad()`` first), or run the passes yourself with
+        ``first_step``/``second_step`` as with sam.py. Gradients accumulated in place into the previous step's
+        tensors cannot be told from them: they are dropped, and the step is still the two-pass step of the closure.
+
+        If the closure raises in the second pass (at ``w + e``), the weights are restored to ``w`` and the exception
+        is re-raised: the optimizer's state is as before the step, and the next ``step(closure)`` runs normally.
+
+        Mutates the parameters, their ``.grad`` and the base optimizer's state.
         """
         if closure is None and "found_inf" in self.__dict__:  # called by torch.amp.GradScaler.step(opt)
             self._scaled_second_step()
@@ -246,21 +364,67 @@ class ASAM(torch.optim.Optimizer):
                 "(step() after first_step() is second_step()), or scaler.step(opt) after the second backward under a "
                 "torch.amp.GradScaler."
             )
-        with torch.enable_grad():
-            loss = closure()
-        if not self.second_pass_needed:  # every > 1: a plain base step on this step
+        self._drop_left_gradients()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            if not self.second_pass_needed:  # every > 1: a plain base step on this step
+                self.second_step()
+                return loss
+            self.first_step(zero_grad=True)
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:
+                self._abandon_step()
+                raise
             self.second_step()
             return loss
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            closure()
-        self.second_step()
-        return loss
+        finally:  # also after an error: the next step(closure) drops what this one left in .grad
+            self._remember_left_gradients()
+
+    _left_grads: dict[int, weakref.ref] = {}  # id -> reference of each gradient the last step(closure) left
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return list(chain.from_iterable(map(_params_of, self.param_groups)))
+
+    def _remember_left_gradients(self) -> None:
+        """Weak references to the gradients this step(closure) leaves (they keep no memory alive)."""
+        grads = list(filter(_not_none, map(_grad_of, self._all_params())))
+        self._left_grads = dict(zip(map(id, grads), map(weakref.ref, grads)))
+
+    def _drop_left_gradients(self) -> None:
+        """Before step(closure)'s first pass: the gradients the last step(closure) left go (set to None); any other
+        gradient raises (see ``step``). C-level passes over the parameters, no Python call per tensor."""
+        params = self._all_params()
+        present = list(filter(_not_none, map(_grad_of, params)))
+        if not present:
+            return
+        left = self._left_grads
+        if not all(map(is_, present, map(_deref, map(left.get, map(id, present), repeat(_DEAD))))):
+            fresh = sum(1 for g in present if left.get(id(g), _DEAD)() is not g)
+            raise RuntimeError(
+                f"fastasam: step(closure) found gradients already present in .grad ({fresh} parameter(s)) that no "
+                "earlier step(closure) left there. step(closure) runs the first forward and backward itself, so a "
+                "backward before it would be added to the first pass's gradient and change the step. Remove the "
+                "loss.backward() before opt.step(closure) (or call opt.zero_grad() first), or run the two passes "
+                "yourself as with sam.py: backward, opt.first_step(zero_grad=True), backward, "
+                "opt.second_step(zero_grad=True) (also the loop for gradient accumulation)."
+            )
+        deque(map(setattr, params, repeat("grad"), repeat(None)), maxlen=0)
+
+    def _abandon_step(self) -> None:
+        """The second pass raised: back to ``w`` (restore), with no descent direction left pending."""
+        self._deferred = None
+        if self._engine.perturbed:
+            self._engine.restore("restore only: the second pass raised in step(closure)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        where = f"param_groups[{len(self.param_groups)}]"
+        check_no_duplicates(_as_param_list(param_group), where)
         for key in ("rho", "eta"):
             if key in param_group:
-                check_nonnegative(key, param_group[key], f" in param_groups[{len(self.param_groups)}]")
+                check_nonnegative(key, param_group[key], f" in {where}")
         base = self.__dict__.get("base_optimizer")
         if base is None:  # during __init__
             super().add_param_group(param_group)
@@ -277,17 +441,25 @@ class ASAM(torch.optim.Optimizer):
             )
 
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's ``state_dict()`` plus ``"fastasam"``: the base optimizer's class (``"module.Name"``)
+        and, where they matter, which step perturbs next (``every > 1``) and LookSAM's ``g_v``. The base optimizer's
+        own ``load_state_dict`` ignores that key, so the plain base optimizer can load this state."""
         self._check_not_perturbed("state_dict()")
         state = self.base_optimizer.state_dict()
-        own = self._own_state()
-        if own:  # which step perturbs next (every > 1), LookSAM's g_v; the base optimizer's load_state_dict ignores it
-            state["fastasam"] = own
+        state["fastasam"] = {"base_optimizer": _class_name(type(self.base_optimizer)), **self._own_state()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state of this class, or of the plain base optimizer (then ``rho``, ``eta`` and ``adaptive`` take
+        this optimizer's defaults). A state of another base optimizer class is refused with a ``ValueError`` before
+        anything is loaded: by the class recorded in ``state_dict()["fastasam"]``, or, for a state without it (a
+        plain torch optimizer's), by the param groups' options, which must include every option of this base
+        optimizer."""
         self._check_not_perturbed("load_state_dict()")
         state_dict = dict(state_dict)
-        self._load_own_state(state_dict.pop("fastasam", None) or {})
+        own = state_dict.pop("fastasam", None) or {}
+        self._check_base_optimizer_state(state_dict, own.get("base_optimizer"))
+        self._load_own_state(own)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -295,9 +467,46 @@ class ASAM(torch.optim.Optimizer):
             for key in _OWN_GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
 
+    def _check_base_optimizer_state(self, state_dict: Mapping[str, Any], recorded: str | None) -> None:
+        base = self.base_optimizer
+        mine = _class_name(type(base))
+        if recorded is not None:  # the same class; or one of that name from another module (__main__ at saving)
+            if recorded != mine and not recorded.endswith("." + type(base).__qualname__):
+                raise ValueError(
+                    f"fastasam: this state was saved by a fastasam optimizer around {recorded}, but this "
+                    f"{type(self).__name__} steps with {mine}; the base optimizer's state and options would not fit "
+                    f"it. Build the optimizer with the base optimizer the state was saved with ({recorded}), or do "
+                    "not load the state."
+                )
+            return
+        for i, group in enumerate(state_dict.get("param_groups", ())):
+            missing = sorted(set(base.defaults) - set(_options_on_load(type(base), group)))
+            if missing:
+                raise ValueError(
+                    f"fastasam: param_groups[{i}] of this state has no option(s) {missing}, which "
+                    f"{type(base).__name__} (this {type(self).__name__}'s base optimizer, {mine}) needs: it is not "
+                    f"a state of {type(base).__name__}. Load a state saved by {type(base).__name__} or by a fastasam "
+                    "optimizer around it, or build this optimizer with the base optimizer the state was saved with."
+                )
+
+
+def _options_on_load(cls: type[torch.optim.Optimizer], group: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a saved param group has once ``cls.load_state_dict`` took it: the group's own, plus those that
+    ``cls.__setstate__`` fills in for states saved before an option existed (SGD's ``fused``, Adam's
+    ``decoupled_weight_decay``, ...). Run on an empty probe, nothing of the optimizer is touched."""
+    probe_group = {**{k: v for k, v in group.items() if k != "params"}, "params": []}
+    try:
+        probe = cls.__new__(cls)
+        cls.__setstate__(probe, {"state": {}, "param_groups": [probe_group], "defaults": {}})
+    except Exception:  # an optimizer whose __setstate__ needs more: its group's own options only
+        pass
+    return probe_group
+
 
 class SAM(ASAM):
-    """Sharpness-Aware Minimization (Foret et al.): :class:`ASAM` with nothing adaptive."""
+    """Sharpness-Aware Minimization (Foret et al.): :class:`ASAM` with nothing adaptive. ``eps``/``norm_eps``,
+    ``base_optimizer_kwargs`` and the refusals are :class:`ASAM`'s: with a base optimizer that has an ``eps`` of its
+    own (Adam), pass ``norm_eps=`` for the norm's epsilon and ``base_optimizer_kwargs={"eps": ...}`` for Adam's."""
 
     def __init__(
         self,
@@ -305,7 +514,8 @@ class SAM(ASAM):
         base_optimizer: type[torch.optim.Optimizer],
         *,
         rho: float = 0.05,
-        eps: float = 1e-12,
+        eps: float = _NORM_EPS,
+        norm_eps: float = _NORM_EPS,
         restore: str = "copy",
         backend: str = "auto",
         every: int = 1,
@@ -313,8 +523,8 @@ class SAM(ASAM):
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
-            params, base_optimizer, rho=rho, eta=0.0, adaptive=False, eps=eps, restore=restore, backend=backend,
-            every=every, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
+            params, base_optimizer, rho=rho, eta=0.0, adaptive=False, eps=eps, norm_eps=norm_eps, restore=restore,
+            backend=backend, every=every, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
         )
 
 

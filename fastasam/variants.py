@@ -44,7 +44,7 @@ import torch
 from . import _decompose
 from ._decompose import Decomposer, Deferred, PhaseTables
 from ._plan import accumulate_dtype, indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
-from .optim import ASAM
+from .optim import _NORM_EPS, ASAM
 from .report import StepReport
 
 
@@ -57,7 +57,17 @@ def _check_alpha(cls: str, alpha: float) -> float:
 class _Decomposed(ASAM):
     """What LookSAM and GSAM share: the parameters with gradients, global sums, the kernels' tables, the checks."""
 
-    alpha: float
+    _alpha: float
+
+    @property
+    def alpha(self) -> float:
+        """The weight of the decomposition's correction: a finite number >= 0, checked when set (a schedule may set
+        it between steps)."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = _check_alpha(type(self).__name__, value)
 
     def _decomposer(self) -> Decomposer:
         dec = self.__dict__.get("_dec")
@@ -218,7 +228,11 @@ def _loaded(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 class LookSAM(_Decomposed):
     """LookSAM: (A)SAM's two passes on every k-th step only; the steps between reuse the component ``g_v`` of the
-    last second-pass gradient that is orthogonal to the first (see the module docstring). ``k=1`` is (A)SAM."""
+    last second-pass gradient that is orthogonal to the first (see the module docstring). ``k=1`` is (A)SAM.
+
+    Options and refusals as :class:`fastasam.ASAM`'s (``eps``/``norm_eps``: with a base optimizer that has an ``eps``
+    of its own, such as Adam, pass ``norm_eps=`` for the norm's epsilon and ``base_optimizer_kwargs={"eps": ...}``
+    for Adam's); ``k`` must be an int >= 1 and ``alpha`` a finite number >= 0 (also when set later)."""
 
     def __init__(
         self,
@@ -230,7 +244,8 @@ class LookSAM(_Decomposed):
         alpha: float = 0.7,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        eps: float = _NORM_EPS,
+        norm_eps: float = _NORM_EPS,
         restore: str = "copy",
         backend: str = "auto",
         base_optimizer_kwargs: Mapping[str, Any] | None = None,
@@ -238,10 +253,11 @@ class LookSAM(_Decomposed):
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"fastasam: LookSAM's k must be an int >= 1 (a full step every k steps), got {k!r}.")
-        self.k, self.alpha = k, _check_alpha("LookSAM", alpha)
+        self.k, self.alpha = k, alpha
         self._kept: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> g during a full step, g_v after it
-        super().__init__(params, base_optimizer, rho=rho, eta=eta, adaptive=adaptive, eps=eps, restore=restore,
-                         backend=backend, every=k, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
+        super().__init__(params, base_optimizer, rho=rho, eta=eta, adaptive=adaptive, eps=eps, norm_eps=norm_eps,
+                         restore=restore, backend=backend, every=k, base_optimizer_kwargs=base_optimizer_kwargs,
+                         **base_kwargs)
 
     def _two_pass_direction(self) -> None:  # full step: descend along g_s; keep g_v = g_s - c g (in place)
         self._direction("second", _decompose.LOOK_FULL, self._two_pass_torch_ops)
@@ -287,7 +303,11 @@ class LookSAM(_Decomposed):
 
 class GSAM(_Decomposed):
     """GSAM: (A)SAM's two passes every step, descending along ``g_s - alpha * g_perp`` (see the module docstring).
-    ``alpha=0`` is (A)SAM."""
+    ``alpha=0`` is (A)SAM.
+
+    Options and refusals as :class:`fastasam.ASAM`'s (``eps``/``norm_eps``: with a base optimizer that has an ``eps``
+    of its own, such as Adam, pass ``norm_eps=`` for the norm's epsilon and ``base_optimizer_kwargs={"eps": ...}``
+    for Adam's); ``alpha`` must be a finite number >= 0 (also when set later)."""
 
     def __init__(
         self,
@@ -298,16 +318,17 @@ class GSAM(_Decomposed):
         alpha: float = 0.1,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        eps: float = _NORM_EPS,
+        norm_eps: float = _NORM_EPS,
         restore: str = "copy",
         backend: str = "auto",
         base_optimizer_kwargs: Mapping[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
-        self.alpha = _check_alpha("GSAM", alpha)
+        self.alpha = alpha
         self._kept: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> g (kept between steps: the kernels' tables)
-        super().__init__(params, base_optimizer, rho=rho, eta=eta, adaptive=adaptive, eps=eps, restore=restore,
-                         backend=backend, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
+        super().__init__(params, base_optimizer, rho=rho, eta=eta, adaptive=adaptive, eps=eps, norm_eps=norm_eps,
+                         restore=restore, backend=backend, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
 
     def _two_pass_direction(self) -> None:  # (1 + alpha * c) * g_s - alpha * g, c = <g, g_s> / ||g_s||^2
         # the direction itself: in the fused restore + update when that takes every tensor, else applied first

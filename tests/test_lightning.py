@@ -261,24 +261,12 @@ def test_automatic_gradient_clipping_by_norm() -> None:
             torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
 
 
-def test_automatic_gradient_accumulation_is_not_sam() -> None:
-    """accumulate_grad_batches=2 cannot work: Lightning steps after the last micro-batch, so the ascent sees the
-    accumulated gradient but the second pass reruns only that last micro-batch at w + e. The result differs from
-    the README's accumulation loop (both passes over every micro-batch); this test pins that down."""
-    module = Net(freeze=False)
-    fit(module, epochs=1, accumulate_grad_batches=3)
-    net = copy.deepcopy(INIT).train()
-    opt = _optimizer(net.parameters(), "foreach")
-    for _ in range(2):
-        for x, y in _batches():
-            (F.cross_entropy(net(x), y) / STEPS_PER_EPOCH).backward()
-        if opt.perturbed:
-            opt.second_step(zero_grad=True)
-        else:
-            opt.first_step(zero_grad=True)
-    got = module.snapshots[-1]
-    gap = max((got[k] - v).abs().max().item() for k, v in net.named_parameters())
-    assert gap > 1e-3, "Lightning's accumulation now matches SAM accumulation: update the README"
+def test_automatic_gradient_accumulation_is_refused() -> None:
+    """accumulate_grad_batches=3 cannot give SAM: Lightning steps after the last micro-batch, so the ascent would use
+    the accumulated gradient but the second pass rerun only that last micro-batch at w + e. optimizer.step(closure)
+    finds the earlier micro-batches' gradients in .grad (left by no step) and refuses them with the fix."""
+    with pytest.raises(RuntimeError, match=r"step\(closure\) found gradients already present.*gradient accumulation"):
+        fit(Net(freeze=False), epochs=1, accumulate_grad_batches=3)
 
 
 def test_automatic_with_fp16_gradscaler_raises() -> None:

@@ -362,7 +362,7 @@ def test_base_optimizer_option_clash_is_refused():
 
 
 def test_adam_eps_goes_through_base_optimizer_kwargs():
-    opt = fastasam.ASAM(torch.nn.Linear(2, 2).parameters(), torch.optim.Adam, eps=1e-10,
+    opt = fastasam.ASAM(torch.nn.Linear(2, 2).parameters(), torch.optim.Adam, norm_eps=1e-10,
                         base_optimizer_kwargs={"eps": 1e-6}, lr=1e-3)
     assert opt.param_groups[0]["eps"] == 1e-6 and opt._engine.eps == 1e-10
 
