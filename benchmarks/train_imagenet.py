@@ -14,7 +14,8 @@ initialisation) built here, so a run does not depend on whether torchvision is i
 
 Run directory (``--ckpt-dir``, default ``runs/imagenet``, git-ignored): ``last.pt`` (the checkpoint),
 ``log.jsonl`` (one JSON record per logged step: epoch, step, loss, lr, images/s; and one per evaluation: epoch,
-top1, top5, images; ``epoch`` counts from 0 in both and in the console) and ``.lock``.
+top1, top5, images; ``epoch`` counts from 0 in both and in the console), ``.lock``, and the report (see
+Reporting): ``best.pt``, ``summary.json``, ``curves.png``, ``tensorboard/``.
 
 - One run per directory: the run takes an exclusive lock on ``.lock`` (``fcntl.flock``, released by the operating
   system when the process ends, even by a crash); a second run on the directory is refused with the holder's pid.
@@ -41,15 +42,62 @@ the same contiguous slice of the epoch's permutation whatever the number of proc
 number of processes keeps the global sample order (with a printed note); its numbers are then not bit-identical,
 as BatchNorm normalises over each process's share of the batch. A resume with another ``--global-batch`` or
 another training set size is refused (both change the schedule).
+
+Optimizers (``--opt``): ``sgd``, ``sam``, ``asam``, ``looksam`` and ``gsam`` (``fastasam.LookSAM``/``GSAM``; SAM's
+perturbation, ASAM's with ``--adaptive``; ``--alpha``: 0.7 and 0.1 by default). The loop for each is ``backward();
+if opt.second_pass_needed: first_step(zero_grad=True), backward(); second_step()``. An adaptive optimizer (``asam``,
+or a variant with ``--adaptive``) takes the official ASAM code's split (``fastasam.adaptive_param_groups``:
+parameters named ``weight`` adaptive, biases not). ``--every K``: a two-pass step every K-th step (the others one
+pass, the base optimizer on the one gradient): interval SAM for ``sam``/``asam``, LookSAM's ``k`` (default 5).
+``--sharpness replica``: m-sharpness, each process perturbs with its own gradient's norm
+(``fastasam.distributed.replica_perturbation``: the first backward under DDP's ``no_sync``); ``global`` (default)
+perturbs with the all-reduced gradient; the two are the same on one process. ``--rho-follows-lr``: rho follows the
+learning rate (``fastasam.RhoFollowsLR``: ``--rho`` at the peak ``--lr``, ``--rho-min`` at lr 0).
+``--no-bn-bias-decay``: weight decay 0 for BatchNorm parameters and biases (with the adaptive split: up to four
+groups, adaptive or not x decayed or not; empty ones left out). ``--ema DECAY``: an exponential moving average of
+the weights and buffers (``ema = DECAY * ema + (1 - DECAY) * w`` after every step, integer buffers copied),
+evaluated beside the weights (``ema_top1``/``ema_top5``) and saved in the checkpoints. ``--clip-grad NORM``: the
+gradient ``second_step`` steps with is clipped to a global norm of NORM (``clip_grad_norm_``, after GradScaler's
+``unscale_`` under fp16): the second pass's gradient (at ``w + e``) on a two-pass step, the one pass's on a one-pass
+step; the first pass's gradient, which only sets the perturbation's direction (it is normalised), is not clipped.
+``--sync-bn`` (GPUs, several processes), ``--compile`` (``torch.compile`` of the model for the training passes),
+``cudnn.benchmark`` on GPUs (``--no-cudnn-benchmark`` for bit-identical resumes there). Evaluation images are
+resized to a short side of ``--val-resize`` (default: the crop * 256 / 224) and center-cropped to ``--val-crop``
+(default ``--image-size``). ``--preset``: ``paper-asam``, ``paper-sam`` (the papers' settings) and ``composer-sam``
+(Composer's SAM recipe: rho 0.5, a two-pass step every 10 steps, on the same ResNet-50 recipe).
+
+Reporting: every logged step prints and logs (``log.jsonl``) the wall-clock time (``time``, Unix seconds),
+``elapsed_s`` (the run's wall time, carried over resumes by the checkpoint), ``eta_s`` (the remaining steps at the
+last interval's seconds per step, plus the remaining evaluations at the last one's time), and where the time went:
+``data_s`` (mean seconds per step the loop waited for the next batch) and ``compute_s`` (the rest of the step's
+wall time, measured on the host over the print interval: no extra device synchronisation). Evaluations log
+``step``, ``elapsed_s`` and ``time`` too. ``--target-top1 X`` prints and logs once (``target_top1`` records) the
+first evaluation whose top-1 reaches X, with the elapsed time. A finished run prints a summary and writes into the
+run directory ``summary.json`` (best and final top-1/top-5, EMA's too, wall time, time to the target, images/s over
+the training steps, SAM's overhead, peak memory, versions and commit) and ``curves.png`` (accuracy and loss against
+epochs and wall-clock hours; needs matplotlib, else a printed note), both from the whole run's ``log.jsonl``
+(resumes included; ``benchmarks.run_report``). ``best.pt`` holds the weights (and EMA) of the best top-1 so far,
+written like ``last.pt``. With the ``tensorboard`` package installed (``pip install fastasam[tensorboard]``) the
+logged numbers also go to ``tensorboard/`` as scalars (one note when it is not installed).
+``python -m benchmarks.compare_runs RUN_DIR... [--out FILE]`` plots several runs' top-1 against wall-clock hours.
+
+SAM's overhead (``summary.json``'s ``sam_overhead``): per step, ``pass`` is the time of the first forward and
+backward (from the batch on the device to the end of the first ``backward()``) and ``step`` that of the whole step
+(both passes, ``first_step``, ``second_step``, clipping, the schedules and EMA); CUDA events on GPUs, read at the
+print intervals. ``step_over_pass`` = sum of ``step`` / sum of ``pass`` over the steps after each start's first 5
+(warm-up): how many single-pass steps of plain SGD (one forward/backward, whose own update is not in ``pass``) a
+step costs; two-pass SAM's floor is 2.0, interval SAM and LookSAM between 1 and 2, ``sgd`` just over 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -61,9 +109,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fastasam
+from benchmarks import run_report
 from benchmarks.checkpoint import CheckpointError, RunDirectoryError, load_checkpoint, lock_run_dir, save_checkpoint
 from benchmarks.data import ImageFolder, ResumableSampler, Synthetic
+from benchmarks.input_pipeline import LOADERS, make_loader
 from benchmarks.models import get_model
+from benchmarks.run_report import CURVES, SUMMARY, TENSORBOARD, TensorBoard, peak_memory
 
 # The paper's ImageNet setting for ASAM (Kwon et al. 2021): ResNet-50, rho = 1.0, eta = 0.01. The rest is the
 # standard ResNet-50 recipe used with it here: 100 epochs, batch 512 in all, lr 0.2, weight decay 1e-4, cosine
@@ -73,8 +124,13 @@ PRESETS = {
                    "lr": 0.2, "weight_decay": 1e-4, "label_smoothing": 0.1, "warmup_epochs": 0.0},
     "paper-sam": {"arch": "resnet50", "opt": "sam", "rho": 0.05, "epochs": 100, "global_batch": 512, "lr": 0.2,
                   "weight_decay": 1e-4, "label_smoothing": 0.1, "warmup_epochs": 0.0},
+    # Composer's SAM recipe for ResNet-50 on ImageNet (MosaicML): rho 0.5, SAM's two passes every 10th step only.
+    "composer-sam": {"arch": "resnet50", "opt": "sam", "rho": 0.5, "every": 10, "epochs": 100, "global_batch": 512,
+                     "lr": 0.2, "weight_decay": 1e-4, "label_smoothing": 0.1, "warmup_epochs": 0.0},
 }
 CHECKPOINT = "last.pt"
+BEST = "best.pt"
+TIMED_AFTER = 5  # steps after each start left out of SAM's measured overhead (warm-up: allocator, cudnn, compile)
 LOG = "log.jsonl"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "step_in_epoch", "world",
                    "global_batch", "steps_per_epoch")
@@ -87,11 +143,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="synthetic", help="ImageFolder root (with train/ and val/) or 'synthetic'")
     p.add_argument("--preset", choices=sorted(PRESETS), help="set the paper's hyper-parameters (flags after it win)")
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet_tiny"])
-    p.add_argument("--opt", default="asam", choices=["sgd", "sam", "asam"])
+    p.add_argument("--opt", default="asam", choices=["sgd", "sam", "asam", "looksam", "gsam"])
     p.add_argument("--impl", default="fastasam", choices=["reference", "fastasam"])
     p.add_argument("--backend", default="auto", help="fastasam backend for --impl fastasam")
-    p.add_argument("--rho", type=float, default=None, help="default: 1.0 for asam, 0.05 for sam")
+    p.add_argument("--rho", type=float, default=None,
+                   help="default: 1.0 for an adaptive optimizer (asam, --adaptive), else 0.05")
     p.add_argument("--eta", type=float, default=0.01)
+    p.add_argument("--adaptive", action="store_true", help="looksam/gsam: ASAM's adaptive perturbation")
+    p.add_argument("--alpha", type=float, default=None, help="looksam/gsam's alpha (default 0.7 / 0.1)")
+    p.add_argument("--every", type=int, default=None,
+                   help="a two-pass step every K-th step: interval SAM (sam/asam, default 1), LookSAM's k (default 5)")
+    p.add_argument("--sharpness", default="global", choices=["global", "replica"],
+                   help="replica: m-sharpness, each process perturbs with its own gradient's norm")
+    p.add_argument("--rho-follows-lr", action="store_true",
+                   help="rho proportional to the lr (fastasam.RhoFollowsLR): --rho at --lr, --rho-min at lr 0")
+    p.add_argument("--rho-min", type=float, default=0.0)
+    p.add_argument("--no-bn-bias-decay", action="store_true", help="no weight decay on BatchNorm parameters and biases")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="evaluate and save an exponential moving average of the weights too (e.g. 0.9999)")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip the gradient second_step uses (the second pass's) to this global norm")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm over the processes (GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for the training passes")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="cudnn.benchmark on GPUs (its algorithm choice may differ between a run and its resume)")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--global-batch", type=int, default=256, help="images per step over all processes")
     p.add_argument("--lr", type=float, default=0.1)
@@ -102,19 +177,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", default="bf16" if torch.cuda.is_available() else "none", choices=["bf16", "fp16", "none"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available())
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--val-crop", type=int, default=None,
+                   help="evaluation: the center crop's side (default --image-size)")
+    p.add_argument("--val-resize", type=int, default=None,
+                   help="evaluation: the short side the image is resized to before the crop (default crop * 256/224)")
     p.add_argument("--num-classes", type=int, default=1000, help="synthetic data only")
     p.add_argument("--synthetic-size", type=int, default=12_800, help="synthetic training images per epoch")
-    p.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 0)
+    p.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 0,
+                   help="decoding processes per process (--loader pil, kept across epochs) or DALI threads")
+    p.add_argument("--loader", default="pil", choices=LOADERS,
+                   help="pil: CPU decoding in --workers processes, uint8 batches normalised on the device; dali: "
+                        "NVIDIA DALI decodes on the GPU (pip install nvidia-dali-cuda130). Both take the same "
+                        "samples, order, crop regions and flips from (seed, epoch, index), so a resume continues "
+                        "them; dali's pixels are as reproducible as DALI's decoder (not documented bit-exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-dir", type=Path, default=Path("runs/imagenet"),
                    help="run directory: last.pt, log.jsonl, .lock (one run at a time; runs/ is git-ignored)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (also at epoch ends)")
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir from its last.pt")
     p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a --ckpt-dir that holds one (deletes its last.pt and log.jsonl)")
+                   help="start a new run in a --ckpt-dir that holds one (deletes its last.pt, log.jsonl and the "
+                        "report: best.pt, summary.json, curves.png, tensorboard/)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop (with a checkpoint, every process at the same step) after this global step")
     p.add_argument("--print-every", type=int, default=50)
+    p.add_argument("--target-top1", type=float, default=None, metavar="X",
+                   help="print and log once when the validation top-1 reaches X percent, with the elapsed time")
     p.add_argument("--no-eval", dest="eval", action="store_false")
     first, _ = p.parse_known_args(argv)
     if first.preset:
@@ -122,8 +210,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --ckpt-dir and --overwrite deletes it: give one of them")
+    variant = args.opt in ("looksam", "gsam")
+    if args.adaptive and not variant:
+        p.error(f"--adaptive is for --opt looksam/gsam (asam is adaptive, --opt {args.opt} is not)")
+    if args.alpha is not None and not variant:
+        p.error("--alpha is LookSAM's and GSAM's: give --opt looksam or --opt gsam")
+    if args.every is not None and (args.every < 1 or args.opt in ("sgd", "gsam")):
+        p.error(f"--every {args.every}: give an int >= 1, with --opt sam, asam or looksam (gsam and sgd take none)")
+    if args.opt == "sgd" and (args.sharpness != "global" or args.rho_follows_lr):
+        p.error("--sharpness and --rho-follows-lr are for the sharpness-aware optimizers, not --opt sgd")
+    if args.ema is not None and not 0 <= args.ema < 1:
+        p.error(f"--ema {args.ema}: the decay must be in [0, 1) (e.g. 0.9999)")
+    if args.val_resize is not None and args.val_resize < (args.val_crop or args.image_size):
+        p.error(f"--val-resize {args.val_resize} is smaller than the crop ({args.val_crop or args.image_size})")
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        p.error(f"--clip-grad {args.clip_grad}: the norm must be > 0")
+    if args.every is None:
+        args.every = 5 if args.opt == "looksam" else 1
+    if args.alpha is None and variant:
+        args.alpha = 0.7 if args.opt == "looksam" else 0.1
     if args.rho is None:
-        args.rho = 1.0 if args.opt == "asam" else 0.05
+        args.rho = 1.0 if args.opt == "asam" or args.adaptive else 0.05
     return args
 
 
@@ -183,15 +290,17 @@ class Run:
 def datasets(args: argparse.Namespace):
     if args.data == "synthetic":
         train = Synthetic(args.synthetic_size, args.num_classes, args.image_size, args.seed)
-        val = Synthetic(max(args.synthetic_size // 10, 1), args.num_classes, args.image_size, args.seed + 1)
+        val = Synthetic(max(args.synthetic_size // 10, 1), args.num_classes, args.val_crop or args.image_size,
+                        args.seed + 1)
         return train, val
     root = Path(args.data)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise FileNotFoundError(f"--data {root}: no {split}/ directory; expected {root}/train/<class>/<image> "
                                     f"and {root}/val/<class>/<image>, or --data synthetic")
-    train = ImageFolder(root / "train", args.image_size, train=True, seed=args.seed)
-    val = ImageFolder(root / "val", args.image_size, train=False, seed=args.seed)
+    train = ImageFolder(root / "train", args.image_size, train=True, seed=args.seed, uint8=True)
+    val = ImageFolder(root / "val", args.val_crop or args.image_size, train=False, seed=args.seed, uint8=True)
+    val.resize = args.val_resize  # the short side before the center crop (None: crop * 256 / 224)
     if val.classes != train.classes:
         raise ValueError(f"--data {root}: train/ and val/ have different classes")
     return train, val
@@ -213,14 +322,212 @@ def train_sampler(size: int, global_batch: int, rank: int, world: int, seed: int
     return ResumableSampler(size, rank, world, shuffle=True, seed=seed), global_batch // world, steps
 
 
+def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
+    """The optimizer's param groups: for an adaptive optimizer (``asam``, a variant with ``--adaptive``) the official
+    ASAM split (``fastasam.adaptive_param_groups``: ``adaptive`` True for parameters named ``weight``, False for the
+    others); with ``--no-bn-bias-decay`` each group split again into decayed parameters and the BatchNorm parameters
+    and biases (``weight_decay`` 0). Empty groups are left out; the order is the model's within each group."""
+    adaptive = args.opt == "asam" or args.adaptive
+    groups = (fastasam.adaptive_param_groups(model) if adaptive
+              else [{"params": [p for p in model.parameters() if p.requires_grad]}])
+    if not args.no_bn_bias_decay:
+        return groups
+    no_decay = {id(p) for m in model.modules() for name, p in m.named_parameters(recurse=False)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) or name == "bias"}
+    split = []
+    for g in groups:
+        for decayed in (True, False):
+            params = [p for p in g["params"] if (id(p) not in no_decay) == decayed]
+            if params:
+                split.append({**g, "params": params, **({} if decayed else {"weight_decay": 0.0})})
+    return split
+
+
 def build_optimizer(args: argparse.Namespace, model: nn.Module):
     base = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
+    groups = param_groups(args, model)
     if args.opt == "sgd":
-        return torch.optim.SGD(model.parameters(), **base)
+        return torch.optim.SGD(groups, **base)
     backend = "reference" if args.impl == "reference" else args.backend
     if args.opt == "sam":
-        return fastasam.SAM(model.parameters(), torch.optim.SGD, rho=args.rho, backend=backend, **base)
-    return fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=args.rho, eta=args.eta, backend=backend, **base)
+        return fastasam.SAM(groups, torch.optim.SGD, rho=args.rho, every=args.every, backend=backend, **base)
+    if args.opt == "asam":
+        return fastasam.ASAM(groups, torch.optim.SGD, rho=args.rho, eta=args.eta, every=args.every, backend=backend,
+                             **base)
+    if args.opt == "looksam":
+        return fastasam.LookSAM(groups, torch.optim.SGD, rho=args.rho, k=args.every, alpha=args.alpha,
+                                adaptive=args.adaptive, eta=args.eta, backend=backend, **base)
+    return fastasam.GSAM(groups, torch.optim.SGD, rho=args.rho, alpha=args.alpha, adaptive=args.adaptive, eta=args.eta,
+                         backend=backend, **base)
+
+
+class Ema:
+    """An exponential moving average of a model's weights and buffers, in ``module`` (a copy of the model, so it is
+    evaluated as a model and saved as a ``state_dict``). ``update(model)`` after each step: floating entries
+    ``ema <- decay * ema + (1 - decay) * w`` (one ``torch._foreach_lerp_`` per dtype), the others (BatchNorm's
+    ``num_batches_tracked``) copied. Mutates ``module`` only."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+        source = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            if v.is_floating_point():
+                pair = by_dtype.setdefault(v.dtype, ([], []))
+                pair[0].append(v)
+                pair[1].append(source[k])
+            else:
+                v.copy_(source[k])
+        for mine, theirs in by_dtype.values():
+            torch._foreach_lerp_(mine, theirs, 1 - self.decay)
+
+
+class StepTimer:
+    """Where a print interval's time went, measured without synchronising the device each step.
+
+    ``data_s``: host seconds spent waiting for the next batch (``timed`` around the loader); ``pass`` and ``step``
+    (SAM's overhead): per step, from the batch on the device to the end of the first backward, and to the end of the
+    step; ``time.perf_counter`` on a CPU, CUDA events on a GPU, read at ``interval()`` (the print, which waits for
+    the last step's end event: one synchronisation per interval). Steps before ``TIMED_AFTER`` in this process are
+    not counted in ``pass``/``step`` (warm-up). Totals (``train_s``, ``data_s``, ``pass_s``, ``step_s``,
+    ``steps_timed``) survive a resume through ``state``."""
+
+    def __init__(self, device: torch.device, state: dict | None = None) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals = {"train_s": 0.0, "data_s": 0.0, "pass_s": 0.0, "step_s": 0.0, "steps_timed": 0,
+                       **(state or {})}
+        self.started = 0  # steps done in this process
+        self.pending: list = []
+        self.restart()
+
+    def restart(self) -> None:
+        """Start an interval now (after an evaluation or a checkpoint, which are not training time)."""
+        self.t0, self.data_s, self.steps = time.perf_counter(), 0.0, 0
+
+    def timed(self, batches):
+        """Yield ``batches``' items, adding the time spent waiting for each to ``data_s``."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.data_s += time.perf_counter() - t
+            yield item
+
+    def _mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def begin(self) -> None:
+        self._marks = [self._mark()] if self.started >= TIMED_AFTER else None
+
+    def first_pass_done(self) -> None:
+        if self._marks is not None:
+            self._marks.append(self._mark())
+
+    def end(self) -> None:
+        if self._marks is not None:
+            self._marks.append(self._mark())
+            self.pending.append(self._marks)
+        self.started += 1
+        self.steps += 1
+
+    def interval(self) -> dict:
+        """The interval since ``restart``/the last call: ``{"data_s", "compute_s"}`` mean seconds per step (waiting
+        for data, the rest of the wall time), added to the totals; then a new interval starts."""
+        if self.cuda and self.pending:
+            self.pending[-1][-1].synchronize()
+        for start, first, stop in self.pending:
+            if self.cuda:
+                self.totals["pass_s"] += start.elapsed_time(first) / 1e3
+                self.totals["step_s"] += start.elapsed_time(stop) / 1e3
+            else:
+                self.totals["pass_s"] += first - start
+                self.totals["step_s"] += stop - start
+            self.totals["steps_timed"] += 1
+        self.pending = []
+        wall = time.perf_counter() - self.t0
+        self.totals["train_s"] += wall
+        self.totals["data_s"] += self.data_s
+        n = max(self.steps, 1)
+        out = {"data_s": self.data_s / n, "compute_s": (wall - self.data_s) / n}
+        self.restart()
+        return out
+
+
+def finish_report(args: argparse.Namespace, steps_per_epoch: int, step: int, run: Run, report: dict) -> dict:
+    """Rank 0, at the end of a run: ``summary.json`` and ``curves.png`` from the whole run's log (resumes
+    included), and the summary printed. Returns the summary."""
+    steps, evals, _ = run_report.read_log(args.ckpt_dir)
+    timing = report["timing"]
+
+    def best(key: str) -> dict | None:
+        scored = [e for e in evals if key in e]
+        return max(scored, key=lambda e: e[key]) if scored else None
+
+    reached = run_report.time_to_target(evals, args.target_top1)
+    top, ema_top = best("top1"), best("ema_top1")
+    summary = {
+        "finished": True, "arch": args.arch, "opt": args.opt, "impl": args.impl, "processes": run.world,
+        "global_batch": args.global_batch, "epochs": args.epochs, "steps": step,
+        "best_top1": top["top1"] if top else None, "best_top1_epoch": top["epoch"] if top else None,
+        "best_top5": max((e["top5"] for e in evals), default=None),
+        "final_top1": evals[-1]["top1"] if evals else None, "final_top5": evals[-1]["top5"] if evals else None,
+        "best_ema_top1": ema_top["ema_top1"] if ema_top else None,
+        "final_ema_top1": evals[-1].get("ema_top1") if evals else None,
+        "wall_time_s": report["elapsed_s"], "wall_time_h": report["elapsed_s"] / 3600,
+        "target_top1": args.target_top1, "time_to_target_s": reached["elapsed_s"] if reached else None,
+        "target_epoch": reached["epoch"] if reached else None,
+        "images_per_s": step * args.global_batch / timing["train_s"] if timing["train_s"] > 0 else None,
+        "train_s": timing["train_s"], "data_wait_s": timing["data_s"],
+        "data_wait_fraction": timing["data_s"] / timing["train_s"] if timing["train_s"] > 0 else None,
+        "sam_overhead": {
+            "step_over_pass": timing["step_s"] / timing["pass_s"] if timing["pass_s"] > 0 else None,
+            "pass_ms": 1e3 * timing["pass_s"] / timing["steps_timed"] if timing["steps_timed"] else None,
+            "step_ms": 1e3 * timing["step_s"] / timing["steps_timed"] if timing["steps_timed"] else None,
+            "steps_timed": timing["steps_timed"],
+            "definition": "sum over the timed steps of the whole step's time (both passes, first_step, "
+                          "second_step, clipping, schedules, EMA) / sum of the first forward+backward's time (the "
+                          f"single pass of a plain SGD step, without its update); the first {TIMED_AFTER} steps "
+                          "after each start are not timed",
+        },
+        "peak_memory_bytes": report["peak_memory_bytes"], "peak_memory": peak_memory(run.device)["what"],
+        "versions": run_report.versions(), "commit": run_report.git_commit(),
+        "logged_steps": len(steps), "evaluations": len(evals),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    run_report.write_json(args.ckpt_dir / SUMMARY, summary)
+    plotted = run_report.plot_curves(args.ckpt_dir, args.ckpt_dir / CURVES, steps_per_epoch)
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    over = summary["sam_overhead"]
+    run.print(f"summary: best top-1 {fmt(summary['best_top1'])}% (epoch {fmt(summary['best_top1_epoch'], '{}')}), "
+              f"final top-1 {fmt(summary['final_top1'])}% top-5 {fmt(summary['final_top5'])}%"
+              + (f", EMA best top-1 {fmt(summary['best_ema_top1'])}%" if summary["best_ema_top1"] is not None else ""))
+    run.print(f"summary: wall time {_hms(summary['wall_time_s'])}, {fmt(summary['images_per_s'], '{:.1f}')} img/s, "
+              f"data wait {fmt(summary['data_wait_fraction'] and 100 * summary['data_wait_fraction'], '{:.1f}')}%, "
+              f"step / single pass {fmt(over['step_over_pass'], '{:.3f}')} ({fmt(over['step_ms'], '{:.1f}')} ms / "
+              f"{fmt(over['pass_ms'], '{:.1f}')} ms), peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
+              + ("" if args.target_top1 is None else
+                 f", time to top-1 {args.target_top1:g}%: "
+                 + ("not reached" if reached is None else _hms(summary["time_to_target_s"]))))
+    if not plotted:
+        run.print(f"note: matplotlib is not installed, so {CURVES} was not drawn (pip install matplotlib)")
+    run.print(f"summary: {args.ckpt_dir / SUMMARY}" + (f", {args.ckpt_dir / CURVES}" if plotted else ""))
+    return summary
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -292,11 +599,13 @@ def open_run_dir(args: argparse.Namespace):
     lock = lock_run_dir(args.ckpt_dir)
     try:
         ckpt, log = args.ckpt_dir / CHECKPOINT, args.ckpt_dir / LOG
-        (args.ckpt_dir / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
+        for name in (CHECKPOINT, BEST, SUMMARY):
+            (args.ckpt_dir / (name + ".tmp")).unlink(missing_ok=True)
         held = [p.name for p in (ckpt, log) if p.exists()]
         if args.overwrite:
-            for p in (ckpt, log):
+            for p in (ckpt, log, args.ckpt_dir / BEST, args.ckpt_dir / SUMMARY, args.ckpt_dir / CURVES):
                 p.unlink(missing_ok=True)
+            shutil.rmtree(args.ckpt_dir / TENSORBOARD, ignore_errors=True)
         elif args.resume and not ckpt.exists():
             raise FileNotFoundError(f"fastasam: --resume: {ckpt} does not exist; run without --resume to start, or "
                                     "point --ckpt-dir at the run to continue")
@@ -320,20 +629,46 @@ def train(args: argparse.Namespace, run: Run) -> dict:
 
 def _train(args: argparse.Namespace, run: Run) -> dict:
     torch.manual_seed(args.seed)
+    if run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     train_set, val_set = datasets(args)
     sampler, batch, steps_per_epoch = train_sampler(len(train_set), args.global_batch, run.rank, run.world,
                                                     args.seed)
     model = get_model(args.arch, len(train_set.classes)).to(run.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    net = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+    if args.sync_bn and run.world > 1:
+        if run.device.type != "cuda":
+            raise ValueError("fastasam: --sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA devices only); "
+                             "drop --sync-bn for CPU processes")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn:
+        run.print("note: --sync-bn with one process: nothing to synchronise, plain BatchNorm")
+    ema = Ema(model, args.ema) if args.ema is not None else None
+    ddp = nn.parallel.DistributedDataParallel(model) if run.world > 1 else None
+    net = ddp if ddp is not None else model
+    if args.compile:
+        net = torch.compile(net)
     opt = build_optimizer(args, model)
     sharpness = args.opt != "sgd"
+    replica = args.sharpness == "replica" and ddp is not None
+    if args.sharpness == "replica" and ddp is None:
+        run.print("note: --sharpness replica with one process is --sharpness global (one replica)")
 
     total = steps_per_epoch * args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, round(args.warmup_epochs * steps_per_epoch), total))
+    factors: dict[int, float] = {}
+
+    def factor(s: int) -> float:
+        """``lr_factor`` of step ``s``, computed once for all the param groups."""
+        if s not in factors:
+            factors.clear()
+            factors[s] = lr_factor(s, round(args.warmup_epochs * steps_per_epoch), total)
+        return factors[s]
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    rho_sched = (fastasam.RhoFollowsLR(opt, rho_max=args.rho, rho_min=args.rho_min, lr_max=args.lr)
+                 if args.rho_follows_lr else None)
     scaler = torch.amp.GradScaler(run.device.type, enabled=args.amp == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
@@ -342,6 +677,7 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
 
     ckpt = args.ckpt_dir / CHECKPOINT
     step, epoch, start_in_epoch = 0, 0, 0
+    report = {"elapsed_s": 0.0, "best_top1": None, "target_reached": None, "peak_memory_bytes": 0, "timing": {}}
     if args.resume:
         state = run.agree(lambda: load_checkpoint(ckpt, CHECKPOINT_KEYS, run.device), f"loading {ckpt}")
         if state["global_batch"] != args.global_batch or state["steps_per_epoch"] != steps_per_epoch:
@@ -351,9 +687,27 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                 f"{steps_per_epoch} (from {len(train_set)} images): both set the schedule and the position in the "
                 f"epoch, so resume with --global-batch {state['global_batch']} and the same training data")
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another number or size of param groups: another --opt/--adaptive/--no-bn-bias-decay
+            saved = state["args"] if isinstance(state.get("args"), dict) else {}
+            flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in ("opt", "adaptive", "no_bn_bias_decay")
+                              if k in saved)
+            raise CheckpointError(f"fastasam: the optimizer state in {ckpt} does not fit this run's param groups "
+                                  f"({e}); resume with the optimizer flags it was written with "
+                                  f"({flags or 'unknown'})") from None
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        for name, what, flag in (("ema", ema, "--ema"), ("rho_schedule", rho_sched, "--rho-follows-lr")):
+            if what is not None:
+                if state.get(name) is None:
+                    raise CheckpointError(f"fastasam: {ckpt} was written without {flag}, so it has no {name} state "
+                                          f"to resume; resume without {flag}, or start a new run with it")
+                if name == "ema":
+                    what.module.load_state_dict(state[name])
+                else:
+                    what.load_state_dict(state[name])
+        report.update(state.get("report", {}))
         step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         run.print(f"resumed from {ckpt}: epoch {epoch}, step {step}")
         if state["world"] != run.world:
@@ -366,14 +720,54 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         """Rank 0 writes; every rank raises if the write failed. ``step_in_epoch == steps_per_epoch``: the epoch
         is trained but not evaluated (a resumed run evaluates it first)."""
+        if timer.steps:  # the steps since the last print count as training time
+            timer.interval()
+
         def write() -> None:
             if run.rank == 0:
                 save_checkpoint(ckpt, {
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                     "world": run.world, "global_batch": args.global_batch, "steps_per_epoch": steps_per_epoch,
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}})
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "ema": ema.module.state_dict() if ema is not None else None,
+                    "rho_schedule": rho_sched.state_dict() if rho_sched is not None else None,
+                    "report": current_report()})
         run.agree(write, f"writing {ckpt}")
+        timer.restart()
+
+    def current_report() -> dict:
+        """What the report needs that lives in no log record: carried over resumes by the checkpoint."""
+        peak = max(report["peak_memory_bytes"], peak_memory(run.device)["bytes"])
+        return {**report, "elapsed_s": elapsed(), "timing": dict(timer.totals), "peak_memory_bytes": peak}
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def evaluated(entry: dict) -> None:
+        """An evaluation's record, ``best.pt`` when its top-1 is the best so far, and the target line."""
+        log({**entry, "step": step, "elapsed_s": elapsed(), "time": time.time()})
+        board.scalars(step, {f"val/{k}": entry[k] for k in ("top1", "top5", "ema_top1", "ema_top5") if k in entry})
+        if report["best_top1"] is None or entry["top1"] > report["best_top1"]:
+            report["best_top1"] = entry["top1"]
+            best = args.ckpt_dir / BEST
+
+            def write() -> None:
+                if run.rank == 0:
+                    save_checkpoint(best, {"model": model.state_dict(), "epoch": entry["epoch"], "step": step,
+                                           "top1": entry["top1"], "top5": entry["top5"],
+                                           "ema": ema.module.state_dict() if ema is not None else None,
+                                           "args": {k: str(v) if isinstance(v, Path) else v
+                                                    for k, v in vars(args).items()}})
+            run.agree(write, f"writing {best}")
+        target = args.target_top1
+        if target is not None and report["target_reached"] != target and entry["top1"] >= target:
+            report["target_reached"] = target  # logged once for this target (also over resumes)
+            hit = {"target_top1": args.target_top1, "epoch": entry["epoch"], "step": step, "top1": entry["top1"],
+                   "elapsed_s": elapsed(), "time": time.time()}
+            run.print(f"reached --target-top1 {args.target_top1:g}: top-1 {entry['top1']:.2f}% at epoch "
+                      f"{entry['epoch']} (step {step}) after {_hms(hit['elapsed_s'])} ({hit['elapsed_s']:.1f} s)")
+            log(hit)
 
     def log(entry: dict) -> None:
         if log_file:
@@ -381,6 +775,9 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
             log_file.flush()
 
     log_file = open(args.ckpt_dir / LOG, "a") if run.rank == 0 else None  # noqa: SIM115 - closed below
+    board = TensorBoard(args.ckpt_dir, step if args.resume else None, run.rank == 0, run.print)
+    timer = StepTimer(run.device, report["timing"])
+    elapsed_before, started, eval_s = report["elapsed_s"], time.perf_counter(), 0.0
     run.print(f"{args.arch} {args.opt} ({args.impl}), {run.world} process(es) on {run.device}, {len(train_set)} "
               f"images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {args.global_batch}")
     result: dict = {"steps": step}
@@ -389,25 +786,43 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
         run.print(f"stopped at step {step} ({why}); continue with --resume")
         return {**result, "steps": step, "stopped": True}
 
+    # Built once (workers persist across epochs); batches arrive on run.device, normalised, in memory_format.
+    loader = make_loader(args.loader, train_set, sampler, batch, args.workers, run.device, args.channels_last,
+                         limit=steps_per_epoch * batch)
+    val_loader = make_loader(args.loader, val_set,
+                             ResumableSampler(len(val_set), run.rank, run.world, shuffle=False, pad=False), batch,
+                             args.workers, run.device, args.channels_last, drop_last=False)
     try:
         with Stop() as stop:
             while epoch < args.epochs:
-                sampler.set_epoch(epoch, start_in_epoch * batch)
-                train_set.epoch = epoch
-                loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=args.workers,
-                                    drop_last=True, pin_memory=run.device.type == "cuda")
+                loader.set_epoch(epoch, start_in_epoch * batch)
                 t0, seen, i = time.perf_counter(), 0, start_in_epoch
-                for x, y in itertools.islice(loader, steps_per_epoch - start_in_epoch):
+                for x, y in timer.timed(itertools.islice(loader, steps_per_epoch - start_in_epoch)):
                     x = x.to(run.device, non_blocking=True).to(memory_format=memory_format)
                     y = y.to(run.device, non_blocking=True)
-                    with autocast():
-                        loss = loss_fn(net(x), y)
-                    scaler.scale(loss).backward()
-                    if sharpness:
-                        opt.first_step(zero_grad=True)
+                    timer.begin()
+                    two_pass = sharpness and opt.second_pass_needed  # a host bool: no sync
+                    if two_pass and replica:  # the first backward under no_sync, then first_step with this
+                        with fastasam.distributed.replica_perturbation(ddp, opt):  # rank's own norm
+                            with autocast():
+                                loss = loss_fn(net(x), y)
+                            scaler.scale(loss).backward()
+                            timer.first_pass_done()
+                    else:
+                        with autocast():
+                            loss = loss_fn(net(x), y)
+                        scaler.scale(loss).backward()
+                        timer.first_pass_done()
+                        if two_pass:
+                            opt.first_step(zero_grad=True)
+                    if two_pass:
                         with fastasam.frozen_batchnorm_stats(net), autocast():
                             loss2 = loss_fn(net(x), y)
                         scaler.scale(loss2).backward()
+                    if args.clip_grad is not None:  # the gradient second_step will use: the second pass's
+                        if scaler.is_enabled():
+                            scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                     if scaler.is_enabled():
                         scaler.step(opt)  # ASAM/SAM: restore + base step, skipped on an fp16 overflow in either pass
                         scaler.update()
@@ -417,15 +832,32 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                         opt.step()
                     opt.zero_grad(set_to_none=True)
                     sched.step()
+                    if rho_sched is not None:
+                        rho_sched.step()
+                    if ema is not None:
+                        ema.update(model)
+                    timer.end()
                     step, i, seen = step + 1, i + 1, seen + len(x) * run.world
                     last = i == steps_per_epoch
                     if step % args.print_every == 0 or last:
+                        loss_value = loss.item()
                         rate = seen / (time.perf_counter() - t0)
-                        entry = {"epoch": epoch, "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                                 "images_per_s": rate}
+                        times = timer.interval()
+                        evals_left = (args.epochs - epoch) if args.eval else 0
+                        eta = (total - step) * (times["data_s"] + times["compute_s"]) + evals_left * eval_s
+                        entry = {"epoch": epoch, "step": step, "loss": loss_value, "lr": sched.get_last_lr()[0],
+                                 "images_per_s": rate, "time": time.time(), "elapsed_s": elapsed(), "eta_s": eta,
+                                 **times}
+                        data_pct = 100 * times["data_s"] / max(times["data_s"] + times["compute_s"], 1e-12)
                         run.print(f"epoch {epoch} step {i}/{steps_per_epoch} ({step}/{total}) loss "
-                                  f"{entry['loss']:.4f} lr {entry['lr']:.4g} {rate:.1f} img/s")
+                                  f"{entry['loss']:.4f} lr {entry['lr']:.4g} {rate:.1f} img/s | "
+                                  f"{time.strftime('%H:%M:%S')} elapsed {_hms(entry['elapsed_s'])} eta {_hms(eta)} | "
+                                  f"data {1e3 * times['data_s']:.1f} ms/step ({data_pct:.0f}%) compute "
+                                  f"{1e3 * times['compute_s']:.1f} ms/step")
                         log(entry)
+                        board.scalars(step, {"train/loss": loss_value, "train/lr": entry["lr"],
+                                             "train/images_per_s": rate, "train/data_s": times["data_s"],
+                                             "train/compute_s": times["compute_s"]})
                     if run.any_rank(stop.signum is not None):  # every rank stops at this step
                         checkpoint(epoch, i)  # at the epoch's end: trained, evaluated by the resumed run
                         return stopped("signal")
@@ -436,20 +868,30 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                     if step % args.ckpt_every == 0 and not last:
                         checkpoint(epoch, i)
                 if args.eval:
-                    val_sampler = ResumableSampler(len(val_set), run.rank, run.world, shuffle=False, pad=False)
-                    val_loader = DataLoader(val_set, batch_size=batch, sampler=val_sampler, num_workers=args.workers)
+                    eval_t0 = time.perf_counter()
                     result = {"epoch": epoch, **evaluate(model, val_loader, run, autocast)}  # every image once
+                    ema_result = {}
+                    if ema is not None:
+                        ema_result = {f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, run, autocast).items()
+                                      if k != "images"}
+                    ema_note = (f" (EMA: top-1 {ema_result['ema_top1']:.2f}% top-5 {ema_result['ema_top5']:.2f}%)"
+                                if ema_result else "")
                     run.print(f"epoch {epoch} eval: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-                              f"({result['images']} images)")
-                    log(result)
+                              f"({result['images']} images){ema_note}")
+                    evaluated({**result, **ema_result})
+                    eval_s = time.perf_counter() - eval_t0
+                timer.restart()
                 epoch, start_in_epoch = epoch + 1, 0
                 checkpoint(epoch, 0)
                 if run.any_rank(stop.signum is not None):
                     return stopped("signal")
                 if args.max_steps is not None and step >= args.max_steps and epoch < args.epochs:
                     return stopped(f"--max-steps {args.max_steps}")
+        if run.rank == 0:
+            finish_report(args, steps_per_epoch, step, run, current_report())
         return {**result, "steps": step, "stopped": False}
     finally:
+        board.close()
         if log_file:
             log_file.close()
 

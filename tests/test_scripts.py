@@ -83,7 +83,8 @@ def test_part1s_test_selection_collects_and_leaves_the_build_and_compile_only_te
 
 
 def test_a_cpu_build_of_torch_beside_a_gpu_stops_part1_and_leaves_its_log(tmp_path):
-    env = fake_bin(tmp_path, "580.159.03", "13.0")
+    probe = "#!/bin/sh\necho 2.13.0+cpu none 0 -\n"  # what a CPU build of torch says, whatever torch runs the test
+    env = fake_bin(tmp_path, "580.159.03", "13.0", python=probe)
     proc = evidence("part1", env=env, timeout=300)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "is a CPU build: it cannot use the GPU" in proc.stdout
