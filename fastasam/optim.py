@@ -245,12 +245,17 @@ class ASAM(torch.optim.Optimizer):
         """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass). On a step
         that does not perturb (``second_pass_needed`` False): the base optimizer's step on the one pass's gradient."""
         if self._descent_direction():
-            deferred, self._deferred = self._deferred, None  # a direction left to the fused update (GSAM)
+            deferred = self._deferred  # a direction left to the fused update (GSAM)
+            if deferred is not None:
+                self._deferred = None
             self._engine.restore_and_step(self.base_optimizer, deferred)  # no first_step when one was needed: raises
         else:
             self.base_optimizer.step()
-        self._steps_done += 1
-        self._opt_called = True  # what LR schedulers check to confirm optimizer.step() came first
+        if torch.compiler.is_compiling():  # dynamo (2.11) cannot trace an attribute set on an optimizer
+            _count_step(self)
+        else:
+            self._steps_done += 1
+            self._opt_called = True  # what LR schedulers check to confirm optimizer.step() came first
         if zero_grad:
             self.zero_grad()
 
@@ -501,6 +506,14 @@ def _options_on_load(cls: type[torch.optim.Optimizer], group: Mapping[str, Any])
     except Exception:  # an optimizer whose __setstate__ needs more: its group's own options only
         pass
     return probe_group
+
+
+@torch.compiler.disable
+def _count_step(opt: ASAM) -> None:
+    """``second_step``'s bookkeeping, run outside a compiled graph: count the step, and tell LR schedulers that the
+    optimizer stepped."""
+    opt._steps_done += 1
+    opt._opt_called = True
 
 
 class SAM(ASAM):
