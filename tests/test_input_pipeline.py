@@ -154,6 +154,13 @@ def _trainer_args(data_dir, ckpt, *extra):
             "--loader", "pil", *extra]
 
 
+def _assert_same_weights(run_a, run_b) -> None:
+    a = torch.load(run_a / "last.pt", weights_only=True)
+    b = torch.load(run_b / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
 def test_the_trainer_with_persistent_workers_resumes_bit_exact(tmp_path):
     """Two epochs of 3 steps without workers, and the same run on 2 persistent workers stopped after step 2 and
     resumed: the same weights, bit for bit (the data does not depend on the number of workers)."""
@@ -163,10 +170,7 @@ def test_the_trainer_with_persistent_workers_resumes_bit_exact(tmp_path):
     assert stopped["stopped"] and stopped["steps"] == 2
     resumed = train_imagenet.main(_trainer_args(root, tmp_path / "b", "--workers", "2", "--resume"))
     assert whole["steps"] == resumed["steps"] == 6
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    _assert_same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, "
@@ -180,10 +184,7 @@ def test_the_trainer_with_dali_resumes_to_the_same_weights(tmp_path):
     resumed = train_imagenet.main(_trainer_args(root, tmp_path / "b", "--loader", "dali", "--workers", "1",
                                                 "--resume"))
     assert resumed["steps"] == 6 and not resumed["stopped"]
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    _assert_same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, "
