@@ -1,11 +1,13 @@
 """Installs fastasam; never pulls a torch wheel (install torch first, then ``pip install --no-build-isolation .``).
 ``kernels/`` installs as ``fastasam.kernels``.
 
-Two optional C++ extensions; installing never fails for lack of either (unset flags: build when possible, and a
+Optional C++ extensions; installing never fails for lack of any (unset flags: build when possible, and a
 build that fails prints why and the install goes on without it):
 
 * ``fastasam._host`` (csrc/host.cpp, CPU C++ only): the warm step's one pass over the tensors (fastasam/_watch.py
-  has the same in Python, used when it is missing). ``FASTASAM_BUILD_HOST=1`` builds it or fails; ``=0`` skips it.
+  has the same in Python, used when it is missing). With it, ``fastasam._cpu``
+  (csrc/cpu_kernels.cpp): the ``cpu`` backend's kernels (``foreach`` serves CPU tensors without it).
+  ``FASTASAM_BUILD_HOST=1`` builds both or fails; ``=0`` skips both.
 * ``fastasam._C`` (csrc/*.cu): the ``cuda`` backend's kernels, built when a CUDA build of PyTorch and a CUDA toolkit
   are present. ``FASTASAM_BUILD_CUDA=1`` builds it or fails saying why; ``=0`` skips it.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +42,16 @@ _toolchain = _load_toolchain()
 DEFAULT_ARCHS = _toolchain.DEFAULT_ARCHS
 find_cuda_home = _toolchain.find_cuda_home  # the toolkit search, shared with the cuda backend's just-in-time build
 build_environment = _toolchain.build_environment
+
+
+# fastasam._cpu (csrc/cpu_kernels.cpp, the cpu backend's kernels): no floating-point contraction (the kernels' policy,
+# elementwise.h); no floating-point traps or errno (they change no result, and let the compiler vectorise loops with
+# selects, divisions and square roots); OpenMP where GCC provides it, so at::parallel_for spreads chunks over
+# PyTorch's own OpenMP threads (the extension links libgomp.so.1, which resolves to the copy torch already loaded);
+# elsewhere one thread.
+CPU_CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
+                 *(("-fopenmp",) if sys.platform.startswith("linux") else ()))
+CPU_LINK_FLAGS = ("-fopenmp",) if sys.platform.startswith("linux") else ()
 
 
 def _version() -> str:
@@ -118,6 +131,10 @@ def _extensions() -> tuple[list, dict]:
         ext = CppExtension("fastasam._host", ["csrc/host.cpp"], extra_compile_args={"cxx": ["-O3"]})
         ext.flag = "FASTASAM_BUILD_HOST"
         exts.append(ext)
+        ext = CppExtension("fastasam._cpu", ["csrc/cpu_kernels.cpp"], extra_compile_args={"cxx": list(CPU_CXX_FLAGS)},
+                           extra_link_args=list(CPU_LINK_FLAGS))
+        ext.flag = "FASTASAM_BUILD_HOST"
+        exts.append(ext)
     if cuda:
         import torch.utils.cpp_extension as cpp_extension
 
@@ -176,9 +193,11 @@ if __name__ == "__main__":
             "test": ["pytest>=7", "pytest-benchmark", "ruff", "triton>=3.6,<4; platform_system == 'Linux'",
                      "lightning>=2.2", "transformers>=4.46", "accelerate>=1.0"],
             "bench": ["matplotlib"],
+            "tensorboard": ["tensorboard"],  # the ImageNet trainer's TensorBoard scalars (optional)
             "triton": ["triton>=3.6,<4"],  # tested: 3.6 (the GPU machines'), 3.9
             "lightning": ["lightning>=2.2"],  # fastasam.lightning; tested: 2.6.6
             "hf": ["transformers>=4.46", "accelerate>=1.0"],  # fastasam.hf; tested: transformers 5.23, accelerate 1.15
+            "dali": ["nvidia-dali-cuda130"],  # the ImageNet trainer's --loader dali (~750 MB); tested: 2.4.0
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

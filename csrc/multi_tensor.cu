@@ -9,7 +9,8 @@
 // into a multiply-add. nvcc contracts a * b + c by default (-fmad=true), so this file is compiled with -fmad=false
 // everywhere it is built (setup.py and the just-in-time build take fastasam/_toolchain.py's NVCC_FLAGS;
 // csrc/check.sh uses the same flag and fails on any fma, or add/sub/mul without a rounding mode, in the PTX). The
-// __fmul_rn / __fadd_rn spelled out below say the same where the order matters most (GSAM's x * G + y * K). The
+// per-element formulas live in elementwise.h, shared with the CPU kernels (cpu_kernels.cpp); its _rn helpers say the
+// same where the order matters most (GSAM's x * G + y * K). The
 // Triton kernels (kernels/multi_tensor.py) follow the same policy (enable_fp_fusion=False), the CPU shim that runs
 // this file in tests is compiled with -ffp-contract=off, and Triton's interpreter never fuses, so all four agree bit
 // for bit on every elementwise result from the same inputs (perturbation, restore, fused updates, combinations).
@@ -22,24 +23,26 @@
 
 #include <type_traits>
 
+#include "elementwise.h"
 #include "multi_tensor.h"
+
+namespace fa {  // the storage conversions elementwise.h's formulas round with
+template <> struct Storage<__half> {
+  FA_HD static FA_INLINE float load(__half x) { return __half2float(x); }
+  FA_HD static FA_INLINE __half store(float x) { return __float2half_rn(x); }
+};
+template <> struct Storage<__nv_bfloat16> {
+  FA_HD static FA_INLINE float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  FA_HD static FA_INLINE __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+}  // namespace fa
 
 namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// x rounded to the storage dtype and back: the value the storage holds
-template <typename T> __device__ __forceinline__ float rounded(float x) { return to_f<T>(from_f<T>(x)); }
+template <typename T> __device__ __forceinline__ float to_f(T x) { return fa::Storage<T>::load(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x) { return fa::Storage<T>::store(x); }
 
 // W values of p starting at element i, in fp32 (W > 1: one 16-byte load; p + i must be 16-byte aligned).
 // The table's addresses are plain integers, so plain dereferences would compile to generic loads; the __ldcg /
@@ -153,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) sqnorm_kernel(const int64_t* tab, co
       float wv[W];
       load<W>(w, i, wv);
 #pragma unroll
-      for (int k = 0; k < W; ++k) gv[k] *= fabsf(wv[k]) + eta;
+      for (int k = 0; k < W; ++k) gv[k] = fa::scaled_grad(gv[k], wv[k], true, eta);
     }
 #pragma unroll
     for (int k = 0; k < W; ++k) acc += gv[k] * gv[k];
@@ -186,12 +189,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const int64_t* tab, c
   const float* opt = opts_of(opts, c);
   const bool adaptive = opt[FA_OPT_ADAPTIVE] != 0.f;
   const float eta = adaptive ? opt[FA_OPT_ETA] : 0.f;
-  // the order of torch's rho / (norm + eps): reciprocal, then times rho; IEEE sqrt and division
-  const float norm = __fsqrt_rn(*sqnorm);
-  const bool finite = norm < INFINITY;  // NaN compares false
-  const bool ok = finite && norm > 0.f;
-  const float inv = __fdiv_rn(1.f, ok ? __fadd_rn(norm, opt[FA_OPT_EPS]) : 1.f);
-  const float scale = ok ? __fmul_rn(inv, opt[FA_OPT_RHO]) : 0.f;
+  const fa::PerturbScale s = fa::perturb_scale(*sqnorm, opt[FA_OPT_RHO], opt[FA_OPT_EPS]);
   T* w = col<T>(c, FA_COL_W);
   const T* g = col<T>(c, FA_COL_G);
   T* b = col<T>(c, FA_COL_B);
@@ -201,12 +199,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const int64_t* tab, c
     load<W>(w, i, wv);
     load<W>(g, i, gv);
 #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      const float t = adaptive ? fabsf(wv[k]) + eta : 1.f;
-      e[k] = adaptive ? t * (t * gv[k]) * scale : gv[k] * scale;
-      e[k] = finite ? e[k] : 0.f;  // a non-finite norm means inf/NaN in g: e is exactly 0, never NaN
-      if (!copy) e[k] = rounded<T>(e[k]);  // the stored e is rounded once; that value is added
-    }
+    for (int k = 0; k < W; ++k) e[k] = fa::perturbation<T>(wv[k], gv[k], adaptive, eta, s.scale, s.finite, copy);
     if (copy) {
       store<W>(b, i, wv);
     } else {
@@ -220,24 +213,10 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const int64_t* tab, c
 
 // --- phase 3: restore, alone or fused with the base optimizer's update -------------------------------------------
 
-// num / den, 0 where den is 0 (fp64)
-__device__ __forceinline__ double ratio(double num, double den) { return den > 0.0 ? num / den : 0.0; }
-
-// The update's gradient x * G + y * K: (1, 0) without a direction; GSAM's (mode FA_COMBINE_GSAM): x = 1 + alpha *
-// sums[1] / sums[0], y = -alpha, in fp64, rounded once to fp32 (as the combine kernel computes them).
-struct Direction {
-  float x = 1.f, y = 0.f;
-  bool on = false;
-};
-__device__ __forceinline__ Direction direction_of(const double* sums, const double* alpha, int mode) {
-  Direction d;
-  if (mode == FA_COMBINE_GSAM) {
-    d.x = static_cast<float>(1.0 + *alpha * ratio(sums[1], sums[0]));
-    d.y = static_cast<float>(-*alpha);
-    d.on = true;
-  }
-  return d;
-}
+// The update's gradient x * G + y * K (fa::direction_of: (1, 0) without a direction, GSAM's with mode
+// FA_COMBINE_GSAM, as the combine kernel computes it).
+using fa::Direction;
+using fa::direction_of;
 
 // the update's gradient at element i (W values): G, or x * G + y * K (each product rounded, then the sum)
 template <int W, typename T>
@@ -247,7 +226,7 @@ __device__ __forceinline__ void gradient(const T* g, const T* k, int64_t i, cons
     float kv[W];
     load<W>(k, i, kv);
 #pragma unroll
-    for (int j = 0; j < W; ++j) d[j] = __fadd_rn(__fmul_rn(dir.x, d[j]), __fmul_rn(dir.y, kv[j]));
+    for (int j = 0; j < W; ++j) d[j] = fa::combined(dir.x, d[j], dir.y, kv[j]);
   }
 }
 
@@ -264,7 +243,7 @@ __device__ __forceinline__ void restored(const T* w, const T* b, int64_t i, bool
     float wv[W];
     load<W>(w, i, wv);
 #pragma unroll
-    for (int k = 0; k < W; ++k) p[k] = rounded<T>(wv[k] - p[k]);
+    for (int k = 0; k < W; ++k) p[k] = fa::restored<T>(wv[k], p[k], false);
   }
 }
 
@@ -289,11 +268,7 @@ __global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* ta
                                                                int mode) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
   const bool fresh = (c.flags & FA_FLAG_FRESH_STATE) != 0;
-  const float* h = hyper_of(hyper, c);
-  const float lr = h[FA_SGD_LR], momentum = h[FA_SGD_MOMENTUM], one_minus_dampening = h[FA_SGD_ONE_MINUS_DAMPENING];
-  const float weight_decay = h[FA_SGD_WEIGHT_DECAY];
-  const bool has_momentum = h[FA_SGD_HAS_MOMENTUM] != 0.f, nesterov = h[FA_SGD_NESTEROV] != 0.f;
-  const bool maximize = h[FA_SGD_MAXIMIZE] != 0.f;
+  const fa::SgdHyper h = fa::sgd_hyper(hyper_of(hyper, c));
   T* w = col<T>(c, FA_COL_W);
   const T* g = col<T>(c, FA_COL_G);
   const T* b = col<T>(c, FA_COL_B);
@@ -302,26 +277,13 @@ __global__ void __launch_bounds__(kThreads) restore_sgd_kernel(const int64_t* ta
   const Direction dir = direction_of(sums, alpha, mode);
   for_each_element<T>(c, aligned_with_k(c, 4, dir), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
-    float p[W], d[W];
+    float p[W], d[W], m[W] = {};
     restored<W>(w, b, i, copy, p);
     gradient<W>(g, k, i, dir, d);
+    if (h.has_momentum && !fresh) load<W>(mom, i, m);  // a fresh buffer is set to d
 #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      if (maximize) d[k] = -d[k];
-      if (weight_decay != 0.f) d[k] += weight_decay * p[k];
-    }
-    if (has_momentum) {
-      float m[W];
-      if (!fresh) load<W>(mom, i, m);
-#pragma unroll
-      for (int k = 0; k < W; ++k) {
-        m[k] = rounded<T>(fresh ? d[k] : m[k] * momentum + one_minus_dampening * d[k]);  // first buffer = d
-        d[k] = nesterov ? d[k] + momentum * m[k] : m[k];
-      }
-      store<W>(mom, i, m);
-    }
-#pragma unroll
-    for (int k = 0; k < W; ++k) p[k] -= lr * d[k];
+    for (int j = 0; j < W; ++j) p[j] = fa::sgd_update<T>(h, fresh, p[j], d[j], m[j]);
+    if (h.has_momentum) store<W>(mom, i, m);
     store<W>(w, i, p);
   });
 }
@@ -332,12 +294,7 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
                                                                 const double* alpha, int64_t size, bool copy,
                                                                 int mode) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
-  const float* h = hyper_of(hyper, c);
-  const float lerp_weight = h[FA_ADAM_ONE_MINUS_BETA1], beta2 = h[FA_ADAM_BETA2];
-  const float one_minus_beta2 = h[FA_ADAM_ONE_MINUS_BETA2], eps = h[FA_ADAM_EPS];
-  const float weight_decay = h[FA_ADAM_WEIGHT_DECAY], decay_factor = h[FA_ADAM_DECAY_FACTOR];
-  const float step_size = h[FA_ADAM_STEP_SIZE], bc2_sqrt = h[FA_ADAM_BC2_SQRT];
-  const bool amsgrad = h[FA_ADAM_AMSGRAD] != 0.f, maximize = h[FA_ADAM_MAXIMIZE] != 0.f;
+  const fa::AdamHyper h = fa::adam_hyper(hyper_of(hyper, c));
   T* w = col<T>(c, FA_COL_W);
   const T* g = col<T>(c, FA_COL_G);
   const T* b = col<T>(c, FA_COL_B);
@@ -348,34 +305,17 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
   const Direction dir = direction_of(sums, alpha, mode);
   for_each_element<T>(c, aligned_with_k(c, 6, dir), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
-    float p[W], d[W], m[W], v[W];
+    float p[W], d[W], m[W], v[W], vm[W] = {};
     restored<W>(w, b, i, copy, p);
     gradient<W>(g, k, i, dir, d);
     load<W>(m1, i, m);
     load<W>(m2, i, v);
+    if (h.amsgrad) load<W>(vmax, i, vm);
 #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      if (maximize) d[k] = -d[k];
-      if (decay_factor != 1.f) p[k] *= decay_factor;  // AdamW: p *= 1 - lr * weight_decay
-      if (weight_decay != 0.f) d[k] += weight_decay * p[k];  // Adam: the L2 penalty in the gradient
-      // torch's lerp(m, d, 1 - beta1), both branches as torch computes them
-      m[k] = lerp_weight < 0.5f ? m[k] + lerp_weight * (d[k] - m[k]) : d[k] - (d[k] - m[k]) * (1.f - lerp_weight);
-      v[k] = v[k] * beta2 + one_minus_beta2 * d[k] * d[k];
-    }
-    store<W>(m1, i, m);  // stored rounded; the update uses the fp32 values, as torch's fused Adam does
+    for (int j = 0; j < W; ++j) p[j] = fa::adam_update(h, p[j], d[j], m[j], v[j], vm[j]);
+    store<W>(m1, i, m);  // stored rounded; the update used the fp32 values, as torch's fused Adam does
     store<W>(m2, i, v);
-    if (amsgrad) {
-      float vm[W];
-      load<W>(vmax, i, vm);
-#pragma unroll
-      for (int k = 0; k < W; ++k) v[k] = fmaxf(vm[k], v[k]);
-      store<W>(vmax, i, v);
-    }
-#pragma unroll
-    for (int k = 0; k < W; ++k) {
-      const float denom = __fdiv_rn(__fsqrt_rn(v[k]), bc2_sqrt) + eps;
-      p[k] -= step_size * __fdiv_rn(m[k], denom);
-    }
+    if (h.amsgrad) store<W>(vmax, i, vm);
     store<W>(w, i, p);
   });
 }
@@ -414,9 +354,9 @@ __global__ void __launch_bounds__(kThreads) dots_kernel(const int64_t* tab, cons
     load<W>(k, i, kv);
 #pragma unroll
     for (int j = 0; j < W; ++j) {  // products rounded in fp32, summed in fp64
-      s[0] += static_cast<double>(__fmul_rn(gv[j], gv[j]));
-      s[1] += static_cast<double>(__fmul_rn(gv[j], kv[j]));
-      s[2] += static_cast<double>(__fmul_rn(kv[j], kv[j]));
+      s[0] += static_cast<double>(fa::mul_rn(gv[j], gv[j]));
+      s[1] += static_cast<double>(fa::mul_rn(gv[j], kv[j]));
+      s[2] += static_cast<double>(fa::mul_rn(kv[j], kv[j]));
     }
   });
   block_sum3(s);
@@ -447,18 +387,7 @@ template <typename T, int MODE>
 __device__ __forceinline__ void combine(const int64_t* tab, const int32_t* chunks, const double* sums,
                                         const double* alpha, int64_t size) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
-  double xd = 1.0, yd = 1.0;  // target <- x * target + y * other
-  if (MODE == FA_COMBINE_LOOK_FULL) {
-    xd = -ratio(sums[1], sums[2]);
-  } else if (MODE == FA_COMBINE_LOOK_ONE) {
-    yd = *alpha * ratio(sqrt(sums[0]), sqrt(sums[2]));
-  }
-  float x = static_cast<float>(xd), y = static_cast<float>(yd);
-  if (MODE == FA_COMBINE_GSAM) {  // as the fused update computes it
-    const Direction dir = direction_of(sums, alpha, MODE);
-    x = dir.x;
-    y = dir.y;
-  }
+  const fa::Coefficients xy = fa::combine_coefficients<MODE>(sums, alpha);  // target <- x * target + y * other
   constexpr bool into_g = MODE == FA_COMBINE_LOOK_ONE || MODE == FA_COMBINE_GSAM;
   T* t = col<T>(c, into_g ? FA_COL_G : FA_COL_B);
   const T* o = col<T>(c, into_g ? FA_COL_B : FA_COL_G);
@@ -470,7 +399,7 @@ __device__ __forceinline__ void combine(const int64_t* tab, const int32_t* chunk
       float tv[W];
       load<W>(t, i, tv);
 #pragma unroll
-      for (int j = 0; j < W; ++j) ov[j] = __fadd_rn(__fmul_rn(x, tv[j]), __fmul_rn(y, ov[j]));  // each product rounded
+      for (int j = 0; j < W; ++j) ov[j] = fa::combined(xy.x, tv[j], xy.y, ov[j]);  // each product rounded
     }
     store<W>(t, i, ov);
   });

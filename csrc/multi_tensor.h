@@ -15,8 +15,10 @@
 // storage; every store rounds once. Each function returns the cudaError_t of the launch (0 on success).
 #pragma once
 
-#include <cuda_runtime.h>
 #include <stdint.h>
+#ifndef FA_LAYOUT_ONLY  // defined by cpu_kernels.cpp, which reads the table layout only
+#include <cuda_runtime.h>
+#endif
 
 // table layout: must equal fastasam/backends/_layout.py (tests/test_cuda_backend.py checks it)
 #define FA_COL_W 0
@@ -69,6 +71,7 @@
 #define FA_FLOAT16 1
 #define FA_BFLOAT16 2
 
+#ifndef FA_LAYOUT_ONLY
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -114,3 +117,4 @@ int fa_combine(int dtype, const int64_t* rows, const int32_t* chunks, const doub
 #ifdef __cplusplus
 }
 #endif
+#endif  // FA_LAYOUT_ONLY

@@ -47,7 +47,8 @@ def fast_backend_cases() -> list[tuple[str, str]]:
 
 
 FAST_CASES = fast_backend_cases()
-MULTI_TENSOR = ("triton", "cuda", "cuda_shim")  # the backends with multi-tensor kernels and the fused restore + update
+MULTI_TENSOR = ("triton", "cuda", "cuda_shim", "cpu")  # the backends with multi-tensor kernels and the fused
+# restore + update
 FAST_IDS = [f"{b}-{d}" for b, d in FAST_CASES]
 KERNEL_CASES = [(b, d) for b, d in FAST_CASES if b in MULTI_TENSOR]  # the multi-tensor kernels that run here
 KERNELS = pytest.mark.parametrize("backend,device", KERNEL_CASES, ids=[f"{b}-{d}" for b, d in KERNEL_CASES])

@@ -48,7 +48,7 @@ def test_without_the_extension_auto_falls_back_and_a_named_cuda_backend_says_how
     assert "fastasam._C is not built" in reason
     assert "cuda" not in fastasam.available_backends("cpu")
     assert fastasam.backends.resolve("auto", torch.device("cuda")).name != "cuda"
-    assert fastasam.backends.resolve("auto", torch.device("cpu")).name == "foreach"
+    assert fastasam.backends.resolve("auto", torch.device("cpu")).name in ("cpu", "foreach")
     p = torch.nn.Parameter(torch.ones(3))
     opt = fastasam.ASAM([p], torch.optim.SGD, lr=0.1, backend="cuda")
     p.grad = torch.ones(3)

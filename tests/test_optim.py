@@ -421,7 +421,7 @@ def test_unavailable_backend_raises_with_reason_and_fix_and_auto_falls_back(monk
     backends._LOADED.pop("broken", None)
     try:
         assert "broken" not in fastasam.available_backends("cpu")
-        assert backends.resolve("auto", torch.device("cpu")).name == "foreach"
+        assert backends.resolve("auto", torch.device("cpu")).name in ("cpu", "foreach")  # the best that works
         model = torch.nn.Linear(2, 2)
         opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="broken")
         model(torch.ones(1, 2)).sum().backward()

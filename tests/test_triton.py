@@ -34,7 +34,7 @@ def test_triton_backend_is_available_where_triton_is_installed():
     if DEVICE == "cuda":
         assert backends.resolve("auto", torch.device("cuda")).name == "triton"
     else:
-        assert backends.resolve("auto", torch.device("cpu")).name == "foreach"  # the interpreter is for tests only
+        assert backends.resolve("auto", torch.device("cpu")).name in ("cpu", "foreach")  # the interpreter: tests only
 
 
 def _compiler_env() -> dict[str, str]:

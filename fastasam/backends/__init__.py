@@ -101,6 +101,13 @@ register(BackendSpec("reference", "fastasam.reference", auto_priority={"cpu": 10
 register(BackendSpec("foreach", "fastasam.backends.foreach", auto_priority={"cpu": 20, "cuda": 10, "xpu": 10}))
 register(
     BackendSpec(
+        "cpu", "fastasam.backends.cpu_backend", auto_priority={"cpu": 30},
+        fix="reinstall fastasam where a C++ compiler is (pip install --no-build-isolation -e .; FASTASAM_BUILD_HOST=1 "
+            "makes a failed build an error), or use backend=\"auto\"",
+    )
+)
+register(
+    BackendSpec(
         "triton", "fastasam.backends.triton_backend", auto_priority={"cuda": 30},
         fix="pip install triton (Linux, with a CUDA build of PyTorch) and use CUDA tensors, or backend=\"auto\"",
     )

@@ -42,7 +42,7 @@ if CSRC is not None and (CSRC.parent / "setup.py").is_file():
 else:
     CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastasam" / "cuda_shim"
 SHIM_SOURCES = ("cpu_shim/fa_cuda_shim.cpp", "cpu_shim/kernels.cpp")
-HEADERS = ("multi_tensor.cu", "multi_tensor.h", "cpu_shim/fa_cuda_shim.h", "cpu_shim/cuda_runtime.h",
+HEADERS = ("multi_tensor.cu", "multi_tensor.h", "elementwise.h", "cpu_shim/fa_cuda_shim.h", "cpu_shim/cuda_runtime.h",
            "cpu_shim/cuda_fp16.h", "cpu_shim/cuda_bf16.h")
 # -Bsymbolic: the library's own definitions win over same-named ones already loaded in the process (fastasam._C)
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread", "-ffp-contract=off",

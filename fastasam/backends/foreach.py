@@ -2,10 +2,15 @@
 
 Tensors arrive bucketed by (device, dtype); within a bucket they are split into runs of equal options
 (adaptive, eta, scale) and each run into chunks of at most ``chunk_numel(device)`` elements, a larger tensor into
-flat ranges of that size. Every phase finishes a
-chunk before it starts the next, so temporaries stay chunk-sized (the memory contract allows one parameter-sized
-buffer, not a second copy of the model) and, on a CPU, the chunk stays in cache between the ops of a phase.
+flat ranges of that size. Every phase finishes a chunk before it starts the next, so temporaries stay chunk-sized
+(the memory contract allows one parameter-sized buffer, not a second copy of the model). On a CPU a ``foreach`` op is
+a loop of per-tensor kernels, so chunks there are large enough that few tensors are cut (each cut piece is one more
+kernel per op) and small enough that a chunk's temporaries stay in the last-level cache.
 fp16/bf16 chunks are upcast to fp32 for the math and rounded once when written back.
+
+The perturbation's guard (``e = 0`` where the norm is not finite) costs a pass over every ``e``; on a CPU the flag
+is read on the host (no device to wait for) and the pass runs only when the norm is not finite. Elsewhere the
+flag stays on the device and the guard is a masked fill.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from .._plan import Bucket, accumulate_dtype
 name = "foreach"
 traceable = True  # torch.compile traces its tensor ops
 
-_CHUNK_NUMEL = {"cpu": 1 << 16}
+_CHUNK_NUMEL = {"cpu": 1 << 18}
+# devices whose finite-norm flag the perturbation reads on the host (no device to wait for) to skip the guard's pass
+HOST_FLAG_DEVICES = frozenset({"cpu"})
 # elsewhere (GPUs): large enough that launches stay few, small enough that temporaries stay far below the model
 _DEFAULT_CHUNK_NUMEL = 1 << 22
 
@@ -135,7 +142,9 @@ def grad_sqnorm(bucket: Bucket) -> torch.Tensor:
 
 def perturb_(bucket: Bucket, restore: str) -> None:
     acc = accumulate_dtype(bucket.dtype)
-    not_finite = ~bucket.finite
+    # the guard's pass only when it can matter: on a CPU read the flag (no sync); elsewhere (and while tracing) mask
+    host = bucket.finite.device.type in HOST_FLAG_DEVICES and not torch.compiler.is_compiling()
+    not_finite = None if host and bool(bucket.finite) else ~bucket.finite
     for run in _runs(bucket):
         adaptive, eta, scale = run.adaptive, run.eta, bucket.scales[run.index]
         for chunk in run.chunks:
@@ -150,8 +159,9 @@ def perturb_(bucket: Bucket, restore: str) -> None:
                 torch._foreach_mul_(e, scale)
             else:
                 e = torch._foreach_mul(g32, scale)
-            for x in e:  # a non-finite norm means inf/NaN in g: e must be exactly 0, not NaN
-                x.masked_fill_(not_finite, 0.0)
+            if not_finite is not None:  # a non-finite norm means inf/NaN in g: e must be exactly 0, not NaN
+                for x in e:
+                    x.masked_fill_(not_finite, 0.0)
             if restore == "copy":
                 torch._foreach_copy_(bufs, params)
             else:

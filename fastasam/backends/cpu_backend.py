@@ -1,0 +1,81 @@
+"""The ``cpu`` backend: the multi-tensor kernels for CPU tensors, native C++ (``csrc/cpu_kernels.cpp``, built into
+``fastasam._cpu`` by setup.py wherever ``fastasam._host`` builds).
+
+Same tables, foreach fallback and fused restore + ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` update as the ``triton``
+and ``cuda`` backends (``_multi_tensor``), and the same per-element formulas (``csrc/elementwise.h``, shared with the
+CUDA kernels): one pass over memory per phase, fp32 math for fp32/fp16/bf16 storage rounded once on store; fp64
+goes to ``foreach``. A launch spreads its chunks over PyTorch's intra-op threads (``torch.set_num_threads``); the
+squared norm and the dots are the same to the bit whatever the thread count (per-chunk partial sums added in a fixed
+order). Each launch is bound once to the C++ function and the tables' addresses (``functools.partial``), so a warm
+step pays one Python call per phase.
+
+Without the extension (a build that failed or was skipped, ``FASTASAM_BUILD_HOST=0``) the backend is unavailable and
+``auto`` picks ``foreach`` for CPU tensors.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ._multi_tensor import MultiTensorBackend
+
+name = "cpu"
+traceable = False
+# elements per chunk: the unit of work a thread takes (ResNet-50's 25.6M elements make ~1,700 chunks); the tests
+# make it smaller (``_BACKEND.launcher.chunk``) so small tensors cross chunk boundaries
+CHUNK = 1 << 14
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FA_FLOAT32, FA_FLOAT16, FA_BFLOAT16
+
+try:
+    from .. import _cpu as EXTENSION
+except ImportError as exc:
+    EXTENSION = None
+    EXTENSION_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    EXTENSION_ERROR = None
+
+
+def device_supported(device: torch.device) -> str | None:
+    if EXTENSION is None:
+        return (f"the CPU extension fastasam._cpu is not built ({EXTENSION_ERROR}); reinstall fastasam with a C++ "
+                "compiler (pip install --no-build-isolation -e .)")
+    if device.type != "cpu":
+        return f"its kernels run on CPU tensors, not on {device.type}"
+    return None
+
+
+class _Launcher:
+    """Binds ``fastasam._cpu`` launches (``_multi_tensor.Launcher``): each C++ function with the addresses of the
+    launch's tensors (which the step plan owns, so they never move while it lives), the chunk count, the chunk size
+    and the storage dtype's code; then the restore mode (all but the norm and the dots) and the mode (``combine``;
+    the fused updates' direction)."""
+
+    dtypes = fused_dtypes = frozenset(_DTYPE_CODE)
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+
+    def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool, copy: bool,
+             mode: int = 0) -> partial:
+        if EXTENSION is None:
+            raise RuntimeError(f"fastasam: {device_supported(torch.device('cpu'))}")
+        fn = getattr(EXTENSION, kernel)
+        code, ptrs, size = _DTYPE_CODE[dtype], [t.data_ptr() for t in tensors], self.chunk
+        if kernel == "sqnorm":  # (rows, chunks, opts, partials, counter, out): the partials are the kernel's own
+            launch = partial(fn, code, *ptrs[:3], count, size, ptrs[5])
+        elif kernel == "dots":  # (rows, chunks, partials, counter, out)
+            launch = partial(fn, code, *ptrs[:2], count, size, ptrs[4])
+        elif kernel == "combine":  # (rows, chunks, sums, alpha)
+            launch = partial(fn, code, *ptrs, count, size, mode)
+        elif kernel in ("restore_sgd", "restore_adam"):  # (rows, chunks, hyper, sums, alpha); mode: the direction
+            launch = partial(fn, code, *ptrs, count, size, copy, mode)
+        else:  # perturb (rows, chunks, opts, sqnorm); restore (rows, chunks)
+            launch = partial(fn, code, *ptrs, count, size, copy)
+        launch.tensors = tensors  # the addresses stay valid while the launch lives
+        return launch
+
+
+_BACKEND = MultiTensorBackend(name, _Launcher(CHUNK))
+prepare = _BACKEND.prepare

@@ -1,0 +1,421 @@
+"""The ``cpu`` backend (``fastasam._cpu``, ``csrc/cpu_kernels.cpp``) and ``foreach``'s CPU path.
+
+The optimizer suite runs ``cpu`` against the ``reference`` oracle as one of the multi-tensor backends (conftest's
+``MULTI_TENSOR``; torch's own SGD/Adam/AdamW in ``test_multi_tensor.py``). Here: that it is built and ``auto`` picks
+it; results that do not depend on the thread count; its kernels and the CUDA kernels (run by the CPU shim) agreeing to
+the bit on every elementwise result from the same inputs; bugs planted in the per-element formulas both compile
+(``csrc/elementwise.h``), caught by the tests of each; and ``foreach``'s CPU path (no guard pass for a finite norm,
+its chunking).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    SHIM_ERROR,
+    assert_trajectories_close,
+    assert_trajectories_equal,
+    awkward_params,
+    soup_loss,
+    three_groups,
+    trajectory,
+)
+
+import fastasam
+from fastasam import backends
+from fastasam.backends import _layout as L
+from fastasam.backends import cpu_backend, cuda_shim, foreach
+from fastasam.backends._multi_tensor import _chunk_list, _rows_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = cpu_backend.EXTENSION is not None
+needs_kernels = pytest.mark.skipif(not BUILT, reason=f"fastasam._cpu is not built ({cpu_backend.EXTENSION_ERROR})")
+needs_shim = pytest.mark.skipif(SHIM_ERROR is not None, reason=f"the CUDA CPU shim is not loaded ({SHIM_ERROR})")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["float32", "float16", "bfloat16"]
+
+
+def test_the_cpu_kernels_are_built_and_auto_picks_them():
+    """Wherever fastasam._host builds, so does fastasam._cpu: a build failure must fail here, not silently leave CPU
+    tensors to foreach (``FASTASAM_BUILD_HOST=0`` skips both on purpose)."""
+    if os.environ.get("FASTASAM_BUILD_HOST", "").strip() == "0":
+        pytest.skip("FASTASAM_BUILD_HOST=0: the CPU extensions are skipped on purpose")
+    assert BUILT, cpu_backend.EXTENSION_ERROR
+    assert "cpu" in fastasam.available_backends("cpu")
+    assert "cpu" not in fastasam.available_backends("meta")
+    assert backends.resolve("auto", torch.device("cpu")).name == "cpu"
+    assert "run on CPU tensors" in backends.unavailable_reason("cpu", "meta")
+    if os.uname().sysname == "Linux":  # spread over PyTorch's intra-op threads
+        assert cpu_backend.EXTENSION.openmp
+
+
+def test_without_the_extension_auto_falls_back_to_foreach(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "EXTENSION", None)
+    monkeypatch.setattr(cpu_backend, "EXTENSION_ERROR", "ImportError: planted")
+    assert "fastasam._cpu is not built (ImportError: planted)" in backends.unavailable_reason("cpu", "cpu")
+    assert backends.resolve("auto", torch.device("cpu")).name == "foreach"
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run on cpu: .*Fix: reinstall fastasam"):
+        backends.resolve("cpu", torch.device("cpu"))
+
+
+# --- builds of the CPU kernels from edited sources (planted bugs) -------------------------------------------------
+
+
+def _setup_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    spec = importlib.util.spec_from_file_location("fastasam_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # defines the helpers; setup() runs only as __main__
+    return setup.CPU_CXX_FLAGS, setup.CPU_LINK_FLAGS
+
+
+def build_cpu_kernels(replace: dict[str, tuple[str, str]]):
+    """``fastasam._cpu`` compiled from ``csrc/`` with ``replace`` (``{file: (old, new)}``, ``old`` must occur) and
+    setup.py's flags, loaded as a module of its own; cached by the sources' hash in ``build/cpu_kernels/``."""
+    from torch.utils import cpp_extension
+
+    cxx, link = _setup_flags()
+    files = ("cpu_kernels.cpp", "elementwise.h", "multi_tensor.h")
+    texts = {f: (ROOT / "csrc" / f).read_text() for f in files}
+    for f, (old, new) in replace.items():
+        assert old in texts[f], f"{old!r} does not occur in csrc/{f}"
+        texts[f] = texts[f].replace(old, new)
+    key = hashlib.sha256(repr((sorted(texts.items()), cxx, link)).encode()).hexdigest()[:16]
+    out = ROOT / "build" / "cpu_kernels" / key
+    out.mkdir(parents=True, exist_ok=True)
+    for f, text in texts.items():
+        if not (out / f).is_file() or (out / f).read_text() != text:
+            (out / f).write_text(text)
+    return cpp_extension.load(name=f"fastasam_cpu_{key}", sources=[str(out / "cpu_kernels.cpp")],
+                              extra_cflags=list(cxx), extra_ldflags=list(link), build_directory=str(out),
+                              verbose=False)
+
+
+@pytest.fixture
+def cpu_planted(monkeypatch):
+    """``load(replace)``: the cpu backend runs a build of its kernels with these source edits (None: the real one)
+    until the test ends."""
+    def load(replace: dict[str, tuple[str, str]] | None) -> None:
+        monkeypatch.setattr(cpu_backend, "EXTENSION", cpu_backend.EXTENSION if replace is None
+                            else build_cpu_kernels(replace))
+
+    return load
+
+
+@pytest.fixture
+def shim_planted():
+    """``load(replace)``: the cuda_shim backend runs a shim built with these source edits; the real one comes back
+    afterwards."""
+    good = cuda_shim.enable().path
+
+    def load(replace: dict[str, tuple[str, str]] | None) -> None:
+        cuda_shim.enable(good if replace is None else cuda_shim.build(replace))
+
+    yield load
+    cuda_shim.enable(good)
+
+
+# --- the thread count changes nothing -----------------------------------------------------------------------------
+
+THREADS = (1, 2, 3)
+
+
+def _run_with_threads(threads: int, kind: str, dtype: torch.dtype) -> tuple[list, list]:
+    """Four steps on the awkward soup (131K elements: enough for a launch to split over threads) with ``threads``
+    intra-op threads; the weights and the squared norms after each step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params = awkward_params("cpu", dtype)
+        if kind == "gsam":  # the dots and combine launches, and the fused update along GSAM's direction
+            opt = fastasam.GSAM(params, torch.optim.SGD, backend="cpu", rho=0.1, alpha=0.3, lr=0.05, momentum=0.9)
+        elif kind == "adamw":
+            opt = fastasam.ASAM(three_groups(params), torch.optim.AdamW, backend="cpu", amsgrad=True,
+                                weight_decay=0.01)
+        else:
+            opt = fastasam.ASAM(three_groups(params), torch.optim.SGD, backend="cpu", momentum=0.9,
+                                weight_decay=5e-4)
+        history, norms = [], []
+        for _ in range(4):
+            soup_loss(params).backward()
+            opt.first_step(zero_grad=True)
+            norms.append(opt.grad_norm.clone())
+            soup_loss(params).backward()
+            opt.second_step(zero_grad=True)
+            history.append([p.detach().clone() for p in params])
+        assert opt.report().kernel == len(params)
+        return history, norms
+    finally:
+        torch.set_num_threads(before)
+
+
+def _assert_same_for_every_thread_count(kind: str, dtype: torch.dtype) -> None:
+    runs = [_run_with_threads(n, kind, dtype) for n in THREADS]
+    for n, (history, norms) in zip(THREADS[1:], runs[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(norms, runs[0][1])), f"the norm differs under {n} threads"
+        assert_trajectories_equal(history, runs[0][0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("chunk", [cpu_backend.CHUNK, 1000], ids=["chunk-default", "chunk-1000"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "gsam"])
+def test_results_are_bit_identical_under_1_2_and_3_threads(kind, dtype, chunk, monkeypatch):
+    """Each chunk is one thread's work and the partial sums are added in chunk order, so the weights, the norms and
+    the states are the same to the bit whatever ``torch.set_num_threads`` says."""
+    monkeypatch.setattr(cpu_backend._BACKEND.launcher, "chunk", chunk)
+    _assert_same_for_every_thread_count(kind, dtype)
+
+
+THREAD_BUGS = {
+    # a thread starts at the chunk before its share when its share begins inside a chunk: that chunk runs twice
+    "straddling-chunk-twice": ("    int64_t c = std::lower_bound(first.begin(), first.end() - 1, lo) - first.begin();",
+                               "    int64_t c = std::upper_bound(first.begin(), first.end() - 1, lo) - first.begin()"
+                               " - 1;"),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("bug", list(THREAD_BUGS))
+def test_a_planted_thread_split_bug_is_caught(bug, cpu_planted, monkeypatch):
+    """The thread-count test above fails on kernels whose split of the chunks over threads is wrong (with one thread
+    the bug cannot show)."""
+    monkeypatch.setattr(cpu_backend._BACKEND.launcher, "chunk", 1000)
+    cpu_planted({"cpu_kernels.cpp": THREAD_BUGS[bug]})
+    with pytest.raises(AssertionError):
+        _assert_same_for_every_thread_count("sgd", torch.float32)
+
+
+# --- the CPU kernels and the CUDA kernels: the same numbers from the same inputs ----------------------------------
+
+SIZES = (3 * 700 + 5, 37, 1, 8)  # several chunks with a tail, small, one element, a vector width
+
+
+def _tensors(dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(9)
+
+    def rand(n: int, scale: float = 0.5, positive: bool = False) -> torch.Tensor:
+        t = torch.randn(n, generator=gen) * scale
+        return (t.abs() if positive else t).to(dtype)
+
+    return {"w": [rand(n) for n in SIZES], "g": [rand(n) for n in SIZES], "b": [rand(n, 0.01) for n in SIZES],
+            "s1": [rand(n, 0.1) for n in SIZES], "s2": [rand(n, 0.01, True) for n in SIZES],
+            "s3": [rand(n, 0.01, True) for n in SIZES], "k": [rand(n) for n in SIZES]}
+
+
+class _Impl:
+    """Direct launches of one implementation's kernels (``cpu``: fastasam._cpu; ``shim``: the CUDA kernels on the
+    CPU) over tables of its own chunk size."""
+
+    def __init__(self, which: str, dtype: torch.dtype) -> None:
+        self.which, self.code = which, {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+        self.chunk = 700 if which == "cpu" else cuda_shim.CHUNK
+        self.elsize = torch.empty((), dtype=dtype).element_size()
+
+    def tables(self, columns, flags) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = [[None] * len(SIZES) if c is None else c for c in columns]
+        rows = _rows_table(columns, list(SIZES), flags)
+        chunks = torch.tensor(_chunk_list(list(SIZES), range(len(SIZES)), self.chunk), dtype=torch.int32)
+        return rows, chunks
+
+    def __call__(self, kernel: str, rows: torch.Tensor, chunks: torch.Tensor, *args) -> None:
+        """``args``: the kernel's arguments after the tables (tensors: passed as addresses) and before the sizes,
+        then its trailing options (restore mode, mode)."""
+        ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+        tensors = [p for p, a in zip(ptrs, args) if isinstance(a, torch.Tensor)]
+        options = [p for p, a in zip(ptrs, args) if not isinstance(a, torch.Tensor)]
+        count = chunks.shape[0]
+        if self.which == "cpu":
+            getattr(cpu_backend.EXTENSION, kernel)(self.code, rows.data_ptr(), chunks.data_ptr(), *tensors, count,
+                                                   self.chunk, *options)
+            return
+        shim = cuda_shim.enable()
+        shim.lib.fa_shim_ranges_from_rows(rows.data_ptr(), rows.shape[0], self.elsize)
+        shim.launch(kernel, self.code, rows.data_ptr(), chunks.data_ptr(), *tensors, count, self.chunk,
+                    *(int(o) for o in options), None)
+
+
+def _elementwise_results(which: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every elementwise kernel, every mode, on the same inputs: the tensors after each launch."""
+    impl, out = _Impl(which, dtype), []
+    t = _tensors(dtype)
+    n = len(SIZES)
+    # perturb: two groups (adaptive; plain), both restore modes, a finite and a non-finite norm
+    opts = torch.tensor([[0.01, 0.5, 1.0, 1e-12], [0.0, 0.05, 0.0, 1e-12]], dtype=torch.float32)
+    flags = [(r % 2) << L.OPT_SHIFT for r in range(n)]
+    for copy in (True, False):
+        for sq in (2.5, float("inf")):
+            w, b = [x.clone() for x in t["w"]], [x.clone() for x in t["b"]]
+            rows, chunks = impl.tables((w, t["g"], b), flags)
+            impl("perturb", rows, chunks, opts, torch.tensor([sq]), copy)
+            out += [*w, *b]
+            impl("restore", rows, chunks, copy)
+            out += w
+    # the fused updates: SGD (fresh buffers on odd rows; nesterov + maximize + decay), Adam (amsgrad, L2) and AdamW,
+    # each without and along GSAM's direction
+    sums, alpha = torch.tensor([2.0, -0.7, 1.5], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
+    sgd = torch.tensor([[0.1, 0.9, 0.8, 1e-3, 1.0, 1.0, 1.0, 0, 0, 0]], dtype=torch.float32)
+    adam = torch.tensor([[0.1, 0.99, 0.01, 1e-3, 0.01, 1.0, 0.05, 0.3, 1.0, 0.0],
+                         [0.1, 0.99, 0.01, 1e-3, 0.0, 0.999, 0.05, 0.3, 0.0, 1.0]], dtype=torch.float32)
+    for copy in (True, False):
+        for mode in (0, L.COMBINE_GSAM):
+            w, m = [x.clone() for x in t["w"]], [x.clone() for x in t["s1"]]
+            fresh = [(L.FLAG_FRESH_STATE if r % 2 else 0) for r in range(n)]
+            rows, chunks = impl.tables((w, t["g"], t["b"], m, None, None, None, None, t["k"]), fresh)
+            impl("restore_sgd", rows, chunks, sgd, sums, alpha, copy, mode)
+            out += [*w, *m]
+            w, m1, m2, vm = ([x.clone() for x in t[c]] for c in ("w", "s1", "s2", "s3"))
+            rows, chunks = impl.tables((w, t["g"], t["b"], m1, m2, vm, None, None, t["k"]),
+                                       [(r % 2) << L.HYPER_SHIFT for r in range(n)])
+            impl("restore_adam", rows, chunks, adam, sums, alpha, copy, mode)
+            out += [*w, *m1, *m2, *vm]
+    # combine, every mode
+    for mode in (L.COMBINE_KEEP, L.COMBINE_LOOK_FULL, L.COMBINE_LOOK_ONE, L.COMBINE_GSAM):
+        g, b = [x.clone() for x in t["g"]], [x.clone() for x in t["b"]]
+        rows, chunks = impl.tables((t["w"], g, b), [0] * n)
+        impl("combine", rows, chunks, sums, alpha, mode)
+        out += [*g, *b]
+    return out
+
+
+def _assert_cpu_equals_shim(dtype: torch.dtype) -> None:
+    got, want = _elementwise_results("cpu", dtype), _elementwise_results("shim", dtype)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a[~a.isnan()], b[~b.isnan()]), (
+            f"result {i} differs: {(a.double() - b.double()).abs().max().item()}")
+
+
+@needs_kernels
+@needs_shim
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_the_cpu_kernels_and_the_cuda_kernels_agree_to_the_bit(dtype):
+    """Perturbation (both restore modes, a finite and a non-finite norm), restore, the fused SGD/Adam/AdamW updates
+    (fresh state, nesterov, maximize, amsgrad, with and without GSAM's direction) and every combination: the same
+    formulas (elementwise.h), the same rounding, whatever each walks memory in."""
+    _assert_cpu_equals_shim(dtype)
+
+
+CPU_ONLY_BUGS = {
+    # the fused SGD update on a restored weight that was not rounded to the storage dtype (subtract mode)
+    "unrounded-restore": ("    const float p = fa::restored<T>(COPY ? 0.f : ld(w, i), ld(b, i), COPY);\n"
+                          "    float m = MOMENTUM",
+                          "    const float p = COPY ? ld(b, i) : ld(w, i) - ld(b, i);\n    float m = MOMENTUM"),
+}
+
+
+@needs_kernels
+@needs_shim
+@pytest.mark.parametrize("bug", list(CPU_ONLY_BUGS))
+def test_a_bug_in_the_cpu_walk_alone_is_caught_against_the_cuda_kernels(bug, cpu_planted):
+    """A slip in how the CPU kernels apply the shared formulas (here: the restored weight's rounding to bf16 skipped
+    before the fused update) makes the two disagree."""
+    cpu_planted({"cpu_kernels.cpp": CPU_ONLY_BUGS[bug]})
+    with pytest.raises(AssertionError, match="differs"):
+        _assert_cpu_equals_shim(torch.bfloat16)
+
+
+# --- bugs planted in the shared formulas: caught by the tests of both the CPU and the CUDA kernels -----------------
+
+HEADER_BUGS = {
+    # ASAM's perturbation with one factor T_w instead of two
+    "one-T-factor": ("  float e = adaptive ? t * (t * g) * scale : g * scale;",
+                     "  float e = adaptive ? t * g * scale : g * scale;"),
+    # SGD steps along d instead of the momentum buffer
+    "momentum-ignored": ("    d = h.nesterov ? d + h.momentum * m : m;",
+                         "    d = h.nesterov ? d + h.momentum * m : d;"),
+    # Adam's second bias correction left out
+    "no-bias-correction-2": ("div_rn(sqrt_rn(h.amsgrad ? vmax : v), h.bc2_sqrt)", "sqrt_rn(h.amsgrad ? vmax : v)"),
+}
+
+
+def _oracle_check(backend: str) -> None:
+    """Three steps with SGD (momentum) and with AdamW on the awkward soup against the reference oracle."""
+    for base, kwargs, extra in ((torch.optim.SGD, {"momentum": 0.9, "weight_decay": 5e-4}, None),
+                                (torch.optim.AdamW, {"weight_decay": 0.01}, {"eps": 1e-3})):
+        run = dict(base=base, base_kwargs=kwargs, base_optimizer_kwargs=extra, steps=3, reload_at=None,
+                   chunk_sized=False)
+        got = trajectory(backend, "cpu", torch.float32, **run)
+        want = trajectory("reference", "cpu", torch.float32, **run)
+        assert_trajectories_close(got, want, 1e-6, 1e-5)
+
+
+@pytest.mark.parametrize("bug", [None, *HEADER_BUGS])
+@pytest.mark.parametrize("impl", [pytest.param("cpu", marks=needs_kernels),
+                                  pytest.param("cuda_shim", marks=needs_shim)])
+def test_a_bug_planted_in_the_shared_formulas_is_caught(impl, bug, cpu_planted, shim_planted):
+    """elementwise.h is compiled into both the CPU kernels and the CUDA kernels (the shim compiles the latter for the
+    CPU): the unmutated header passes the oracle check on each, and each planted bug fails it on each."""
+    replace = None if bug is None else {"elementwise.h": HEADER_BUGS[bug]}
+    (cpu_planted if impl == "cpu" else shim_planted)(replace)
+    if bug is None:
+        _oracle_check(impl)
+    else:
+        with pytest.raises(AssertionError):
+            _oracle_check(impl)
+
+
+# --- foreach on the CPU --------------------------------------------------------------------------------------------
+
+
+def _count_guards(monkeypatch) -> list[int]:
+    calls = [0]
+    real = torch.Tensor.masked_fill_
+
+    def spy(self, *args, **kwargs):
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "masked_fill_", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_foreach_on_the_cpu_guards_only_a_non_finite_norm(dtype, monkeypatch):
+    """A finite norm: no guard pass at all (the flag is read on the host, no device to wait for). A non-finite one
+    (inf in a gradient): the guard runs and the weights stay exactly as they were."""
+    calls = _count_guards(monkeypatch)
+    params = awkward_params("cpu", dtype)
+    opt = fastasam.ASAM(three_groups(params), torch.optim.SGD, backend="foreach", momentum=0.9)
+    soup_loss(params).backward()
+    opt.first_step()
+    assert calls[0] == 0, f"{calls[0]} guard passes for a finite norm"
+    assert not opt.perturbation_skipped
+    opt.second_step(zero_grad=True)
+    before = [p.detach().clone() for p in params]
+    soup_loss(params).backward()
+    params[1].grad[0, 0] = float("inf")
+    opt.first_step()
+    assert calls[0] > 0 and opt.perturbation_skipped
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-3, 1e-2)],
+                         ids=["float32", "bfloat16"])
+def test_foreach_in_small_chunks_matches_the_reference(dtype, atol, rtol, monkeypatch):
+    """The CPU chunk is large; with a small one every tensor of the soup is cut into ranges and chunks mix tensors."""
+    monkeypatch.setitem(foreach._CHUNK_NUMEL, "cpu", 1000)
+    for restore in ("copy", "subtract"):
+        got = trajectory("foreach", "cpu", dtype, restore=restore, steps=4, reload_at=2)
+        want = trajectory("reference", "cpu", dtype, restore=restore, steps=4, reload_at=2)
+        assert_trajectories_close(got, want, atol, rtol)
+    assert not torch.equal(got[-1][1], awkward_params("cpu", dtype)[1])
+
+
+
+def test_foreach_elsewhere_keeps_the_flag_on_the_device(monkeypatch):
+    """Devices other than the CPU (here: the CPU told to behave like one) never read the flag on the host: the guard
+    is a masked fill every step, with the same results."""
+    params = awkward_params("cpu", torch.float32)
+    host = trajectory("foreach", "cpu", torch.float32, steps=2, reload_at=None)
+    monkeypatch.setattr(foreach, "HOST_FLAG_DEVICES", frozenset())
+    calls = _count_guards(monkeypatch)
+    device = trajectory("foreach", "cpu", torch.float32, steps=2, reload_at=None)
+    assert calls[0] > 0
+    assert_trajectories_equal(device, host)
+    assert not torch.equal(host[-1][1], params[1])
