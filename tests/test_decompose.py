@@ -137,20 +137,21 @@ def test_the_sums_are_the_same_to_the_bit_for_any_block_order_and_concurrency():
     assert all(torch.equal(s, seen[0]) for s in seen)
 
 
-# --- planted bugs in the CUDA kernels (csrc/multi_tensor.cu), run by the CPU shim ------------------------------------
+# --- planted bugs in the CUDA kernels (csrc/multi_tensor.cu and the formulas of csrc/elementwise.h), run by the CPU
+# shim: {name: (file under csrc/, old text, new text)} --------------------------------------------------------------
 
 PLANTED = {
     # the cross term multiplies the wrong column
-    "cross-term": ("s[1] += static_cast<double>(__fmul_rn(gv[j], kv[j]));",
-                   "s[1] += static_cast<double>(__fmul_rn(gv[j], gv[j]));"),
+    "cross-term": ("multi_tensor.cu", "s[1] += static_cast<double>(fa::mul_rn(gv[j], kv[j]));",
+                   "s[1] += static_cast<double>(fa::mul_rn(gv[j], gv[j]));"),
     # the block tree starts at a quarter: half of the threads' sums are lost
-    "short-tree": ("for (int half = kThreads / 2; half > 0; half >>= 1)",
+    "short-tree": ("multi_tensor.cu", "for (int half = kThreads / 2; half > 0; half >>= 1)",
                    "for (int half = kThreads / 4; half > 0; half >>= 1)"),
     # GSAM's coefficient over ||B||^2 instead of ||G||^2
-    "gsam-denominator": ("d.x = static_cast<float>(1.0 + *alpha * ratio(sums[1], sums[0]));",
+    "gsam-denominator": ("elementwise.h", "d.x = static_cast<float>(1.0 + *alpha * ratio(sums[1], sums[0]));",
                          "d.x = static_cast<float>(1.0 + *alpha * ratio(sums[1], sums[2]));"),
     # the last chunk's counter is not reset: the next launch's sums are never written
-    "counter-not-reset": ("    for (int j = 0; j < 3; ++j) out[j] = t[j];\n    *counter = 0;",
+    "counter-not-reset": ("multi_tensor.cu", "    for (int j = 0; j < 3; ++j) out[j] = t[j];\n    *counter = 0;",
                           "    for (int j = 0; j < 3; ++j) out[j] = t[j];\n    (void)counter;"),
 }
 
@@ -161,7 +162,8 @@ def test_planted_bugs_in_the_cuda_kernels_are_caught(bug):
     good = cuda_shim.enable().path
     try:
         if bug is not None:
-            cuda_shim.enable(cuda_shim.build({"multi_tensor.cu": PLANTED[bug]}))
+            file, old, new = PLANTED[bug]
+            cuda_shim.enable(cuda_shim.build({file: (old, new)}))
         cuda_shim.enable().configure(racecheck=True)
 
         def check() -> None:
@@ -379,7 +381,7 @@ def test_gsam_applies_its_direction_first_when_the_base_optimizer_steps_some_ten
 @pytest.mark.parametrize("bug", [None, "k-coefficient", "k-column"])
 def test_planted_bugs_in_the_fused_direction_are_caught(bug):
     plants = {  # K weighted by x instead of y; the direction reads the gradient again instead of K
-        "k-coefficient": ("__fmul_rn(dir.y, kv[j])", "__fmul_rn(dir.x, kv[j])"),
+        "k-coefficient": ("fa::combined(dir.x, d[j], dir.y, kv[j])", "fa::combined(dir.x, d[j], dir.x, kv[j])"),
         "k-column": ("const T* k = col<T>(c, FA_COL_K);", "const T* k = col<T>(c, FA_COL_G);"),
     }
     good = cuda_shim.enable().path
