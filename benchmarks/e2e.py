@@ -6,7 +6,7 @@
 Variants, each on a fresh copy of the same initial model: plain SGD (one forward/backward), ASAM with the
 ``reference`` per-tensor loop (the published code's way) and ASAM with fastasam's ``auto`` backend (two
 forward/backwards each), timed interleaved, one step each per round (``benchmarks.timing``). Reports step time, its
-spread, images/s and the ASAM / SGD step-time ratio (2.0 is the limit set by the two passes; SPEC §4 asks for
+spread, images/s and the ASAM / SGD step-time ratio (2.0 is the limit set by the two passes; the goal is
 <= 2.03), the ratios as medians of the per-round ratios, so that a load change between rounds cancels out.
 """
 

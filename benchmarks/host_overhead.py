@@ -1,4 +1,4 @@
-"""Host work of a warm optimizer step (SPEC §4, host path): what a step costs the CPU before any kernel runs.
+"""Host work of a warm optimizer step (the host path): what a step costs the CPU before any kernel runs.
 
     python -m benchmarks.host_overhead                         # resnet50 (161 tensors), gpt2_medium (292), many_2000
     python -m benchmarks.host_overhead --steps 400 --callgrind resnet50 many_2000   # + instructions per step

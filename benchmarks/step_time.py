@@ -12,7 +12,7 @@ the speed-ups are the median of the per-round ratios. Prints a table (median ms,
 achieved GB/s, % of peak bandwidth where the device's peak is known, peak memory from a separate step per variant),
 a warning for every variant whose times spread more than ``timing.SPREAD_LIMIT``, and writes JSON (with every step's
 time), markdown and a PNG plot to benchmarks/results/. Times on CUDA come from CUDA events; on the CPU from
-perf_counter. The memory floor counts ~11 passes over the parameter bytes for ASAM + SGD-momentum (SPEC §4).
+perf_counter. The memory floor counts ~11 passes over the parameter bytes for ASAM + SGD-momentum.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ PASSES_ASAM_SGD = 11  # read w,g (norm); read w,g write w,buf (perturb); read bu
 
 
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
-# peak DRAM bandwidth in GB/s by device name (SPEC §4); % of peak is reported where the device is known
+# peak DRAM bandwidth in GB/s by device name; % of peak is reported where the device is known
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
 
 

@@ -197,7 +197,7 @@ class ASAM(torch.optim.Optimizer):
         self.state = base.state
         self.defaults.update(base.defaults)
 
-    # --- the API of SPEC §2 -------------------------------------------------------------------------------------
+    # --- the public API -----------------------------------------------------------------------------------------
 
     @property
     def backend(self) -> str:

@@ -1,6 +1,6 @@
 """The reference oracle: ASAM/SAM written tensor by tensor in plain PyTorch.
 
-This file is the one place the formula lives (SPEC §1). Every fast backend is tested against it, and it is the
+This file is the one place the formula lives. Every fast backend is tested against it, and it is the
 backend that always works, on every device and dtype.
 
 For a parameter ``w`` with gradient ``g`` (math in fp32 for fp16/bf16/fp32 storage, fp64 for fp64):

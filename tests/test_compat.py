@@ -1,4 +1,4 @@
-"""The two published variants (SPEC §1) reproduced: fastasam against independent transcriptions of their algorithms.
+"""The two published variants reproduced: fastasam against independent transcriptions of their algorithms.
 
 The transcriptions below follow the published algorithms step for step, tensor by tensor, written for these tests.
 """

@@ -1,4 +1,4 @@
-"""Behaviour users rely on (SPEC §2–§3), for the oracle and every fast backend."""
+"""Behaviour users rely on, for the oracle and every fast backend."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ _MEMORY_CASES = [("foreach", "cpu")] + [(b, d) for b, d in FAST_CASES if d == "c
 @pytest.mark.parametrize("backend,device", _MEMORY_CASES, ids=[f"{b}-{d}" for b, d in _MEMORY_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_is_one_parameter_sized_buffer_beyond_the_base_optimizer(backend, device, dtype):
-    """SPEC §3: the step keeps one parameter-sized restore buffer; everything else it allocates is a few chunks,
+    """The step keeps one parameter-sized restore buffer; everything else it allocates is a few chunks,
     short-lived, however large the model or one of its tensors (here one tensor is 128 chunks long)."""
     chunk = foreach.chunk_numel(torch.device(device))
     shapes = [(128 * chunk,), (3 * chunk + 5,), (chunk // 3, 3), (7,), (1,)]

@@ -1,4 +1,4 @@
-"""The step plan (SPEC §4, host path): a warm step rebuilds nothing; each change rebuilds exactly what it affects and
+"""The step plan (the host path): a warm step rebuilds nothing; each change rebuilds exactly what it affects and
 the numbers stay those of the oracle; fusion is decided per tensor; ``opt.report()`` says what ran."""
 
 from __future__ import annotations
