@@ -1,5 +1,11 @@
 """Baselines the benchmarks compare fastasam against, other than its own backends.
 
+The published loops, transcribed as plain per-tensor torch ops exactly as their repositories run them (their code is
+not shipped here): ``OfficialASAM``, the ASAM paper's ``asam.py`` (``ascent_step`` + ``descent_step``);
+``CommunitySAM``, the widely used community ``sam.py`` (``first_step`` + ``second_step``, ``adaptive`` for its ASAM
+form); and ``pytorch_optimizer_sam``, the ``pytorch_optimizer`` package's ``SAM`` itself where it is installed (an
+optional bench dependency).
+
 ``compiled_foreach``: the same ASAM + SGD step written with ``torch._foreach_*`` ops and handed to ``torch.compile``
 (Inductor fuses the foreach ops into a few generated kernels). ``apex``: NVIDIA apex's ``multi_tensor_l2norm`` for
 the norm and ``FusedSGD`` for the update, the perturbation in foreach ops (apex has no |w|-scaled op); available only
@@ -12,9 +18,120 @@ compiled baseline against ``fastasam.ASAM(backend="reference")``.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+
+
+class OfficialASAM:
+    """The official asam.py ``ASAM`` step, op for op: per-tensor loops over the named parameters, ``|w| + eta`` kept
+    in a per-parameter buffer, the norm of the per-tensor norms, restore by subtraction, then the base step. ASAM
+    scaling for parameters whose name holds ``weight``, SAM for the others (the repository's rule)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named: list, rho: float, eta: float) -> None:
+        self.optimizer, self.named, self.rho, self.eta = optimizer, named, rho, eta
+        self.state: dict = defaultdict(dict)
+
+    @torch.no_grad()
+    def ascent_step(self) -> None:
+        wgrads = []
+        for n, p in self.named:
+            if p.grad is None:
+                continue
+            t_w = self.state[p].get("eps")
+            if t_w is None:
+                t_w = torch.clone(p).detach()
+                self.state[p]["eps"] = t_w
+            if "weight" in n:
+                t_w[...] = p[...]
+                t_w.abs_().add_(self.eta)
+                p.grad.mul_(t_w)
+            wgrads.append(torch.norm(p.grad, p=2))
+        wgrad_norm = torch.norm(torch.stack(wgrads), p=2) + 1.0e-16
+        for n, p in self.named:
+            if p.grad is None:
+                continue
+            t_w = self.state[p].get("eps")
+            if "weight" in n:
+                p.grad.mul_(t_w)
+            eps = t_w
+            eps[...] = p.grad[...]
+            eps.mul_(self.rho / wgrad_norm)
+            p.add_(eps)
+
+    @torch.no_grad()
+    def descent_step(self) -> None:
+        for _, p in self.named:
+            if p.grad is None:
+                continue
+            p.sub_(self.state[p]["eps"])
+        self.optimizer.step()
+
+    def step(self) -> None:
+        """One step over the current gradients: ``ascent_step`` then ``descent_step`` (the second pass's backward is
+        not part of what is timed)."""
+        self.ascent_step()
+        self.descent_step()
+
+
+class CommunitySAM:
+    """The community ``sam.py`` ``SAM`` step, op for op: the norm of the per-tensor norms of ``g`` (``|w| * g`` when
+    ``adaptive``), a clone of every parameter kept as ``old_p``, ``e_w = (w^2 if adaptive else 1) * g * scale`` added
+    in place; the second step rebinds ``p.data`` to ``old_p`` and runs the base step."""
+
+    def __init__(self, params: list[torch.Tensor], base: torch.optim.Optimizer, rho: float, adaptive: bool) -> None:
+        self.params, self.base, self.rho, self.adaptive = params, base, rho, adaptive
+        self.state: dict = defaultdict(dict)
+
+    def _grad_norm(self) -> torch.Tensor:
+        shared = self.params[0].device
+        return torch.norm(torch.stack([((torch.abs(p) if self.adaptive else 1.0) * p.grad).norm(p=2).to(shared)
+                                       for p in self.params if p.grad is not None]), p=2)
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        scale = self.rho / (self._grad_norm() + 1e-12)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            self.state[p]["old_p"] = p.data.clone()
+            e_w = (torch.pow(p, 2) if self.adaptive else 1.0) * p.grad * scale.to(p)
+            p.add_(e_w)
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            p.data = self.state[p]["old_p"]
+        self.base.step()
+
+    def step(self) -> None:
+        self.first_step()
+        self.second_step()
+
+
+def pytorch_optimizer_unavailable_reason() -> str | None:
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError as exc:
+        return f"pytorch_optimizer is not installed ({exc}; pip install --no-deps pytorch_optimizer)"
+    return None
+
+
+def pytorch_optimizer_sam(params: list[torch.Tensor], *, rho: float, adaptive: bool, lr: float, momentum: float,
+                          weight_decay: float) -> Callable[[], None]:
+    """``pytorch_optimizer.SAM`` (its default per-tensor loop) over SGD momentum: ``first_step`` + ``second_step``."""
+    from pytorch_optimizer import SAM
+
+    opt = SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum,
+              weight_decay=weight_decay)
+
+    def step() -> None:
+        opt.first_step(zero_grad=False)
+        opt.second_step(zero_grad=False)
+    return step
 
 
 def _first(wa, ga, wn, gn, ba, bn, rho: float, eta: float, eps: float) -> None:

@@ -54,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,7 +61,7 @@ from types import SimpleNamespace
 import torch
 
 import fastasam
-from benchmarks import step_time, timing
+from benchmarks import baselines, step_time, timing
 from benchmarks.param_sets import PARAM_SETS
 from fastasam import _step_plan, _watch
 from fastasam.backends._multi_tensor import MultiTensorBackend
@@ -74,50 +73,6 @@ PYTHON_PASS = ", Python pass"  # the variant's plan checks the tensors with fast
 # these two with the pass over the tensors skipped
 FUSED = ("fastasam triton", "fastasam cuda")
 RATIO_OF = "minima"  # ``vs_official``: a variant's fastest steady step over the official loop's (see the docstring)
-
-
-class OfficialLoop:
-    """The official asam.py ``ASAM`` step, op for op: per-tensor loops over the named parameters, ``|w| + eta`` kept
-    in a per-parameter buffer, the norm of the per-tensor norms, restore by subtraction, then the base step."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, named: list, rho: float, eta: float) -> None:
-        self.optimizer, self.named, self.rho, self.eta = optimizer, named, rho, eta
-        self.state: dict = defaultdict(dict)
-
-    @torch.no_grad()
-    def ascent_step(self) -> None:
-        wgrads = []
-        for n, p in self.named:
-            if p.grad is None:
-                continue
-            t_w = self.state[p].get("eps")
-            if t_w is None:
-                t_w = torch.clone(p).detach()
-                self.state[p]["eps"] = t_w
-            if "weight" in n:
-                t_w[...] = p[...]
-                t_w.abs_().add_(self.eta)
-                p.grad.mul_(t_w)
-            wgrads.append(torch.norm(p.grad, p=2))
-        wgrad_norm = torch.norm(torch.stack(wgrads), p=2) + 1.0e-16
-        for n, p in self.named:
-            if p.grad is None:
-                continue
-            t_w = self.state[p].get("eps")
-            if "weight" in n:
-                p.grad.mul_(t_w)
-            eps = t_w
-            eps[...] = p.grad[...]
-            eps.mul_(self.rho / wgrad_norm)
-            p.add_(eps)
-
-    @torch.no_grad()
-    def descent_step(self) -> None:
-        for _, p in self.named:
-            if p.grad is None:
-                continue
-            p.sub_(self.state[p]["eps"])
-        self.optimizer.step()
 
 
 class _NoLaunch:
@@ -170,7 +125,7 @@ class Variant:
         self.grads = [p.grad for p in self.params]  # the storage new gradient objects view (same addresses)
         sgd_kw = {k: HPARAMS[k] for k in ("lr", "momentum", "weight_decay")}
         if kind == "official":
-            loop = OfficialLoop(torch.optim.SGD(self.params, foreach=True, **sgd_kw), named, HPARAMS["rho"],
+            loop = baselines.OfficialASAM(torch.optim.SGD(self.params, foreach=True, **sgd_kw), named, HPARAMS["rho"],
                                 HPARAMS["eta"])
             self.phases = (loop.ascent_step, loop.descent_step)
         elif kind == "sgd":

@@ -153,14 +153,17 @@ template <int MODE> FA_HD FA_INLINE Coefficients combine_coefficients(const doub
   return {static_cast<float>(x), static_cast<float>(y)};
 }
 
-// torch.optim.SGD's hyper-parameters, from a row of the hyper table (FA_SGD_* columns, combined on the host)
+// torch.optim.SGD's hyper-parameters, from a row of the hyper table (FA_SGD_* columns, combined on the host).
+// nesterov and maximize stay floats (0 or 1) tested with != 0: a condition of the float's width lets a CPU compiler
+// vectorise the loop around the formula for 16-bit storage too, where a bool does not (GCC 12).
 struct SgdHyper {
   float lr, momentum, one_minus_dampening, weight_decay;
-  bool has_momentum, nesterov, maximize;
+  bool has_momentum;
+  float nesterov, maximize;
 };
 FA_HD FA_INLINE SgdHyper sgd_hyper(const float* h) {
   return {h[FA_SGD_LR], h[FA_SGD_MOMENTUM], h[FA_SGD_ONE_MINUS_DAMPENING], h[FA_SGD_WEIGHT_DECAY],
-          h[FA_SGD_HAS_MOMENTUM] != 0.f, h[FA_SGD_NESTEROV] != 0.f, h[FA_SGD_MAXIMIZE] != 0.f};
+          h[FA_SGD_HAS_MOMENTUM] != 0.f, h[FA_SGD_NESTEROV], h[FA_SGD_MAXIMIZE]};
 }
 
 // torch.optim.SGD's update of one element: p the restored weight, d the update's gradient; m the momentum buffer's
@@ -168,11 +171,11 @@ FA_HD FA_INLINE SgdHyper sgd_hyper(const float* h) {
 // stored, and used so). Returns the new weight.
 template <typename T>
 FA_HD FA_INLINE float sgd_update(const SgdHyper& h, bool fresh, float p, float d, float& m) {
-  if (h.maximize) d = -d;
+  if (h.maximize != 0.f) d = -d;
   if (h.weight_decay != 0.f) d += h.weight_decay * p;
   if (h.has_momentum) {
     m = rounded<T>(fresh ? d : m * h.momentum + h.one_minus_dampening * d);
-    d = h.nesterov ? d + h.momentum * m : m;
+    d = h.nesterov != 0.f ? d + h.momentum * m : m;
   }
   return p - h.lr * d;
 }
@@ -180,19 +183,20 @@ FA_HD FA_INLINE float sgd_update(const SgdHyper& h, bool fresh, float p, float d
 // torch.optim.Adam/AdamW's hyper-parameters (FA_ADAM_* columns; step size and bias corrections from the host)
 struct AdamHyper {
   float lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt;
-  bool amsgrad, maximize;
+  bool amsgrad;
+  float maximize;  // 0 or 1 (see SgdHyper)
 };
 FA_HD FA_INLINE AdamHyper adam_hyper(const float* h) {
   return {h[FA_ADAM_ONE_MINUS_BETA1], h[FA_ADAM_BETA2], h[FA_ADAM_ONE_MINUS_BETA2], h[FA_ADAM_EPS],
           h[FA_ADAM_WEIGHT_DECAY], h[FA_ADAM_DECAY_FACTOR], h[FA_ADAM_STEP_SIZE], h[FA_ADAM_BC2_SQRT],
-          h[FA_ADAM_AMSGRAD] != 0.f, h[FA_ADAM_MAXIMIZE] != 0.f};
+          h[FA_ADAM_AMSGRAD] != 0.f, h[FA_ADAM_MAXIMIZE]};
 }
 
 // torch.optim.Adam/AdamW's update of one element: p the restored weight, d the update's gradient; m, v the moments
 // (set to their new fp32 values: stored rounded, used unrounded, as torch's fused Adam); vmax (amsgrad) the
 // running maximum of v, set to max(vmax, v). Returns the new weight.
 FA_HD FA_INLINE float adam_update(const AdamHyper& h, float p, float d, float& m, float& v, float& vmax) {
-  if (h.maximize) d = -d;
+  if (h.maximize != 0.f) d = -d;
   if (h.decay_factor != 1.f) p *= h.decay_factor;        // AdamW: p *= 1 - lr * weight_decay
   if (h.weight_decay != 0.f) d += h.weight_decay * p;   // Adam: the L2 penalty in the gradient
   // torch's lerp(m, d, 1 - beta1), both branches as torch computes them

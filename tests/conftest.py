@@ -33,6 +33,7 @@ else:
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (dtype, atol, rtol): the tolerance sits next to its dtype.
 DTYPE_TOLERANCES = [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-4, 1e-3), (torch.bfloat16, 1e-3, 1e-2)]
+DTYPE_IDS = ["float32", "float16", "bfloat16"]  # DTYPE_TOLERANCES' ids
 CHUNK = 1 << 16  # the CPU foreach chunk: sizes around it exercise the chunking
 
 
@@ -52,6 +53,27 @@ MULTI_TENSOR = ("triton", "cuda", "cuda_shim", "cpu")  # the backends with multi
 FAST_IDS = [f"{b}-{d}" for b, d in FAST_CASES]
 KERNEL_CASES = [(b, d) for b, d in FAST_CASES if b in MULTI_TENSOR]  # the multi-tensor kernels that run here
 KERNELS = pytest.mark.parametrize("backend,device", KERNEL_CASES, ids=[f"{b}-{d}" for b, d in KERNEL_CASES])
+
+
+def kernels_take(backend: str, device: str, dtypes: tuple[torch.dtype, ...], fused: bool = False) -> bool:
+    """Whether ``backend``'s multi-tensor kernels take every one of ``dtypes`` (``fused``: in the fused restore +
+    update) on ``device``; the others go to its foreach fallback (the ``cpu`` backend sends fp16 there)."""
+    launcher = backends.resolve(backend, torch.device(device))._BACKEND.launcher
+    return all(d in (launcher.fused_dtypes if fused else launcher.dtypes) for d in dtypes)
+
+
+def kernels_with(argnames: str, values: list, ids: list[str], fused: bool = False):
+    """``KERNELS`` crossed with ``values`` of ``argnames`` (the first of each value: a dtype or a tuple of dtypes),
+    leaving out the (backend, dtype) pairs whose kernels do not take the dtype."""
+    cases, case_ids = [], []
+    for b, d in KERNEL_CASES:
+        for value, vid in zip(values, ids):
+            value = value if isinstance(value, tuple) and len(argnames.split(",")) > 1 else (value,)
+            first = value[0]
+            if kernels_take(b, d, first if isinstance(first, tuple) else (first,), fused):
+                cases.append((b, d, *value))
+                case_ids.append(f"{b}-{d}-{vid}")
+    return pytest.mark.parametrize(f"backend,device,{argnames}", cases, ids=case_ids)
 
 
 @pytest.fixture(autouse=True)

@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILT = cpu_backend.EXTENSION is not None
 needs_kernels = pytest.mark.skipif(not BUILT, reason=f"fastasam._cpu is not built ({cpu_backend.EXTENSION_ERROR})")
 needs_shim = pytest.mark.skipif(SHIM_ERROR is not None, reason=f"the CUDA CPU shim is not loaded ({SHIM_ERROR})")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # the kernels' storage dtypes
 DTYPE_IDS = ["float32", "float16", "bfloat16"]
+FUSED = [torch.float32, torch.bfloat16]  # those the backend runs them on (fp16 goes to foreach)
+FUSED_IDS = ["float32", "bfloat16"]
 
 
 def test_the_cpu_kernels_are_built_and_auto_picks_them():
@@ -80,7 +82,7 @@ def build_cpu_kernels(replace: dict[str, tuple[str, str]]):
     from torch.utils import cpp_extension
 
     cxx, link = _setup_flags()
-    files = ("cpu_kernels.cpp", "elementwise.h", "multi_tensor.h")
+    files = ("cpu_kernels.cpp", "cpu_loops.h", "elementwise.h", "multi_tensor.h")
     texts = {f: (ROOT / "csrc" / f).read_text() for f in files}
     for f, (old, new) in replace.items():
         assert old in texts[f], f"{old!r} does not occur in csrc/{f}"
@@ -163,7 +165,7 @@ def _assert_same_for_every_thread_count(kind: str, dtype: torch.dtype) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("chunk", [cpu_backend.CHUNK, 1000], ids=["chunk-default", "chunk-1000"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", FUSED, ids=FUSED_IDS)
 @pytest.mark.parametrize("kind", ["sgd", "adamw", "gsam"])
 def test_results_are_bit_identical_under_1_2_and_3_threads(kind, dtype, chunk, monkeypatch):
     """Each chunk is one thread's work and the partial sums are added in chunk order, so the weights, the norms and
@@ -186,7 +188,7 @@ def test_a_planted_thread_split_bug_is_caught(bug, cpu_planted, monkeypatch):
     """The thread-count test above fails on kernels whose split of the chunks over threads is wrong (with one thread
     the bug cannot show)."""
     monkeypatch.setattr(cpu_backend._BACKEND.launcher, "chunk", 1000)
-    cpu_planted({"cpu_kernels.cpp": THREAD_BUGS[bug]})
+    cpu_planted({"cpu_loops.h": THREAD_BUGS[bug]})
     with pytest.raises(AssertionError):
         _assert_same_for_every_thread_count("sgd", torch.float32)
 
@@ -209,12 +211,12 @@ def _tensors(dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
 
 
 class _Impl:
-    """Direct launches of one implementation's kernels (``cpu``: fastasam._cpu; ``shim``: the CUDA kernels on the
-    CPU) over tables of its own chunk size."""
+    """Direct launches of one implementation's kernels (``cpu``: fastasam._cpu, the widest instruction set's build;
+    ``cpu-baseline``: its baseline build; ``shim``: the CUDA kernels on the CPU) over tables of its own chunk size."""
 
     def __init__(self, which: str, dtype: torch.dtype) -> None:
         self.which, self.code = which, {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
-        self.chunk = 700 if which == "cpu" else cuda_shim.CHUNK
+        self.chunk = cuda_shim.CHUNK if which == "shim" else 700
         self.elsize = torch.empty((), dtype=dtype).element_size()
 
     def tables(self, columns, flags) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,8 +232,9 @@ class _Impl:
         tensors = [p for p, a in zip(ptrs, args) if isinstance(a, torch.Tensor)]
         options = [p for p, a in zip(ptrs, args) if not isinstance(a, torch.Tensor)]
         count = chunks.shape[0]
-        if self.which == "cpu":
-            getattr(cpu_backend.EXTENSION, kernel)(self.code, rows.data_ptr(), chunks.data_ptr(), *tensors, count,
+        if self.which != "shim":
+            module = cpu_backend.EXTENSION if self.which == "cpu" else cpu_backend.EXTENSION.baseline
+            getattr(module, kernel)(self.code, rows.data_ptr(), chunks.data_ptr(), *tensors, count,
                                                    self.chunk, *options)
             return
         shim = cuda_shim.enable()
@@ -315,9 +318,78 @@ CPU_ONLY_BUGS = {
 def test_a_bug_in_the_cpu_walk_alone_is_caught_against_the_cuda_kernels(bug, cpu_planted):
     """A slip in how the CPU kernels apply the shared formulas (here: the restored weight's rounding to bf16 skipped
     before the fused update) makes the two disagree."""
-    cpu_planted({"cpu_kernels.cpp": CPU_ONLY_BUGS[bug]})
+    cpu_planted({"cpu_loops.h": CPU_ONLY_BUGS[bug]})
     with pytest.raises(AssertionError, match="differs"):
         _assert_cpu_equals_shim(torch.bfloat16)
+
+
+# --- the baseline build and the AVX2 build: the same numbers --------------------------------------------------------
+
+
+def _reductions(module, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The squared norm (adaptive and plain rows) and the dots of one build of the CPU kernels on the same inputs."""
+    impl, t = _Impl("cpu", dtype), _tensors(dtype)
+    rows, chunks = impl.tables((t["w"], t["g"], t["b"]), [(r % 2) << L.OPT_SHIFT for r in range(len(SIZES))])
+    opts = torch.tensor([[0.01, 0.5, 1.0, 1e-12], [0.0, 0.05, 0.0, 1e-12]], dtype=torch.float32)
+    sq, dots = torch.zeros(1), torch.zeros(3, dtype=torch.float64)
+    count = chunks.shape[0]
+    module.sqnorm(impl.code, rows.data_ptr(), chunks.data_ptr(), opts.data_ptr(), count, impl.chunk, sq.data_ptr())
+    module.dots(impl.code, rows.data_ptr(), chunks.data_ptr(), count, impl.chunk, dots.data_ptr())
+    return [sq, dots]
+
+
+def _assert_isas_agree(dtype: torch.dtype, extension=None) -> None:
+    ext = extension or cpu_backend.EXTENSION
+    saved = cpu_backend.EXTENSION
+    cpu_backend.EXTENSION = ext
+    try:
+        got = _elementwise_results("cpu", dtype) + _reductions(ext, dtype)
+        want = _elementwise_results("cpu-baseline", dtype) + _reductions(ext.baseline, dtype)
+    finally:
+        cpu_backend.EXTENSION = saved
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a[~a.isnan()], b[~b.isnan()]), (
+            f"result {i} differs between {ext.isa} and baseline: {(a.double() - b.double()).abs().max().item()}")
+
+
+needs_avx2 = pytest.mark.skipif(not BUILT or cpu_backend.EXTENSION.isa == "baseline",
+                                reason="only the baseline build of the CPU kernels runs on this machine")
+
+
+@needs_kernels
+@needs_avx2
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_the_avx2_and_the_baseline_builds_agree_to_the_bit(dtype):
+    """The kernels that run on an AVX2 CPU (compiled under ``#pragma GCC target("avx2,f16c")``) and the baseline
+    build: every elementwise result, the squared norm and the dots are the same to the bit."""
+    assert cpu_backend.EXTENSION.isa == "avx2"
+    _assert_isas_agree(dtype)
+
+
+@needs_kernels
+@needs_avx2
+def test_a_bug_in_the_avx2_build_alone_is_caught(cpu_planted):
+    """The comparison above fails on a build whose AVX2 loops alone drop the weight decay (``FA_CPU_AVX2_LOOPS`` is
+    defined only there)."""
+    planted = "  h.has_momentum = MOMENTUM;\n#ifdef FA_CPU_AVX2_LOOPS\n  h.weight_decay = 0.f;\n#endif\n"
+    ext = build_cpu_kernels({"cpu_loops.h": ("  h.has_momentum = MOMENTUM;\n", planted)})
+    with pytest.raises(AssertionError, match="differs between avx2 and baseline"):
+        _assert_isas_agree(torch.float32, ext)
+
+
+def test_fp16_tensors_go_to_foreach_on_the_cpu_backend():
+    """fp16 storage is served by ``foreach`` (the kernels' fp16 loops do not vectorise), the rest by the kernels."""
+    params = [torch.nn.Parameter(torch.randn(40, dtype=dt)) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = fastasam.ASAM(params, torch.optim.SGD, backend="cpu" if BUILT else "auto", lr=0.1, momentum=0.9)
+    opt.first_step()
+    opt.second_step()
+    by_dtype = {b.dtype: b for b in opt.report().buckets}
+    assert {d: b.kernel for d, b in by_dtype.items()} == {
+        "float32": int(BUILT), "float16": 0, "bfloat16": int(BUILT)}, opt.report()
+    if BUILT:
+        assert sum(by_dtype["float16"].foreach.values()) == 1, opt.report()
 
 
 # --- bugs planted in the shared formulas: caught by the tests of both the CPU and the CUDA kernels -----------------
@@ -327,8 +399,8 @@ HEADER_BUGS = {
     "one-T-factor": ("  float e = adaptive ? t * (t * g) * scale : g * scale;",
                      "  float e = adaptive ? t * g * scale : g * scale;"),
     # SGD steps along d instead of the momentum buffer
-    "momentum-ignored": ("    d = h.nesterov ? d + h.momentum * m : m;",
-                         "    d = h.nesterov ? d + h.momentum * m : d;"),
+    "momentum-ignored": ("    d = h.nesterov != 0.f ? d + h.momentum * m : m;",
+                         "    d = h.nesterov != 0.f ? d + h.momentum * m : d;"),
     # Adam's second bias correction left out
     "no-bias-correction-2": ("div_rn(sqrt_rn(h.amsgrad ? vmax : v), h.bc2_sqrt)", "sqrt_rn(h.amsgrad ? vmax : v)"),
 }

@@ -14,6 +14,7 @@ from conftest import (
     KERNELS,
     assert_trajectories_close,
     awkward_params,
+    kernels_with,
     sharpness_loop,
     soup_loss,
 )
@@ -108,10 +109,9 @@ def _check_kernels(backend: str, device: str, dtypes: tuple[torch.dtype, ...]) -
     torch.testing.assert_close(t.sums.cpu(), _expected_sums(params, buffers), rtol=1e-12, atol=0)
 
 
-@KERNELS
-@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16,), (torch.bfloat16,),
-                                    (torch.float32, torch.bfloat16, torch.float16)],
-                         ids=["fp32", "fp16", "bf16", "three-buckets"])
+@kernels_with("dtypes", [(torch.float32,), (torch.float16,), (torch.bfloat16,), (torch.float32, torch.bfloat16),
+                        (torch.float32, torch.bfloat16, torch.float16)],
+              ["fp32", "fp16", "bf16", "two-buckets", "three-buckets"])
 def test_the_sums_and_every_combination_equal_the_formulas(backend, device, dtypes):
     _check_kernels(backend, device, dtypes)
 
@@ -220,9 +220,8 @@ def _forced(kind: str, kw: dict, backend: str, params_fn, groups_fn, steps: int 
 HALF = {torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
 
 
-@KERNELS
 @KINDS
-@pytest.mark.parametrize("dtype", list(HALF), ids=["fp16", "bf16"])
+@kernels_with("dtype", list(HALF), ["fp16", "bf16"])
 def test_half_precision_runs_the_kernels_and_equals_the_reference_step_after_step(backend, device, kind, kw, dtype):
     atol, rtol = HALF[dtype]
     pairs, opt = _forced(kind, kw, backend, lambda: awkward_params(device, dtype, chunk_sized=False),

@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    DTYPE_IDS,
     DTYPE_TOLERANCES,
     KERNELS,
     assert_trajectories_close,
     assert_trajectories_equal,
+    kernels_with,
     soup_loss,
 )
 
@@ -71,10 +73,9 @@ def all_fused(reports) -> bool:
     return all(r.second_step == "fused" and r.fused == n for r in reports)
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("restore", ["copy", "subtract"])
 @pytest.mark.parametrize("options", list(SGD_OPTIONS), ids=list(SGD_OPTIONS))
-@KERNELS
+@kernels_with("dtype,atol,rtol", DTYPE_TOLERANCES, DTYPE_IDS, fused=True)
 def test_fused_restore_sgd_matches_reference(backend, device, options, restore, dtype, atol, rtol):
     kwargs = SGD_OPTIONS[options]
     got, got_state, reports = fused_run(backend, device, dtype, torch.optim.SGD, kwargs, restore)
@@ -88,9 +89,8 @@ def test_fused_restore_sgd_matches_reference(backend, device, options, restore, 
             torch.testing.assert_close(g[k], w[k], atol=atol * 4, rtol=rtol * 4)
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("options", list(ADAM_OPTIONS), ids=list(ADAM_OPTIONS))
-@KERNELS
+@kernels_with("dtype,atol,rtol", DTYPE_TOLERANCES, DTYPE_IDS, fused=True)
 def test_fused_restore_adam_matches_reference(backend, device, options, dtype, atol, rtol):
     base, kwargs = ADAM_OPTIONS[options]
     adam_eps = {"eps": 1e-3}  # fp16 storage flushes Adam's default 1e-8 to 0

@@ -3,11 +3,13 @@
 
 Same tables, foreach fallback and fused restore + ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` update as the ``triton``
 and ``cuda`` backends (``_multi_tensor``), and the same per-element formulas (``csrc/elementwise.h``, shared with the
-CUDA kernels): one pass over memory per phase, fp32 math for fp32/fp16/bf16 storage rounded once on store; fp64
-goes to ``foreach``. A launch spreads its chunks over PyTorch's intra-op threads (``torch.set_num_threads``); the
-squared norm and the dots are the same to the bit whatever the thread count (per-chunk partial sums added in a fixed
-order). Each launch is bound once to the C++ function and the tables' addresses (``functools.partial``), so a warm
-step pays one Python call per phase.
+CUDA kernels): one pass over memory per phase, fp32 math for fp32 and bf16 storage rounded once on store. fp64 and
+fp16 tensors go to ``foreach``: the kernels take fp16 (and are tested on it), but its conversions do not vectorise
+with the compilers at hand and the loop then runs slower than ``foreach``. The kernels are compiled for the build's
+baseline instruction set and, on x86-64, for AVX2 + F16C too (``fastasam._cpu.isa`` says which one runs). A launch
+spreads its chunks over PyTorch's intra-op threads (``torch.set_num_threads``); the squared norm and the dots are the
+same to the bit whatever the thread count (per-chunk partial sums added in a fixed order). Each launch is bound once
+to the C++ function and the tables' addresses (``functools.partial``), so a warm step pays one Python call per phase.
 
 Without the extension (a build that failed or was skipped, ``FASTASAM_BUILD_HOST=0``) the backend is unavailable and
 ``auto`` picks ``foreach`` for CPU tensors.
@@ -52,7 +54,7 @@ class _Launcher:
     and the storage dtype's code; then the restore mode (all but the norm and the dots) and the mode (``combine``;
     the fused updates' direction)."""
 
-    dtypes = fused_dtypes = frozenset(_DTYPE_CODE)
+    dtypes = fused_dtypes = frozenset(_DTYPE_CODE) - {torch.float16}  # fp16: see the module's docstring
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
