@@ -154,6 +154,7 @@ TORCH_LIBRARY(fastasam, m) {
   // The ops' fake (FakeTensor / meta) versions are registered from Python, by the module named here, which
   // `import fastasam` imports: torch requires the pair (and names this module when a fake is missing).
   m.set_python_module("fastasam.backends.cuda_backend");
+  // the schemas are the table's (fastasam/backends/_signatures.py; tests/test_signatures.py compares them)
   m.def("sqnorm(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor(b!) partials, Tensor(c!) counter, "
         "Tensor(d!) out, int count, int chunk_size, int dtype) -> ()");
   m.def("perturb(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor sqnorm, int count, int chunk_size, int dtype, "

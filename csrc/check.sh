@@ -14,6 +14,16 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
     exit 1
 fi
 NVCC_FLAGS=(-std=c++17 -O3 -fmad=false)
+# the kernels' entry points, from the table of every kernel's signature (needs python3 alone: the table imports nothing
+# but the table layout); csrc/ sits beside fastasam/ in a checkout and inside it where installed
+PYTHON="${PYTHON:-python3}"
+for sig in ../fastasam/backends/_signatures.py ../backends/_signatures.py; do
+    [ -f "$sig" ] && break
+done
+if ! ENTRIES="$("$PYTHON" "$sig" cuda-entries)" || [ -z "$ENTRIES" ]; then
+    echo "csrc/check.sh: could not read the kernels' entry points from $sig (fastasam/backends/_signatures.py)" >&2
+    exit 1
+fi
 # a contracted (fma) or contractible (add/sub/mul without a rounding mode) floating-point PTX instruction
 CONTRACTED='^\s*(@!?%p[0-9]+\s+)?(fma(\.[a-z0-9]+)*|(add|sub|mul)(\.ftz)?(\.sat)?)\.(f16|bf16|f32|f64|f16x2|bf16x2)\s'
 out="$(mktemp -d)"
@@ -31,8 +41,20 @@ for src in *.cu; do
             exit 1
         fi
         printf '  %s sm_%s no fma, every fp add/sub/mul rounded (.rn)\n' "$src" "$arch"
-        for k in sqnorm_kernel perturb_kernel restore_kernel restore_sgd_kernel restore_adam_kernel dots_kernel \
-                 combine_kernel_keep combine_kernel_look_full combine_kernel_look_one combine_kernel_gsam; do
+        ptx="$out/${src%.cu}.sm_$arch.ptx"
+        # every __global__ kernel is one of the table's (three instantiations each: fp32, fp16, bf16)
+        total=$(grep -cE '^\.(visible )?\.?entry' "$ptx" || true)
+        listed=0
+        for k in $ENTRIES; do
+            listed=$((listed + $(grep -E '^\.(visible )?\.?entry' "$ptx" | grep -c "${#k}${k}I" || true)))
+        done
+        if [ "$total" -ne "$listed" ]; then
+            echo "csrc/check.sh: $src sm_$arch: $total kernels in the PTX, $listed of them in the table of kernels" \
+                 "(fastasam/backends/_signatures.py: KERNELS); add the new kernel there" >&2
+            grep -E '^\.(visible )?\.?entry' "$ptx" >&2
+            exit 1
+        fi
+        for k in $ENTRIES; do
             # 16-byte loads in each kernel's three instantiations (fp32, fp16, bf16)
             n=$(awk -v k="$k" '/^\.visible \.entry|^\.entry/ {f = index($0, k "I") > 0} f && /ld\.global(\.cg|\.nc)?\.v4/ {c++}
                 END {print c + 0}' "$out/${src%.cu}.sm_$arch.ptx")
@@ -48,7 +70,6 @@ done
 
 # binding.cpp: a syntax check against the installed PyTorch's headers where they are (the CPU wheel ships c10/cuda but
 # not the header CMake generates for CUDA builds, which a stub stands in for here).
-PYTHON="${PYTHON:-python3}"
 if inc="$("$PYTHON" -c 'import sysconfig, torch.utils.cpp_extension as c
 print(" ".join(["-isystem" + p for p in c.include_paths()] + ["-isystem" + sysconfig.get_paths()["include"]]))' \
         2>/dev/null)"; then

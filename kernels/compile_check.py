@@ -22,32 +22,27 @@ import sys
 
 _DTYPES = ("fp32", "bf16")
 
-_UPDATE_ARGS = [("rows", "*i64"), ("chunks", "*i32"), ("hyper", "*fp32"), ("sums", "*fp64"), ("alpha", "*fp64")]
-# kernel name -> runtime arguments (name, Triton type) and the constexpr options besides DTYPE/ACC/CHUNK/BLOCK/ALIGNED
-_KERNELS = {
-    "sqnorm_kernel": (
-        [("rows", "*i64"), ("chunks", "*i32"), ("opts", "*fp32"), ("partials", "*fp32"), ("counter", "*i32"),
-         ("out", "*fp32"), ("n_programs", "i32")],
-        {},
-    ),
-    "perturb_kernel": ([("rows", "*i64"), ("chunks", "*i32"), ("opts", "*fp32"), ("sqnorm", "*fp32")], {"COPY": True}),
-    "restore_kernel": ([("rows", "*i64"), ("chunks", "*i32")], {"COPY": False}),
-    "restore_sgd_kernel": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 0}),
-    "restore_adam_kernel": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 0}),
-    # with GSAM's direction (fastasam/backends/_layout.py: COMBINE_GSAM)
-    "restore_sgd_kernel/gsam": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 3}),
-    "restore_adam_kernel/gsam": (_UPDATE_ARGS, {"COPY": True, "DIRECTION": 3}),
-    "dots_kernel": (
-        [("rows", "*i64"), ("chunks", "*i32"), ("partials", "*fp64"), ("counter", "*i32"), ("out", "*fp64"),
-         ("n_programs", "i32")],
-        {},
-    ),
-}
-# combine_kernel once per mode (fastasam/backends/_layout.py: COMBINE_*), listed as combine_kernel/<mode>
-for _mode, _code in (("keep", 0), ("look_full", 1), ("look_one", 2), ("gsam", 3)):
-    _KERNELS[f"combine_kernel/{_mode}"] = (
-        [("rows", "*i64"), ("chunks", "*i32"), ("sums", "*fp64"), ("alpha", "*fp64")], {"MODE": _code})
+# kernel variant name -> (kernel, its parameters, the values of its own compile-time options COPY / MODE / DIRECTION):
+# every kernel of the table (fastasam/backends/_signatures.py) once per mode it takes (``<kernel>/<mode>``; the
+# fused updates without a suffix for the gradient itself and ``/gsam`` for GSAM's direction); the restore mode is
+# ``copy`` but for ``restore_kernel`` (its subtracting path)
+_COPY = {"restore": False}
 
+
+def _variants() -> dict[str, tuple[str, tuple, dict]]:
+    from fastasam.backends._signatures import KERNELS, SIGNATURES
+
+    out = {}
+    for name, k in KERNELS.items():
+        own = {"copy": _COPY.get(name, True)} if k.copy else {}
+        for label, mode in k.modes or (("", None),):
+            key = f"{name}_kernel/{label}" if label else f"{name}_kernel"
+            out[key] = (f"{name}_kernel", SIGNATURES["triton"][name], own if mode is None else {**own, "mode": mode})
+    return out
+
+
+_KERNELS = _variants()
+_ARG_TYPES = {"*acc": "*fp32"}  # the accumulate dtype of fp32 and bf16 storage
 
 # a floating-point instruction the compiler contracted (fma), or one ptxas may still contract: add/sub/mul without a
 # rounding mode (PTX: "mul/add sequences with no rounding modifiers may be optimized to use fused-multiply-add")
@@ -94,13 +89,13 @@ def compile_all(archs: list[int], dtypes: list[str], chunk: int = 1 << 14, block
     for arch in archs:
         for dtype in dtypes:
             for name in kernels or list(_KERNELS):
-                args, extra = _KERNELS[name]
+                kernel, params, own = _KERNELS[name]
                 for variant in variants or list(VARIANTS):
-                    signature = dict(args)
-                    const = {"DTYPE": tl_dtype[dtype], "ACC": tl.float32, "CHUNK": chunk, "BLOCK": block,
-                             "ALIGNED": VARIANTS[variant], **extra}
-                    signature.update({k: "constexpr" for k in const})
-                    src = ASTSource(fn=getattr(K, name.split("/")[0]), signature=signature, constexprs=const)
+                    values = {"dtype": tl_dtype[dtype], "acc": tl.float32, "chunk_size": chunk, "block": block,
+                              "aligned": VARIANTS[variant], **own}
+                    signature = {p.name: _ARG_TYPES.get(p.type, p.type) for p in params}
+                    const = {p.name: values[p.value] for p in params if p.type == "constexpr"}
+                    src = ASTSource(fn=getattr(K, kernel), signature=signature, constexprs=const)
                     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
                     ptx = compiled.asm["ptx"]
                     rows.append({

@@ -9,6 +9,8 @@
 LookSAM / GSAM (``fastasam/_decompose.py``) use the same ``rows`` layout with column G = a parameter's gradient and
 column B = the variant's kept buffer (``g`` or LookSAM's ``g_v``); ``dots`` sums ``(G*G, G*B, B*B)`` into fp64[3] and
 ``combine`` (mode ``COMBINE_*``) rewrites one of the two columns from the other and those sums.
+
+Which of these tables each kernel takes, and in what order every implementation takes them: ``_signatures``.
 """
 
 # rows: columns

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from ._multi_tensor import MultiTensorBackend
+from ._signatures import SIGNATURES, arguments
 
 name = "cpu"
 traceable = False
@@ -63,18 +64,11 @@ class _Launcher:
              mode: int = 0) -> partial:
         if EXTENSION is None:
             raise RuntimeError(f"fastasam: {device_supported(torch.device('cpu'))}")
-        fn = getattr(EXTENSION, kernel)
-        code, ptrs, size = _DTYPE_CODE[dtype], [t.data_ptr() for t in tensors], self.chunk
-        if kernel == "sqnorm":  # (rows, chunks, opts, partials, counter, out): the partials are the kernel's own
-            launch = partial(fn, code, *ptrs[:3], count, size, ptrs[5])
-        elif kernel == "dots":  # (rows, chunks, partials, counter, out)
-            launch = partial(fn, code, *ptrs[:2], count, size, ptrs[4])
-        elif kernel == "combine":  # (rows, chunks, sums, alpha)
-            launch = partial(fn, code, *ptrs, count, size, mode)
-        elif kernel in ("restore_sgd", "restore_adam"):  # (rows, chunks, hyper, sums, alpha); mode: the direction
-            launch = partial(fn, code, *ptrs, count, size, copy, mode)
-        else:  # perturb (rows, chunks, opts, sqnorm); restore (rows, chunks)
-            launch = partial(fn, code, *ptrs, count, size, copy)
+        # the C++ function's arguments (_signatures: the C order, addresses, without the GPU reductions' scratch)
+        ptrs = tuple(t.data_ptr() for t in tensors)
+        launch = partial(getattr(EXTENSION, kernel), *arguments(SIGNATURES["cpu"][kernel], kernel, ptrs,
+                                                                 dtype=_DTYPE_CODE[dtype], count=count,
+                                                                 chunk_size=self.chunk, copy=copy, mode=mode))
         launch.tensors = tensors  # the addresses stay valid while the launch lives
         return launch
 

@@ -27,12 +27,13 @@ import torch
 from .. import _toolchain
 from . import _layout
 from ._multi_tensor import MultiTensorBackend
+from ._signatures import KERNELS, SIGNATURES, arguments
 
 name = "cuda"
 traceable = False
 CHUNK = 1 << 13  # 8192 elements per block: ResNet-50's 25.6M elements make ~3,200 blocks (~24 per H100 SM)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FA_FLOAT32, FA_FLOAT16, FA_BFLOAT16
-OPS = ("sqnorm", "perturb", "restore", "restore_sgd", "restore_adam", "dots", "combine")
+OPS = tuple(KERNELS)  # torch.ops.fastasam.<op>: one per kernel, schema SIGNATURES["schema"][op]
 
 JIT_NAME = "fastasam_cuda_jit"  # the module name in PyTorch's extensions cache
 EXTENSION = None  # the loaded extension module: fastasam._C, or the just-in-time build
@@ -221,9 +222,9 @@ def device_supported(device: torch.device) -> str | None:
 
 
 class _Launcher:
-    """Binds ``torch.ops.fastasam`` launches (``_multi_tensor.Launcher``). Every op takes its tensors, the number of
-    chunks to launch, the chunk size and the storage dtype's code; then the restore mode (all but the norm and the
-    sums) and the mode (``combine``; the fused updates' direction)."""
+    """Binds ``torch.ops.fastasam`` launches (``_multi_tensor.Launcher``): each op's resolved overload with its
+    arguments in the order of its schema (``_signatures``: the tensors, the number of chunks to launch, the chunk size
+    and the storage dtype's code; then the restore mode and the mode where the op takes them)."""
 
     dtypes = fused_dtypes = frozenset(_DTYPE_CODE)
     chunk = CHUNK
@@ -231,13 +232,8 @@ class _Launcher:
     def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool,
              copy: bool, mode: int = 0) -> partial:
         op = getattr(torch.ops.fastasam, kernel).default  # resolved once, not per call
-        if kernel in ("sqnorm", "dots"):
-            return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype])
-        if kernel == "combine":
-            return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], mode)
-        if kernel in ("restore_sgd", "restore_adam"):  # mode: the update's direction
-            return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], copy, mode)
-        return partial(op, *tensors, count, CHUNK, _DTYPE_CODE[dtype], copy)
+        return partial(op, *arguments(SIGNATURES["schema"][kernel], kernel, tensors, count=count, chunk_size=CHUNK,
+                                      dtype=_DTYPE_CODE[dtype], copy=copy, mode=mode))
 
 
 _BACKEND = MultiTensorBackend(name, _Launcher())

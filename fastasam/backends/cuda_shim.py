@@ -30,6 +30,7 @@ import torch
 
 from .._toolchain import sources_dir
 from ._multi_tensor import MultiTensorBackend
+from ._signatures import SIGNATURES, arguments
 from .cuda_backend import _DTYPE_CODE  # the kernels' storage dtype codes (multi_tensor.h)
 
 name = "cuda_shim"
@@ -101,14 +102,10 @@ class ShimLibrary:
         self.path = path
         lib = self.lib = ctypes.CDLL(str(path))
         p, i, i64, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64
-        sigs = {
-            "fa_sqnorm": [i, p, p, p, i, i64, p, p, p, p],
-            "fa_perturb": [i, p, p, p, p, i, i64, i, p],
-            "fa_restore": [i, p, p, i, i64, i, p],
-            "fa_restore_sgd": [i, p, p, p, p, p, i, i64, i, i, p],
-            "fa_restore_adam": [i, p, p, p, p, p, i, i64, i, i, p],
-            "fa_dots": [i, p, p, i, i64, p, p, p, p],
-            "fa_combine": [i, p, p, p, p, i, i64, i, p],
+        ctype = {"int": i, "int64_t": i64, "cudaStream_t": p}  # and every pointer: p
+        sigs = {f"fa_{k}": [p if a.type.endswith("*") else ctype[a.type] for a in params]
+                for k, params in SIGNATURES["c"].items()}
+        sigs.update({
             "fa_shim_configure": [u64, i, i],
             "fa_shim_set_ranges": [p, i64],
             "fa_shim_ranges_from_rows": [p, i64, i64],
@@ -119,12 +116,11 @@ class ShimLibrary:
             "fa_shim_float_to_half": [ctypes.c_float],
             "fa_shim_half_to_float": [ctypes.c_uint16],
             "fa_shim_float_to_bf16": [ctypes.c_float],
-        }
+        })
         for fn, args in sigs.items():
             getattr(lib, fn).argtypes = args
-        for fn in ("fa_sqnorm", "fa_perturb", "fa_restore", "fa_restore_sgd", "fa_restore_adam", "fa_dots",
-                   "fa_combine"):
-            getattr(lib, fn).restype = i
+        for k in SIGNATURES["c"]:
+            getattr(lib, f"fa_{k}").restype = i
         lib.fa_shim_configure.restype = lib.fa_shim_set_ranges.restype = None
         lib.fa_shim_ranges_from_rows.restype = None
         lib.fa_shim_message.restype = lib.fa_shim_cuda_get_error_string.restype = ctypes.c_char_p
@@ -213,17 +209,9 @@ class _Launcher:
         shim = _LIB
         if shim is None:
             raise RuntimeError(device_supported(torch.device("cpu")))
-        code, ptrs = _DTYPE_CODE[dtype], [t.data_ptr() for t in tensors]
-        if kernel == "sqnorm":  # (rows, chunks, opts, partials, counter, out)
-            args = (code, *ptrs[:3], count, CHUNK, *ptrs[3:], None)
-        elif kernel == "dots":  # (rows, chunks, partials, counter, out)
-            args = (code, *ptrs[:2], count, CHUNK, *ptrs[2:], None)
-        elif kernel == "combine":  # (rows, chunks, sums, alpha)
-            args = (code, *ptrs, count, CHUNK, mode, None)
-        elif kernel in ("restore_sgd", "restore_adam"):  # (rows, chunks, hyper, sums, alpha); mode: the direction
-            args = (code, *ptrs, count, CHUNK, int(copy), mode, None)
-        else:  # perturb: (rows, chunks, opts, sqnorm); restore: (rows, chunks)
-            args = (code, *ptrs, count, CHUNK, int(copy), None)
+        ptrs = tuple(t.data_ptr() for t in tensors)
+        args = arguments(SIGNATURES["c"][kernel], kernel, ptrs, dtype=_DTYPE_CODE[dtype], count=count,
+                         chunk_size=CHUNK, copy=int(copy), mode=mode, stream=None)  # multi_tensor.h's order
         rows, n_rows, elsize = ptrs[0], tensors[0].shape[0], dtype.itemsize
         ranges, launch = shim.lib.fa_shim_ranges_from_rows, shim.launch
 

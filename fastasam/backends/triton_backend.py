@@ -28,6 +28,7 @@ import triton.language as tl  # optional dependency: if missing, the registry re
 from .._plan import accumulate_dtype
 from ..kernels import multi_tensor as K
 from ._multi_tensor import MultiTensorBackend
+from ._signatures import KERNELS, SIGNATURES, arguments
 
 name = "triton"
 traceable = False
@@ -40,9 +41,8 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 CHUNK = 1 << 12 if INTERPRET else 1 << 14
 BLOCK = 1 << 9 if INTERPRET else 1 << 10
 NUM_WARPS = 4
-_KERNELS = {"sqnorm": K.sqnorm_kernel, "perturb": K.perturb_kernel, "restore": K.restore_kernel,
-            "restore_sgd": K.restore_sgd_kernel, "restore_adam": K.restore_adam_kernel, "dots": K.dots_kernel,
-            "combine": K.combine_kernel}
+_KERNELS = {name: getattr(K, f"{name}_kernel") for name in KERNELS}
+_SIGNATURES = SIGNATURES["triton"]  # each kernel's parameters, compile-time options included (_signatures)
 
 
 def device_supported(device: torch.device) -> str | None:
@@ -100,15 +100,9 @@ class _Launcher:
 
     def bind(self, kernel: str, count: int, tensors: tuple, dtype: torch.dtype, aligned: bool,
              copy: bool, mode: int = 0) -> TritonLaunch:
-        meta = (_TL_DTYPE[dtype], _TL_DTYPE[accumulate_dtype(dtype)], CHUNK, BLOCK, aligned)
-        if kernel in ("sqnorm", "dots"):
-            args = (*tensors, count, *meta)
-        elif kernel == "combine":
-            args = (*tensors, *meta, mode)
-        elif kernel in ("restore_sgd", "restore_adam"):  # mode: the update's direction
-            args = (*tensors, *meta, copy, mode)
-        else:
-            args = (*tensors, *meta, copy)
+        args = arguments(_SIGNATURES[kernel], kernel, tensors, count=count, dtype=_TL_DTYPE[dtype],
+                         acc=_TL_DTYPE[accumulate_dtype(dtype)], chunk_size=CHUNK, block=BLOCK, aligned=aligned,
+                         copy=copy, mode=mode)
         return TritonLaunch(_KERNELS[kernel], count, args, tensors[0].device)
 
 

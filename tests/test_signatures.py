@@ -1,0 +1,352 @@
+"""One table of every multi-tensor kernel's arguments (``fastasam/backends/_signatures.py``) against every source that
+spells a signature: the C header and the CUDA definitions, the op schemas and the C++ functions behind them (and
+their calls into the C interface), the CPU module's functions and their Python names, the Triton kernels, the ops'
+fakes, and the launches each backend binds. Each check is a function of the source text, run on the file and on the
+file with a planted mismatch (two arguments swapped), which it must report."""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastasam.backends import _signatures as S
+from fastasam.backends import cpu_backend, cuda_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+
+def _read(name: str) -> str:
+    return (CSRC / name).read_text()
+
+
+def _no_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def _params(text: str) -> list[tuple[str, str]]:
+    """``"const int64_t* rows, int count"`` -> ``[("rows", "const int64_t*"), ("count", "int")]``."""
+    out = []
+    for part in " ".join(text.split()).split(","):
+        m = re.fullmatch(r"\s*(.*?)\s*(\w+)\s*", part)
+        out.append((m.group(2), m.group(1).replace(" *", "*").replace(" &", "&")))
+    return out
+
+
+def _c_type(t: str) -> str:
+    """C spellings of one type: ``int`` is the kernels' ``int32_t``."""
+    return re.sub(r"\bint\*", "int32_t*", t)
+
+
+def _expected(backend: str, kernel: str) -> list[tuple[str, str]]:
+    return [(p.name, p.type) for p in S.SIGNATURES[backend][kernel]]
+
+
+def _compare(what: str, kernel: str, found: list[tuple[str, str]], expected: list[tuple[str, str]]) -> list[str]:
+    return [] if found == expected else [f"{what} {kernel}: {found} != the table's {expected}"]
+
+
+# --- the C interface: multi_tensor.h declares, multi_tensor.cu defines ----------------------------------------------
+
+
+def c_problems(text: str, definitions: bool) -> list[str]:
+    """The ``fa_<kernel>`` functions of the header (``definitions``: of the .cu source) against the table's C order and
+    types; every kernel of the table is there, and no other."""
+    end = r"\)\s*\{" if definitions else r"\);"
+    found = {k: _params(args) for k, args in re.findall(r"\bint fa_(\w+)\(([^)]*)" + end, _no_comments(text))}
+    problems = [] if set(found) == set(S.KERNELS) else [f"fa_* functions {sorted(found)} != {sorted(S.KERNELS)}"]
+    for k in S.KERNELS.keys() & found.keys():
+        problems += _compare("fa_", k, [(n, _c_type(t)) for n, t in found[k]], _expected("c", k))
+    return problems
+
+
+def test_the_c_header_declares_each_kernel_as_the_table_orders_it():
+    assert c_problems(_read("multi_tensor.h"), definitions=False) == []
+
+
+def test_the_cuda_source_defines_each_kernel_as_the_table_orders_it():
+    assert c_problems(_read("multi_tensor.cu"), definitions=True) == []
+
+
+# --- binding.cpp: the op schemas, the C++ ops, their calls into the C interface -------------------------------------
+
+
+def _schemas(text: str) -> dict[str, str]:
+    """``m.def("...")`` texts of the TORCH_LIBRARY block (adjacent string literals joined)."""
+    out = {}
+    for literals in re.findall(r'm\.def\(((?:\s*"[^"]*")+)\s*\)', text):
+        schema = "".join(re.findall(r'"([^"]*)"', literals))
+        out[schema.split("(", 1)[0]] = schema
+    return out
+
+
+def _call_args(text: str, start: int) -> list[str]:
+    """The top-level arguments of the call whose ``(`` is at ``start``."""
+    depth, args, cur = 0, [], ""
+    for ch in text[start:]:
+        if ch in "(<" and not (ch == "<" and depth == 0):
+            depth += 1
+            if depth == 1:
+                continue
+        elif ch in ")>" and not (ch == ">" and depth == 0):
+            depth -= 1
+            if depth == 0:
+                args.append(cur)
+                return [" ".join(a.split()) for a in args]
+        elif ch == "," and depth == 1:
+            args.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    raise ValueError("unbalanced call")
+
+
+def _value_of(arg: str) -> str:
+    """The launch value a C++ call argument passes: ``static_cast<int>(count)`` -> count, ``rows.data_ptr<T>()`` ->
+    rows, ``stream_of(rows)`` -> stream."""
+    arg = re.sub(r"^static_cast<[\w:]+>\((.*)\)$", r"\1", arg.strip())
+    return "stream" if arg.startswith("stream_of(") else re.match(r"\w+", arg).group(0)
+
+
+def binding_problems(text: str) -> list[str]:
+    """binding.cpp: each schema equals the table's; each op's C++ function takes the schema's arguments in its order
+    (a written tensor by non-const reference, a read one by const reference); each call into the C interface passes
+    the C order (the fused updates: through ``UpdateLauncher``, whose type is the C signature's)."""
+    code = _no_comments(text)
+    schemas = _schemas(code)
+    problems = [] if set(schemas) == set(S.KERNELS) else [f"schemas {sorted(schemas)} != {sorted(S.KERNELS)}"]
+    cpp_type = {"Tensor": "const at::Tensor&", "int": "int64_t", "bool": "bool"}
+    for k in S.KERNELS:
+        if schemas.get(k) != S.schema_text(k):
+            problems.append(f"schema {schemas.get(k)!r} != the table's {S.schema_text(k)!r}")
+        m = re.search(rf"\bvoid {k}\(([^)]*)\)\s*\{{", code)
+        want = [(p.name, "at::Tensor&" if p.type.endswith("!)") else cpp_type[p.type])
+                for p in S.SIGNATURES["schema"][k]]
+        problems += _compare("C++ op", k, _params(m.group(1)) if m else [], want)
+        call = re.search(rf"\bfa_{k}\(", code) or re.search(r"\blaunch\(", code)
+        passed = [_value_of(a) for a in _call_args(code, call.end() - 1)] if call else []
+        problems += _compare("the call of fa_", k, [(v, "") for v in passed],
+                             [(p.value, "") for p in S.SIGNATURES["c"][k]])
+    m = re.search(r"using UpdateLauncher = int \(\*\)\(([^)]*)\);", code)
+    types = [" ".join(t.split()).replace(" *", "*") for t in m.group(1).split(",")] if m else []
+    for k in ("restore_sgd", "restore_adam"):
+        problems += _compare("UpdateLauncher's types for", k, [(_c_type(t), "") for t in types],
+                             [(t, "") for _, t in _expected("c", k)])
+    return problems
+
+
+def test_the_op_schemas_and_the_cpp_ops_follow_the_table():
+    assert binding_problems(_read("binding.cpp")) == []
+
+
+# --- the cpu backend's module: cpu_loops.h's functions, cpu_kernels.cpp's Python names -----------------------------
+
+
+def cpu_problems(kernels_cpp: str, loops_h: str) -> list[str]:
+    problems = []
+    args = {k: re.findall(r'py::arg\("(\w+)"\)', a)
+            for k, a in re.findall(r'm\.def\("(\w+)", k\.\w+((?:,\s*py::arg\("\w+"\))*)\)', kernels_cpp)}
+    if set(args) != set(S.KERNELS):
+        problems.append(f"cpu_kernels.cpp defines {sorted(args)}, the table {sorted(S.KERNELS)}")
+    loops = {k: _params(a) for k, a in re.findall(r"\bvoid (\w+)\(([^)]*)\)\s*\{", _no_comments(loops_h))}
+    for k in S.KERNELS:
+        problems += _compare("py::arg of", k, [(n, "") for n in args.get(k, [])],
+                             [(n, "") for n, _ in _expected("cpu", k)])
+        problems += _compare("cpu_loops.h", k, loops.get(k, []), _expected("cpu", k))
+    return problems
+
+
+def test_the_cpu_module_follows_the_table():
+    assert cpu_problems(_read("cpu_kernels.cpp"), _read("cpu_loops.h")) == []
+
+
+# --- planted mismatches: each check above reports them -------------------------------------------------------------
+
+# (file, text, planted text): whitespace in the text matches any whitespace (line breaks)
+PLANTS = {
+    "header: sums and alpha": ("multi_tensor.h", "fa_combine(int dtype, const int64_t* rows, const int32_t* chunks, "
+                               "const double* sums, const double* alpha", "fa_combine(int dtype, const int64_t* rows, "
+                               "const int32_t* chunks, const double* alpha, const double* sums"),
+    "header: count's type": ("multi_tensor.h", "fa_restore(int dtype, const int64_t* rows, const int32_t* chunks, "
+                             "int count", "fa_restore(int dtype, const int64_t* rows, const int32_t* chunks, "
+                             "int64_t count"),
+    "cu: partials and out": ("multi_tensor.cu", "double* partials, int* counter, double* out, cudaStream_t stream) {",
+                             "double* out, int* counter, double* partials, cudaStream_t stream) {"),
+    "schema: sums and alpha": ("binding.cpp", "combine(Tensor(a!) rows, Tensor chunks, Tensor sums, Tensor alpha",
+                               "combine(Tensor(a!) rows, Tensor chunks, Tensor alpha, Tensor sums"),
+    "schema: a written tensor unmarked": ("binding.cpp", '"Tensor(d!) out, int count, int chunk_size, int dtype',
+                                          '"Tensor out, int count, int chunk_size, int dtype'),
+    "C++ op: count and chunk_size": ("binding.cpp", "at::Tensor& out, int64_t count, int64_t chunk_size, "
+                                     "int64_t dtype) { check_tables(rows, chunks, count, chunk_size, dtype); "
+                                     'check(partials, "partials", at::kDouble',
+                                     "at::Tensor& out, int64_t chunk_size, int64_t count, "
+                                     "int64_t dtype) { check_tables(rows, chunks, count, chunk_size, dtype); "
+                                     'check(partials, "partials", at::kDouble'),
+    "call: partials and out": ("binding.cpp", "chunk_size, partials.data_ptr<double>(), counter.data_ptr<int32_t>(), "
+                               "out.data_ptr<double>()", "chunk_size, out.data_ptr<double>(), "
+                               "counter.data_ptr<int32_t>(), partials.data_ptr<double>()"),
+    "UpdateLauncher: copy's type": ("binding.cpp", "int64_t, int, int, cudaStream_t",
+                                    "int64_t, bool, int, cudaStream_t"),
+    "py::arg: count and chunk_size": ("cpu_kernels.cpp", 'py::arg("alpha"), py::arg("count"), py::arg("chunk_size"), '
+                                      'py::arg("mode")', 'py::arg("alpha"), py::arg("chunk_size"), '
+                                      'py::arg("count"), py::arg("mode")'),
+    "cpu_loops.h: sums and alpha": ("cpu_loops.h", "void combine(int dtype, int64_t rows, int64_t chunks, "
+                                    "int64_t sums, int64_t alpha", "void combine(int dtype, int64_t rows, "
+                                    "int64_t chunks, int64_t alpha, int64_t sums"),
+}
+
+
+def _problems_with(files: dict[str, str]) -> list[str]:
+    return (c_problems(files["multi_tensor.h"], False) + c_problems(files["multi_tensor.cu"], True)
+            + binding_problems(files["binding.cpp"]) + cpu_problems(files["cpu_kernels.cpp"], files["cpu_loops.h"]))
+
+
+@pytest.mark.parametrize("plant", list(PLANTS))
+def test_a_planted_mismatch_is_reported(plant):
+    files = {f: _read(f) for f in ("multi_tensor.h", "multi_tensor.cu", "binding.cpp", "cpu_kernels.cpp",
+                                   "cpu_loops.h")}
+    assert _problems_with(files) == []
+    name, old, new = PLANTS[plant]
+    pattern = r"\s+".join(re.escape(word) for word in old.split())  # whatever the line breaks
+    files[name], n = re.subn(pattern, lambda _: new, files[name])
+    assert n == 1, f"the plant {plant!r} no longer matches csrc/{name}; update it"
+    assert _problems_with(files), plant
+
+
+# --- Python: the Triton kernels, the ops' fakes, the bound launches ------------------------------------------------
+
+
+def test_the_triton_kernels_follow_the_table():
+    triton = pytest.importorskip("triton")
+    del triton
+    from fastasam.kernels import multi_tensor as K
+
+    for k, params in S.SIGNATURES["triton"].items():
+        fn = getattr(K, f"{k}_kernel")
+        sig = inspect.signature(getattr(fn, "fn", fn))
+        found = [(n, "constexpr" if "constexpr" in str(p.annotation) else "") for n, p in sig.parameters.items()]
+        assert found == [(p.name, "constexpr" if p.type == "constexpr" else "") for p in params], k
+
+
+def test_the_fakes_take_the_schemas_arguments():
+    for k in S.KERNELS:
+        names = list(inspect.signature(cuda_backend.FAKES[k]).parameters)
+        assert names == [p.name for p in S.SIGNATURES["schema"][k]], k
+
+
+@pytest.mark.skipif(cuda_backend.EXTENSION is None, reason="the ops exist where fastasam._C is built")
+def test_the_registered_ops_have_the_tables_schemas():
+    for k in S.KERNELS:
+        assert str(getattr(torch.ops.fastasam, k).default._schema) == f"fastasam::{S.schema_text(k)}", k
+
+
+def _values(kernel: str, tensors: tuple) -> dict[str, object]:
+    return dict(zip(S.KERNELS[kernel].tensor_names, tensors, strict=True))
+
+
+def _launch_tensors(kernel: str) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(2) for _ in S.KERNELS[kernel].tensors)  # distinct storages: distinct addresses
+
+
+def test_the_cuda_launches_pass_each_value_to_its_parameter(monkeypatch):
+    """Each op is bound with its tensors, count, chunk size, dtype code, restore mode and mode where the op's
+    (fake's, i.e. the schema's) parameters of those names take them."""
+    fns = {k: (lambda *args: None) for k in S.KERNELS}
+    ops = type("Ops", (), {k: type("Op", (), {"default": staticmethod(fn)}) for k, fn in fns.items()})
+    monkeypatch.setattr(torch.ops, "fastasam", ops, raising=False)
+    for k in S.KERNELS:
+        tensors = _launch_tensors(k)
+        launch = cuda_backend._Launcher().bind(k, 7, tensors, torch.bfloat16, True, True, mode=3)
+        assert launch.func is fns[k]
+        bound = inspect.signature(cuda_backend.FAKES[k]).bind(*launch.args).arguments
+        want = {**_values(k, tensors), "count": 7, "chunk_size": cuda_backend.CHUNK,
+                "dtype": cuda_backend._DTYPE_CODE[torch.bfloat16], "copy": True, "mode": 3}
+        assert all(bound[n] is want[n] or bound[n] == want[n] for n in bound), k
+
+
+def _pybind_names(fn) -> list[str]:
+    return re.findall(r"(\w+): ", fn.__doc__.splitlines()[0])
+
+
+@pytest.mark.skipif(cpu_backend.EXTENSION is None, reason="fastasam._cpu is not built")
+def test_the_cpu_launches_pass_each_value_to_its_parameter():
+    """Against the compiled module's own parameter names (pybind's signature line)."""
+    launcher = cpu_backend._Launcher(64)
+    for k in S.KERNELS:
+        tensors = _launch_tensors(k)
+        launch = launcher.bind(k, 5, tensors, torch.float32, True, False, mode=2)
+        names = _pybind_names(launch.func)
+        want = {**{n: t.data_ptr() for n, t in _values(k, tensors).items()}, "count": 5, "chunk_size": 64,
+                "dtype": cpu_backend._DTYPE_CODE[torch.float32], "copy": False, "mode": 2}
+        assert names == [p.name for p in S.SIGNATURES["cpu"][k]], k
+        assert dict(zip(names, launch.args, strict=True)) == {n: want[n] for n in names}, k
+
+
+def test_the_shim_launches_pass_each_value_to_its_parameter(monkeypatch):
+    """The ``cuda_shim`` launches call ``fa_<kernel>`` with the header's parameters in the header's order, and the
+    library's ctypes argument types are the header's."""
+    from fastasam.backends import cuda_shim
+
+    header = {k: _params(a) for k, a in re.findall(r"\bint fa_(\w+)\(([^)]*)\);", _read("multi_tensor.h"))}
+    calls = []
+    fake = type("Shim", (), {"lib": type("Lib", (), {"fa_shim_ranges_from_rows": staticmethod(lambda *a: None)}),
+                             "launch": staticmethod(lambda kernel, *args: calls.append((kernel, args)))})
+    monkeypatch.setattr(cuda_shim, "_LIB", fake)
+    for k in S.KERNELS:
+        tensors = _launch_tensors(k)
+        cuda_shim._Launcher().bind(k, 3, tensors, torch.float16, True, True, mode=1)()
+        kernel, args = calls.pop()
+        want = {**{n: t.data_ptr() for n, t in _values(k, tensors).items()}, "count": 3,
+                "chunk_size": cuda_shim.CHUNK, "dtype": cuda_shim._DTYPE_CODE[torch.float16], "copy": 1, "mode": 1,
+                "stream": None}
+        assert kernel == k and dict(zip([n for n, _ in header[k]], args, strict=True)) == {n: want[n] for n, _ in
+                                                                                            header[k]}, k
+
+
+def test_the_shim_librarys_ctypes_are_the_headers(monkeypatch):
+    from fastasam.backends import cuda_shim
+
+    seen = {}
+
+    class Fn:
+        def __setattr__(self, name, value):
+            seen.setdefault(self.name, {})[name] = value
+
+    class Lib:
+        def __getattr__(self, name):
+            fn = Fn()
+            object.__setattr__(fn, "name", name)
+            return fn
+
+    monkeypatch.setattr(cuda_shim.ctypes, "CDLL", lambda path: Lib())
+    monkeypatch.setattr(cuda_shim.ShimLibrary, "configure", lambda self, *a, **k: None)
+    cuda_shim.ShimLibrary(Path("unused.so"))
+    ctype = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "cudaStream_t": ctypes.c_void_p}
+    for k, params in re.findall(r"\bint fa_(\w+)\(([^)]*)\);", _read("multi_tensor.h")):
+        want = [ctypes.c_void_p if t.endswith("*") else ctype[t] for _, t in _params(params)]
+        assert seen[f"fa_{k}"] == {"argtypes": want, "restype": ctypes.c_int}, k
+
+
+def test_triton_launches_pass_each_value_to_its_parameter():
+    pytest.importorskip("triton")
+    from fastasam.backends import triton_backend as T
+
+    for k in S.KERNELS:
+        tensors = _launch_tensors(k)
+        launch = T._Launcher().bind(k, 4, tensors, torch.bfloat16, False, True, mode=3)
+        fn = getattr(launch.kernel, "fn", launch.kernel)
+        bound = inspect.signature(fn).bind(*launch.args).arguments
+        want = {**_values(k, tensors), "n_programs": 4, "DTYPE": T._TL_DTYPE[torch.bfloat16],
+                "ACC": T._TL_DTYPE[torch.float32], "CHUNK": T.CHUNK, "BLOCK": T.BLOCK, "ALIGNED": False, "COPY": True,
+                "MODE": 3, "DIRECTION": 3}
+        assert launch.grid == 4 and all(bound[n] is want[n] or bound[n] == want[n] for n in bound), k
+
+
+def test_arguments_refuses_a_wrong_number_of_tensors():
+    with pytest.raises(TypeError, match=r"fastasam: the perturb kernel takes 4 tensors \(rows, chunks, opts, sqnorm\)"):
+        S.arguments(S.SIGNATURES["schema"]["perturb"], "perturb", (1, 2, 3), count=1, chunk_size=8, dtype=0, copy=1)
