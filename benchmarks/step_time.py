@@ -5,14 +5,18 @@ SGD (momentum 0.9, weight decay 5e-4), against the per-tensor ``reference`` loop
     python -m benchmarks.step_time --device cpu --steps 10 --param-sets resnet50 vit_b16
     python -m benchmarks.step_time --variants asam-reference asam-foreach sgd
 
-Variants: every fastasam backend available on the device, ``auto``, the same step written in foreach ops under
-``torch.compile``, NVIDIA apex where installed, and plain ``torch.optim.SGD`` for scale. The variants are timed
-interleaved, one step each per round (``benchmarks.timing``: a shared machine's load changes by 10x within a run), and
-the speed-ups are the median of the per-round ratios. Prints a table (median ms, spread, speed-up over reference,
-achieved GB/s, % of peak bandwidth where the device's peak is known, peak memory from a separate step per variant),
-a warning for every variant whose times spread more than ``timing.SPREAD_LIMIT``, and writes JSON (with every step's
-time), markdown and a PNG plot to benchmarks/results/. Times on CUDA come from CUDA events; on the CPU from
-perf_counter. The memory floor counts ~11 passes over the parameter bytes for ASAM + SGD-momentum.
+Variants: every fastasam backend available on the device and ``auto`` (ASAM; ``sam-auto``: SAM), the published loops
+users would otherwise run (``benchmarks/baselines.py``: the official asam.py ASAM, the community sam.py SAM,
+``pytorch_optimizer``'s SAM/ASAM where installed), the same ASAM step written in foreach ops under ``torch.compile``,
+NVIDIA apex where installed, plain ``torch.optim.SGD`` for scale, and a parameter-sized copy that measures the memory
+bandwidth of the run. The variants are timed interleaved, one step each per round (``benchmarks.timing``: a shared
+machine's load changes by 10x within a run), and the speed-ups are the median of the per-round ratios. Every row gets
+achieved GB/s (the least bytes its algorithm must move, ``PASSES``, over its median) and its multiple of the memory
+floor (those bytes at the copy's bandwidth in the same run); % of peak where the device's peak is known. Prints a
+table (also median ms, spread, speed-up over reference, peak memory from a separate step per variant) and fastasam's
+paired speed-ups over the published loops, a warning for every variant whose times spread more than
+``timing.SPREAD_LIMIT``, and writes JSON (with every step's time), markdown and a PNG plot to benchmarks/results/.
+Times on CUDA come from CUDA events; on the CPU from perf_counter.
 """
 
 from __future__ import annotations
@@ -34,12 +38,25 @@ from fastasam import _watch
 from fastasam.backends import resolve as resolve_backend
 
 RESULTS = Path(__file__).parent / "results"
-PASSES_ASAM_SGD = 11  # read w,g (norm); read w,g write w,buf (perturb); read buf write w (restore); SGD r/w w,g,m
+# the least memory traffic of one step, in parameter-sized passes (each read or write of a parameter-sized tensor)
+PASSES = {
+    "asam": 11,  # norm: read w, g; perturb: read w, g, write w and the saved copy; restore + SGD-momentum update:
+                 # read the saved w, g', momentum, write w, momentum
+    "sam": 10,   # the same, but the norm reads g alone
+    "sgd": 5,    # SGD momentum: read w, g, momentum, write w, momentum
+    "copy": 2,   # the bandwidth probe: read one tensor, write another
+}
+PASSES_ASAM_SGD = PASSES["asam"]
 
 
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 # peak DRAM bandwidth in GB/s by device name; % of peak is reported where the device is known
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
+# fastasam's row and the published rows it is compared with (``comparisons``: the paired speed-up of the first over
+# each of the others measured in the run)
+COMPARE = {"asam-auto": ("asam-official", "asam-pytorch_optimizer", "asam-compile-foreach"),
+           "sam-auto": ("sam-sam.py", "sam-pytorch_optimizer")}
+PUBLISHED = ("asam-official", "asam-pytorch_optimizer", "sam-sam.py", "sam-pytorch_optimizer")
 
 
 def peak_gbps(device: torch.device) -> float | None:
@@ -50,63 +67,102 @@ def peak_gbps(device: torch.device) -> float | None:
 
 
 def default_variants(device: torch.device) -> list[str]:
-    """Every fastasam backend that works on ``device``, ``auto``, the compiled-foreach and apex baselines where they
-    run, and plain SGD for scale."""
-    names = [f"asam-{b}" for b in fastasam.available_backends(device)] + ["asam-auto", "asam-compile-foreach"]
+    """Every fastasam backend that works on ``device``, ``auto``, the published loops (official asam.py, the
+    community sam.py, pytorch_optimizer's SAM where installed), the compiled-foreach and apex baselines where they
+    run, fastasam's SAM, plain SGD for scale and the copy that measures the memory floor."""
+    names = [f"asam-{b}" for b in fastasam.available_backends(device)] + ["asam-auto", "asam-official",
+                                                                            "asam-pytorch_optimizer",
+                                                                            "asam-compile-foreach"]
     if device.type == "cuda" and baselines.apex_unavailable_reason() is None:
         names.append("asam-apex")
-    return [*names, "sgd"]
+    return [*names, "sam-auto", "sam-sam.py", "sam-pytorch_optimizer", "sgd", "copy"]
+
+
+def kind_of(variant: str) -> str:
+    """Which algorithm's memory floor a row is measured against: asam, sam, sgd or copy."""
+    return variant.split("-", 1)[0]
 
 
 def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, warmup: int,
         variants: list[str]) -> dict:
     shapes = PARAM_SETS[param_set]()
-    named = make_params(shapes, device=device, dtype=dtype)
-    params = [p for _, p in named]
-    adaptive = [p for n, p in named if "weight" in n]
-    plain = [p for n, p in named if "weight" not in n]
-    grads = [p.grad.clone() for p in params]
+    # the official loop scales p.grad in place (a second backward would overwrite it); over the fixed gradients of
+    # these rounds that scaling compounds towards subnormal numbers, whose arithmetic is slow on some CPUs: flush them
+    # to zero so that no row's time depends on how many rounds ran before it
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     param_bytes = numel(shapes) * elem_bytes
+    sgd_kw = {k: HPARAMS[k] for k in ("lr", "momentum", "weight_decay")}
 
-    def with_grads(step: Callable[[], None]) -> Callable[[], None]:
+    def fresh() -> tuple[list, list, list, list]:
+        """Parameters of the set with fixed gradients, of the variant's own (state and plans stay independent)."""
+        named = make_params(shapes, device=device, dtype=dtype)
+        params = [p for _, p in named]
+        return named, params, [p for n, p in named if "weight" in n], [p for n, p in named if "weight" not in n]
+
+    def with_grads(params: list, step: Callable[[], None]) -> Callable[[], None]:
+        grads = [p.grad.clone() for p in params]
+
         def wrapped() -> None:
             for p, g in zip(params, grads):
                 p.grad = g  # both passes see the same gradients: the work is what is measured
             step()
         return wrapped
 
-    def asam(backend: str) -> Callable[[], None]:
-        groups = [{"params": adaptive, "adaptive": True}, {"params": plain, "adaptive": False}]
-        opt = fastasam.ASAM(groups, torch.optim.SGD, backend=backend, **HPARAMS)
+    def fastasam_step(variant: str) -> Callable[[], None]:
+        named, params, adaptive, plain = fresh()
+        kind, backend = variant.split("-", 1)
+        if kind == "sam":
+            opt = fastasam.SAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"], **sgd_kw)
+        else:
+            groups = [{"params": adaptive, "adaptive": True}, {"params": plain, "adaptive": False}]
+            opt = fastasam.ASAM(groups, torch.optim.SGD, backend=backend, **HPARAMS)
 
         def step() -> None:
             opt.first_step()
             opt.second_step()
-        return with_grads(step)
+        return with_grads(params, step)
 
     def make(variant: str) -> Callable[[], None]:
+        if variant == "copy":  # the bandwidth probe: one parameter-sized copy
+            src = torch.ones(numel(shapes), dtype=dtype, device=device)
+            dst = torch.empty_like(src)
+            return lambda: dst.copy_(src)
+        named, params, adaptive, plain = fresh()
         if variant == "sgd":
-            opt = torch.optim.SGD(params, lr=HPARAMS["lr"], momentum=HPARAMS["momentum"],
-                                  weight_decay=HPARAMS["weight_decay"])
-            return with_grads(opt.step)
+            return with_grads(params, torch.optim.SGD(params, **sgd_kw).step)
+        if variant == "asam-official":
+            loop = baselines.OfficialASAM(torch.optim.SGD(params, **sgd_kw), named, HPARAMS["rho"], HPARAMS["eta"])
+            return with_grads(params, loop.step)
+        if variant == "sam-sam.py":
+            return with_grads(params, baselines.CommunitySAM(params, torch.optim.SGD(params, **sgd_kw),
+                                                             HPARAMS["rho"], adaptive=False).step)
+        if variant in ("asam-pytorch_optimizer", "sam-pytorch_optimizer"):
+            return with_grads(params, baselines.pytorch_optimizer_sam(
+                params, rho=HPARAMS["rho"], adaptive=variant.startswith("asam"), **sgd_kw))
         if variant == "asam-compile-foreach":
-            return with_grads(baselines.compiled_foreach(adaptive, plain, **HPARAMS))
+            return with_grads(params, baselines.compiled_foreach(adaptive, plain, **HPARAMS))
         if variant == "asam-apex":
-            return with_grads(baselines.apex_asam(adaptive, plain, **HPARAMS))
-        return asam(variant.removeprefix("asam-"))
+            return with_grads(params, baselines.apex_asam(adaptive, plain, **HPARAMS))
+        return fastasam_step(variant)
 
     def why_not(variant: str) -> str | None:
         if variant == "asam-apex":
             return baselines.apex_unavailable_reason() or (None if device.type == "cuda" else "apex needs CUDA")
-        if variant in ("sgd", "asam-compile-foreach", "asam-auto"):
+        if variant.endswith("-pytorch_optimizer"):
+            return baselines.pytorch_optimizer_unavailable_reason()
+        if variant in ("sgd", "copy", "asam-compile-foreach", "asam-official", "sam-sam.py") or variant.endswith(
+                "-auto"):
             return None
-        name = variant.removeprefix("asam-")
+        name = variant.split("-", 1)[-1]
+        if kind_of(variant) not in ("asam", "sam"):
+            return f"unknown variant {variant!r}"
         return fastasam.backends.unavailable_reason(name, device) if name in fastasam.backends.names() else (
             f"unknown variant {variant!r}")
 
     print(f"{param_set}: {len(shapes)} tensors, {numel(shapes):,} elements, {dtype}, on {device}; "
-          f"{steps} interleaved rounds", flush=True)
+          f"{steps} interleaved rounds of one optimizer step (first_step + second_step) per variant", flush=True)
     todo = []
     for variant in variants:
         reason = why_not(variant)
@@ -114,8 +170,10 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             print(f"  {variant}: skipped, {reason}", flush=True)
             continue
         label = variant
-        if variant == "asam-auto":
+        if variant.endswith("-auto"):
             label += f" (= {resolve_backend('auto', device).name})"
+        if variant == "copy":
+            label = "memory copy (bandwidth probe)"
         todo.append((variant, label))
 
     def build(variant: str) -> Callable[[], None]:
@@ -126,19 +184,35 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
     measured = timing.measure([(label, lambda v=variant: build(v)) for variant, label in todo], device, steps,
                               warmup, param_set)
     rows = [{**row, "variant": variant} for row, (variant, _) in zip(measured, todo)]
-    ref = next((r for r in rows if r["variant"] == "asam-reference"), None)
-    floor_bytes = PASSES_ASAM_SGD * param_bytes
+    by_variant = {r["variant"]: r for r in rows}
+    ref = by_variant.get("asam-reference")
+    copy = by_variant.get("copy")
+    # the memory floor: the bytes a step must move at the bandwidth the copy achieved in the same run
+    copy_gbps = PASSES["copy"] * param_bytes / copy["median_s"] / 1e9 if copy else None
     peak = peak_gbps(device)
     for r in rows:
-        is_asam = r["variant"] != "sgd"
+        kind = kind_of(r["variant"])
+        floor_bytes = PASSES[kind] * param_bytes
         # paired per round (timing.paired_ratio): a load change that slows a whole round cancels out
-        r["speedup_vs_reference"] = timing.paired_ratio(ref["times_s"], r["times_s"]) if ref else None
-        r["speedup_spread"] = timing.paired_spread(ref["times_s"], r["times_s"]) if ref else None
-        r["achieved_GBps"] = floor_bytes / r["median_s"] / 1e9 if is_asam else None
-        r["pct_of_peak"] = 100 * r["achieved_GBps"] / peak if is_asam and peak else None
+        versus = ref and kind != "copy"
+        r["speedup_vs_reference"] = timing.paired_ratio(ref["times_s"], r["times_s"]) if versus else None
+        r["speedup_spread"] = timing.paired_spread(ref["times_s"], r["times_s"]) if versus else None
+        r["achieved_GBps"] = floor_bytes / r["median_s"] / 1e9
+        r["floor_ms"] = floor_bytes / (copy_gbps * 1e9) * 1e3 if copy_gbps else None
+        r["x_floor"] = r["median_s"] * 1e3 / r["floor_ms"] if copy_gbps else None
+        r["pct_of_peak"] = 100 * r["achieved_GBps"] / peak if peak else None
+    comparisons = {}
+    for ours, peers in COMPARE.items():
+        for peer in peers:
+            if ours in by_variant and peer in by_variant:
+                comparisons[f"{ours} vs {peer}"] = timing.paired_ratio(by_variant[peer]["times_s"],
+                                                                       by_variant[ours]["times_s"])
     return {"param_set": param_set, "tensors": len(shapes), "elements": numel(shapes), "dtype": str(dtype),
-            "memory_floor_bytes": floor_bytes, "peak_GBps": peak,
-            "floor_ms": floor_bytes / peak / 1e6 if peak else None, "steps": steps, "rows": rows}
+            "param_bytes": param_bytes, "passes": PASSES, "copy_GBps": copy_gbps,
+            "memory_floor_bytes": PASSES["asam"] * param_bytes, "peak_GBps": peak,
+            "floor_ms": PASSES["asam"] * param_bytes / (copy_gbps * 1e9) * 1e3 if copy_gbps else None,
+            "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "steps": steps, "rows": rows, "comparisons": comparisons}
 
 
 def environment(device: torch.device) -> dict:
@@ -160,23 +234,36 @@ def environment(device: torch.device) -> dict:
 
 
 def markdown(result: dict, env: dict) -> str:
+    threads = f"{result.get('cpu_threads') or env['cpu_threads']} CPU thread(s)"
     lines = [f"### {result['param_set']} ({result['tensors']} tensors, {result['elements']:,} elements, "
              f"{result['dtype']}) on {env['device_name']} ({env['device']})", "",
-             f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}, "
-             f"{env['cpu_threads']} CPU threads. Optimizer time only (first_step + second_step, SGD momentum + wd).",
-             "", "| implementation | median ms | spread | speed-up vs reference | GB/s (11-pass floor) | % of peak "
-             "| peak MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
-    if result["floor_ms"]:
-        lines.insert(3, f"Memory floor: {result['memory_floor_bytes'] / 1e6:.1f} MB at {result['peak_GBps']:.0f} GB/s "
-                        f"= {result['floor_ms']:.3f} ms.")
+             f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}, {threads}. "
+             "Optimizer time only: one step (first_step + second_step, SGD momentum 0.9 + weight decay) per row and "
+             "round, over fixed gradients.", ""]
+    if result.get("copy_GBps"):
+        p = result["passes"]
+        lines += [f"Memory floor: a parameter-sized copy moved {result['copy_GBps']:.1f} GB/s in this run; a step "
+                  f"moves at least {p['asam']} parameter-sized passes for ASAM, {p['sam']} for SAM, {p['sgd']} for "
+                  f"SGD momentum ({result['param_bytes'] / 1e6:.1f} MB each): ASAM's floor is "
+                  f"{result['floor_ms']:.2f} ms. GB/s: those bytes over the row's median; x floor: the median over "
+                  "the row's floor.", ""]
+    elif result.get("floor_ms"):
+        lines += [f"Memory floor: {result['memory_floor_bytes'] / 1e6:.1f} MB at {result['peak_GBps']:.0f} GB/s "
+                  f"= {result['floor_ms']:.3f} ms.", ""]
+    lines += ["| implementation | median ms | spread | speed-up vs reference | GB/s | x floor | % of peak | peak MiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         speed = (f"{r['speedup_vs_reference']:.2f}x{timing.mark(r.get('speedup_spread'))}"
                  if r["speedup_vs_reference"] else "-")
-        gbps = f"{r['achieved_GBps']:.1f}" if r["achieved_GBps"] else "-"
-        pct = f"{r['pct_of_peak']:.0f}%" if r["pct_of_peak"] else "-"
+        gbps = f"{r['achieved_GBps']:.1f}" if r.get("achieved_GBps") else "-"
+        floor = f"{r['x_floor']:.2f}" if r.get("x_floor") else "-"
+        pct = f"{r['pct_of_peak']:.0f}%" if r.get("pct_of_peak") else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
         lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {timing.spread_cell(r['spread'])} | {speed} | "
-                     f"{gbps} | {pct} | {mem} |")
+                     f"{gbps} | {floor} | {pct} | {mem} |")
+    if result.get("comparisons"):
+        lines += ["", "fastasam against the published loops in this run (median of the per-round ratios):", ""]
+        lines += [f"- {k}: {v:.2f}x faster" for k, v in result["comparisons"].items()]
     lines += ["", timing.legend(result["steps"], "speed-up: the reference's step time / the variant's")]
     return "\n".join(lines) + "\n"
 
@@ -233,7 +320,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="timed rounds, one step of every variant each (default: 50 on GPU, 10 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--variants", nargs="*", default=None,
-                        help="asam-<backend>, asam-auto, asam-compile-foreach, asam-apex, sgd "
+                        help="asam-<backend>, asam-auto, asam-official, asam-pytorch_optimizer, asam-compile-foreach, "
+                             "asam-apex, sam-<backend>, sam-auto, sam-sam.py, sam-pytorch_optimizer, sgd, copy "
                              "(default: all that run on the device)")
     parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=RESULTS)

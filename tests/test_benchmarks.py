@@ -57,6 +57,87 @@ def test_compiled_foreach_baseline_computes_the_reference_asam_step():
     assert not torch.equal(mine[0], params()[0])
 
 
+def _named_params(seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"conv.weight": (5, 3), "conv.bias": (5,), "fc.weight": (4, 4, 3), "fc.bias": (1,)}
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen))) for n, s in shapes.items()]
+
+
+def _same_steps(loop, mine: list, opt, ref: list, steps: int = 3) -> None:
+    """The published ``loop``'s two phases over ``mine`` and fastasam's ``opt`` (the reference backend) over ``ref``
+    (its copy, in the same order), the same gradients in both passes of each step (set anew before the second pass,
+    as a second backward would: the official loop scales ``p.grad`` in place)."""
+    gen = torch.Generator().manual_seed(1)
+    first, second = (loop.ascent_step, loop.descent_step) if hasattr(loop, "ascent_step") else (
+        loop.first_step, loop.second_step)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in mine]
+        for ps, step in ((mine, first), (ref, opt.first_step)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            step()
+        for p, q in zip(mine, ref):  # the perturbed weights (with fixed gradients the restore hides e afterwards)
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        for ps, step in ((mine, second), (ref, opt.second_step)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            step()
+
+
+def test_the_official_asam_transcription_computes_fastasams_asam_step():
+    """The official asam.py loop (ASAM for names holding ``weight``, SAM for the others) does fastasam's ASAM step,
+    so timing it against fastasam compares the same work."""
+    hp = step_time.HPARAMS
+    named = _named_params()
+    mine = [p for _, p in named]
+    loop = baselines.OfficialASAM(torch.optim.SGD(mine, lr=hp["lr"], momentum=hp["momentum"],
+                                                  weight_decay=hp["weight_decay"]), named, hp["rho"], hp["eta"])
+    ref_named = _named_params()
+    opt = fastasam.ASAM([{"params": [p for n, p in ref_named if "weight" in n], "adaptive": True},
+                         {"params": [p for n, p in ref_named if "weight" not in n], "adaptive": False}],
+                        torch.optim.SGD, backend="reference", norm_eps=1e-16, **hp)
+    _same_steps(loop, mine, opt, [p for _, p in ref_named])
+    for (_, p), (_, q) in zip(named, ref_named):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(mine[0], _named_params()[0][1])
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_the_community_sam_transcription_computes_fastasams_sam_step(adaptive):
+    """The community sam.py loop: SAM is fastasam's SAM; its adaptive form is ASAM with ``eta = 0``."""
+    hp = step_time.HPARAMS
+    sgd = {"lr": hp["lr"], "momentum": hp["momentum"], "weight_decay": hp["weight_decay"]}
+    mine = [p for _, p in _named_params()]
+    loop = baselines.CommunitySAM(mine, torch.optim.SGD(mine, **sgd), hp["rho"], adaptive=adaptive)
+    ref = [p for _, p in _named_params()]
+    opt = (fastasam.ASAM(ref, torch.optim.SGD, backend="reference", rho=hp["rho"], eta=0.0, **sgd) if adaptive
+           else fastasam.SAM(ref, torch.optim.SGD, backend="reference", rho=hp["rho"], **sgd))
+    _same_steps(loop, mine, opt, ref)
+    for p, q in zip(mine, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_step_time_reports_the_published_loops_and_the_memory_floor(tmp_path):
+    """Every row gets GB/s and its multiple of the floor measured by the copy in the same run; fastasam's ASAM and
+    SAM rows are compared with the published loops."""
+    (result,) = step_time.main(["--device", "cpu", "--steps", "2", "--warmup", "0", "--param-sets", "resnet_tiny",
+                                "--variants", "asam-auto", "asam-official", "sam-auto", "sam-sam.py", "copy",
+                                "--out", str(tmp_path)])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"asam-auto", "asam-official", "sam-auto", "sam-sam.py", "copy"}
+    assert result["copy_GBps"] > 0 and rows["copy"]["x_floor"] == pytest.approx(1.0)
+    for r in rows.values():
+        kind = step_time.kind_of(r["variant"])
+        floor_s = step_time.PASSES[kind] * result["param_bytes"] / (result["copy_GBps"] * 1e9)
+        assert r["x_floor"] == pytest.approx(r["median_s"] / floor_s)
+        moved = step_time.PASSES[kind] * result["param_bytes"]
+        assert r["achieved_GBps"] == pytest.approx(moved / r["median_s"] / 1e9)
+    assert set(result["comparisons"]) == {"asam-auto vs asam-official", "sam-auto vs sam-sam.py"}
+    md = (tmp_path / "step_time-resnet_tiny-float32-cpu.md").read_text()
+    assert "| x floor |" in md and "- asam-auto vs asam-official: " in md
+    assert "Memory floor: a parameter-sized copy" in md
+
+
 def test_suite_smoke_configuration_writes_table_and_plot(tmp_path):
     from benchmarks.__main__ import main as suite
 
