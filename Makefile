@@ -5,16 +5,22 @@
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup bench test lint gpu-stack gpu-evidence
+.PHONY: setup bench test test-bigmem lint gpu-stack gpu-evidence
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench]"
 
+# Results go to benchmarks/results/local/ (untracked); `make bench UPDATE=1` rewrites the committed benchmarks/results/.
 bench: setup
-	$(PYTHON) -m benchmarks
+	$(PYTHON) -m benchmarks $(if $(UPDATE),--update-results)
 
+# One line per test file with the running count ([ n/total]), then the 15 slowest tests. Within 4 GB of memory: the
+# tests that need more are marked bigmem and left out (pyproject.toml); `make test-bigmem` runs them (16 GB).
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest --durations=15
+
+test-bigmem: setup
+	$(PYTHON) -m pytest -m bigmem --durations=15
 
 lint:
 	$(PYTHON) -m ruff check .
@@ -30,3 +36,10 @@ gpu-stack:
 PART ?= 1
 gpu-evidence:
 	bash scripts/gpu_evidence.sh part$(PART)
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link, page or docstring fails it.
+# Only the docs extra's packages are installed (no torch: the API pages read the sources).
+.PHONY: docs
+docs:
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[docs]"
+	$(PYTHON) -m mkdocs build --strict -d build/site

@@ -182,8 +182,10 @@ if __name__ == "__main__":
         license="Apache-2.0",
         python_requires=">=3.10",
         # the C++/CUDA sources ship as fastasam/csrc: the cuda backend builds them just in time where the wheel has
-        # no fastasam._C (fastasam/_toolchain.py finds them), and the test backend cuda_shim compiles them for the CPU
-        packages=["fastasam", "fastasam.backends", "fastasam.kernels", "fastasam.csrc", "fastasam.csrc.cpu_shim"],
+        # no fastasam._C (fastasam/_toolchain.py finds them), and the test backend cuda_shim compiles them for the CPU.
+        # fastasam.testing (that backend; test helpers, not API) ships too, so the test suite runs against a wheel.
+        packages=["fastasam", "fastasam.backends", "fastasam.testing", "fastasam.kernels", "fastasam.csrc",
+                  "fastasam.csrc.cpu_shim"],
         package_dir={"fastasam.kernels": "kernels", "fastasam.csrc": "csrc", "fastasam.csrc.cpu_shim": "csrc/cpu_shim"},
         package_data={"fastasam": ["py.typed"], "fastasam.csrc": ["*.cu", "*.h", "*.cpp", "*.sh"],
                       "fastasam.csrc.cpu_shim": ["*.h", "*.cpp"]},
@@ -192,7 +194,8 @@ if __name__ == "__main__":
             # lightning, transformers, accelerate: no torch of their own over an installed one (~10 s and ~40 s here)
             "test": ["pytest>=7", "pytest-benchmark", "ruff", "triton>=3.6,<4; platform_system == 'Linux'",
                      "lightning>=2.2", "transformers>=4.46", "accelerate>=1.0"],
-            "bench": ["matplotlib"],
+            "bench": ["matplotlib", "pytorch_optimizer"],  # pytorch_optimizer: its SAM, a published peer
+            "docs": ["mkdocs-material", "mkdocstrings[python]"],  # make docs: the documentation site (mkdocs.yml)
             "tensorboard": ["tensorboard"],  # the ImageNet trainer's TensorBoard scalars (optional)
             "triton": ["triton>=3.6,<4"],  # tested: 3.6 (the GPU machines'), 3.9
             "lightning": ["lightning>=2.2"],  # fastasam.lightning; tested: 2.6.6

@@ -1,15 +1,22 @@
 """The benchmark suite (the README's main job) on the device present:
 
     python -m benchmarks            # GPU: every parameter set, fp32 + bf16 ResNet-50, end to end at batch 256
-                                    # CPU: the ResNet-50 parameter set and a small end-to-end step (a few minutes)
+                                    # CPU: the ResNet-50 parameter set and a small end-to-end step
+    python -m benchmarks --update-results   # the same, written over the committed results (benchmarks/results/)
     python -m benchmarks --smoke    # seconds: the tiny model, for CI
+
+How long: on a 2-core CPU shared with other busy processes a CPU run took 25 minutes (measured, wall clock), of
+which at most 4 for the step times (24 rounds), at most 6 for the end-to-end step (16 rounds) and the rest, over 15,
+for the host work (300 rounds on each of 3 parameter sets; on a GPU machine this part runs on its CPU too).
 
 Parts: optimizer step time (``step_time``), the host work of a warm step against the official loop's dispatch
 (``host_overhead``; on the CPU whatever the device, with kernel launches made no-ops), and an end-to-end training step
 (``e2e``). Every part times its variants interleaved, one step of each per round, and takes its ratios round by
 round (``benchmarks/timing.py``: this machine's load changes by 10x within a run); a variant whose times spread more
-than 25% is flagged. Writes ``benchmarks/results/suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel
-per table), with the device, versions, commit and date.
+than 25% is flagged. The progress lines say what a round times (one step of every variant). Writes
+``suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per table), with the device, versions, commit
+and date, into ``benchmarks/results/local/`` (ignored by git); ``--update-results`` writes them into
+``benchmarks/results/``, the committed results, and ``--out`` anywhere.
 ``python -m benchmarks.step_time`` / ``.host_overhead`` / ``.e2e`` run one part with more options.
 """
 
@@ -22,6 +29,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import e2e, host_overhead, step_time, timing
+
+LOCAL = step_time.RESULTS / "local"  # a run's results unless --update-results (ignored by git)
 
 
 def plan(device: torch.device, smoke: bool) -> dict:
@@ -51,8 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="the tiny configuration CI runs (seconds)")
     parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
-    parser.add_argument("--out", type=Path, default=step_time.RESULTS)
+    parser.add_argument("--update-results", action="store_true",
+                        help=f"write the committed results ({step_time.RESULTS}) instead of {LOCAL}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the results folder (default: {LOCAL}, untracked; with --update-results: "
+                             f"{step_time.RESULTS})")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = step_time.RESULTS if args.update_results else LOCAL
     device = torch.device(args.device)
     timing.cpu_threads(args.threads)
     todo = plan(device, args.smoke)
@@ -62,16 +77,19 @@ def main(argv: list[str] | None = None) -> dict:
     results, sections = [], []
     total = len(todo["step_time"]) + 2
     for i, (param_set, dtype) in enumerate(todo["step_time"], start=1):
-        print(f"[{i}/{total}] optimizer step time: {param_set}, {dtype}", flush=True)
+        print(f"[{i}/{total}] optimizer step time: {param_set}, {dtype}; {todo['steps']} rounds, each one optimizer "
+              "step (first_step + second_step) of every variant", flush=True)
         variants = todo["variants"] or step_time.default_variants(device)
         result = step_time.run(param_set, device, dtype, todo["steps"], todo["warmup"], variants)
         results.append(result)
         sections.append((step_time.markdown(result, env), (result, step_time.title(result, env))))
-    print(f"[{total - 1}/{total}] host work of a warm step (CPU, launches made no-ops)", flush=True)
     host = todo["host"]
+    print(f"[{total - 1}/{total}] host work of a warm step (CPU, launches made no-ops): {host['steps']} rounds per "
+          f"parameter set ({', '.join(host['param_sets'])})", flush=True)
     host_results = [host_overhead.run(name, host["steps"], host["warmup"]) for name in host["param_sets"]]
     host_md = host_overhead.markdown(host_results, step_time.environment(torch.device("cpu")))
-    print(f"[{total}/{total}] end-to-end training step", flush=True)
+    print(f"[{total}/{total}] end-to-end training step: {todo['e2e']['steps']} rounds, each one training step of "
+          "every variant", flush=True)
     result = e2e.run(device, **todo["e2e"])
     results.append(result)
     sections.append((e2e.markdown(result, env), (result, f"{result['param_set']}, batch {result['batch']}, "
@@ -84,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results,
                                                      "host_overhead": host_results}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"# fastasam benchmark suite\n\n{md}")
-    if step_time.plot([p for _, p in sections], stem.with_suffix(".png")):
-        print(f"wrote {stem}.json, .md and .png")
+    plotted = step_time.plot([p for _, p in sections], stem.with_suffix(".png"))
+    print(f"wrote {stem}.json, .md{' and .png' if plotted else ''}"
+          f"{'' if args.out != LOCAL else ' (untracked; --update-results writes the committed results)'}")
     return {"environment": env, "results": results, "host_overhead": host_results}
 
 

@@ -91,8 +91,11 @@ def run(device: torch.device, arch: str, batch: int, image_size: int, amp: str, 
           f"on {device}; {steps} interleaved rounds", flush=True)
     labels = [f"{v} (= {fastasam.backends.resolve('auto', device).name})" if v == "asam-auto" else v
               for v in variants]
+    per_call = {label: STEPS_PER_CALL[v] for v, label in zip(variants, labels) if v in STEPS_PER_CALL}
+    what = "one training step of each variant" + "".join(
+        f"; {name}: {n} steps (a perturbing period), shown per step" for name, n in per_call.items())
     measured = timing.measure([(label, lambda v=v: make(v)) for v, label in zip(variants, labels)], device, steps,
-                              warmup, f"end to end {arch}")
+                              warmup, f"end to end {arch}", what, per_call)
     rows = [{**row, "variant": v} for row, v in zip(measured, variants)]
     for r in rows:  # per training step
         n = STEPS_PER_CALL.get(r["variant"], 1)

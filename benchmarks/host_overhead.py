@@ -93,9 +93,9 @@ def _launchless(name: str) -> SimpleNamespace | str:
     """The ``name`` backend's host path with no-op launches, usable on CPU tensors; or why it cannot be made."""
     try:
         if name == "triton":
-            from fastasam.backends import triton_backend as mod
+            from fastasam.backends import triton as mod
         else:
-            from fastasam.backends import cuda_backend as mod
+            from fastasam.backends import cuda as mod
     except ImportError as exc:
         return f"{type(exc).__name__}: {exc}"
     host = MultiTensorBackend(name, _NoLaunch(mod._Launcher))
@@ -178,8 +178,7 @@ class Variant:
 
 def variant_specs() -> tuple[list[tuple[str, str, object]], dict[str, str]]:
     """(name, kind, backend module) of every variant, and the backends that cannot be measured here, with why."""
-    from fastasam import reference
-    from fastasam.backends import foreach
+    from fastasam.backends import foreach, reference
 
     specs: list[tuple[str, str, object]] = [("official loop", "official", None), ("torch SGD (foreach)", "sgd", None)]
     skipped = {}
@@ -251,7 +250,9 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
     first: dict[str, list[float]] = {v.name: [] for v in variants}
     steady: dict[str, list[float]] = {v.name: [] for v in variants}
     times = timing.interleave([(v.name, _turn(v, first[v.name], steady[v.name], *_steady_plan(v)))
-                               for v in variants], steps, label=param_set)
+                               for v in variants], steps, label=f"host work, {param_set}",
+                              what=f"one warm step's host work of each variant; fused ones: the median of "
+                                   f"{STEADY_STEPS} steps in a row")
     official, official_first, floor = times["official loop"], first["official loop"], min(steady["official loop"])
     rows = []
     for v in variants:

@@ -182,7 +182,7 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
         return make(variant)
 
     measured = timing.measure([(label, lambda v=variant: build(v)) for variant, label in todo], device, steps,
-                              warmup, param_set)
+                              warmup, param_set, what="one optimizer step (first_step + second_step) of each variant")
     rows = [{**row, "variant": variant} for row, (variant, _) in zip(measured, todo)]
     by_variant = {r["variant"]: r for r in rows}
     ref = by_variant.get("asam-reference")

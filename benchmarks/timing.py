@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -107,12 +107,15 @@ def _ms(seconds: float) -> str:
 
 
 def interleave(runs: Sequence[tuple[str, Callable[[], float]]], rounds: int, warmup: int = 0,
-               label: str = "") -> dict[str, list[float]]:
+               label: str = "", what: str = "one step of each variant",
+               per_call: Mapping[str, int] | None = None) -> dict[str, list[float]]:
     """Seconds per step of every variant, ``rounds`` each, in rotated round-robin order (``rotation``).
 
     ``runs`` are (name, run) pairs, built beforehand; ``run()`` makes one step and returns its seconds (from ``clock``
     or the variant's own timing). Each variant first makes ``warmup`` untimed steps, one variant after the other.
-    Prints progress (with the medians so far) every quarter of the rounds, every round on a terminal."""
+    Prints progress every quarter of the rounds, every round on a terminal: the round, ``what`` a round times, and the
+    medians so far per step (a variant's ``per_call[name]`` steps per ``run()`` divided out, as its table does)."""
+    per_call = per_call or {}
     for _, run in runs:
         for _ in range(warmup):
             run()
@@ -122,8 +125,10 @@ def interleave(runs: Sequence[tuple[str, Callable[[], float]]], rounds: int, war
             name, run = runs[j]
             times[name].append(run())
         if sys.stdout.isatty() or (i + 1) % max(1, rounds // 4) == 0:
-            so_far = ", ".join(f"{name} {_ms(statistics.median(t))}" for name, t in times.items())
-            print(f"  {label + ': ' if label else ''}round {i + 1}/{rounds}, medians so far: {so_far}", flush=True)
+            so_far = ", ".join(f"{name} {_ms(statistics.median(t) / per_call.get(name, 1))}"
+                               for name, t in times.items())
+            print(f"  {label + ': ' if label else ''}round {i + 1}/{rounds} ({what}); medians per step so far: "
+                  f"{so_far}", flush=True)
     return times
 
 
@@ -200,10 +205,12 @@ def peak_memory(step: Callable[[], None], device: torch.device, held_by_others: 
 
 
 def measure(variants: Sequence[tuple[str, Callable[[], Callable[[], None]]]], device: torch.device, steps: int,
-            warmup: int, label: str = "") -> list[dict]:
+            warmup: int, label: str = "", what: str = "one step of each variant",
+            per_call: Mapping[str, int] | None = None) -> list[dict]:
     """Build every variant (name, make_step), take each one's peak memory in one step of its own (CUDA), warm each
-    up, time ``steps`` interleaved rounds (``interleave``) and return one row per variant: ``summary`` fields, peak
-    memory and the step times (``times_s``, for ``paired_ratio``). Prints a warning per noisy variant."""
+    up, time ``steps`` interleaved rounds (``interleave``, whose progress lines say ``what`` a round times and divide
+    out ``per_call``) and return one row per variant: ``summary`` fields, peak memory and the step times (``times_s``,
+    for ``paired_ratio``; per call of the variant's step). Prints a warning per noisy variant."""
     timed = clock(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     built, peaks = [], {}
@@ -212,7 +219,7 @@ def measure(variants: Sequence[tuple[str, Callable[[], Callable[[], None]]]], de
         step = make_step()
         peaks[name] = peak_memory(step, device, held)
         built.append((name, lambda s=step: timed(s)))
-    times = interleave(built, steps, warmup, label)
+    times = interleave(built, steps, warmup, label, what, per_call)
     rows = [{"name": name, **summary(times[name]), "peak_mem_bytes": peaks[name], "times_s": times[name]}
             for name, _ in variants]
     if warn(rows, label) and device.type == "cpu" and torch.get_num_threads() > 1:

@@ -153,7 +153,7 @@ void combine(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& sums,
 TORCH_LIBRARY(fastasam, m) {
   // The ops' fake (FakeTensor / meta) versions are registered from Python, by the module named here, which
   // `import fastasam` imports: torch requires the pair (and names this module when a fake is missing).
-  m.set_python_module("fastasam.backends.cuda_backend");
+  m.set_python_module("fastasam.backends.cuda");
   // the schemas are the table's (fastasam/backends/_signatures.py; tests/test_signatures.py compares them)
   m.def("sqnorm(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor(b!) partials, Tensor(c!) counter, "
         "Tensor(d!) out, int count, int chunk_size, int dtype) -> ()");

@@ -1,4 +1,4 @@
-// fastasam._cpu: the multi-tensor kernels for CPU tensors (the ``cpu`` backend, fastasam/backends/cpu_backend.py).
+// fastasam._cpu: the multi-tensor kernels for CPU tensors (the ``cpu`` backend, fastasam/backends/cpu.py).
 //
 // The same tables (multi_tensor.h) and the same per-element formulas (elementwise.h) as the CUDA kernels; only the
 // walk over memory differs. Each launch covers `count` chunks of the chunks table: a chunk is a run of at most

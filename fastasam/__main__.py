@@ -57,7 +57,7 @@ def _c_build(ext) -> str:
 
 
 def _extension_c() -> str:
-    from fastasam.backends import cuda_backend
+    from fastasam.backends import cuda as cuda_backend
 
     jit = cuda_backend.EXTENSION
     if jit is not None and jit.__name__ == cuda_backend.JIT_NAME:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     built = True
     if args.build:
-        from fastasam.backends import cuda_backend
+        from fastasam.backends import cuda as cuda_backend
 
         built = cuda_backend.build() is None
     print(report())

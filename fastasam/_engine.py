@@ -15,7 +15,7 @@ step does not synchronise with the device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -63,6 +63,28 @@ class SharpnessEngine:
     @property
     def perturbation_skipped(self) -> torch.Tensor | None:
         return None if self._sqnorm is None else ~torch.isfinite(self._sqnorm)
+
+    def check_devices(self, devices: Iterable[torch.device]) -> None:
+        """Raise the ``RuntimeError`` of :func:`fastasam.backends.resolve` now (at construction, not at the first
+        step) when the named backend cannot run on one of ``devices``; each distinct device is checked once. ``auto``
+        runs everywhere, and ``meta`` tensors (placeholders, materialised on a real device later) are not checked."""
+        if self.backend == "auto":
+            return
+        for device in dict.fromkeys(devices):
+            if device.type != "meta":
+                backends.resolve(self.backend, device)
+
+    def backend_ran(self, groups: list[Mapping]) -> str:
+        """The name of the backend that ran the last step (the one in progress after ``first_step``): one name, or
+        several joined by ``"+"`` in bucket order when buckets on several devices ran on different backends. Before
+        any step: what the requested backend resolves to for the devices of ``groups`` (the requested name itself
+        when every parameter is on ``meta``). Not part of a step."""
+        plan = self._pending if self._pending is not None else (self._last[0] if self._last is not None else None)
+        names = [r.name for r in plan.runners] if plan is not None else []
+        if not names:
+            devices = dict.fromkeys(p.device for g in groups for p in g["params"])
+            names = [backends.resolve(self.backend, d).name for d in devices if d.type != "meta"]
+        return "+".join(dict.fromkeys(names)) or self.backend
 
     def report(self) -> StepReport:
         """What served the last step (see :class:`fastasam.report.StepReport`)."""

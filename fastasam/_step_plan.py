@@ -252,7 +252,7 @@ class StepPlan:
         a parameter's storage changed: ``w`` is written into whatever storage each parameter holds now. Every
         perturbed parameter is checked first; a shape or device that no longer matches its restore buffer raises,
         and nothing is written."""
-        from . import reference
+        from .backends import reference
 
         problems = []
         for b in self.buckets:

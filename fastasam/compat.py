@@ -51,6 +51,7 @@ class ASAM:
         self.rho = rho
         self.eta = eta
         self._engine = SharpnessEngine(backend=backend, eps=OFFICIAL_EPS, restore="subtract")
+        self._engine.check_devices(p.device for g in optimizer.param_groups for p in g["params"])
         self._cached_groups: list[dict[str, Any]] | None = None
 
     def report(self):

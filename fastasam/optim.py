@@ -92,6 +92,11 @@ def check_no_duplicates(params: list, where: str) -> None:
     )
 
 
+def _tensor_of(p: Any) -> Any:
+    """The tensor of a ``params`` entry: a tensor, or a ``(name, tensor)`` pair as ``named_parameters()`` yields."""
+    return p[1] if isinstance(p, tuple) and len(p) == 2 else p
+
+
 def _as_param_list(param_group: dict[str, Any]) -> list:
     """``param_group["params"]`` as a list, as ``torch.optim.Optimizer.add_param_group`` makes it (a set is left to
     torch, which refuses it)."""
@@ -138,7 +143,10 @@ class ASAM(torch.optim.Optimizer):
         restore: ``"copy"`` saves ``w`` and copies it back (bit-exact, like the community sam.py) or
             ``"subtract"`` saves ``e`` and subtracts it (like the official asam.py). Either keeps one buffer
             per parameter.
-        backend: ``"auto"`` or a name from ``fastasam.available_backends()``.
+        backend: ``"auto"`` or a name from ``fastasam.available_backends()``. A named backend that cannot run on
+            a device the parameters are on raises a ``RuntimeError`` here (and in ``add_param_group``), naming the
+            backend, the device and the fix. ``opt.backend`` then says which backend ran (see there);
+            ``opt.requested_backend`` is this argument.
         every: perturb on every ``every``-th step only (Composer's interval SAM); the other steps are plain base
             optimizer steps on the one pass's gradient. ``opt.second_pass_needed`` says which (default 1: always).
         base_optimizer_kwargs: options for the base optimizer whose names clash with this class's (``eps`` of Adam).
@@ -201,6 +209,16 @@ class ASAM(torch.optim.Optimizer):
 
     @property
     def backend(self) -> str:
+        """The backend that ran the last step (``"cpu"``, ``"triton"``, ...; after ``first_step``, the step in
+        progress), not the requested name: with ``backend="auto"`` on CPU tensors, ``"cpu"`` (or ``"foreach"``
+        where the CPU extension is not built). Buckets on several devices that ran on different backends give their
+        names joined by ``"+"`` in bucket order (``"triton+cpu"``); ``opt.report()`` has the detail per bucket.
+        Before the first step: what the requested backend resolves to for the parameters' devices."""
+        return self._engine.backend_ran(self.param_groups)
+
+    @property
+    def requested_backend(self) -> str:
+        """The ``backend`` argument as given (``"auto"`` or a backend's name)."""
         return self._engine.backend
 
     @property
@@ -426,7 +444,9 @@ class ASAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         where = f"param_groups[{len(self.param_groups)}]"
-        check_no_duplicates(_as_param_list(param_group), where)
+        params = _as_param_list(param_group)
+        check_no_duplicates(params, where)
+        self._engine.check_devices(t.device for t in map(_tensor_of, params) if isinstance(t, torch.Tensor))
         for key in ("rho", "eta"):
             if key in param_group:
                 check_nonnegative(key, param_group[key], f" in {where}")

@@ -72,7 +72,7 @@ class _Decomposed(ASAM):
     def _decomposer(self) -> Decomposer:
         dec = self.__dict__.get("_dec")
         if dec is None:
-            dec = self._dec = Decomposer(self.backend)
+            dec = self._dec = Decomposer(self.requested_backend)
         return dec
 
     # --- the hooks of ASAM's step (warm: one pass over the parameters to confirm the tables, two launches) -------
@@ -154,7 +154,7 @@ class _Decomposed(ASAM):
     def _foreach_ok(self, *lists: list[torch.Tensor]) -> bool:
         """The foreach path serves one fp32/fp64 device bucket on the fast backends; the ``reference`` backend (the
         oracle) and anything else take the per-tensor path."""
-        if self.backend == "reference" or not lists[0]:
+        if self.requested_backend == "reference" or not lists[0]:
             return False
         first = lists[0][0]
         return first.dtype in (torch.float32, torch.float64) and all(

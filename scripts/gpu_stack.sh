@@ -39,7 +39,10 @@ say "copying the working tree to $STACK/src"
 mkdir -p "$STACK/src"
 # a fresh copy: files an earlier copy had and the tree no longer has (a removed test) must not run; build/ is kept
 find "$STACK/src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
-git ls-files -z --cached --others --exclude-standard | grep -zv '^\.venv/' | tar -C "$ROOT" --null -T - -cf - | tar -C "$STACK/src" -xf -
+# (a tracked file deleted in the working tree is not in it: left out)
+git ls-files -z --cached --others --exclude-standard | grep -zv '^\.venv/' \
+  | while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done \
+  | tar -C "$ROOT" --null -T - -cf - | tar -C "$STACK/src" -xf -
 cd "$STACK/src"
 rm -f fastasam/*.so
 

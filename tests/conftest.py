@@ -15,12 +15,14 @@ if not torch.cuda.is_available():  # before anything imports triton: its kernels
 
 import fastasam
 from fastasam import backends
-from fastasam.backends import cuda_shim
+from fastasam.testing import cuda_shim
 
 # The cuda backend's kernels, compiled for the CPU (csrc/cpu_shim), join the fast backends below, so every test over
-# them covers `cuda`'s kernels too. FASTASAM_CUDA_SHIM=0 leaves them out (tests/test_cuda_shim.py then says so).
+# them covers `cuda`'s kernels too. They are a test device, not one of the product's backends: registered here, as
+# `cuda_shim`. FASTASAM_CUDA_SHIM=0 leaves them out (tests/test_cuda_shim.py then says so).
 SHIM_WANTED = os.environ.get("FASTASAM_CUDA_SHIM", "1") != "0"
 if SHIM_WANTED:
+    backends.register(cuda_shim.SPEC)
     try:
         cuda_shim.enable()
     except Exception as exc:  # reported by tests/test_cuda_shim.py, which fails while the shim is wanted

@@ -151,3 +151,73 @@ def test_sam_equals_asam_without_adaptivity():
             opt.second_step(zero_grad=True)
     for a, b in zip(params_a, params_b):
         assert torch.equal(a, b)
+
+
+_UNRUNNABLE_ON_CPU = [n for n in ("cuda", "triton") if backends.unavailable_reason(n, "cpu") is not None]
+
+
+@pytest.mark.parametrize("name", _UNRUNNABLE_ON_CPU)
+def test_a_named_backend_that_cannot_run_on_the_parameters_device_fails_at_construction(name):
+    """Not at the first step: the error names the backend, the device and the fix, in the constructor and in
+    add_param_group."""
+    p = torch.nn.Parameter(torch.ones(3))
+    want = rf"fastasam: backend '{name}' cannot run on cpu: .*Fix: use backend=\"auto\" .*'foreach'"
+    with pytest.raises(RuntimeError, match=want):
+        fastasam.ASAM([p], torch.optim.SGD, lr=0.1, backend=name)
+    opt = fastasam.ASAM([{"params": []}], torch.optim.SGD, lr=0.1, backend=name)
+    with pytest.raises(RuntimeError, match=want):
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1
+    model = torch.nn.Linear(2, 2)  # the official asam.py class too
+    with pytest.raises(RuntimeError, match=want):
+        fastasam.compat.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), model, backend=name)
+
+
+def test_the_construction_check_resolves_each_device_once(monkeypatch):
+    calls = []
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda name, device: calls.append((name, device)) or real(name, device))
+    params = [torch.nn.Parameter(torch.ones(n)) for n in range(1, 51)]
+    opt = fastasam.ASAM([{"params": params[:20]}, {"params": params[20:]}], torch.optim.SGD, lr=0.1,
+                        backend="foreach")
+    assert calls == [("foreach", torch.device("cpu"))] * 2  # once per param group, not per tensor
+    calls.clear()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, device="meta"))]})  # placeholders: unchecked
+    assert calls == []
+
+
+def test_backend_says_what_ran_and_requested_backend_what_was_asked():
+    params = awkward_params("cpu", torch.float32)
+    opt = fastasam.ASAM(params, torch.optim.SGD, lr=0.1)
+    ran = backends.resolve("auto", torch.device("cpu")).name  # "cpu", or "foreach" without fastasam._cpu
+    assert opt.requested_backend == "auto" and opt.backend == ran  # before a step: what auto resolves to
+    soup_loss(params).backward()
+    opt.first_step(zero_grad=True)
+    soup_loss(params).backward()
+    opt.second_step(zero_grad=True)
+    assert opt.backend == ran == opt.report().buckets[0].backend
+    named = fastasam.SAM(params, torch.optim.SGD, lr=0.1, backend="reference")
+    assert named.backend == named.requested_backend == "reference"
+
+
+def test_backend_of_a_step_whose_buckets_ran_on_several_backends(monkeypatch):
+    """Backends are chosen per device; a plan whose buckets ran on two (here forced per dtype, as two devices
+    would) reports both, in bucket order."""
+    from fastasam import _step_plan
+
+    real = _step_plan.make_runner
+
+    def by_dtype(module, bucket, restore, eps):
+        if bucket.dtype == torch.float64:
+            module = backends.resolve("reference", bucket.device)
+        return real(module, bucket, restore, eps)
+
+    monkeypatch.setattr(_step_plan, "make_runner", by_dtype)
+    params = [torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(4, dtype=torch.float64))]
+    opt = fastasam.ASAM(params, torch.optim.SGD, lr=0.1, backend="foreach")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.first_step()
+    assert opt.backend == "foreach+reference"
+    opt.second_step()
+    assert opt.backend == "foreach+reference" and opt.requested_backend == "foreach"

@@ -30,8 +30,10 @@ from conftest import (
 import fastasam
 from fastasam import backends
 from fastasam.backends import _layout as L
-from fastasam.backends import cpu_backend, cuda_shim, foreach
+from fastasam.backends import cpu as cpu_backend
+from fastasam.backends import foreach
 from fastasam.backends._multi_tensor import _chunk_list, _rows_table
+from fastasam.testing import cuda_shim
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = cpu_backend.EXTENSION is not None

@@ -14,7 +14,7 @@ from conftest import SHIM_ERROR, SHIM_WANTED, soup_loss
 
 import fastasam
 from fastasam.backends import _layout as L
-from fastasam.backends import cuda_shim
+from fastasam.testing import cuda_shim
 
 pytestmark = pytest.mark.skipif(not SHIM_WANTED, reason="FASTASAM_CUDA_SHIM=0: the CUDA kernels' CPU shim is off")
 

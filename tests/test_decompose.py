@@ -23,7 +23,7 @@ import fastasam
 from fastasam import _decompose
 from fastasam._decompose import Decomposer, PhaseTables
 from fastasam._plan import accumulate_dtype
-from fastasam.backends import cuda_shim
+from fastasam.testing import cuda_shim
 
 ALPHA = 0.3
 MODES = {"keep": _decompose.KEEP, "look_full": _decompose.LOOK_FULL, "look_one": _decompose.LOOK_ONE,

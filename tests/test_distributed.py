@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastasam
-from fastasam.backends import cuda_shim
+from fastasam.testing import cuda_shim
 
 WORLD = 2
 STEPS = 3

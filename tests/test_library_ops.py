@@ -1,5 +1,5 @@
 """The ``cuda`` backend's ``torch.library`` ops (``torch.ops.fastasam.*``): defined in C++ (``csrc/binding.cpp``),
-their fake (FakeTensor / meta) versions registered from Python by ``fastasam.backends.cuda_backend``, the module the
+their fake (FakeTensor / meta) versions registered from Python by ``fastasam.backends.cuda``, the module the
 C++ library names with ``set_python_module``.
 
 The ops exist only where ``fastasam._C`` is built: with a CUDA build of PyTorch and a CUDA toolkit (``make gpu-stack``
@@ -19,7 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastasam.backends import _layout as L
-from fastasam.backends import cuda_backend
+from fastasam.backends import cuda as cuda_backend
 
 if cuda_backend.EXTENSION is not None:
     WHY_NOT = None
@@ -31,7 +31,7 @@ else:
                "--no-build-isolation -e . builds it")
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
-MODULE = "fastasam.backends.cuda_backend"
+MODULE = "fastasam.backends.cuda"
 # the tensors each op writes in place (its schema's `Tensor(x!)`); the kernels also write through rows' addresses
 WRITES = {"sqnorm": {"rows", "partials", "counter", "out"}, "dots": {"rows", "partials", "counter", "out"},
           "perturb": {"rows"}, "restore": {"rows"}, "restore_sgd": {"rows"}, "restore_adam": {"rows"},

@@ -13,7 +13,7 @@ import torch
 
 import fastasam
 from fastasam import _step_plan, _watch
-from fastasam.backends import cuda_shim
+from fastasam.testing import cuda_shim
 from tests.conftest import FAST_CASES, FAST_IDS, KERNEL_CASES, soup_loss
 
 CASES = [("reference", "cpu"), *FAST_CASES]

@@ -308,7 +308,7 @@ def test_every_build_of_the_cuda_kernels_turns_contraction_off(monkeypatch):
     import torch.utils.cpp_extension as cpp_extension
 
     from fastasam import _toolchain
-    from fastasam.backends import cuda_backend
+    from fastasam.backends import cuda as cuda_backend
 
     assert "-fmad=false" in _toolchain.NVCC_FLAGS
     nvcc_flags = {}

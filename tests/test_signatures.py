@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fastasam.backends import _signatures as S
-from fastasam.backends import cpu_backend, cuda_backend
+from fastasam.backends import cpu as cpu_backend
+from fastasam.backends import cuda as cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -290,7 +291,7 @@ def test_the_cpu_launches_pass_each_value_to_its_parameter():
 def test_the_shim_launches_pass_each_value_to_its_parameter(monkeypatch):
     """The ``cuda_shim`` launches call ``fa_<kernel>`` with the header's parameters in the header's order, and the
     library's ctypes argument types are the header's."""
-    from fastasam.backends import cuda_shim
+    from fastasam.testing import cuda_shim
 
     header = {k: _params(a) for k, a in re.findall(r"\bint fa_(\w+)\(([^)]*)\);", _read("multi_tensor.h"))}
     calls = []
@@ -309,7 +310,7 @@ def test_the_shim_launches_pass_each_value_to_its_parameter(monkeypatch):
 
 
 def test_the_shim_librarys_ctypes_are_the_headers(monkeypatch):
-    from fastasam.backends import cuda_shim
+    from fastasam.testing import cuda_shim
 
     seen = {}
 
@@ -334,7 +335,7 @@ def test_the_shim_librarys_ctypes_are_the_headers(monkeypatch):
 
 def test_triton_launches_pass_each_value_to_its_parameter():
     pytest.importorskip("triton")
-    from fastasam.backends import triton_backend as T
+    from fastasam.backends import triton as T
 
     for k in S.KERNELS:
         tensors = _launch_tensors(k)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed 
 
 
 def tb():
-    from fastasam.backends import triton_backend
+    from fastasam.backends import triton as triton_backend
 
     return triton_backend
 
@@ -133,7 +133,7 @@ def test_the_interpreter_refuses_a_vector_path_on_a_misaligned_row(monkeypatch):
 def test_direct_launches_of_the_compiled_kernels_equal_launches_through_the_jit(monkeypatch):
     """A warm step launches each kernel through its CompiledKernel's launcher with the arguments Triton specialised
     it for; the numbers must be those of ``kernel[grid](...)`` every time, to the bit."""
-    from fastasam.backends import triton_backend
+    from fastasam.backends import triton as triton_backend
 
     first_launches = []
     real = triton_backend.TritonLaunch._launch_and_keep

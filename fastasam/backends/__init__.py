@@ -2,8 +2,9 @@
 
 A backend is a module exposing ``name``, ``device_supported(device) -> str | None`` (None when usable, else the
 reason), ``grad_sqnorm(bucket)``, ``perturb_(bucket, restore)`` and ``restore_(bucket, restore)`` (see
-``fastasam.reference`` for the contract). ``auto`` takes, per device type, the available backend with the highest
-priority and never raises: ``reference`` works everywhere.
+``fastasam.backends.reference`` for the contract). ``auto`` takes, per device type, the available backend with the
+highest priority and never raises: ``reference`` works everywhere. The modules are named after their backends:
+``fastasam.backends.{reference,foreach,cpu,triton,cuda}``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class BackendSpec:
     module: str
     auto_priority: dict[str, int] = field(default_factory=dict)  # device type -> priority; missing = never auto
     fix: str = ""  # what to do when it is unavailable
+    device_types: tuple[str, ...] = ()  # the device types its kernels can run on at all; empty = every one
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
@@ -30,7 +32,7 @@ _LOADED: dict[str, ModuleType | str] = {}  # name -> module, or the import error
 
 
 def register(spec: BackendSpec) -> None:
-    """Add (or replace) a backend. Later issues' backends (triton, cuda) plug in here."""
+    """Add (or replace) a backend (the test suite adds its ``cuda_shim``, ``fastasam.testing.cuda_shim``, so)."""
     _REGISTRY[spec.name] = spec
     _LOADED.pop(spec.name, None)
 
@@ -87,43 +89,47 @@ def resolve(name: str, device: torch.device) -> ModuleType:
             if unavailable_reason(spec.name, device) is None:
                 return _load(spec.name)  # type: ignore[return-value]
         return _load("reference")  # type: ignore[return-value]
+    spec = _REGISTRY[name]
+    if spec.device_types and device.type not in spec.device_types and unavailable_reason(name, device) is not None:
+        here = resolve("auto", device).name
+        others = [n for n in available_backends(device) if n != name]
+        raise RuntimeError(
+            f"fastasam: backend {name!r} cannot run on {device}: its kernels run on {' or '.join(spec.device_types)} "
+            f"tensors. Fix: use backend=\"auto\" (here it picks {here!r} for {device.type} tensors) or one of "
+            f"{others}, or move the parameters to a {' or '.join(spec.device_types)} device before building the "
+            "optimizer."
+        )
     reason = unavailable_reason(name, device)
     if reason is not None and hasattr(_LOADED.get(name), "on_demand"):
         _LOADED[name].on_demand(device)  # a backend that can make itself available when named (cuda: JIT build)
         reason = unavailable_reason(name, device)
     if reason is not None:
-        fix = _REGISTRY[name].fix or 'use backend="auto", which falls back to what works'
+        fix = spec.fix or 'use backend="auto", which falls back to what works'
         raise RuntimeError(f"fastasam: backend {name!r} cannot run on {device}: {reason}. Fix: {fix}.")
     return _load(name)  # type: ignore[return-value]
 
 
-register(BackendSpec("reference", "fastasam.reference", auto_priority={"cpu": 10, "cuda": 0, "mps": 0, "xpu": 0}))
+register(BackendSpec("reference", "fastasam.backends.reference",
+                     auto_priority={"cpu": 10, "cuda": 0, "mps": 0, "xpu": 0}))
 register(BackendSpec("foreach", "fastasam.backends.foreach", auto_priority={"cpu": 20, "cuda": 10, "xpu": 10}))
 register(
     BackendSpec(
-        "cpu", "fastasam.backends.cpu_backend", auto_priority={"cpu": 30},
+        "cpu", "fastasam.backends.cpu", auto_priority={"cpu": 30}, device_types=("cpu",),
         fix="reinstall fastasam where a C++ compiler is (pip install --no-build-isolation -e .; FASTASAM_BUILD_HOST=1 "
             "makes a failed build an error), or use backend=\"auto\"",
     )
 )
 register(
     BackendSpec(
-        "triton", "fastasam.backends.triton_backend", auto_priority={"cuda": 30},
+        "triton", "fastasam.backends.triton", auto_priority={"cuda": 30}, device_types=("cuda",),
         fix="pip install triton (Linux, with a CUDA build of PyTorch) and use CUDA tensors, or backend=\"auto\"",
     )
 )
 register(
     BackendSpec(
-        "cuda", "fastasam.backends.cuda_backend", auto_priority={"cuda": 25},
+        "cuda", "fastasam.backends.cuda", auto_priority={"cuda": 25}, device_types=("cuda",),
         fix="build the extension on a machine with a CUDA toolkit and a CUDA build of PyTorch: "
             "FASTASAM_BUILD_CUDA=1 pip install --no-build-isolation -e ., or python -m fastasam --build "
             "(just in time, needs ninja), or use backend=\"auto\"",
-    )
-)
-register(
-    BackendSpec(
-        "cuda_shim", "fastasam.backends.cuda_shim",
-        fix="it is a test backend: call fastasam.backends.cuda_shim.enable() (source checkout and a C++ compiler) "
-            "and use CPU tensors",
     )
 )

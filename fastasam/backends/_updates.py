@@ -52,7 +52,6 @@ class SGDUpdate:
     """``torch.optim.SGD``: momentum (buffer ``momentum_buffer``, created as ``d_p`` on a tensor's first step),
     dampening, nesterov, weight decay, maximize."""
 
-    kind = "sgd"
     kernel = "restore_sgd"
     # the options a group's fused update depends on; a change of any of them re-reads the group
     options = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "differentiable")
@@ -99,7 +98,6 @@ class AdamUpdate:
     element), so one ``add_`` counts a step for all of them, as torch's foreach ``_foreach_add_`` would element by
     element; a checkpoint holds the same numbers either way."""
 
-    kind = "adam"
     kernel = "restore_adam"
     options = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "differentiable",
                "decoupled_weight_decay")

@@ -1,4 +1,4 @@
-"""The ``foreach`` backend: the same math as ``fastasam.reference`` with ``torch._foreach_*`` ops.
+"""The ``foreach`` backend: the same math as ``fastasam.backends.reference`` with ``torch._foreach_*`` ops.
 
 Tensors arrive bucketed by (device, dtype); within a bucket they are split into runs of equal options
 (adaptive, eta, scale) and each run into chunks of at most ``chunk_numel(device)`` elements, a larger tensor into

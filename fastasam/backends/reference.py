@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._plan import Bucket, accumulate_dtype
+from .._plan import Bucket, accumulate_dtype
 
 name = "reference"
 traceable = True  # torch.compile traces its tensor ops

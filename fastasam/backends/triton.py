@@ -15,6 +15,8 @@ floating-point contraction: the numbers of the ``cuda`` backend and of the inter
 
 With ``TRITON_INTERPRET=1`` in the environment before Triton is imported, the kernels run on CPU tensors through
 Triton's interpreter (slowly): this is how CI tests them without a GPU.
+
+``import triton`` here is the top-level package: imports are absolute, so this module's name does not shadow it.
 """
 
 from __future__ import annotations

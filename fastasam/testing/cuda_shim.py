@@ -10,7 +10,9 @@ interpreter. It needs the sources (``csrc/``, installed as ``fastasam/csrc``) an
 ``c++``); the library is built once (a few seconds) into ``build/cuda_shim/`` of the checkout (else
 ``~/.cache/fastasam/cuda_shim``) and loaded with ``ctypes``.
 
-Nothing loads it by itself: ``enable()`` builds and loads it (the test suite does), after which ``cuda_shim`` is an
+It is not one of the product's backends: nothing registers or loads it by itself. ``register()`` adds it to the
+backend registry (``fastasam.backends.register(SPEC)``; the test suite's ``tests/conftest.py`` does), ``enable()``
+builds and loads it (and registers it, so a spawned process needs only ``enable()``), after which ``cuda_shim`` is an
 available backend on the CPU. It is never picked by ``auto``.
 """
 
@@ -28,13 +30,20 @@ from pathlib import Path
 
 import torch
 
+from .. import backends
 from .._toolchain import sources_dir
-from ._multi_tensor import MultiTensorBackend
-from ._signatures import SIGNATURES, arguments
-from .cuda_backend import _DTYPE_CODE  # the kernels' storage dtype codes (multi_tensor.h)
+from ..backends._multi_tensor import MultiTensorBackend
+from ..backends._signatures import SIGNATURES, arguments
+from ..backends.cuda import _DTYPE_CODE  # the kernels' storage dtype codes (multi_tensor.h)
 
 name = "cuda_shim"
 traceable = False
+# its registry entry: CPU tensors only, never picked by ``auto``
+SPEC = backends.BackendSpec(
+    name, __name__, device_types=("cpu",),
+    fix="it is a test backend: call fastasam.testing.cuda_shim.enable() (source checkout and a C++ compiler) and use "
+        "CPU tensors",
+)
 CHUNK = 1 << 11  # 2048 elements per block (the GPU's 8192 would leave the tests' tensors in one block each)
 CSRC = sources_dir()
 # the library's cache: build/cuda_shim/ in a source checkout, else the user's cache folder
@@ -150,9 +159,18 @@ class ShimLibrary:
             raise RuntimeError(f"fastasam: launching the CUDA {kernel} kernel (CPU shim) failed: {msg}")
 
 
+def register() -> None:
+    """Add ``cuda_shim`` to the backend registry (``fastasam.backends``), unless it is there already. Mutates the
+    registry only."""
+    if "cuda_shim" not in backends.names():
+        backends.register(SPEC)
+
+
 def enable(path: Path | None = None) -> ShimLibrary:
-    """Build (unless ``path`` is given) and load the shim; ``cuda_shim`` is then available on the CPU."""
+    """Build (unless ``path`` is given) and load the shim, and register ``cuda_shim``; it is then available on the
+    CPU. Raises (and records ``LOAD_ERROR``) when the build or the load fails; the backend stays registered."""
     global _LIB, LOAD_ERROR
+    register()
     if _LIB is None or path is not None:
         try:
             _LIB = ShimLibrary(path or build())
@@ -191,7 +209,7 @@ def device_supported(device: torch.device) -> str | None:
     if _LIB is None:
         why = f" (loading failed: {LOAD_ERROR})" if LOAD_ERROR else ""
         return ("the CPU shim of the CUDA kernels is not loaded: it is a test backend, loaded by "
-                f"fastasam.backends.cuda_shim.enable(){why}")
+                f"fastasam.testing.cuda_shim.enable(){why}")
     if device.type != "cpu":
         return f"it runs the CUDA kernels on CPU tensors, not on {device.type}"
     return None
