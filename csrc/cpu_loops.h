@@ -210,9 +210,12 @@ void restore_sgd_chunk(T* __restrict__ w, const T* __restrict__ g, const T* __re
   }
 }
 
-// restore, then torch.optim.SGD's update (S1: the momentum buffer; flag FA_FLAG_FRESH_STATE: it is new)
-void restore_sgd(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t sums, int64_t alpha, int64_t count,
-                 int64_t chunk_size, bool copy, int mode) {
+// The fused updates' walk: the mode checked, the direction read, then for each chunk f(T{}, COPY, DIR, chunk, its
+// row of the hyper table, direction) with the storage type, the restore mode and whether there is a direction as
+// compile-time constants.
+template <typename F>
+void for_each_update_chunk(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t sums, int64_t alpha,
+                           int64_t count, int64_t chunk_size, bool copy, int mode, const F& f) {
   const Launch L = launch_of(rows, chunks, count, chunk_size);
   if (mode != 0 && mode != FA_COMBINE_GSAM) throw std::invalid_argument("fastasam: unknown direction mode " +
                                                                         std::to_string(mode));
@@ -220,28 +223,38 @@ void restore_sgd(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t
   const fa::Direction dir = fa::direction_of(ptr<const double>(sums), ptr<const double>(alpha), mode);
   py::gil_scoped_release release;
   with_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
     with_bool(copy, [&](auto copy_c) {
       with_bool(dir.on, [&](auto dir_c) {
-        constexpr bool COPY = decltype(copy_c)::value, DIR = decltype(dir_c)::value;
         for_each_chunk(L, [&](int64_t, const Chunk& ch) {
-          const fa::SgdHyper h = fa::sgd_hyper(hyper_tab + slot(ch.flags, FA_HYPER_SHIFT) * FA_NHYPER);
-          const bool fresh = (ch.flags & FA_FLAG_FRESH_STATE) != 0;
-          T* w = ch.col<T>(FA_COL_W);
-          const T* g = ch.col<const T>(FA_COL_G);
-          const T* b = ch.col<const T>(FA_COL_B);
-          T* mom = ch.col<T>(FA_COL_S1);
-          const T* k = ch.col<const T>(FA_COL_K);
-          if (!h.has_momentum) {
-            restore_sgd_chunk<T, COPY, DIR, false, false>(w, g, b, mom, k, ch.length, h, dir);
-          } else if (fresh) {
-            restore_sgd_chunk<T, COPY, DIR, true, true>(w, g, b, mom, k, ch.length, h, dir);
-          } else {
-            restore_sgd_chunk<T, COPY, DIR, true, false>(w, g, b, mom, k, ch.length, h, dir);
-          }
+          f(tag, copy_c, dir_c, ch, hyper_tab + slot(ch.flags, FA_HYPER_SHIFT) * FA_NHYPER, dir);
         });
       });
     });
+  });
+}
+
+// restore, then torch.optim.SGD's update (S1: the momentum buffer; flag FA_FLAG_FRESH_STATE: it is new)
+void restore_sgd(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t sums, int64_t alpha, int64_t count,
+                 int64_t chunk_size, bool copy, int mode) {
+  for_each_update_chunk(dtype, rows, chunks, hyper, sums, alpha, count, chunk_size, copy, mode,
+                        [](auto tag, auto copy_c, auto dir_c, const Chunk& ch, const float* row,
+                           const fa::Direction& dir) {
+    using T = decltype(tag);
+    constexpr bool COPY = decltype(copy_c)::value, DIR = decltype(dir_c)::value;
+    const fa::SgdHyper h = fa::sgd_hyper(row);
+    const bool fresh = (ch.flags & FA_FLAG_FRESH_STATE) != 0;
+    T* w = ch.col<T>(FA_COL_W);
+    const T* g = ch.col<const T>(FA_COL_G);
+    const T* b = ch.col<const T>(FA_COL_B);
+    T* mom = ch.col<T>(FA_COL_S1);
+    const T* k = ch.col<const T>(FA_COL_K);
+    if (!h.has_momentum) {
+      restore_sgd_chunk<T, COPY, DIR, false, false>(w, g, b, mom, k, ch.length, h, dir);
+    } else if (fresh) {
+      restore_sgd_chunk<T, COPY, DIR, true, true>(w, g, b, mom, k, ch.length, h, dir);
+    } else {
+      restore_sgd_chunk<T, COPY, DIR, true, false>(w, g, b, mom, k, ch.length, h, dir);
+    }
   });
 }
 
@@ -263,34 +276,24 @@ void restore_adam_chunk(T* __restrict__ w, const T* __restrict__ g, const T* __r
 // restore, then torch.optim.Adam/AdamW's update (S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq with amsgrad)
 void restore_adam(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t sums, int64_t alpha, int64_t count,
                   int64_t chunk_size, bool copy, int mode) {
-  const Launch L = launch_of(rows, chunks, count, chunk_size);
-  if (mode != 0 && mode != FA_COMBINE_GSAM) throw std::invalid_argument("fastasam: unknown direction mode " +
-                                                                        std::to_string(mode));
-  const float* hyper_tab = ptr<const float>(hyper);
-  const fa::Direction dir = fa::direction_of(ptr<const double>(sums), ptr<const double>(alpha), mode);
-  py::gil_scoped_release release;
-  with_dtype(dtype, [&](auto tag) {
+  for_each_update_chunk(dtype, rows, chunks, hyper, sums, alpha, count, chunk_size, copy, mode,
+                        [](auto tag, auto copy_c, auto dir_c, const Chunk& ch, const float* row,
+                           const fa::Direction& dir) {
     using T = decltype(tag);
-    with_bool(copy, [&](auto copy_c) {
-      with_bool(dir.on, [&](auto dir_c) {
-        constexpr bool COPY = decltype(copy_c)::value, DIR = decltype(dir_c)::value;
-        for_each_chunk(L, [&](int64_t, const Chunk& ch) {
-          const fa::AdamHyper h = fa::adam_hyper(hyper_tab + slot(ch.flags, FA_HYPER_SHIFT) * FA_NHYPER);
-          T* w = ch.col<T>(FA_COL_W);
-          const T* g = ch.col<const T>(FA_COL_G);
-          const T* b = ch.col<const T>(FA_COL_B);
-          T* m1 = ch.col<T>(FA_COL_S1);
-          T* m2 = ch.col<T>(FA_COL_S2);
-          T* vmax = ch.col<T>(FA_COL_S3);
-          const T* k = ch.col<const T>(FA_COL_K);
-          if (h.amsgrad) {
-            restore_adam_chunk<T, COPY, DIR, true>(w, g, b, m1, m2, vmax, k, ch.length, h, dir);
-          } else {
-            restore_adam_chunk<T, COPY, DIR, false>(w, g, b, m1, m2, vmax, k, ch.length, h, dir);
-          }
-        });
-      });
-    });
+    constexpr bool COPY = decltype(copy_c)::value, DIR = decltype(dir_c)::value;
+    const fa::AdamHyper h = fa::adam_hyper(row);
+    T* w = ch.col<T>(FA_COL_W);
+    const T* g = ch.col<const T>(FA_COL_G);
+    const T* b = ch.col<const T>(FA_COL_B);
+    T* m1 = ch.col<T>(FA_COL_S1);
+    T* m2 = ch.col<T>(FA_COL_S2);
+    T* vmax = ch.col<T>(FA_COL_S3);
+    const T* k = ch.col<const T>(FA_COL_K);
+    if (h.amsgrad) {
+      restore_adam_chunk<T, COPY, DIR, true>(w, g, b, m1, m2, vmax, k, ch.length, h, dir);
+    } else {
+      restore_adam_chunk<T, COPY, DIR, false>(w, g, b, m1, m2, vmax, k, ch.length, h, dir);
+    }
   });
 }
 
