@@ -226,12 +226,16 @@ if run_step build 240 bash "$SELF" _build; then
     run_step racecheck 100 bash "$SELF" _sanitize racecheck
   else
     bench=(--out "$RESULTS" --steps 50 --warmup 10)
+    # fp32: every variant, the published loops and the compiled step included; the others: fastasam's backends
+    # against the official loop and the copy that measures the floor (the compile alone takes a minute)
+    short=(--variants asam-reference asam-triton asam-cuda asam-auto asam-official sam-auto sam-sam.py sgd copy)
     run_step step_time-resnet50-fp32 120 "$PY" -m benchmarks.step_time --param-sets resnet50 --dtype float32 "${bench[@]}"
-    run_step step_time-resnet50-bf16 90 "$PY" -m benchmarks.step_time --param-sets resnet50 --dtype bfloat16 "${bench[@]}"
+    run_step step_time-resnet50-bf16 90 "$PY" -m benchmarks.step_time --param-sets resnet50 --dtype bfloat16 \
+      "${bench[@]}" "${short[@]}"
     run_step e2e-resnet50 120 "$PY" -m benchmarks.e2e --arch resnet50 --batch 256 --amp bf16 --steps 30 --warmup 5 \
       --out "$RESULTS"
     run_step step_time-vit-gpt2 120 "$PY" -m benchmarks.step_time --param-sets vit_b16 gpt2_medium --dtype float32 \
-      "${bench[@]}"
+      "${bench[@]}" "${short[@]}"
   fi
 fi
 say "part $PART done: $(grep -c ' ok ' "$SUMMARY") steps ok; $SUMMARY"
