@@ -86,11 +86,6 @@ def kind_of(variant: str) -> str:
 def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, warmup: int,
         variants: list[str]) -> dict:
     shapes = PARAM_SETS[param_set]()
-    # the official loop scales p.grad in place (a second backward would overwrite it); over the fixed gradients of
-    # these rounds that scaling compounds towards subnormal numbers, whose arithmetic is slow on some CPUs: flush them
-    # to zero so that no row's time depends on how many rounds ran before it
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     param_bytes = numel(shapes) * elem_bytes
     sgd_kw = {k: HPARAMS[k] for k in ("lr", "momentum", "weight_decay")}
@@ -181,8 +176,18 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             print(f"  {variant}: compiling (a minute on a CPU)...", flush=True)
         return make(variant)
 
-    measured = timing.measure([(label, lambda v=variant: build(v)) for variant, label in todo], device, steps,
-                              warmup, param_set, what="one optimizer step (first_step + second_step) of each variant")
+    # the official loop scales p.grad in place (a second backward would overwrite it); over the fixed gradients of
+    # these rounds that scaling compounds towards subnormal numbers, whose arithmetic is slow on some CPUs: flush them
+    # to zero while timing, so that no row's time depends on how many rounds ran before it (then back to torch's
+    # default, which keeps them)
+    flush = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        measured = timing.measure([(label, lambda v=variant: build(v)) for variant, label in todo], device, steps,
+                                  warmup, param_set,
+                                  what="one optimizer step (first_step + second_step) of each variant")
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
     rows = [{**row, "variant": variant} for row, (variant, _) in zip(measured, todo)]
     by_variant = {r["variant"]: r for r in rows}
     ref = by_variant.get("asam-reference")
