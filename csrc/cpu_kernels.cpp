@@ -110,7 +110,8 @@ namespace {
 #undef FA_CPU_NS
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// FA_CPU_BASELINE_ONLY: the baseline build alone (the tests' builds of planted bugs, which do not need both)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FA_CPU_BASELINE_ONLY)
 #define FA_CPU_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
