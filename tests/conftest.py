@@ -22,7 +22,7 @@ from fastasam.testing import cuda_shim
 # `cuda_shim`. FASTASAM_CUDA_SHIM=0 leaves them out (tests/test_cuda_shim.py then says so).
 SHIM_WANTED = os.environ.get("FASTASAM_CUDA_SHIM", "1") != "0"
 if SHIM_WANTED:
-    backends.register(cuda_shim.SPEC)
+    backends.register(cuda_shim.REGISTRATION)
     try:
         cuda_shim.enable()
     except Exception as exc:  # reported by tests/test_cuda_shim.py, which fails while the shim is wanted

@@ -11,9 +11,9 @@ interpreter. It needs the sources (``csrc/``, installed as ``fastasam/csrc``) an
 ``~/.cache/fastasam/cuda_shim``) and loaded with ``ctypes``.
 
 It is not one of the product's backends: nothing registers or loads it by itself. ``register()`` adds it to the
-backend registry (``fastasam.backends.register(SPEC)``; the test suite's ``tests/conftest.py`` does), ``enable()``
-builds and loads it (and registers it, so a spawned process needs only ``enable()``), after which ``cuda_shim`` is an
-available backend on the CPU. It is never picked by ``auto``.
+backend registry (``fastasam.backends.register(REGISTRATION)``; the test suite's ``tests/conftest.py`` does),
+``enable()`` builds and loads it (and registers it, so a spawned process needs only ``enable()``), after which
+``cuda_shim`` is an available backend on the CPU. It is never picked by ``auto``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..backends.cuda import _DTYPE_CODE  # the kernels' storage dtype codes (mul
 name = "cuda_shim"
 traceable = False
 # its registry entry: CPU tensors only, never picked by ``auto``
-SPEC = backends.BackendSpec(
+REGISTRATION = backends.BackendSpec(
     name, __name__, device_types=("cpu",),
     fix="it is a test backend: call fastasam.testing.cuda_shim.enable() (source checkout and a C++ compiler) and use "
         "CPU tensors",
@@ -163,7 +163,7 @@ def register() -> None:
     """Add ``cuda_shim`` to the backend registry (``fastasam.backends``), unless it is there already. Mutates the
     registry only."""
     if "cuda_shim" not in backends.names():
-        backends.register(SPEC)
+        backends.register(REGISTRATION)
 
 
 def enable(path: Path | None = None) -> ShimLibrary:
