@@ -105,8 +105,7 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             step()
         return wrapped
 
-    def fastasam_step(variant: str) -> Callable[[], None]:
-        named, params, adaptive, plain = fresh()
+    def fastasam_step(variant: str, params: list, adaptive: list, plain: list) -> Callable[[], None]:
         kind, backend = variant.split("-", 1)
         if kind == "sam":
             opt = fastasam.SAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"], **sgd_kw)
@@ -140,7 +139,7 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             return with_grads(params, baselines.compiled_foreach(adaptive, plain, **HPARAMS))
         if variant == "asam-apex":
             return with_grads(params, baselines.apex_asam(adaptive, plain, **HPARAMS))
-        return fastasam_step(variant)
+        return fastasam_step(variant, params, adaptive, plain)
 
     def why_not(variant: str) -> str | None:
         if variant == "asam-apex":

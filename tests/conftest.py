@@ -70,7 +70,7 @@ def kernels_with(argnames: str, values: list, ids: list[str], fused: bool = Fals
     cases, case_ids = [], []
     for b, d in KERNEL_CASES:
         for value, vid in zip(values, ids):
-            value = value if isinstance(value, tuple) and len(argnames.split(",")) > 1 else (value,)
+            value = value if "," in argnames else (value,)
             first = value[0]
             if kernels_take(b, d, first if isinstance(first, tuple) else (first,), fused):
                 cases.append((b, d, *value))
