@@ -7,7 +7,7 @@
 // PyTorch's intra-op threads (at::parallel_for) in contiguous runs of about equal element counts.
 //
 // Reductions (the squared norm, the dots) are deterministic whatever the thread count: each chunk's partial sum is
-// computed by one thread in a fixed order (fp32 products summed in fp64 over 8 interleaved lanes, the lanes then
+// computed by one thread in a fixed order (fp32 products summed in fp64 over interleaved lanes, the lanes then
 // added in a fixed tree), and the partials are added in chunk order.
 //
 // Compiled with -ffp-contract=off: no multiply-add contraction, as for the CUDA kernels (see elementwise.h).
@@ -55,6 +55,9 @@ FA_INLINE float from_bits(uint32_t u) {
 
 FA_INLINE float bf16_to_float(uint16_t h) { return from_bits(static_cast<uint32_t>(h) << 16); }
 
+// the bf16 whose value f is (f a bf16 value already: its low 16 bits are 0)
+FA_INLINE uint16_t exact_bf16(float f) { return static_cast<uint16_t>(bits(f) >> 16); }
+
 FA_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = bits(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -91,19 +94,25 @@ namespace fa {
 template <> struct Storage<c10::Half> {
   static FA_INLINE float load(c10::Half x) { return convert::half_to_float(x.x); }
   static FA_INLINE c10::Half store(float x) { return c10::Half(convert::float_to_half(x), c10::Half::from_bits()); }
+  static FA_INLINE c10::Half exact(float x) { return store(x); }
 };
 template <> struct Storage<c10::BFloat16> {
   static FA_INLINE float load(c10::BFloat16 x) { return convert::bf16_to_float(x.x); }
   static FA_INLINE c10::BFloat16 store(float x) {
     return c10::BFloat16(convert::float_to_bf16(x), c10::BFloat16::from_bits());
   }
+  static FA_INLINE c10::BFloat16 exact(float x) {
+    return c10::BFloat16(convert::exact_bf16(x), c10::BFloat16::from_bits());
+  }
 };
 }  // namespace fa
 
-// The loops, compiled once for the baseline instruction set of the build and, on x86-64 with GCC, once more for
-// AVX2 + F16C (the conversions and 16-bit loads of bf16/fp16 storage vectorise 8 wide there, not with SSE2 alone).
-// Both are the same C++ under -ffp-contract=off: the same operations in the same order, so the same results to the
-// bit (the tests compare them); which one runs is decided once, from the CPU, when the module loads.
+// The loops, compiled once for the baseline instruction set of the build and, on x86-64 with GCC, twice more: for
+// AVX2 + F16C (the conversions and 16-bit loads of bf16/fp16 storage vectorise 8 wide there, not with SSE2 alone) and
+// for AVX-512 (F, BW, VL, DQ) with 512-bit vectors preferred (16 wide: half the instructions per element, which is
+// what the 16-bit loops, bound by their conversions, are short of). All are the same C++ under -ffp-contract=off: the
+// same operations in the same order, so the same results to the bit (the tests compare them); which one runs is
+// decided once, from the CPU, when the module loads.
 namespace {
 #define FA_CPU_NS baseline
 #include "cpu_loops.h"
@@ -120,6 +129,16 @@ namespace {
 #define FA_CPU_AVX2_LOOPS 1  // (the pragma does not define __AVX2__ in C++)
 #include "cpu_loops.h"
 #undef FA_CPU_AVX2_LOOPS
+#undef FA_CPU_NS
+}  // namespace
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c,prefer-vector-width=512")
+namespace {
+#define FA_CPU_NS avx512
+#define FA_CPU_AVX512_LOOPS 1
+#include "cpu_loops.h"
+#undef FA_CPU_AVX512_LOOPS
 #undef FA_CPU_NS
 }  // namespace
 #pragma GCC pop_options
@@ -143,13 +162,20 @@ struct Kernels {
 #define FA_KERNELS(NS) \
   Kernels { #NS, &NS::sqnorm, &NS::perturb, &NS::restore, &NS::restore_sgd, &NS::restore_adam, &NS::dots, &NS::combine }
 
-bool cpu_has_avx2() {
+// the builds this CPU runs, the baseline first and the widest last
+std::vector<Kernels> supported_kernels() {
+  std::vector<Kernels> out{FA_KERNELS(baseline)};
 #if FA_CPU_AVX2
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-#else
-  return false;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    out.push_back(FA_KERNELS(avx2));
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      out.push_back(FA_KERNELS(avx512));
+    }
+  }
 #endif
+  return out;
 }
 
 void define_kernels(py::module_& m, const Kernels& k) {
@@ -173,25 +199,19 @@ void define_kernels(py::module_& m, const Kernels& k) {
 }  // namespace
 
 // TORCH_EXTENSION_NAME: _cpu (setup.py); the tests build variants under other names. The module's functions are the
-// kernels of the widest instruction set this CPU runs (``isa``); ``baseline`` holds the baseline build's, and
-// ``avx2`` (where compiled and supported) the AVX2 build's, for the tests.
+// kernels of the widest instruction set this CPU runs (``isa``); a submodule per build this CPU runs (``baseline``,
+// and where compiled and supported ``avx2`` and ``avx512``) holds that build's, for the tests; ``isas`` names them.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastasam's multi-tensor kernels for CPU tensors (the cpu backend); arguments are table addresses";
-  const Kernels base = FA_KERNELS(baseline);
-#if FA_CPU_AVX2
-  const bool wide = cpu_has_avx2();
-  const Kernels avx = FA_KERNELS(avx2);
-#else
-  const bool wide = false;
-  const Kernels avx = base;
-#endif
-  define_kernels(m, wide ? avx : base);
-  auto sub = m.def_submodule("baseline", "the kernels built for the baseline instruction set");
-  define_kernels(sub, base);
-  if (wide) {
-    auto sub2 = m.def_submodule("avx2", "the kernels built for AVX2 + F16C");
-    define_kernels(sub2, avx);
+  const std::vector<Kernels> builds = supported_kernels();
+  define_kernels(m, builds.back());
+  py::tuple isas(builds.size());
+  for (size_t i = 0; i < builds.size(); ++i) {
+    auto sub = m.def_submodule(builds[i].isa, "the kernels of one instruction set's build");
+    define_kernels(sub, builds[i]);
+    isas[i] = builds[i].isa;
   }
+  m.attr("isas") = isas;
   m.attr("openmp") = py::bool_(
 #ifdef _OPENMP
       true

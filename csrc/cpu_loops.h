@@ -9,10 +9,15 @@ namespace FA_CPU_NS {
 
 // elements per parallel task at least: smaller launches run on the calling thread
 constexpr int64_t kGrain = 1 << 15;
-constexpr int kLanes = 8;  // interleaved partial sums of the reductions
+// interleaved partial sums of the reductions: enough independent fp64 additions in flight to hide their latency
+// (the norm's one sum), fewer where each lane holds three sums (the dots)
+constexpr int kNormLanes = 32;
+constexpr int kDotLanes = 8;
 
 template <typename T> FA_INLINE float ld(const T* p, int64_t i) { return fa::Storage<T>::load(p[i]); }
 template <typename T> FA_INLINE void st(T* p, int64_t i, float x) { p[i] = fa::Storage<T>::store(x); }
+// x a value of T already (loaded from T, or rounded to T by the formula): stored without rounding it again
+template <typename T> FA_INLINE void st_exact(T* p, int64_t i, float x) { p[i] = fa::Storage<T>::exact(x); }
 
 struct Chunk {
   const int64_t* row;  // the tensor's row of the rows table
@@ -80,19 +85,24 @@ Launch launch_of(int64_t rows, int64_t chunks, int64_t count, int64_t size) {
 
 template <typename P> P* ptr(int64_t address) { return reinterpret_cast<P*>(static_cast<uintptr_t>(address)); }
 
-// the lanes of a reduction added in a fixed tree
-FA_INLINE double lane_sum(const double (&s)[kLanes]) {
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+// the lanes of a reduction added in a fixed tree: neighbours in pairs, then the pairs in pairs, ...
+template <int N> FA_INLINE double lane_sum(const double (&s)[N]) {
+  static_assert(N > 0 && (N & (N - 1)) == 0, "a power of two of lanes");
+  double t[N];
+  for (int k = 0; k < N; ++k) t[k] = s[k];
+  for (int width = N; width > 1; width /= 2)
+    for (int k = 0; k < width / 2; ++k) t[k] = t[2 * k] + t[2 * k + 1];
+  return t[0];
 }
 
 // --- phase 1: the squared norm ------------------------------------------------------------------------------------
 
 template <typename T, bool ADAPTIVE>
 double sqnorm_chunk(const T* __restrict__ w, const T* __restrict__ g, int64_t n, float eta) {
-  double s[kLanes] = {};
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
+  double s[kNormLanes] = {};
+  const int64_t body = n - n % kNormLanes;
+  for (int64_t i = 0; i < body; i += kNormLanes) {
+    for (int k = 0; k < kNormLanes; ++k) {
       const float x = fa::scaled_grad(ld(g, i + k), ADAPTIVE ? ld(w, i + k) : 0.f, ADAPTIVE, eta);
       s[k] += static_cast<double>(x * x);
     }
@@ -135,7 +145,7 @@ void perturb_chunk(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ b
   for (int64_t i = 0; i < n; ++i) {
     const float wv = ld(w, i);
     const float e = fa::perturbation<T>(wv, ld(g, i), ADAPTIVE, eta, scale, FINITE, COPY);
-    st(b, i, COPY ? wv : e);
+    st_exact(b, i, COPY ? wv : e);  // w as loaded, or e rounded to T
     st(w, i, wv + e);
   }
 }
@@ -174,7 +184,7 @@ void perturb(int dtype, int64_t rows, int64_t chunks, int64_t opts, int64_t sqno
 // --- phase 3: restore, alone or fused with the base optimizer's update -------------------------------------------
 
 template <typename T, bool COPY> void restore_chunk(T* __restrict__ w, const T* __restrict__ b, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) st(w, i, fa::restored<T>(COPY ? 0.f : ld(w, i), ld(b, i), COPY));
+  for (int64_t i = 0; i < n; ++i) st_exact(w, i, fa::restored<T>(COPY ? 0.f : ld(w, i), ld(b, i), COPY));
 }
 
 // w <- buffer (copy) or w - buffer
@@ -198,15 +208,17 @@ FA_INLINE float gradient(const T* __restrict__ g, const T* __restrict__ k, int64
   return DIR ? fa::combined(dir.x, ld(g, i), dir.y, ld(k, i)) : ld(g, i);
 }
 
-template <typename T, bool COPY, bool DIR, bool MOMENTUM, bool FRESH>
+// PLAIN: neither nesterov nor maximize, as compile-time constants (the common case: no selects in the loop)
+template <typename T, bool COPY, bool DIR, bool MOMENTUM, bool FRESH, bool PLAIN>
 void restore_sgd_chunk(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ b, T* __restrict__ mom,
                        const T* __restrict__ k, int64_t n, fa::SgdHyper h, fa::Direction dir) {
   h.has_momentum = MOMENTUM;
+  if (PLAIN) h.nesterov = h.maximize = 0.f;
   for (int64_t i = 0; i < n; ++i) {
     const float p = fa::restored<T>(COPY ? 0.f : ld(w, i), ld(b, i), COPY);
     float m = MOMENTUM && !FRESH ? ld(mom, i) : 0.f;
     st(w, i, fa::sgd_update<T>(h, FRESH, p, gradient<T, DIR>(g, k, i, dir), m));
-    if (MOMENTUM) st(mom, i, m);
+    if (MOMENTUM) st_exact(mom, i, m);  // rounded to T by the formula
   }
 }
 
@@ -248,13 +260,16 @@ void restore_sgd(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t
     const T* b = ch.col<const T>(FA_COL_B);
     T* mom = ch.col<T>(FA_COL_S1);
     const T* k = ch.col<const T>(FA_COL_K);
-    if (!h.has_momentum) {
-      restore_sgd_chunk<T, COPY, DIR, false, false>(w, g, b, mom, k, ch.length, h, dir);
-    } else if (fresh) {
-      restore_sgd_chunk<T, COPY, DIR, true, true>(w, g, b, mom, k, ch.length, h, dir);
-    } else {
-      restore_sgd_chunk<T, COPY, DIR, true, false>(w, g, b, mom, k, ch.length, h, dir);
-    }
+    with_bool(h.nesterov == 0.f && h.maximize == 0.f, [&](auto plain_c) {
+      constexpr bool PLAIN = decltype(plain_c)::value;
+      if (!h.has_momentum) {
+        restore_sgd_chunk<T, COPY, DIR, false, false, PLAIN>(w, g, b, mom, k, ch.length, h, dir);
+      } else if (fresh) {
+        restore_sgd_chunk<T, COPY, DIR, true, true, PLAIN>(w, g, b, mom, k, ch.length, h, dir);
+      } else {
+        restore_sgd_chunk<T, COPY, DIR, true, false, PLAIN>(w, g, b, mom, k, ch.length, h, dir);
+      }
+    });
   });
 }
 
@@ -300,10 +315,10 @@ void restore_adam(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_
 // --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B -------------------
 
 template <typename T> void dots_chunk(const T* __restrict__ g, const T* __restrict__ b, int64_t n, double* out) {
-  double gg[kLanes] = {}, gb[kLanes] = {}, bb[kLanes] = {};
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {  // products rounded in fp32, summed in fp64
+  double gg[kDotLanes] = {}, gb[kDotLanes] = {}, bb[kDotLanes] = {};
+  const int64_t body = n - n % kDotLanes;
+  for (int64_t i = 0; i < body; i += kDotLanes) {
+    for (int k = 0; k < kDotLanes; ++k) {  // products rounded in fp32, summed in fp64
       const float x = ld(g, i + k), y = ld(b, i + k);
       gg[k] += static_cast<double>(fa::mul_rn(x, x));
       gb[k] += static_cast<double>(fa::mul_rn(x, y));

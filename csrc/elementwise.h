@@ -32,11 +32,12 @@ namespace fa {
 // --- storage conversions and IEEE operations ------------------------------------------------------------------------
 
 // T's conversions to and from fp32 (the includer specialises this for its 16-bit types): load(T) -> float is exact,
-// store(float) -> T rounds to nearest even.
+// store(float) -> T rounds to nearest even; exact(float) -> T (the CPU kernels') stores a value that is a T already.
 template <typename T> struct Storage;
 template <> struct Storage<float> {
   FA_HD static FA_INLINE float load(float x) { return x; }
   FA_HD static FA_INLINE float store(float x) { return x; }
+  FA_HD static FA_INLINE float exact(float x) { return x; }
 };
 
 // x rounded to the storage dtype and back: the value the storage holds

@@ -78,15 +78,15 @@ def _setup_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return setup.CPU_CXX_FLAGS, setup.CPU_LINK_FLAGS
 
 
-def build_cpu_kernels(replace: dict[str, tuple[str, str]], both_isas: bool = False):
+def build_cpu_kernels(replace: dict[str, tuple[str, str]], all_isas: bool = False):
     """``fastasam._cpu`` compiled from ``csrc/`` with ``replace`` (``{file: (old, new)}``, ``old`` must occur) and
     setup.py's flags, loaded as a module of its own; cached by the sources' hash in ``build/cpu_kernels/``. Only the
-    baseline instruction set's kernels unless ``both_isas`` (half the compile time; the AVX2 build is the same
-    source, and the product's two builds are compared to the bit below)."""
+    baseline instruction set's kernels unless ``all_isas`` (a third of the compile time; the wider builds are the
+    same source, and the product's builds are compared to the bit below)."""
     from torch.utils import cpp_extension
 
     cxx, link = _setup_flags()
-    cxx = cxx if both_isas else (*cxx, "-DFA_CPU_BASELINE_ONLY")
+    cxx = cxx if all_isas else (*cxx, "-DFA_CPU_BASELINE_ONLY")
     files = ("cpu_kernels.cpp", "cpu_loops.h", "elementwise.h", "multi_tensor.h")
     texts = {f: (ROOT / "csrc" / f).read_text() for f in files}
     for f, (old, new) in replace.items():
@@ -217,7 +217,8 @@ def _tensors(dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
 
 class _Impl:
     """Direct launches of one implementation's kernels (``cpu``: fastasam._cpu, the widest instruction set's build;
-    ``cpu-baseline``: its baseline build; ``shim``: the CUDA kernels on the CPU) over tables of its own chunk size."""
+    ``cpu-<isa>``: its build for that instruction set, e.g. ``cpu-baseline``; ``shim``: the CUDA kernels on the CPU)
+    over tables of its own chunk size."""
 
     def __init__(self, which: str, dtype: torch.dtype) -> None:
         self.which, self.code = which, {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
@@ -238,7 +239,8 @@ class _Impl:
         options = [p for p, a in zip(ptrs, args) if not isinstance(a, torch.Tensor)]
         count = chunks.shape[0]
         if self.which != "shim":
-            module = cpu_backend.EXTENSION if self.which == "cpu" else cpu_backend.EXTENSION.baseline
+            isa = self.which.partition("-")[2]
+            module = getattr(cpu_backend.EXTENSION, isa) if isa else cpu_backend.EXTENSION
             getattr(module, kernel)(self.code, rows.data_ptr(), chunks.data_ptr(), *tensors, count,
                                                    self.chunk, *options)
             return
@@ -264,16 +266,18 @@ def _elementwise_results(which: str, dtype: torch.dtype) -> list[torch.Tensor]:
             out += [*w, *b]
             impl("restore", rows, chunks, copy)
             out += w
-    # the fused updates: SGD (fresh buffers on odd rows; nesterov + maximize + decay), Adam (amsgrad, L2) and AdamW,
-    # each without and along GSAM's direction
+    # the fused updates: SGD (fresh buffers on odd rows; row r takes hyper row r: neither nesterov nor maximize,
+    # both, nesterov alone, maximize alone; all with decay), Adam (amsgrad, L2) and AdamW, each without and along
+    # GSAM's direction
     sums, alpha = torch.tensor([2.0, -0.7, 1.5], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
-    sgd = torch.tensor([[0.1, 0.9, 0.8, 1e-3, 1.0, 1.0, 1.0, 0, 0, 0]], dtype=torch.float32)
+    sgd = torch.tensor([[0.1, 0.9, 0.8, 1e-3, 1.0, nesterov, maximize, 0, 0, 0]
+                        for nesterov, maximize in ((0, 0), (1, 1), (1, 0), (0, 1))], dtype=torch.float32)
     adam = torch.tensor([[0.1, 0.99, 0.01, 1e-3, 0.01, 1.0, 0.05, 0.3, 1.0, 0.0],
                          [0.1, 0.99, 0.01, 1e-3, 0.0, 0.999, 0.05, 0.3, 0.0, 1.0]], dtype=torch.float32)
     for copy in (True, False):
         for mode in (0, L.COMBINE_GSAM):
             w, m = [x.clone() for x in t["w"]], [x.clone() for x in t["s1"]]
-            fresh = [(L.FLAG_FRESH_STATE if r % 2 else 0) for r in range(n)]
+            fresh = [(L.FLAG_FRESH_STATE if r % 2 else 0) | (r % len(sgd)) << L.HYPER_SHIFT for r in range(n)]
             rows, chunks = impl.tables((w, t["g"], t["b"], m, None, None, None, None, t["k"]), fresh)
             impl("restore_sgd", rows, chunks, sgd, sums, alpha, copy, mode)
             out += [*w, *m]
@@ -314,6 +318,12 @@ CPU_ONLY_BUGS = {
     "unrounded-restore": ("    const float p = fa::restored<T>(COPY ? 0.f : ld(w, i), ld(b, i), COPY);\n"
                           "    float m = MOMENTUM",
                           "    const float p = COPY ? ld(b, i) : ld(w, i) - ld(b, i);\n    float m = MOMENTUM"),
+    # the loop without nesterov and maximize taken when only maximize is off
+    "plain-despite-nesterov": ("with_bool(h.nesterov == 0.f && h.maximize == 0.f,", "with_bool(h.maximize == 0.f,"),
+    # ... when only nesterov is off
+    "plain-despite-maximize": ("with_bool(h.nesterov == 0.f && h.maximize == 0.f,", "with_bool(h.nesterov == 0.f,"),
+    # the new weight, which needs rounding, stored as if it were a bf16 value already (its low bits dropped)
+    "unrounded-store": ("    st(w, i, fa::sgd_update<T>(", "    st_exact(w, i, fa::sgd_update<T>("),
 }
 
 
@@ -321,14 +331,15 @@ CPU_ONLY_BUGS = {
 @needs_shim
 @pytest.mark.parametrize("bug", list(CPU_ONLY_BUGS))
 def test_a_bug_in_the_cpu_walk_alone_is_caught_against_the_cuda_kernels(bug, cpu_planted):
-    """A slip in how the CPU kernels apply the shared formulas (here: the restored weight's rounding to bf16 skipped
-    before the fused update) makes the two disagree."""
+    """A slip in how the CPU kernels apply the shared formulas (the restored weight's rounding to bf16 skipped before
+    the fused update; the loop specialised for plain SGD taken with nesterov or maximize on; a value that needs
+    rounding stored by truncation) makes the two disagree."""
     cpu_planted({"cpu_loops.h": CPU_ONLY_BUGS[bug]})
     with pytest.raises(AssertionError, match="differs"):
         _assert_cpu_equals_shim(torch.bfloat16)
 
 
-# --- the baseline build and the AVX2 build: the same numbers --------------------------------------------------------
+# --- the baseline build and the wider builds (AVX2, AVX-512): the same numbers --------------------------------------
 
 
 def _reductions(module, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -343,43 +354,60 @@ def _reductions(module, dtype: torch.dtype) -> list[torch.Tensor]:
     return [sq, dots]
 
 
-def _assert_isas_agree(dtype: torch.dtype, extension=None) -> None:
+def _assert_isas_agree(dtype: torch.dtype, isa: str, extension=None) -> None:
+    """The build for ``isa`` of ``extension`` (default: the product's) gives the baseline build's results."""
     ext = extension or cpu_backend.EXTENSION
     saved = cpu_backend.EXTENSION
     cpu_backend.EXTENSION = ext
     try:
-        got = _elementwise_results("cpu", dtype) + _reductions(ext, dtype)
+        got = _elementwise_results(f"cpu-{isa}", dtype) + _reductions(getattr(ext, isa), dtype)
         want = _elementwise_results("cpu-baseline", dtype) + _reductions(ext.baseline, dtype)
     finally:
         cpu_backend.EXTENSION = saved
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a[~a.isnan()], b[~b.isnan()]), (
-            f"result {i} differs between {ext.isa} and baseline: {(a.double() - b.double()).abs().max().item()}")
+            f"result {i} differs between {isa} and baseline: {(a.double() - b.double()).abs().max().item()}")
 
 
-needs_avx2 = pytest.mark.skipif(not BUILT or cpu_backend.EXTENSION.isa == "baseline",
-                                reason="only the baseline build of the CPU kernels runs on this machine")
+WIDE_ISAS = ["avx2", "avx512"]  # the wider builds, on x86-64 with GCC
 
 
-@needs_kernels
-@needs_avx2
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_the_avx2_and_the_baseline_builds_agree_to_the_bit(dtype):
-    """The kernels that run on an AVX2 CPU (compiled under ``#pragma GCC target("avx2,f16c")``) and the baseline
-    build: every elementwise result, the squared norm and the dots are the same to the bit."""
-    assert cpu_backend.EXTENSION.isa == "avx2"
-    _assert_isas_agree(dtype)
+def _needs_isa(isa: str):
+    return pytest.mark.skipif(not BUILT or isa not in cpu_backend.EXTENSION.isas,
+                              reason=f"this machine does not run the {isa} build of the CPU kernels")
 
 
 @needs_kernels
-@needs_avx2
-def test_a_bug_in_the_avx2_build_alone_is_caught(cpu_planted):
-    """The comparison above fails on a build whose AVX2 loops alone drop the weight decay (``FA_CPU_AVX2_LOOPS`` is
-    defined only there)."""
-    planted = "  h.has_momentum = MOMENTUM;\n#ifdef FA_CPU_AVX2_LOOPS\n  h.weight_decay = 0.f;\n#endif\n"
-    ext = build_cpu_kernels({"cpu_loops.h": ("  h.has_momentum = MOMENTUM;\n", planted)}, both_isas=True)
-    with pytest.raises(AssertionError, match="differs between avx2 and baseline"):
-        _assert_isas_agree(torch.float32, ext)
+def test_the_widest_build_this_cpu_runs_is_the_one_used():
+    """``isas`` lists the builds this CPU runs, the baseline first; the module's own kernels are the last one's."""
+    ext = cpu_backend.EXTENSION
+    assert ext.isas[0] == "baseline" and set(ext.isas) <= {"baseline", *WIDE_ISAS}
+    assert ext.isa == ext.isas[-1] and ext.sqnorm.__doc__ == getattr(ext, ext.isa).sqnorm.__doc__
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa,dtype", [pytest.param(isa, dt, id=f"{isa}-{name}", marks=_needs_isa(isa))
+                                       for isa in WIDE_ISAS for dt, name in zip(DTYPES, DTYPE_IDS)])
+def test_the_wider_builds_and_the_baseline_build_agree_to_the_bit(isa, dtype):
+    """The kernels that run on an AVX2 CPU (compiled under ``#pragma GCC target("avx2,f16c")``) or an AVX-512 one
+    (512-bit vectors) and the baseline build: every elementwise result, the squared norm and the dots are the same to
+    the bit."""
+    _assert_isas_agree(dtype, isa)
+
+
+@needs_kernels
+@pytest.mark.skipif(not BUILT or len(cpu_backend.EXTENSION.isas) < 2, reason="only the baseline build runs here")
+def test_a_bug_in_the_wider_builds_alone_is_caught(cpu_planted):
+    """The comparison above fails for each wider build on a build whose AVX2 and AVX-512 loops alone drop the weight
+    decay (``FA_CPU_AVX2_LOOPS`` / ``FA_CPU_AVX512_LOOPS`` is defined only there); each is compared on its own."""
+    planted = ("  h.has_momentum = MOMENTUM;\n#if defined(FA_CPU_AVX2_LOOPS) || defined(FA_CPU_AVX512_LOOPS)\n"
+               "  h.weight_decay = 0.f;\n#endif\n")
+    ext = build_cpu_kernels({"cpu_loops.h": ("  h.has_momentum = MOMENTUM;\n", planted)}, all_isas=True)
+    assert ext.isas == cpu_backend.EXTENSION.isas
+    _assert_isas_agree(torch.float32, "baseline", ext)  # the baseline build is not touched
+    for isa in ext.isas[1:]:
+        with pytest.raises(AssertionError, match=f"differs between {isa} and baseline"):
+            _assert_isas_agree(torch.float32, isa, ext)
 
 
 def test_fp16_tensors_go_to_foreach_on_the_cpu_backend():

@@ -6,7 +6,8 @@ and ``cuda`` backends (``_multi_tensor``), and the same per-element formulas (``
 CUDA kernels): one pass over memory per phase, fp32 math for fp32 and bf16 storage rounded once on store. fp64 and
 fp16 tensors go to ``foreach``: the kernels take fp16 (and are tested on it), but its conversions do not vectorise
 with the compilers at hand and the loop then runs slower than ``foreach``. The kernels are compiled for the build's
-baseline instruction set and, on x86-64, for AVX2 + F16C too (``fastasam._cpu.isa`` says which one runs). A launch
+baseline instruction set and, on x86-64, for AVX2 + F16C and for AVX-512 too (``fastasam._cpu.isa`` says which one
+runs: the widest the CPU supports; ``fastasam._cpu.isas`` lists the builds it runs). A launch
 spreads its chunks over PyTorch's intra-op threads (``torch.set_num_threads``); the squared norm and the dots are the
 same to the bit whatever the thread count (per-chunk partial sums added in a fixed order). Each launch is bound once
 to the C++ function and the tables' addresses (``functools.partial``), so a warm step pays one Python call per phase.
