@@ -21,10 +21,12 @@ import torch
 
 from . import backends
 from ._plan import RESTORE_MODES
-from ._step_plan import StepPlan, UpdatePlan, check_nonnegative
+from ._step_plan import MOVED, Outcome, StepPlan, check_nonnegative
 from .report import StepReport, build_report
 
 __all__ = ["SharpnessEngine", "check_nonnegative"]
+
+TRACED = Outcome(False, "restore, then the base optimizer's step (torch.compile)")
 
 
 class SharpnessEngine:
@@ -46,15 +48,13 @@ class SharpnessEngine:
         self.restore_mode = restore
         self._plan: StepPlan | None = None
         self._pending: StepPlan | None = None  # perturbed, awaiting the restore
+        # ``_pending is not None``, kept as a plain attribute: read on every step from outside (no call)
+        self.perturbed = False
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}
         self._sqnorm: torch.Tensor | None = None
-        self._last: tuple[StepPlan, str] | None = None  # the last step's plan and how its second step ran
+        self._last: tuple[StepPlan, Outcome] | None = None  # the last step's plan and how its second step ran
 
     # --- results of the last first_step ---------------------------------------------------------------------------
-
-    @property
-    def perturbed(self) -> bool:
-        return self._pending is not None
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
@@ -114,7 +114,7 @@ class SharpnessEngine:
             with torch.no_grad():  # dynamo traces the tensor ops; its guards replace the watch
                 plan = StepPlan(self, groups, traced=True)
                 self._sqnorm = plan.first_step(plan.grads_at_build())
-            self._pending = plan
+            self._pending, self.perturbed = plan, True
         else:  # dynamo runs the planned step as it is, between its graphs (it reads addresses)
             torch.compiler.disable(self._first_step_planned)(groups)
 
@@ -127,18 +127,9 @@ class SharpnessEngine:
             torch._C._set_grad_enabled(enabled)
 
     def _first_step_in(self, groups: list[Mapping]) -> None:
-        plan = self._plan
-        if plan is None or not plan.same_structure(groups):
-            plan = None
-        elif not plan.same_options(groups):
-            plan = plan.with_options(groups)  # uploads new options, or None when the structure must change
-        grads = plan.watch.check() if plan is not None else None
-        if grads is None:
-            plan = StepPlan.rebuild(self, groups, plan)
-            grads = plan.grads_at_build()
-        self._plan = plan
-        self._sqnorm = plan.first_step(grads)
-        self._pending = plan
+        plan, self._sqnorm = StepPlan.run_first_step(self, groups, self._plan)
+        self._plan = self._pending = plan
+        self.perturbed = True
 
     def _traceable(self, groups: list[Mapping]) -> bool:
         devices = {p.device for g in groups for p in g["params"]}
@@ -151,8 +142,8 @@ class SharpnessEngine:
         plan = self._pending_plan()
         if plan.traced:
             with torch.no_grad():
-                self._restore_then_step(plan, base, "restore, then the base optimizer's step (torch.compile)",
-                                        direction)
+                self._done(plan, plan.restore_all(TRACED, direction))
+                base.step()
         elif torch.compiler.is_compiling():
             torch.compiler.disable(self._restore_and_step_planned)(plan, base, direction)
         else:
@@ -162,73 +153,28 @@ class SharpnessEngine:
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            self._restore_and_step_in(plan, base, direction)
+            outcome = plan.second_step(base, direction)
+            self._done(plan, outcome)  # restored: whatever the base optimizer's step does next
+            plan.finish(base, outcome)
         finally:
             torch._C._set_grad_enabled(enabled)
 
-    def _restore_and_step_in(self, plan: StepPlan, base: torch.optim.Optimizer, direction=None) -> None:
-        update = plan.update
-        warm = update is not None and update.valid(base) and update.check()  # check() confirms the fused tensors
-        if not (warm and update.covers_all) and not plan.params_intact():
-            self._restore_moved(plan, direction)  # the tables point at memory the parameters no longer hold
-            base.step()
-            return
-        if not warm:
-            update = plan.update = UpdatePlan(plan, base)
-        if update.mode != "fused":
-            self._restore_then_step(plan, base, update.mode, direction)
-            return
-        if update.capturing_adam():  # torch.optim.Adam's host step count cannot be captured; its own path decides
-            self._restore_then_step(plan, base, "restore, then the base optimizer's step: Adam during CUDA-graph "
-                                                "capture", direction)
-            return
-        if not update.sync():  # the Adam step counts were changed from outside: plan again from the state as it is
-            update = plan.update = UpdatePlan(plan, base)
-            if update.mode != "fused" or not update.sync():
-                self._restore_then_step(plan, base, update.mode, direction)
-                return
-        fuse = False
-        if direction is not None:
-            fuse = update.bind_direction(direction)
-            if fuse:
-                direction.fused_into_update()
-            else:
-                direction.apply()
-        update.restore_fused(fuse)
-        self._pending = None
-        self._last = (plan, update.mode)
-        update.step_rest()
-
-    def _restore_then_step(self, plan: StepPlan, base: torch.optim.Optimizer, why: str, direction=None) -> None:
-        if direction is not None:
-            direction.apply()
-        plan.restore()
-        self._pending = None
-        self._last = (plan, why)
-        base.step()
+    def _done(self, plan: StepPlan, outcome: Outcome) -> None:
+        """The perturbation is undone: nothing is pending; the report describes ``outcome``."""
+        self._pending, self.perturbed = None, False
+        self._last = (plan, outcome)
+        if outcome.replan:
+            self._plan = None
 
     @torch.no_grad()
     def restore(self, why: str = "restore, then the base optimizer's step") -> None:
         """Undo the perturbation (the caller steps the base optimizer itself)."""
         plan = self._pending_plan()
         if not plan.traced and not plan.params_intact():
-            self._restore_moved(plan)
+            plan.restore_tensor_by_tensor()
+            self._done(plan, MOVED)
             return
-        plan.restore()
-        self._pending = None
-        self._last = (plan, why)
-
-    def _restore_moved(self, plan: StepPlan, direction=None) -> None:
-        """A parameter's storage changed between the two steps: restore tensor by tensor into the storage each
-        parameter holds now (as the oracle does), or raise having written nothing; the plan is dropped, so the next
-        step plans from the parameters as they are. The caller then has the base optimizer step."""
-        plan.restore_tensor_by_tensor()
-        if direction is not None:
-            direction.apply()
-        self._pending = None
-        self._plan = None
-        self._last = (plan, "restore tensor by tensor, then the base optimizer's step: a parameter's storage changed "
-                            "between first_step and second_step")
+        self._done(plan, plan.restore_all(Outcome(False, why)))
 
     def _pending_plan(self) -> StepPlan:
         if self._pending is None:

@@ -4,11 +4,17 @@
 bound launches for the multi-tensor backends; the per-tensor backends through :class:`ModuleRunner`) and the
 :func:`~fastasam._watch.watch` a warm step checks. :class:`UpdatePlan` (second step): per bucket, which perturbed
 tensors a fused restore + update takes, and the param groups the base optimizer steps for all the others.
+
+Each plan owns its protocol. The second step is one call, :meth:`StepPlan.second_step`: it asks the update plan to
+run (:meth:`UpdatePlan.run`, which decides in one place, :meth:`UpdatePlan.holds`, whether it still holds, and
+refreshes what only moved), plans again when it does not, and returns an :class:`Outcome`; then
+:meth:`StepPlan.finish` has the base optimizer step what the restore left to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
 from types import ModuleType
@@ -29,6 +35,24 @@ def check_nonnegative(name: str, value: object, where: str = "") -> None:
     perturbation)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):  # NaN fails
         raise ValueError(f"fastasam: invalid {name}={value!r}{where}; it must be a finite number >= 0.")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a second step restored: ``fused`` (the update plan's fused restore + update; the base optimizer's own
+    step then takes only the tensors it left), or not (everything restored; the base optimizer's step takes all);
+    ``describe``: the words the report shows; ``replan``: the step plan is dropped (a parameter's storage changed
+    between the two steps), so the next first step plans from the parameters as they are."""
+
+    fused: bool
+    describe: str
+    replan: bool = False
+
+
+FUSED = Outcome(True, "fused")
+ADAM_CAPTURED = Outcome(False, "restore, then the base optimizer's step: Adam during CUDA-graph capture")
+MOVED = Outcome(False, "restore tensor by tensor, then the base optimizer's step: a parameter's storage changed "
+                       "between first_step and second_step", replan=True)
 
 
 def _options(groups: Iterable[Mapping]) -> list[tuple]:
@@ -122,6 +146,23 @@ class StepPlan:
         self.needs_scales = any(r.needs_scales for r in self.runners)
         self.update: UpdatePlan | None = None
         self.watch, self.targets = (None, []) if traced else self._watch()
+
+    @classmethod
+    def run_first_step(cls, engine, groups: list[Mapping], plan: StepPlan | None
+                       ) -> tuple[StepPlan, torch.Tensor | None]:
+        """The first step for ``groups``: on ``plan`` while it holds (the same structure, checked in one pass;
+        changed rho / eta / adaptive re-uploaded; the gradients where its watch expects them), else on ``plan`` with
+        its gradients' addresses rewritten, or on a new plan. Returns the plan that ran and the global squared norm
+        (:meth:`first_step`)."""
+        if plan is None or not plan.same_structure(groups):
+            plan = None
+        elif not plan.same_options(groups):
+            plan = plan.with_options(groups)  # uploads new options, or None when the structure must change
+        grads = plan.watch.check() if plan is not None else None
+        if grads is None:
+            plan = cls.rebuild(engine, groups, plan)
+            grads = plan.grads_at_build()
+        return plan, plan.first_step(grads)
 
     @classmethod
     def rebuild(cls, engine, groups: list[Mapping], old: StepPlan | None) -> StepPlan:
@@ -239,6 +280,42 @@ class StepPlan:
         for r in self.runners:
             r.restore()
 
+    # --- the second step ------------------------------------------------------------------------------------------
+
+    def second_step(self, base: torch.optim.Optimizer, direction=None) -> Outcome:
+        """Undo the perturbation, fused with ``base``'s update where the update plan can (planned again here when it
+        no longer holds), and say how (:class:`Outcome`). ``direction``: a descent direction not yet in the
+        gradients (``fastasam._decompose.Deferred``, GSAM's): the fused update steps along it when it takes every
+        tensor, else it is applied to the gradients first. The base optimizer's step on what is left is
+        :meth:`finish`'s, called once the caller has marked the perturbation undone."""
+        update = self.update
+        if update is not None:
+            outcome = update.run(base, direction)
+            if outcome is not None:
+                return outcome
+        if not self.params_intact():  # the tables point at memory the parameters no longer hold
+            self.restore_tensor_by_tensor()
+            if direction is not None:
+                direction.apply()
+            return MOVED
+        self.update = UpdatePlan(self, base)
+        return self.update.run_planned(base, direction)
+
+    def finish(self, base: torch.optim.Optimizer, outcome: Outcome) -> None:
+        """The base optimizer's step after :meth:`second_step`: on the tensors the fused update left, or on all."""
+        if outcome.fused:
+            self.update.step_rest()
+        else:
+            base.step()
+
+    def restore_all(self, outcome: Outcome, direction=None) -> Outcome:
+        """Undo the perturbation of every tensor (``direction`` applied to the gradients first), for the base
+        optimizer's step on all of them as ``outcome`` (not fused) says; returns it."""
+        if direction is not None:
+            direction.apply()
+        self.restore()
+        return outcome
+
     # --- between the two steps ------------------------------------------------------------------------------------
 
     def params_intact(self) -> bool:
@@ -331,6 +408,8 @@ class UpdatePlan:
         self.update = fused_update_for(base)
         self.options = self._options()
         self.changed = False
+        self.uploaded = False  # the runners' hyper-parameter tables
+        self.counts_steps = False  # a runner counts Adam steps
         self.runners: dict[int, UpdateRunner] = {}  # bucket index -> its fused update
         self.outcomes: list[dict[int, str]] = [{} for _ in plan.buckets]
         self.subset: list[tuple[dict, list]] | None = None
@@ -367,12 +446,13 @@ class UpdatePlan:
                 out.update({i: "fused" for i in self.runners[bi].fused})
             out.update({i: "restore only: " + why for i, why in restore_only.items()})
             out.update({i: why for i, why in base_step.items()})
+        self.counts_steps = any(u.counts_steps for u in self.runners.values())
         fused = {id(k) for u in self.runners.values() for k in u.fused_keys}
         self.state_len = len(base.state)  # after the fused tensors' state was made
         if not fused:
             self._unfused("no tensor qualifies for the fused update")
             return
-        self.mode = "fused"
+        self.mode, self.outcome = "fused", FUSED
         self.subset, absent = [], []
         for g in base.param_groups:
             rest = [p for p in g["params"] if id(p) not in fused]
@@ -386,6 +466,7 @@ class UpdatePlan:
 
     def _unfused(self, why: str) -> None:
         self.mode = "restore, then the base optimizer's step: " + why
+        self.outcome = Outcome(False, self.mode)
         for bi, b in enumerate(self.plan.buckets):
             for i in range(len(b.params)):
                 self.outcomes[bi].setdefault(i, "rho = 0: not perturbed" if i >= b.n_perturbed else why)
@@ -401,6 +482,45 @@ class UpdatePlan:
         """What of those options decides the plan itself (which tensors fuse, which state they have)."""
         return [(self.update.group_reason(g), g.get("momentum", 1) != 0, bool(g.get("amsgrad")),
                  isinstance(self.update, AdamUpdate) and self.update.decoupled(g)) for g in self.base.param_groups]
+
+    # --- run -------------------------------------------------------------------------------------------------------
+
+    def run(self, base: torch.optim.Optimizer, direction=None) -> Outcome | None:
+        """The second step on this plan (:meth:`run_planned`) when it still holds for ``base`` and the tensors as they
+        are (:meth:`holds`); None, having done nothing, when it does not."""
+        return self.run_planned(base, direction) if self.holds(base) else None
+
+    def run_planned(self, base: torch.optim.Optimizer, direction=None) -> Outcome:
+        """Restore: fused with the update where planned, else everything restored for the base optimizer's step."""
+        plan = self.plan
+        if self.outcome is not FUSED:
+            return plan.restore_all(self.outcome, direction)
+        update = self
+        if self.capturing_adam():  # torch.optim.Adam's host step count cannot be captured; its own path decides
+            return plan.restore_all(ADAM_CAPTURED, direction)
+        if not self.sync():  # the Adam step counts were changed from outside: plan again from the state as it is
+            update = plan.update = UpdatePlan(plan, base)
+            if update.outcome is not FUSED or not update.sync():
+                return plan.restore_all(update.outcome, direction)
+        fuse = False
+        if direction is not None:
+            fuse = update.bind_direction(direction)
+            if fuse:
+                direction.fused_into_update()
+            else:
+                direction.apply()
+        update.restore_fused(fuse)
+        return FUSED
+
+    # --- whether the plan still holds: decided here alone ---------------------------------------------------------
+
+    def holds(self, base: torch.optim.Optimizer) -> bool:
+        """The plan still holds: the same optimizer, state and param groups with the same structural options
+        (:meth:`valid`; changed hyper-parameters are uploaded by :meth:`sync`), the fused tensors and their
+        gradients where the tables expect them (:meth:`check`, which rewrites the tables when only the gradients'
+        addresses changed), and, when the fused update does not take every perturbed tensor, every parameter where
+        the first step's tables recorded it."""
+        return self.valid(base) and self.check() and (self.covers_all or self.plan.params_intact())
 
     def valid(self, base: torch.optim.Optimizer) -> bool:
         """Nothing the plan relies on changed: the same optimizer, state, param groups (and their structural
@@ -442,16 +562,20 @@ class UpdatePlan:
                 self.absent)
 
     def sync(self) -> bool:
-        """Upload changed hyper-parameters; False (and nothing changed) when the plan must be rebuilt first."""
-        if not all(u.steps_intact() for u in self.runners.values()):
+        """Upload changed hyper-parameters (the first time, and Adam's every step); False (and nothing changed) when
+        the plan must be rebuilt first. Nothing to do, and no call, on a warm SGD step with the same options."""
+        counts = self.counts_steps
+        if counts and not all(u.steps_intact() for u in self.runners.values()):
             return False
-        for u in self.runners.values():
-            u.upload(self.changed)
+        if counts or self.changed or not self.uploaded:
+            for u in self.runners.values():
+                u.upload(self.changed)
+            self.uploaded = True
         self.changed = False
         return True
 
     def capturing_adam(self) -> bool:
-        return isinstance(self.update, AdamUpdate) and any(
+        return self.counts_steps and any(
             b.device.type == "cuda" for b in self.plan.buckets) and torch.cuda.is_current_stream_capturing()
 
     def bind_direction(self, direction) -> bool:

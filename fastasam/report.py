@@ -83,9 +83,11 @@ class StepReport:
         return "\n".join(lines)
 
 
-def build_report(plan, second_step: str) -> StepReport:
-    """The report of a step that ran ``plan`` (``_step_plan.StepPlan``) and whose second step ran as described."""
-    update = plan.update if second_step == getattr(plan.update, "mode", None) else None
+def build_report(plan, outcome) -> StepReport:
+    """The report of a step that ran ``plan`` (``_step_plan.StepPlan``) and whose second step ran as ``outcome``
+    (``_step_plan.Outcome``) says."""
+    second_step = outcome.describe
+    update = plan.update if outcome is getattr(plan.update, "outcome", None) else None
     buckets = []
     for bi, (b, r) in enumerate(zip(plan.buckets, plan.runners, strict=True)):
         outcomes = update.outcomes[bi] if update is not None else {}

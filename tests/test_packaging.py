@@ -294,7 +294,7 @@ def _append(path: Path, text: str) -> None:
     ("csrc/multi_tensor.h", "\n/* the layout:\n   csrc/layout.h */\n", "csrc/layout.h"),
     ("csrc/binding.cpp", '\nconst char* s = "//"; // see fastasam/backends/cuda_backend.py\n', "cuda_backend"),
     ("scripts/gpu_stack.sh", "\n# runs tests/test_gone.py\n", "# runs"),
-    ("docs/design/map.md", "\n| `fastasam/backends/cuda_shim.py` | gone |\n", "| `fastasam"),
+    ("docs/design/map.md", "\n| `fastasam/backends/cuda_shim.py` | gone |\n", "cuda_shim.py` | gone"),
 ])
 def test_a_planted_stale_pointer_is_found_with_its_place(copy_of_the_tree, file, planted, line_of):
     path = copy_of_the_tree / file

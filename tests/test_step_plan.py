@@ -347,3 +347,83 @@ def test_a_dtype_change_mid_training_rebuilds_and_matches_the_oracle(backend, de
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     (b,) = opt.report().buckets
     assert b.dtype == "float64" and b.fused == 0
+
+
+# --- the second step's protocol: a warm second_step crosses few module boundaries --------------------------------
+
+
+def _fastasam_crossings(fn) -> list[tuple[str, str, str]]:
+    """``(caller module, callee module, function)`` for every call from one fastasam module into another (Python
+    functions, and C functions whose ``__module__`` is a fastasam extension) while ``fn()`` runs."""
+    seen = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            callee, back = frame.f_globals.get("__name__", ""), frame.f_back
+            caller = back.f_globals.get("__name__", "") if back is not None else ""
+            name = frame.f_code.co_name
+        elif event == "c_call":
+            callee, caller, name = getattr(arg, "__module__", None) or "", frame.f_globals.get("__name__", ""), \
+                getattr(arg, "__name__", "")
+        else:
+            return
+        if callee != caller and callee.startswith("fastasam") and caller.startswith("fastasam"):
+            seen.append((caller, callee, name))
+
+    import sys
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def _warm_second_step_crossings(backend: str) -> list[tuple[str, str, str]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = fastasam.ASAM(model.parameters(), torch.optim.SGD, backend=backend, rho=0.5, lr=0.1, momentum=0.9)
+    x = torch.randn(4, 8)
+    for _ in range(3):  # gradients accumulated in place: the same tensors every step, so the plans stay warm
+        model(x).sum().backward()
+        opt.first_step()
+        model(x).sum().backward()
+        opt.second_step()
+    model(x).sum().backward()
+    opt.first_step()
+    model(x).sum().backward()
+    crossings = _fastasam_crossings(opt.second_step)
+    assert opt.report().second_step == "fused" and opt.backend == backend
+    return crossings
+
+
+needs_cpu_kernels = pytest.mark.skipif("cpu" not in fastasam.available_backends("cpu"),
+                                       reason="fastasam._cpu is not built")
+
+
+@needs_cpu_kernels
+def test_a_warm_second_step_crosses_at_most_five_module_boundaries():
+    """The update plan owns its protocol: the engine makes one call for the restore (fused with the update) and one
+    for the base optimizer's step on the rest; the plan checks its watch and runs its fused update, one call each."""
+    crossings = _warm_second_step_crossings("cpu")
+    assert len(crossings) <= 5, crossings
+    assert [c[:2] for c in crossings if c[0] == "fastasam._engine"] == [("fastasam._engine", "fastasam._step_plan")] * 2
+
+
+@needs_cpu_kernels
+def test_the_crossing_count_sees_a_call_through_another_module(monkeypatch):
+    """The count is not blind: the same step with the plan's ``finish`` replaced by a function that lives in another
+    fastasam module (``fastasam.report``) and calls the real one counts one crossing more."""
+    import fastasam.report as report_module
+
+    before = len(_warm_second_step_crossings("cpu"))
+    finish = _step_plan.StepPlan.finish
+
+    def via_report(self, base, outcome):
+        return finish(self, base, outcome)
+
+    planted = type(via_report)(via_report.__code__, report_module.__dict__, "finish", None, via_report.__closure__)
+    monkeypatch.setattr(_step_plan.StepPlan, "finish", planted)
+    after = _warm_second_step_crossings("cpu")
+    assert len(after) == before + 1 and len(after) > 5, after  # the limit above would catch it

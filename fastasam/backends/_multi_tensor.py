@@ -348,6 +348,7 @@ class UpdateRunner:
         self.chunks_d = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
         self.hyper_d = torch.zeros((max(1, len(groups)), L.NHYPER), dtype=torch.float32, device=dev)
         self._uploaded = False
+        self.counts_steps = bool(self._steps)  # Adam: a step count to check and count each step
         # the perturbed kernel rows that are not fused: a restore over their chunks of the first step's table
         row_of = {i: r for r, i in enumerate(phase1.rows)}
         fused_set = set(self.fused)
