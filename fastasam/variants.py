@@ -24,6 +24,8 @@ from them on the device; keeping ``g`` is one copy launch. The tables are built 
 pass over the parameters, as the step plan's are. The ``foreach`` backend (and any step the kernels cannot serve,
 e.g. a gradient in one pass only; ``opt.report()`` says which ran and why) runs them as ``torch._foreach_*`` ops over
 each fp32/fp64 device bucket, and the ``reference`` backend per tensor: the oracle the others are tested against.
+Those torch-op formulas (``dot``, ``axpby_``) live in the two backends, beside their perturbation; this module
+decides, per paper, which direction a step takes and when.
 GSAM's direction is not written into the gradients when the fused restore + update takes every tensor: that kernel
 reads ``g_s`` and ``g`` and forms the direction itself (``fastasam._decompose.Deferred``); otherwise (a base-optimizer
 step on some tensors, GradScaler, a non-fused engine path) ``combine`` writes it first. LookSAM's ``g_v`` and its
@@ -37,13 +39,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from . import _decompose
 from ._decompose import Decomposer, Deferred, PhaseTables
-from ._plan import accumulate_dtype, indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
+from ._plan import indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
+from .backends import foreach, reference
 from .optim import _NORM_EPS, ASAM
 from .report import StepReport
 
@@ -109,8 +113,8 @@ class _Decomposed(ASAM):
             t.combine(mode)
 
     def _build(self, phase: str) -> PhaseTables | None:
-        """The kernels' tables for this phase, or None: run the per-tensor path (``_dot`` / ``_axpby_``: foreach over
-        fp32/fp64 buckets, else per tensor)."""
+        """The kernels' tables for this phase, or None: run the torch-op path (``_dot`` / ``_axpby_``: the foreach
+        backend's formulas over fp32/fp64 buckets, else the reference backend's, tensor by tensor)."""
         t = self._decomposer().build(phase, self.param_groups, self._kept, self.alpha)
         return None if isinstance(t, str) else t
 
@@ -151,14 +155,15 @@ class _Decomposed(ASAM):
         """Per parameter, the process groups its local sums are summed over (a DTensor's Shard mesh dims)."""
         return [shard_groups(p) for p in params]
 
-    def _foreach_ok(self, *lists: list[torch.Tensor]) -> bool:
-        """The foreach path serves one fp32/fp64 device bucket on the fast backends; the ``reference`` backend (the
-        oracle) and anything else take the per-tensor path."""
-        if self.requested_backend == "reference" or not lists[0]:
-            return False
-        first = lists[0][0]
-        return first.dtype in (torch.float32, torch.float64) and all(
-            t.dtype == first.dtype and t.device == first.device for ts in lists for t in ts)
+    def _torch_ops(self, *lists: list[torch.Tensor]) -> ModuleType:
+        """The backend whose torch-op formulas serve these lists: ``foreach`` for one fp32/fp64 device bucket on the
+        fast backends; ``reference`` (tensor by tensor, the oracle) on the reference backend and for anything else."""
+        if self.requested_backend != "reference" and lists[0]:
+            first = lists[0][0]
+            if first.dtype in (torch.float32, torch.float64) and all(
+                    t.dtype == first.dtype and t.device == first.device for ts in lists for t in ts):
+                return foreach
+        return reference
 
     def _dot(self, a: list[torch.Tensor], b: list[torch.Tensor], over: list[tuple] | None = None
              ) -> torch.Tensor | None:
@@ -173,35 +178,13 @@ class _Decomposed(ASAM):
                 part = sum_over(self._dot([a[i] for i in idx], [b[i] for i in idx]), groups)
                 total = part if total is None else total + part.to(total.device)
             return total
-        f64 = torch.float64
-        if self._foreach_ok(a, b):  # no foreach sum exists: the positive and negative parts' 1-norms
-            prods = torch._foreach_mul(a, b)
-            pos = torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=f64)
-            neg = torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=f64)
-            return torch.stack(pos).sum() - torch.stack(neg).sum()
-        total = None
-        for x, y in zip(a, b, strict=True):
-            acc = accumulate_dtype(x.dtype)
-            part = (x.to(acc) * y.to(acc)).sum(dtype=f64)
-            total = part if total is None else total + part.to(total.device)
-        return total
+        return self._torch_ops(a, b).dot(a, b)
 
     def _axpby_(self, y: list[torch.Tensor], x: list[torch.Tensor], a: torch.Tensor | float,
                 b: torch.Tensor | float) -> None:
         """y_i <- a * y_i + b * x_i (each product rounded, then the sum, in the accumulate dtype)."""
-        if not y:
-            return
-        if self._foreach_ok(y, x):
-            if not (isinstance(a, float) and a == 1.0):
-                torch._foreach_mul_(y, a)
-            if isinstance(b, float):
-                torch._foreach_add_(y, x, alpha=b)
-            else:
-                torch._foreach_add_(y, torch._foreach_mul(x, b))
-            return
-        for yi, xi in zip(y, x, strict=True):
-            acc = accumulate_dtype(yi.dtype)
-            yi.copy_(a * yi.to(acc) + b * xi.to(acc))
+        if y:
+            self._torch_ops(y, x).axpby_(y, x, a, b)
 
     @staticmethod
     def _ratio(num: torch.Tensor | None, den: torch.Tensor | None) -> torch.Tensor | float:

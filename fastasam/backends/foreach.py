@@ -183,3 +183,30 @@ def restore_(bucket: Bucket, restore: str) -> None:
             torch._foreach_sub_(params, bufs)
         else:
             torch._foreach_copy_(params, torch._foreach_sub(_upcast(params, acc), _upcast(bufs, acc)))
+
+
+# --- LookSAM / GSAM: the decompositions' sums and combinations (fastasam.variants) ----------------------------------
+
+
+def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor | None:
+    """sum_i <a_i, b_i> over one fp32/fp64 device bucket, in fp64: no foreach sum exists, so the 1-norms of the
+    products' positive and negative parts (None: no tensors)."""
+    if not a:
+        return None
+    f64 = torch.float64
+    prods = torch._foreach_mul(a, b)
+    pos = torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=f64)
+    neg = torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=f64)
+    return torch.stack(pos).sum() - torch.stack(neg).sum()
+
+
+def axpby_(y: list[torch.Tensor], x: list[torch.Tensor], a: torch.Tensor | float, b: torch.Tensor | float) -> None:
+    """y_i <- a * y_i + b * x_i over one fp32/fp64 device bucket (each product rounded, then the sum)."""
+    if not y:
+        return
+    if not (isinstance(a, float) and a == 1.0):
+        torch._foreach_mul_(y, a)
+    if isinstance(b, float):
+        torch._foreach_add_(y, x, alpha=b)
+    else:
+        torch._foreach_add_(y, torch._foreach_mul(x, b))

@@ -79,3 +79,24 @@ def restore_(bucket: Bucket, restore: str) -> None:
             w.copy_(buf)
         else:
             w.copy_(w.to(acc) - buf.to(acc))
+
+
+# --- LookSAM / GSAM: the decompositions' sums and combinations (fastasam.variants), tensor by tensor ----------------
+
+
+def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor | None:
+    """sum_i <a_i, b_i>: products in the accumulate dtype, each tensor's sum in fp64, the sums added in order, on the
+    first tensor's device (None: no tensors)."""
+    total = None
+    for x, y in zip(a, b, strict=True):
+        acc = accumulate_dtype(x.dtype)
+        part = (x.to(acc) * y.to(acc)).sum(dtype=torch.float64)
+        total = part if total is None else total + part.to(total.device)
+    return total
+
+
+def axpby_(y: list[torch.Tensor], x: list[torch.Tensor], a: torch.Tensor | float, b: torch.Tensor | float) -> None:
+    """y_i <- a * y_i + b * x_i: each product rounded, then the sum, in the accumulate dtype; stored in y_i's."""
+    for yi, xi in zip(y, x, strict=True):
+        acc = accumulate_dtype(yi.dtype)
+        yi.copy_(a * yi.to(acc) + b * xi.to(acc))
