@@ -3,9 +3,10 @@
 
 Same tables, foreach fallback and fused restore + ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` update as the ``triton``
 and ``cuda`` backends (``_multi_tensor``), and the same per-element formulas (``csrc/elementwise.h``, shared with the
-CUDA kernels): one pass over memory per phase, fp32 math for fp32 and bf16 storage rounded once on store. fp64 and
-fp16 tensors go to ``foreach``: the kernels take fp16 (and are tested on it), but its conversions do not vectorise
-with the compilers at hand and the loop then runs slower than ``foreach``. The kernels are compiled for the build's
+CUDA kernels): one pass over memory per phase, fp32 math for fp32, bf16 and fp16 storage rounded once on store. fp64
+tensors go to ``foreach``, and so do fp16 ones unless the AVX-512 build runs: fp16's conversions are integer
+arithmetic that the 16-wide loops carry faster than ``foreach`` (ResNet-50's parameters, one thread: 41 ms against
+59), the 8-wide AVX2 and the baseline loops slower. The kernels are compiled for the build's
 baseline instruction set and, on x86-64, for AVX2 + F16C and for AVX-512 too (``fastasam._cpu.isa`` says which one
 runs: the widest the CPU supports; ``fastasam._cpu.isas`` lists the builds it runs). A launch
 spreads its chunks over PyTorch's intra-op threads (``torch.set_num_threads``); the squared norm and the dots are the
@@ -41,6 +42,10 @@ else:
     EXTENSION_ERROR = None
 
 
+# the storage dtypes the kernels take here (fp16: with the AVX-512 build only; see the module's docstring)
+KERNEL_DTYPES = frozenset(_DTYPE_CODE) - (set() if getattr(EXTENSION, "isa", None) == "avx512" else {torch.float16})
+
+
 def device_supported(device: torch.device) -> str | None:
     if EXTENSION is None:
         return (f"the CPU extension fastasam._cpu is not built ({EXTENSION_ERROR}); reinstall fastasam with a C++ "
@@ -56,7 +61,7 @@ class _Launcher:
     and the storage dtype's code; then the restore mode (all but the norm and the dots) and the mode (``combine``;
     the fused updates' direction)."""
 
-    dtypes = fused_dtypes = frozenset(_DTYPE_CODE) - {torch.float16}  # fp16: see the module's docstring
+    dtypes = fused_dtypes = KERNEL_DTYPES
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
