@@ -336,7 +336,7 @@ template <typename T> void dots_chunk(const T* __restrict__ g, const T* __restri
   out[2] = lane_sum(bb);
 }
 
-// out[0..2] = sums of (G*G, G*B, B*B) over the launch's chunks (fp64)
+// out[0..2] = sums of (G*G, G*K, K*K) over the launch's chunks (fp64)
 void dots(int dtype, int64_t rows, int64_t chunks, int64_t count, int64_t chunk_size, int64_t out) {
   const Launch L = launch_of(rows, chunks, count, chunk_size);
   std::vector<double> partials(3 * count);
@@ -344,7 +344,7 @@ void dots(int dtype, int64_t rows, int64_t chunks, int64_t count, int64_t chunk_
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     for_each_chunk(L, [&](int64_t c, const Chunk& ch) {
-      dots_chunk<T>(ch.col<const T>(FA_COL_G), ch.col<const T>(FA_COL_B), ch.length, &partials[3 * c]);
+      dots_chunk<T>(ch.col<const T>(FA_COL_G), ch.col<const T>(FA_COL_K), ch.length, &partials[3 * c]);
     });
   });
   double total[3] = {0.0, 0.0, 0.0};
@@ -365,8 +365,8 @@ template <int MODE> void combine_mode(int dtype, const Launch& L, const double* 
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     for_each_chunk(L, [&](int64_t, const Chunk& ch) {
-      combine_chunk<T, MODE == FA_COMBINE_KEEP>(ch.col<T>(into_g ? FA_COL_G : FA_COL_B),
-                                                ch.col<const T>(into_g ? FA_COL_B : FA_COL_G), ch.length, x);
+      combine_chunk<T, MODE == FA_COMBINE_KEEP>(ch.col<T>(into_g ? FA_COL_G : FA_COL_K),
+                                                ch.col<const T>(into_g ? FA_COL_K : FA_COL_G), ch.length, x);
     });
   });
 }

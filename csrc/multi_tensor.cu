@@ -231,6 +231,11 @@ __device__ __forceinline__ void gradient(const T* g, const T* k, int64_t i, cons
 }
 
 // 16-byte aligned: the first ncols columns, and K when a direction reads it
+// the variants' kernels read G and K only (the other columns may hold anything: the update's tables)
+__device__ __forceinline__ bool aligned_pair(const Chunk& c) {
+  return ((c.row[FA_COL_G] | c.row[FA_COL_K]) & 15) == 0;
+}
+
 __device__ __forceinline__ bool aligned_with_k(const Chunk& c, int ncols, const Direction& dir) {
   return aligned(c, ncols) && (!dir.on || (c.row[FA_COL_K] & 15) == 0);
 }
@@ -345,9 +350,9 @@ __global__ void __launch_bounds__(kThreads) dots_kernel(const int64_t* tab, cons
                                                         int64_t size, double* partials, int* counter, double* out) {
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
   const T* g = col<T>(c, FA_COL_G);
-  const T* k = col<T>(c, FA_COL_B);
+  const T* k = col<T>(c, FA_COL_K);
   double s[3] = {0.0, 0.0, 0.0};
-  for_each_element<T>(c, aligned(c, 3), [&](auto width, int64_t i) {
+  for_each_element<T>(c, aligned_pair(c), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
     float gv[W], kv[W];
     load<W>(g, i, gv);
@@ -389,9 +394,9 @@ __device__ __forceinline__ void combine(const int64_t* tab, const int32_t* chunk
   const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
   const fa::Coefficients xy = fa::combine_coefficients<MODE>(sums, alpha);  // target <- x * target + y * other
   constexpr bool into_g = MODE == FA_COMBINE_LOOK_ONE || MODE == FA_COMBINE_GSAM;
-  T* t = col<T>(c, into_g ? FA_COL_G : FA_COL_B);
-  const T* o = col<T>(c, into_g ? FA_COL_B : FA_COL_G);
-  for_each_element<T>(c, aligned(c, 3), [&](auto width, int64_t i) {
+  T* t = col<T>(c, into_g ? FA_COL_G : FA_COL_K);
+  const T* o = col<T>(c, into_g ? FA_COL_K : FA_COL_G);
+  for_each_element<T>(c, aligned_pair(c), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
     float ov[W];
     load<W>(o, i, ov);

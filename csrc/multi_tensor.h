@@ -103,14 +103,15 @@ int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const 
 int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
                     const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream);
 
-// LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the variant's kept buffer in B.
-// out[0..2] = sums over the chunks of (G*G, G*B, B*B): products in fp32, sums in fp64; deterministic as fa_sqnorm.
+// LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the variant's kept buffer in K (the
+// other columns are not read: the step plan's tables serve as they are). out[0..2] = sums over the chunks of
+// (G*G, G*K, K*K): products in fp32, sums in fp64; deterministic as fa_sqnorm.
 // partials: double[3 * count]; counter: int[1], zero before the first launch.
 int fa_dots(int dtype, const int64_t* rows, const int32_t* chunks, int count, int64_t chunk_size, double* partials,
             int* counter, double* out, cudaStream_t stream);
 
 // target <- x * target + y * other (mode FA_COMBINE_*: which column is the target, and x, y from sums[0..2] and
-// *alpha in fp64, rounded once to fp32; a ratio whose denominator is 0 is 0); FA_COMBINE_KEEP copies G into B.
+// *alpha in fp64, rounded once to fp32; a ratio whose denominator is 0 is 0); FA_COMBINE_KEEP copies G into K.
 int fa_combine(int dtype, const int64_t* rows, const int32_t* chunks, const double* sums, const double* alpha,
                int count, int64_t chunk_size, int mode, cudaStream_t stream);
 

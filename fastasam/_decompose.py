@@ -46,7 +46,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class _Bucket:
-    """One (device, dtype) bucket of one phase: its rows table (G = the gradients, B = the buffers), chunks and the
+    """One (device, dtype) bucket of one phase: its rows table (G = the gradients, K = the buffers), chunks and the
     bound launches."""
 
     def __init__(self, launcher, dtype: torch.dtype, grads: list[torch.Tensor], bufs: list[torch.Tensor],
@@ -55,13 +55,15 @@ class _Bucket:
         keep = [i for i, g in enumerate(grads) if g.numel() > 0]
         grads, bufs = [grads[i] for i in keep], [bufs[i] for i in keep]
         numels = [g.numel() for g in grads]
-        tab = _rows_table(([None] * len(grads), grads, bufs), numels, [0] * len(grads))
+        columns: list[list] = [[None] * len(grads) for _ in range(L.NCOL)]
+        columns[L.COL_G], columns[L.COL_K] = grads, bufs
+        tab = _rows_table(columns, numels, [0] * len(grads))
         dev = out.device
         self.rows_d = tab.to(dev)
         chunks = _chunk_list(numels, range(len(grads)), launcher.chunk)
         self.n_chunks = len(chunks)
         self.chunks_d = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
-        self.aligned = _aligned(tab, (L.COL_G, L.COL_B))
+        self.aligned = _aligned(tab, (L.COL_G, L.COL_K))
         self.partials = torch.empty(3 * max(1, self.n_chunks), dtype=torch.float64, device=dev)
         self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
         self.out, self.sums, self.alpha = out, sums, alpha

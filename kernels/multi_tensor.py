@@ -71,7 +71,7 @@ _V_SGD = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1))
 _V_SGD_K = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_K))
 _V_ADAM = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3))
 _V_ADAM_K = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3, L.COL_K))
-_V_PAIR = tl.constexpr(L.aligned_mask(L.COL_G, L.COL_B))
+_V_PAIR = tl.constexpr(L.aligned_mask(L.COL_G, L.COL_K))
 _FRESH, _OPT_SHIFT, _HYPER_SHIFT, _SLOT_MASK = (tl.constexpr(L.FLAG_FRESH_STATE), tl.constexpr(L.OPT_SHIFT),
                                                 tl.constexpr(L.HYPER_SHIFT), tl.constexpr(L.SLOT_MASK))
 _ETA, _RHO, _ADAPTIVE, _EPS, _NOPT = (tl.constexpr(L.OPT_ETA), tl.constexpr(L.OPT_RHO), tl.constexpr(L.OPT_ADAPTIVE),
@@ -573,7 +573,7 @@ def restore_adam_kernel(
                   step_size, bc2_sqrt, amsgrad, maximize, xa, ya, DTYPE, ACC, BLOCK, COPY, DIRECTION, False)
 
 
-# --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B --------------------
+# --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in K --------------------
 
 
 @triton.jit
@@ -589,9 +589,9 @@ def _dots_block(g, k, idx, n, MASKED: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def _dots_row(rows, row, start, length, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
               VEC: tl.constexpr):
-    """The chunk's three sums (G*G, G*B, B*B) in fp64."""
+    """The chunk's three sums (G*G, G*K, K*K) in fp64."""
     g = _ptr(rows, row, _G, DTYPE, VEC)
-    k = _ptr(rows, row, _B, DTYPE, VEC)
+    k = _ptr(rows, row, _K, DTYPE, VEC)
     lanes = tl.arange(0, BLOCK)
     gg = tl.zeros([BLOCK], tl.float64)
     gk = tl.zeros([BLOCK], tl.float64)
@@ -615,7 +615,7 @@ def dots_kernel(
     rows, chunks, partials, counter, out, n_programs,
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """``out[0..2] = sums over all chunks of (G*G, G*B, B*B)`` in fp64; deterministic like ``sqnorm_kernel``
+    """``out[0..2] = sums over all chunks of (G*G, G*K, K*K)`` in fp64; deterministic like ``sqnorm_kernel``
     (``partials``: fp64[3 * n_programs])."""
     pid = tl.program_id(0)
     row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
@@ -662,7 +662,7 @@ def _combine_block(t, o, idx, n, x, y, MODE: tl.constexpr, MASKED: tl.constexpr,
 def _combine_row(rows, row, start, length, xa, ya, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  MODE: tl.constexpr, VEC: tl.constexpr):
     g = _ptr(rows, row, _G, DTYPE, VEC)
-    k = _ptr(rows, row, _B, DTYPE, VEC)
+    k = _ptr(rows, row, _K, DTYPE, VEC)
     lanes = tl.arange(0, BLOCK)
     full = length // BLOCK
     if MODE == _LOOK_ONE or MODE == _GSAM:
@@ -687,13 +687,13 @@ def combine_kernel(
     row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
     x = tl.full([], 1.0, tl.float64)
     y = tl.full([], 1.0, tl.float64)
-    if MODE == _LOOK_FULL:  # B <- G - (gb / bb) B
+    if MODE == _LOOK_FULL:  # K <- G - (gk / kk) K
         x = -_ratio(tl.load(sums + 1), tl.load(sums + 2))
-    elif MODE == _LOOK_ONE:  # G <- G + alpha (sqrt(gg) / sqrt(bb)) B
+    elif MODE == _LOOK_ONE:  # G <- G + alpha (sqrt(gg) / sqrt(kk)) K
         y = tl.load(alpha) * _ratio(tl.sqrt(tl.load(sums)), tl.sqrt(tl.load(sums + 2)))
     xa = x.to(ACC)
     ya = y.to(ACC)
-    if MODE == _GSAM:  # G <- (1 + alpha gb / gg) G - alpha B
+    if MODE == _GSAM:  # G <- (1 + alpha gk / gg) G - alpha K
         xa, ya = _direction_coefs(sums, alpha, MODE, ACC)
     if _vector(flags, _V_PAIR, ALIGNED):
         _combine_row(rows, row, start, length, xa, ya, DTYPE, ACC, BLOCK, MODE, True)

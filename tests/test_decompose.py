@@ -58,7 +58,7 @@ def _vectors(backend: str, device: str, dtypes: tuple[torch.dtype, ...]):
 
 
 def _expected_sums(params, buffers) -> torch.Tensor:
-    """(G*G, G*B, B*B): products in the accumulate dtype, then summed in fp64 (exactly, to fp64 rounding)."""
+    """(G*G, G*K, K*K): products in the accumulate dtype, then summed in fp64 (exactly, to fp64 rounding)."""
     total = torch.zeros(3, dtype=torch.float64)
     for p in params:
         acc = accumulate_dtype(p.dtype)

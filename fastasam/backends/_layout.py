@@ -6,16 +6,17 @@
 ``opts``   ACC[G, NOPT]    per parameter group of the sharpness-aware step;
 ``hyper``  fp32[H, NHYPER] per base-optimizer group, for the fused restore + update.
 
-LookSAM / GSAM (``fastasam/_decompose.py``) use the same ``rows`` layout with column G = a parameter's gradient and
-column B = the variant's kept buffer (``g`` or LookSAM's ``g_v``); ``dots`` sums ``(G*G, G*B, B*B)`` into fp64[3] and
-``combine`` (mode ``COMBINE_*``) rewrites one of the two columns from the other and those sums.
+LookSAM / GSAM read two columns of a ``rows`` table: G = a parameter's gradient and K = the variant's kept buffer
+(``g`` or LookSAM's ``g_v``); ``dots`` sums ``(G*G, G*K, K*K)`` into fp64[3] and ``combine`` (mode ``COMBINE_*``)
+rewrites one of the two columns from the other and those sums. They run over the step plan's own tables (the fused
+update's, the first step's: ``_multi_tensor``) or over tables of their own (``fastasam/_decompose.py``).
 
 Which of these tables each kernel takes, and in what order every implementation takes them: ``_signatures``.
 """
 
 # rows: columns
 COL_W, COL_G, COL_B, COL_S1, COL_S2, COL_S3, COL_NUMEL, COL_FLAGS = range(8)
-COL_K = 8  # the fused update's kept gradient (GSAM's g: the update's direction mode COMBINE_GSAM); 0 when unused
+COL_K = 8  # the variants' kept buffer (g, LookSAM's g_v; the fused update's direction COMBINE_GSAM reads g); 0: unused
 NCOL = 9
 # rows: the flags word
 FLAG_FRESH_STATE = 2  # the optimizer state of this row is new this step (torch.optim.SGD: momentum = d_p)
@@ -47,7 +48,7 @@ SGD_LR, SGD_MOMENTUM, SGD_ONE_MINUS_DAMPENING, SGD_WEIGHT_DECAY, SGD_HAS_MOMENTU
 NHYPER = 10
 
 # combine: modes (target <- x * target + y * other; x, y from the sums (gg, gb, bb) and alpha, in fp64)
-COMBINE_KEEP = 0  # B <- G (the first pass's gradient, kept)
-COMBINE_LOOK_FULL = 1  # B <- G - (gb / bb) * B: LookSAM's g_v from g_s (in G) and g (in B)
-COMBINE_LOOK_ONE = 2  # G <- G + alpha * (sqrt(gg) / sqrt(bb)) * B: LookSAM's one-pass direction
-COMBINE_GSAM = 3  # G <- (1 + alpha * gb / gg) * G - alpha * B: GSAM's direction from g_s (in G) and g (in B)
+COMBINE_KEEP = 0  # K <- G (the first pass's gradient, kept)
+COMBINE_LOOK_FULL = 1  # K <- G - (gk / kk) * K: LookSAM's g_v from g_s (in G) and g (in K)
+COMBINE_LOOK_ONE = 2  # G <- G + alpha * (sqrt(gg) / sqrt(kk)) * K: LookSAM's one-pass direction
+COMBINE_GSAM = 3  # G <- (1 + alpha * gk / gg) * G - alpha * K: GSAM's direction from g_s (in G) and g (in K)
