@@ -1,19 +1,22 @@
 """LookSAM's and GSAM's decompositions on the multi-tensor kernels (used by ``fastasam.variants``).
 
 Each step of these variants needs global sums over two parameter-sized vectors, a gradient ``G`` and the variant's
-kept buffer ``B`` (the first pass's ``g``, or LookSAM's ``g_v``), and one elementwise combination of the two. On the
-multi-tensor backends (``triton``, ``cuda``) that is two launches per (device, dtype) bucket:
+kept buffer ``K`` (the first pass's ``g``, or LookSAM's ``g_v``), and one elementwise combination of the two. On the
+multi-tensor backends (``cpu``, ``triton``, ``cuda``) that is two launches per (device, dtype) bucket:
 
-* ``dots``: the three sums ``(G*G, G*B, B*B)``, products in fp32 (fp64 for fp64 storage), sums in fp64, reduced
-  deterministically (per-chunk partials, summed in a fixed order by the last chunk) and left on the device;
+* ``dots``: the three sums ``(G*G, G*K, K*K)``, products in fp32 (fp64 for fp64 storage), sums in fp64, reduced
+  deterministically (per-chunk partials, summed in a fixed order) and left on the device;
 * ``combine``: derives its two coefficients from those sums (and ``alpha``) on the device, in fp64, and rewrites
-  ``G`` (LookSAM's one-pass direction, GSAM's direction) or ``B`` (LookSAM's ``g_v``; keeping ``g`` is a copy).
+  ``G`` (LookSAM's one-pass direction, GSAM's direction) or ``K`` (LookSAM's ``g_v``; keeping ``g`` is a copy).
 
-Nothing is read on the host, so no step synchronises with the device. The device tables (the gradients' and
-buffers' addresses) are built per phase of the step (``"first"``: the first pass's gradients; ``"second"``: the
-second pass's; ``"one"``: a one-pass step's) and confirmed each step by the step plan's watch (``_watch``: one pass
-over the parameters in C++) and the param groups' identity; a moved gradient or a changed set of parameters rebuilds
-that phase's tables, a replaced buffer (``invalidate``) all of them.
+Nothing is read on the host, so no step synchronises with the device. A two-pass step asks the step plan to run them
+(:class:`Direction`: the copy of ``g`` with the first step, the second step's decomposition with the fused update):
+the plan runs them over its own tables, which its one pass over the gradients confirms, when its kernels take every
+tensor with a gradient. Everywhere else (a one-pass LookSAM step; the base optimizer stepping some tensors;
+GradScaler; DTensors) :class:`Decomposer` builds tables of its own per phase of the step (``"first"``: the first
+pass's gradients; ``"second"``: the second pass's; ``"one"``: a one-pass step's), confirmed each step by a watch of
+their own (``_watch``: one pass over the parameters in C++) and the param groups' identity; a moved gradient or a
+changed set of parameters rebuilds that phase's tables, a replaced buffer (``invalidate``) all of them.
 
 DTensor parameters (FSDP2) are served as their local shards, bucketed by the process groups of their Shard mesh dims;
 each such bucket's sums are all-reduced over those groups (on the device) before the combination.
@@ -26,7 +29,7 @@ same formulas (the ``reference`` backend's per-tensor path is the oracle the ker
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import chain
 
 import torch
@@ -127,22 +130,26 @@ class PhaseTables:
             b.combine(mode)
 
 
-class Deferred:
-    """A combination whose sums are computed but which is not applied yet: the engine either has the fused restore +
-    update step along it (``fused_into_update``; GSAM's direction, one pass over the gradients saved) or calls
-    ``apply`` (the ``combine`` launches) before the base optimizer reads the gradients."""
+class Direction:
+    """A decomposition the second step asks of the step plan: ``mode`` (``GSAM``: the fused restore + update steps
+    along GSAM's direction; ``LOOK_FULL``: LookSAM's ``g_v`` into the kept buffers, then the plain update) over the
+    gradients and the ``kept`` buffers. The update plan runs it over its own tables when its fused update takes every
+    tensor with a gradient (``UpdatePlan.run_direction``: its one pass over the gradients confirms them); else
+    ``apply`` (the variant's method) runs it before the restore, on this module's tables or as torch ops."""
 
-    __slots__ = ("tables", "mode", "kept", "sums", "alpha", "version", "dec")
+    __slots__ = ("mode", "kept", "version", "dec", "alpha", "apply")
 
-    def __init__(self, tables: PhaseTables, mode: int, kept: Mapping, dec: Decomposer) -> None:
-        self.tables, self.mode, self.kept, self.dec = tables, mode, kept, dec
-        self.sums, self.alpha, self.version = tables.sums, dec._alpha[tables.sums.device], dec.version
+    def __init__(self, dec: Decomposer, mode: int, kept: Mapping, alpha: float, apply: Callable[[], None]) -> None:
+        self.dec, self.mode, self.kept, self.alpha, self.apply = dec, mode, kept, alpha, apply
+        self.version = dec.version
 
-    def apply(self) -> None:
-        self.tables.combine(self.mode)
+    def alpha_on(self, device: torch.device) -> torch.Tensor:
+        """``alpha`` as the fp64 device scalar the launches read (one per device, set in place)."""
+        return self.dec.alpha_on(device, self.alpha)
 
-    def fused_into_update(self) -> None:
-        self.dec.last = f"{self.tables.backend} kernels, fused into the restore + update"
+    def served_by(self, backend: str) -> None:
+        """The step plan's kernels ran it (for ``report().direction``)."""
+        self.dec.last = f"{backend} kernels" + (", fused into the restore + update" if self.mode == GSAM else "")
 
 
 class Decomposer:
@@ -166,14 +173,20 @@ class Decomposer:
         t = self._phases.get(phase)
         if t is None or not t.valid(groups):
             return None
-        self._set_alpha(t.sums.device, alpha)
+        self.alpha_on(t.sums.device, alpha)
         self.last = t.served
         return t
 
-    def _set_alpha(self, device: torch.device, alpha: float) -> None:
+    def alpha_on(self, device: torch.device, alpha: float) -> torch.Tensor:
+        """The fp64 scalar on ``device`` the launches read, holding ``alpha`` (written only when it changed)."""
+        t = self._alpha.get(device)
+        if t is None:
+            t = self._alpha[device] = torch.zeros(1, dtype=torch.float64, device=device)
+            self._alpha_value.pop(device, None)
         if self._alpha_value.get(device) != alpha:
-            self._alpha[device].fill_(alpha)
+            t.fill_(alpha)
             self._alpha_value[device] = alpha
+        return t
 
     def build(self, phase: str, groups: list[Mapping], buffers: Mapping[torch.Tensor, torch.Tensor],
               alpha: float) -> PhaseTables | str:
@@ -191,11 +204,7 @@ class Decomposer:
         check_not_capturing({p.device for p in with_grad}, f"the tables of the {phase} phase")
         device = with_grad[0].device
         launcher = module._BACKEND.launcher
-        alpha_d = self._alpha.get(device)
-        if alpha_d is None:
-            alpha_d = self._alpha[device] = torch.zeros(1, dtype=torch.float64, device=device)
-            self._alpha_value.pop(device, None)
-        self._set_alpha(device, alpha)
+        alpha_d = self.alpha_on(device, alpha)
         # one bucket per (dtype, shard groups): the same on every rank, so the all-reduces pair up
         by_key = indices_by_key([(p.dtype, shard_groups(p)) for p in with_grad])
         outs = torch.zeros((len(by_key), 3), dtype=torch.float64, device=device)

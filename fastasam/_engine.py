@@ -102,32 +102,36 @@ class SharpnessEngine:
             buf = self._buffers[key] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
-    def first_step(self, groups: list[Mapping]) -> None:
+    def first_step(self, groups: list[Mapping], keep=None) -> None:
+        """The ascent. ``keep``: LookSAM's / GSAM's copy of the first pass's gradients
+        (``fastasam._decompose.Direction``), run over the step plan's tables or applied before the ascent."""
         if self._pending is not None:
             raise RuntimeError(
                 "fastasam: first_step() called twice in a row; the weights already hold w + e. "
                 "Call second_step() before the next first_step()."
             )
         if not torch.compiler.is_compiling():
-            self._first_step_planned(groups)
+            self._first_step_planned(groups, keep)
         elif self._traceable(groups):
             with torch.no_grad():  # dynamo traces the tensor ops; its guards replace the watch
+                if keep is not None:
+                    keep.apply()
                 plan = StepPlan(self, groups, traced=True)
                 self._sqnorm = plan.first_step(plan.grads_at_build())
             self._pending, self.perturbed = plan, True
         else:  # dynamo runs the planned step as it is, between its graphs (it reads addresses)
-            torch.compiler.disable(self._first_step_planned)(groups)
+            torch.compiler.disable(self._first_step_planned)(groups, keep)
 
-    def _first_step_planned(self, groups: list[Mapping]) -> None:
+    def _first_step_planned(self, groups: list[Mapping], keep=None) -> None:
         enabled = torch.is_grad_enabled()  # no_grad, without building a context manager every step
         torch._C._set_grad_enabled(False)
         try:
-            self._first_step_in(groups)
+            self._first_step_in(groups, keep)
         finally:
             torch._C._set_grad_enabled(enabled)
 
-    def _first_step_in(self, groups: list[Mapping]) -> None:
-        plan, self._sqnorm = StepPlan.run_first_step(self, groups, self._plan)
+    def _first_step_in(self, groups: list[Mapping], keep=None) -> None:
+        plan, self._sqnorm = StepPlan.run_first_step(self, groups, self._plan, keep)
         self._plan = self._pending = plan
         self.perturbed = True
 
@@ -137,8 +141,8 @@ class SharpnessEngine:
 
     def restore_and_step(self, base: torch.optim.Optimizer, direction=None) -> None:
         """Restore, then ``base.step()``; for the tensors a fused update can take, restore and update in one pass.
-        ``direction``: a descent direction not yet in the gradients (``fastasam._decompose.Deferred``, GSAM's): the
-        fused update steps along it when it takes every tensor, else it is applied to the gradients first."""
+        ``direction``: LookSAM's / GSAM's decomposition, not yet run (``fastasam._decompose.Direction``): over the
+        fused update's tables when that takes every tensor, else applied to the gradients first."""
         plan = self._pending_plan()
         if plan.traced:
             with torch.no_grad():

@@ -23,6 +23,7 @@ import torch
 
 from . import _watch, backends
 from ._plan import Bucket, build_buckets, check_not_capturing, local_gradient, param_name, sum_over
+from .backends import _layout as L
 from .backends._multi_tensor import PerturbRunner, UpdateRunner
 from .backends._updates import AdamUpdate, flat_like, fused_update_for
 
@@ -146,14 +147,18 @@ class StepPlan:
         self.needs_scales = any(r.needs_scales for r in self.runners)
         self.update: UpdatePlan | None = None
         self.watch, self.targets = (None, []) if traced else self._watch()
+        # LookSAM / GSAM (keep): every tensor with a gradient in the kernels, on one device
+        self.takes_variants = (bool(self.runners) and len({b.device for b in buckets}) == 1 and all(
+            isinstance(r, PerturbRunner) and r.rest is None and not r.self_check for r in self.runners))
+        self.keep_version: int | None = None
 
     @classmethod
-    def run_first_step(cls, engine, groups: list[Mapping], plan: StepPlan | None
+    def run_first_step(cls, engine, groups: list[Mapping], plan: StepPlan | None, keep=None
                        ) -> tuple[StepPlan, torch.Tensor | None]:
         """The first step for ``groups``: on ``plan`` while it holds (the same structure, checked in one pass;
         changed rho / eta / adaptive re-uploaded; the gradients where its watch expects them), else on ``plan`` with
-        its gradients' addresses rewritten, or on a new plan. Returns the plan that ran and the global squared norm
-        (:meth:`first_step`)."""
+        its gradients' addresses rewritten, or on a new plan. ``keep``: LookSAM's / GSAM's copy of the gradients
+        (:meth:`keep`). Returns the plan that ran and the global squared norm (:meth:`first_step`)."""
         if plan is None or not plan.same_structure(groups):
             plan = None
         elif not plan.same_options(groups):
@@ -162,6 +167,8 @@ class StepPlan:
         if grads is None:
             plan = cls.rebuild(engine, groups, plan)
             grads = plan.grads_at_build()
+        if keep is not None:
+            plan.keep(keep)
         return plan, plan.first_step(grads)
 
     @classmethod
@@ -174,6 +181,7 @@ class StepPlan:
                     r.refresh_addresses()
                     r.bind(r.sq_in is r.share)
             old.watch, old.targets = old._watch()
+            old.keep_version = None  # the runners bind the variants' copy again
             return old
         return cls(engine, groups)
 
@@ -280,14 +288,35 @@ class StepPlan:
         for r in self.runners:
             r.restore()
 
+    def keep(self, keep) -> None:
+        """LookSAM's / GSAM's copy of the first pass's gradients into their kept buffers (``keep``: a
+        ``fastasam._decompose.Direction`` of mode ``COMBINE_KEEP``) over this plan's tables, which the watch has just
+        confirmed: bound once per set of buffers where the kernels take every tensor with a gradient; else
+        ``keep.apply()`` (the variant's own tables, or torch ops)."""
+        if keep.version != self.keep_version and not self._bind_keep(keep):
+            keep.apply()
+            return
+        for r in self.runners:
+            r.keep()
+
+    def _bind_keep(self, keep) -> bool:
+        kept = keep.kept
+        if not self.takes_variants or len(kept) != sum(len(r.kernel_index) for r in self.runners):
+            return False
+        self.keep_version = None
+        if not all(r.bind_keep(kept) for r in self.runners):
+            return False
+        self.keep_version = keep.version
+        return True
+
     # --- the second step ------------------------------------------------------------------------------------------
 
     def second_step(self, base: torch.optim.Optimizer, direction=None) -> Outcome:
         """Undo the perturbation, fused with ``base``'s update where the update plan can (planned again here when it
-        no longer holds), and say how (:class:`Outcome`). ``direction``: a descent direction not yet in the
-        gradients (``fastasam._decompose.Deferred``, GSAM's): the fused update steps along it when it takes every
-        tensor, else it is applied to the gradients first. The base optimizer's step on what is left is
-        :meth:`finish`'s, called once the caller has marked the perturbation undone."""
+        no longer holds), and say how (:class:`Outcome`). ``direction``: LookSAM's / GSAM's decomposition, not yet
+        run (``fastasam._decompose.Direction``): over the fused update's tables when that takes every tensor (GSAM's
+        direction inside the update itself), else applied to the gradients first. The base optimizer's step on what
+        is left is :meth:`finish`'s, called once the caller has marked the perturbation undone."""
         update = self.update
         if update is not None:
             outcome = update.run(base, direction)
@@ -417,6 +446,11 @@ class UpdatePlan:
         self.absent: list[torch.Tensor] = []
         self.structure = None
         self.covers_all = False  # every perturbed tensor is fused: this plan's watch also confirms the parameters
+        # LookSAM / GSAM (run_direction): every tensor with a gradient fused, on one device
+        self.takes_variants = False
+        self.variant_key: tuple | None = None
+        self.variant_outs: torch.Tensor | None = None
+        self.variant_sums: torch.Tensor | None = None
         base_name = type(base).__name__
         if self.update is None:
             self._unfused(f"{base_name} has no fused update")
@@ -462,6 +496,10 @@ class UpdatePlan:
                 self.subset.append((g, rest))
         self.absent = absent
         self.covers_all = all(id(k) in fused for b in plan.buckets for k in b.keys[: b.n_perturbed])
+        # every tensor with a gradient fused: no base-optimizer step (it would need the direction in its gradients),
+        # every parameter in the base optimizer's groups (this plan watches those that have no gradient)
+        self.takes_variants = (self.covers_all and not self.subset and all(id(p) in owner for p in plan.params)
+                               and len({b.device for b in plan.buckets}) == 1)
         self.watch = _watch.watch(*self._watched(), check_params=True)
 
     def _unfused(self, why: str) -> None:
@@ -504,9 +542,8 @@ class UpdatePlan:
                 return plan.restore_all(update.outcome, direction)
         fuse = False
         if direction is not None:
-            fuse = update.bind_direction(direction)
-            if fuse:
-                direction.fused_into_update()
+            if update.run_direction(direction):
+                fuse = direction.mode == L.COMBINE_GSAM
             else:
                 direction.apply()
         update.restore_fused(fuse)
@@ -554,6 +591,7 @@ class UpdatePlan:
         if not all(u.refresh_addresses() for u in self.runners.values()):
             return False
         self.watch = _watch.watch(*self._watched(), check_params=True)
+        self.variant_key = None  # the runners bind the variants' launches again
         return True
 
     def _watched(self) -> tuple[list, list, list, list, list]:
@@ -578,15 +616,45 @@ class UpdatePlan:
         return self.counts_steps and any(
             b.device.type == "cuda" for b in self.plan.buckets) and torch.cuda.is_current_stream_capturing()
 
-    def bind_direction(self, direction) -> bool:
-        """GSAM's direction (``fastasam._decompose.Deferred``) can ride in the fused update when every tensor with a
-        gradient is in it (no base-optimizer step on the rest, which would need the direction in its gradients);
-        binds it and returns True, else False."""
-        if self.subset:
+    def run_direction(self, direction) -> bool:
+        """LookSAM's / GSAM's second-step decomposition (``fastasam._decompose.Direction``) over this plan's fused
+        tables, confirmed by this plan's watch: the sums (``dots``), then LookSAM's ``combine`` (GSAM's direction is
+        the fused update's to form, :meth:`restore_fused` with ``direction``). Only where the fused update takes
+        every tensor with a gradient, one device, the kept buffers laid out like the parameters (bound once per set
+        of buffers); False, having done nothing, elsewhere."""
+        if not self.takes_variants:
             return False
-        key = (direction.version, direction.tables)
-        return all(u.bind_direction(direction.kept, direction.sums, direction.alpha, key)
-                   for u in self.runners.values())
+        key = (direction.version, direction.mode)
+        if key != self.variant_key and not self._bind_variant(direction, key):
+            return False
+        direction.alpha_on(self.plan.buckets[0].device)
+        runners = self.runners.values()
+        for u in runners:
+            u.dots()
+        if self.variant_outs is not None:
+            torch.sum(self.variant_outs, 0, out=self.variant_sums)
+        if direction.mode != L.COMBINE_GSAM:
+            for u in runners:
+                u.combine()
+        direction.served_by(self.plan.runners[0].name)
+        return True
+
+    def _bind_variant(self, direction, key: tuple) -> bool:
+        kept = direction.kept
+        if len(kept) != sum(len(u.fused) for u in self.runners.values()):  # a tensor with a gradient is not fused
+            return False
+        device = self.plan.buckets[0].device
+        n = len(self.runners)
+        outs = torch.zeros((n, 3), dtype=torch.float64, device=device)
+        sums = outs[0] if n == 1 else torch.zeros(3, dtype=torch.float64, device=device)
+        alpha = direction.alpha_on(device)
+        self.variant_key = None
+        if not all(u.bind_variant(kept, outs[i], sums, alpha, direction.mode)
+                   for i, u in enumerate(self.runners.values())):
+            return False
+        self.variant_outs, self.variant_sums = (outs if n > 1 else None), sums
+        self.variant_key = key
+        return True
 
     def restore_fused(self, direction: bool = False) -> None:
         """The fused restore + update (``direction``: along the bound direction), and the restore of every other

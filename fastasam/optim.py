@@ -254,8 +254,8 @@ class ASAM(torch.optim.Optimizer):
                 f"{self._steps_done}): opt.second_pass_needed is False. Call second_step() alone after the one "
                 "backward pass (loop: if opt.second_pass_needed: first_step, second backward; then second_step)."
             )
-        self._keep_first_gradient()
-        self._engine.first_step(self.param_groups)
+        keep = self._first_gradient_keep() if self._keeps_first_gradient else None
+        self._engine.first_step(self.param_groups, keep)
         if zero_grad:
             self.zero_grad()
 
@@ -263,7 +263,7 @@ class ASAM(torch.optim.Optimizer):
         """Descent: restore ``w``, then the base optimizer steps with the current gradients (second pass). On a step
         that does not perturb (``second_pass_needed`` False): the base optimizer's step on the one pass's gradient."""
         if self._descent_direction():
-            deferred = self._deferred  # a direction left to the fused update (GSAM)
+            deferred = self._deferred  # LookSAM's / GSAM's decomposition, run by the step plan
             if deferred is not None:
                 self._deferred = None
             self._engine.restore_and_step(self.base_optimizer, deferred)  # no first_step when one was needed: raises
@@ -322,7 +322,7 @@ class ASAM(torch.optim.Optimizer):
     ascent_step = first_step
     descent_step = second_step
 
-    _deferred = None  # the variants' direction when the fused update may apply it (fastasam._decompose.Deferred)
+    _deferred = None  # the variants' second-step decomposition for the step plan (fastasam._decompose.Direction)
 
     def _descent_direction(self) -> bool:
         """Turn ``.grad`` into the descent direction before the base step; True when the step restores first (it
@@ -337,8 +337,12 @@ class ASAM(torch.optim.Optimizer):
 
     # --- what the variants (fastasam.variants: LookSAM, GSAM) change: the gradient the base optimizer steps with ---
 
-    def _keep_first_gradient(self) -> None:
-        """Before the ascent: keep what the descent will need of the first pass's gradient (nothing for (A)SAM)."""
+    _keeps_first_gradient = False  # the descent needs the first pass's gradient (LookSAM, GSAM)
+
+    def _first_gradient_keep(self):
+        """What the descent will need of the first pass's gradient, asked of the step plan with the ascent
+        (``fastasam._decompose.Direction``); only when ``_keeps_first_gradient``."""
+        raise NotImplementedError
 
     def _two_pass_direction(self) -> None:
         """After the second backward, before the restore: turn ``.grad`` (the gradient at w + e) into the descent

@@ -18,18 +18,20 @@ The loop is the same as for ``fastasam.ASAM(..., every=k)``: ``if opt.second_pas
 backward``; then ``second_step``. Products are in fp32 (fp64 for fp64 storage), sums in fp64, as device tensors:
 no host sync.
 
-On the multi-tensor backends (``triton``, ``cuda``) each decomposition is two launches per (device, dtype) bucket,
-``dots`` and ``combine`` (``fastasam._decompose``): the three global sums, then the direction (or ``g_v``) computed
-from them on the device; keeping ``g`` is one copy launch. The tables are built once and confirmed each step by one
-pass over the parameters, as the step plan's are. The ``foreach`` backend (and any step the kernels cannot serve,
-e.g. a gradient in one pass only; ``opt.report()`` says which ran and why) runs them as ``torch._foreach_*`` ops over
-each fp32/fp64 device bucket, and the ``reference`` backend per tensor: the oracle the others are tested against.
-Those torch-op formulas (``dot``, ``axpby_``) live in the two backends, beside their perturbation; this module
-decides, per paper, which direction a step takes and when.
+On the multi-tensor backends (``cpu``, ``triton``, ``cuda``) each decomposition is two launches per (device, dtype)
+bucket, ``dots`` and ``combine``: the three global sums, then the direction (or ``g_v``) computed from them on the
+device; keeping ``g`` is one copy launch. A two-pass step asks the step plan to run them over its own tables (the
+first step's, the fused update's; ``fastasam._decompose.Direction``), confirmed by the step's one pass over the
+gradients; elsewhere they run over tables of their own (``fastasam._decompose``), confirmed by a pass of their own.
+The ``foreach`` backend (and any step the kernels cannot serve, e.g. a gradient in one pass only; ``opt.report()``
+says which ran and why) runs them as ``torch._foreach_*`` ops over each fp32/fp64 device bucket, and the
+``reference`` backend per tensor: the oracle the others are tested against. Those torch-op formulas (``dot``,
+``axpby_``) live in the two backends, beside their perturbation; this module decides, per paper, which direction a
+step takes and when.
 GSAM's direction is not written into the gradients when the fused restore + update takes every tensor: that kernel
-reads ``g_s`` and ``g`` and forms the direction itself (``fastasam._decompose.Deferred``); otherwise (a base-optimizer
-step on some tensors, GradScaler, a non-fused engine path) ``combine`` writes it first. LookSAM's ``g_v`` and its
-one-pass direction are separate launches (its one-pass steps use the base optimizer's own step).
+reads ``g_s`` and ``g`` and forms the direction itself; otherwise (a base-optimizer step on some tensors, GradScaler,
+a non-fused engine path) ``combine`` writes it first. LookSAM's one-pass direction is a separate launch (its
+one-pass steps use the base optimizer's own step).
 DTensor parameters (FSDP2 ``fully_shard``) work on their local shards: the sums of each shard group's parameters are
 all-reduced over it (on the device), and LookSAM's ``g_v`` is saved as DTensors of the parameters' placements.
 """
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 
 from . import _decompose
-from ._decompose import Decomposer, Deferred, PhaseTables
+from ._decompose import Decomposer, Direction, PhaseTables
 from ._plan import indices_by_key, is_dtensor, local_gradient, shard_groups, sum_over
 from .backends import foreach, reference
 from .optim import _NORM_EPS, ASAM
@@ -79,9 +81,16 @@ class _Decomposed(ASAM):
             dec = self._dec = Decomposer(self.requested_backend)
         return dec
 
-    # --- the hooks of ASAM's step (warm: one pass over the parameters to confirm the tables, two launches) -------
+    # --- the hooks of ASAM's step: asked of the step plan, which runs them over its own tables (its one pass over the
+    # gradients confirms them); else on tables of their own (one more pass) or as torch ops --------------------------
+
+    _keeps_first_gradient = True
+
+    def _first_gradient_keep(self) -> Direction:
+        return Direction(self._decomposer(), _decompose.KEEP, self._kept, self.alpha, self._keep_first_gradient)
 
     def _keep_first_gradient(self) -> None:
+        """The copy of the first pass's gradients, when the step plan does not run it."""
         t = self._decomposer().ready("first", self.param_groups, self.alpha)
         if t is None:
             t = self._keep_cold()
@@ -98,19 +107,30 @@ class _Decomposed(ASAM):
                 buf.copy_(self._grad(p))
         return t
 
-    def _direction(self, phase: str, mode: int, torch_ops: Callable[[], None], defer: bool = False) -> None:
-        """The sums, then the combination ``mode`` on the kernels (``defer``: left to the engine, which may fuse it
-        into the restore + update); or ``torch_ops`` (the same formulas)."""
+    def _direction(self, phase: str, mode: int, torch_ops: Callable[[], None]) -> None:
+        """The sums, then the combination ``mode``, on this optimizer's own tables (``fastasam._decompose``); or
+        ``torch_ops`` (the same formulas)."""
         t = self._decomposer().ready(phase, self.param_groups, self.alpha) or self._build(phase)
         if t is None:
             with torch.no_grad():
                 torch_ops()
             return
         t.dots()
-        if defer:
-            self._deferred = Deferred(t, mode, self._kept, self._decomposer())
-        else:
-            t.combine(mode)
+        t.combine(mode)
+
+    _two_pass_mode: int  # the second step's combination (GSAM's direction, LookSAM's g_v)
+
+    def _two_pass_direction(self) -> None:
+        # asked of the step plan, which runs it over its own tables when its fused update takes every tensor
+        self._deferred = Direction(self._decomposer(), self._two_pass_mode, self._kept, self.alpha,
+                                   self._apply_two_pass)
+
+    def _apply_two_pass(self) -> None:
+        """The second step's combination before the restore, when the step plan does not run it."""
+        self._direction("second", self._two_pass_mode, self._two_pass_torch_ops)
+
+    def _two_pass_torch_ops(self) -> None:
+        raise NotImplementedError
 
     def _build(self, phase: str) -> PhaseTables | None:
         """The kernels' tables for this phase, or None: run the torch-op path (``_dot`` / ``_axpby_``: the foreach
@@ -242,8 +262,7 @@ class LookSAM(_Decomposed):
                          restore=restore, backend=backend, every=k, base_optimizer_kwargs=base_optimizer_kwargs,
                          **base_kwargs)
 
-    def _two_pass_direction(self) -> None:  # full step: descend along g_s; keep g_v = g_s - c g (in place)
-        self._direction("second", _decompose.LOOK_FULL, self._two_pass_torch_ops)
+    _two_pass_mode = _decompose.LOOK_FULL  # full step: descend along g_s; keep g_v = g_s - c g (in place)
 
     def _two_pass_torch_ops(self) -> None:
         params = self._params()
@@ -313,9 +332,9 @@ class GSAM(_Decomposed):
         super().__init__(params, base_optimizer, rho=rho, eta=eta, adaptive=adaptive, eps=eps, norm_eps=norm_eps,
                          restore=restore, backend=backend, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs)
 
-    def _two_pass_direction(self) -> None:  # (1 + alpha * c) * g_s - alpha * g, c = <g, g_s> / ||g_s||^2
-        # the direction itself: in the fused restore + update when that takes every tensor, else applied first
-        self._direction("second", _decompose.GSAM, self._two_pass_torch_ops, defer=True)
+    # (1 + alpha * c) * g_s - alpha * g, c = <g, g_s> / ||g_s||^2: in the fused restore + update when that takes
+    # every tensor, else written into the gradients first
+    _two_pass_mode = _decompose.GSAM
 
     def _two_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]

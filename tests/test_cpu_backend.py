@@ -290,7 +290,7 @@ def _elementwise_results(which: str, dtype: torch.dtype) -> list[torch.Tensor]:
     # combine, every mode
     for mode in (L.COMBINE_KEEP, L.COMBINE_LOOK_FULL, L.COMBINE_LOOK_ONE, L.COMBINE_GSAM):
         g, b = [x.clone() for x in t["g"]], [x.clone() for x in t["b"]]
-        rows, chunks = impl.tables((t["w"], g, b), [0] * n)
+        rows, chunks = impl.tables((t["w"], g, t["b"], None, None, None, None, None, b), [0] * n)  # K: the buffer
         impl("combine", rows, chunks, sums, alpha, mode)
         out += [*g, *b]
     return out
@@ -346,7 +346,8 @@ def test_a_bug_in_the_cpu_walk_alone_is_caught_against_the_cuda_kernels(bug, cpu
 def _reductions(module, dtype: torch.dtype) -> list[torch.Tensor]:
     """The squared norm (adaptive and plain rows) and the dots of one build of the CPU kernels on the same inputs."""
     impl, t = _Impl("cpu", dtype), _tensors(dtype)
-    rows, chunks = impl.tables((t["w"], t["g"], t["b"]), [(r % 2) << L.OPT_SHIFT for r in range(len(SIZES))])
+    rows, chunks = impl.tables((t["w"], t["g"], t["b"], None, None, None, None, None, t["k"]),
+                               [(r % 2) << L.OPT_SHIFT for r in range(len(SIZES))])
     opts = torch.tensor([[0.01, 0.5, 1.0, 1e-12], [0.0, 0.05, 0.0, 1e-12]], dtype=torch.float32)
     sq, dots = torch.zeros(1), torch.zeros(3, dtype=torch.float64)
     count = chunks.shape[0]

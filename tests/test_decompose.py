@@ -23,6 +23,7 @@ import fastasam
 from fastasam import _decompose
 from fastasam._decompose import Decomposer, PhaseTables
 from fastasam._plan import accumulate_dtype
+from fastasam.backends._multi_tensor import PerturbRunner, UpdateRunner
 from fastasam.testing import cuda_shim
 
 ALPHA = 0.3
@@ -291,20 +292,33 @@ def _warm_then_moved(opt, params, built: list[str]) -> tuple[list[list[str]], li
 @KINDS
 def test_a_warm_step_rebuilds_nothing_and_a_moved_gradient_rebuilds_its_phase(backend, device, kind, kw,
                                                                              monkeypatch):
+    """The first step's copy of g and the second step's decomposition run over the step plan's tables ("keep",
+    "update": bound there once, after the first step has built the kept buffers; the plan's watch confirms them), a
+    one-pass step over tables of its own. A moved second-pass gradient rebinds the update's."""
     built: list[str] = []
-    real = Decomposer.build
+    real, real_bind, real_keep = Decomposer.build, UpdateRunner.bind_variant, PerturbRunner.bind_keep
 
     def spy(self, phase, *args, **kwargs):
         built.append(phase)
         return real(self, phase, *args, **kwargs)
 
+    def spy_bind(self, *args, **kwargs):
+        built.append("update")
+        return real_bind(self, *args, **kwargs)
+
     monkeypatch.setattr(Decomposer, "build", spy)
+    def spy_keep(self, *args, **kwargs):
+        built.append("keep")
+        return real_keep(self, *args, **kwargs)
+
+    monkeypatch.setattr(UpdateRunner, "bind_variant", spy_bind)
+    monkeypatch.setattr(PerturbRunner, "bind_keep", spy_keep)
     params = awkward_params(device, torch.float32, chunk_sized=False)
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = make(kind, params, backend, **kw)
     parts, got = _warm_then_moved(opt, params, built)
-    cold = {"looksam": ["first", "one", "second"], "gsam": ["first", "second"]}[kind]
-    assert parts == [cold, [], ["second"]]  # cold: each phase once; warm: nothing; moved: that phase only
+    cold = {"looksam": ["first", "keep", "one", "update"], "gsam": ["first", "keep", "update"]}[kind]
+    assert parts == [cold, [], ["update"]]  # cold: each phase once; warm: nothing; moved: the update's tables
     assert opt.report().direction == _served(kind, backend)
     _, want = _warm_then_moved(make(kind, ref, "reference", **kw), ref, [])
     for a, b in zip(got, want):

@@ -157,6 +157,7 @@ class PerturbRunner:
         self.share = torch.zeros((), dtype=acc, device=dev)
         self.sq_in = torch.zeros((), dtype=acc, device=dev)
         self._launches: tuple | None = None
+        self._keep = None  # LookSAM's / GSAM's copy of the gradients (bind_keep)
 
     # --- built once ----------------------------------------------------------------------------------------------
 
@@ -166,7 +167,7 @@ class PerturbRunner:
         gs = [b.grads[i] for i in self.rows]
         bs = [b.buffers[i] if i < b.n_perturbed else None for i in self.rows]
         flags = [self.slot[b.group[i]] << L.OPT_SHIFT for i in self.rows]
-        tab = _rows_table((ws, gs, bs), [t.numel() for t in ws], flags)
+        tab = self._tab = _rows_table((ws, gs, bs), [t.numel() for t in ws], flags)
         # each kernel compiles its vector path where some row has the columns it reads aligned
         self.aligned = {"sqnorm": _aligned(tab, (L.COL_W, L.COL_G)),
                         "perturb": _aligned(tab, (L.COL_W, L.COL_G, L.COL_B)),
@@ -194,8 +195,8 @@ class PerturbRunner:
     def refresh_addresses(self) -> None:
         """The gradients moved (same shapes, dtypes and layouts): rewrite ``rows`` in place."""
         tab = self._rows_host()
-        _upload(self.rows_d, tab, "gradient addresses")
-        self._launches = None  # the alignment may have changed
+        _upload(self.rows_d, tab.clone(), "gradient addresses")
+        self._launches = self._keep = None  # the alignment may have changed
 
     def bind(self, share_is_total: bool) -> None:
         """Bind the launches. ``share_is_total``: this bucket's share of the squared norm is the whole norm, so the
@@ -215,7 +216,33 @@ class PerturbRunner:
                            self.copy)
         self._launches = (norm, perturb, restore, share_is_total)
 
+    def bind_keep(self, kept) -> bool:
+        """LookSAM's / GSAM's copy of the gradients (``combine`` in mode ``COMBINE_KEEP``: K <- G) over this runner's
+        tables, the K column from ``kept[param]``; False (nothing bound) when a kernel tensor has no kept buffer laid
+        out like it."""
+        b = self.bucket
+        bufs = [kept.get(b.keys[i]) for i in self.rows]
+        if any(k is None or k.dtype != b.params[i].dtype or not flat_like(k, b.params[i])
+               for k, i in zip(bufs, self.rows, strict=True)) or any(b.keys[i] not in kept for i in self.kernel_index):
+            return False
+        self._keep = None
+        if not self.n_chunks:
+            return True
+        tab = self._tab
+        tab[:, L.COL_K] = torch.tensor([k.data_ptr() for k in bufs], dtype=torch.int64)
+        _mark_aligned(tab)
+        _upload(self.rows_d, tab.clone(), "the variant's kept buffers")
+        dev = self.rows_d.device
+        unused = torch.zeros(3, dtype=torch.float64, device=dev)  # KEEP reads no sums and no alpha
+        self._keep = self.launcher.bind("combine", self.n_chunks, (self.rows_d, self.chunks_d, unused, unused[:1]),
+                                        b.dtype, _aligned(tab, (L.COL_G, L.COL_K)), False, mode=L.COMBINE_KEEP)
+        return True
+
     # --- run every step ------------------------------------------------------------------------------------------
+
+    def keep(self) -> None:
+        if self._keep is not None:
+            self._keep()
 
     def _check_local_grads(self) -> None:
         """DTensor shards: the engine cannot watch local gradients; compare them here and rewrite ``rows`` if one
@@ -357,11 +384,10 @@ class UpdateRunner:
         self.restore_chunks_d = torch.tensor(restore_chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
         bind = phase1.launcher.bind
         self.n_fused_chunks = len(chunks)
-        # GSAM's direction (fastasam/_decompose.py) fused into the update: the K column, the sums and alpha it reads
+        # the fused update without GSAM's direction reads no sums and no alpha (bind_variant binds those)
         self._no_sums = torch.zeros(3, dtype=torch.float64, device=dev)
         self._no_alpha = torch.zeros(1, dtype=torch.float64, device=dev)
-        self._direction_key: tuple | None = None
-        self._fused_dir = None
+        self._dots = self._combine = self._fused_dir = None  # LookSAM's / GSAM's launches (bind_variant)
         self._bind_fused()
         self._restore = bind("restore", len(restore_chunks), (phase1.rows_d, self.restore_chunks_d), b.dtype,
                              phase1.aligned["restore"], phase1.copy) if restore_chunks else None
@@ -370,36 +396,53 @@ class UpdateRunner:
     def _bind_fused(self) -> None:
         used = (L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3)
         self._fused = None
-        self._direction_key = self._fused_dir = None  # rebound when next asked for
+        self._dots = self._combine = self._fused_dir = None  # the variants' launches: bound again when next asked for
         if self.n_fused_chunks:
             self._fused = self.phase1.launcher.bind(self.update.kernel, self.n_fused_chunks,
                                                     (self.rows_d, self.chunks_d, self.hyper_d, self._no_sums,
                                                      self._no_alpha), self.phase1.bucket.dtype,
                                                     _aligned(self._tab, used), self.phase1.copy)
 
-    def bind_direction(self, kept, sums: torch.Tensor, alpha: torch.Tensor, key: tuple) -> bool:
-        """Have the fused update step along GSAM's direction from the gradients and ``kept[param]`` (the K column),
-        ``sums`` and ``alpha``; False (nothing bound) when a fused tensor has no kept buffer laid out like it. The
-        K column is written when ``key`` changes (the buffers' version and the tables that own ``sums``) or the
-        launch was rebound."""
-        if key == self._direction_key:
-            return True
+    def bind_variant(self, kept, out: torch.Tensor, sums: torch.Tensor, alpha: torch.Tensor, mode: int) -> bool:
+        """LookSAM's / GSAM's launches over this runner's fused tables: the K column from ``kept[param]`` (False,
+        nothing bound, when a fused tensor has no kept buffer laid out like it), ``dots`` into ``out``; for ``mode``
+        ``COMBINE_GSAM`` the fused update along GSAM's direction (from ``sums``, ``alpha``), else ``combine`` in that
+        mode (writing K) before the plain fused update."""
         b = self.phase1.bucket
         bufs = [kept.get(b.keys[i]) for i in self.fused_rows]
         if any(k is None or k.dtype != b.params[i].dtype or not flat_like(k, b.params[i])
-               for k, i in zip(bufs, self.fused_rows, strict=True)):
+               for k, i in zip(bufs, self.fused_rows, strict=True)) or any(b.keys[i] not in kept for i in self.fused):
             return False
         if bufs:
             self._tab[:, L.COL_K] = torch.tensor([k.data_ptr() for k in bufs], dtype=torch.int64)
             _mark_aligned(self._tab)
-            _upload(self.rows_d, self._tab.clone(), "GSAM's kept gradients")
-        if self.n_fused_chunks:
+            _upload(self.rows_d, self._tab.clone(), "the variant's kept buffers")
+        self._dots = self._combine = self._fused_dir = None
+        n, dtype, bind = self.n_fused_chunks, b.dtype, self.phase1.launcher.bind
+        if not n:
+            out.zero_()
+            return True
+        pair = _aligned(self._tab, (L.COL_G, L.COL_K))
+        dev = self.rows_d.device
+        partials = torch.empty(3 * n, dtype=torch.float64, device=dev)
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._dots = bind("dots", n, (self.rows_d, self.chunks_d, partials, counter, out), dtype, pair, False)
+        if mode == L.COMBINE_GSAM:
             used = (L.COL_W, L.COL_G, L.COL_B, L.COL_S1, L.COL_S2, L.COL_S3, L.COL_K)
-            self._fused_dir = self.phase1.launcher.bind(
-                self.update.kernel, self.n_fused_chunks, (self.rows_d, self.chunks_d, self.hyper_d, sums, alpha),
-                self.phase1.bucket.dtype, _aligned(self._tab, used), self.phase1.copy, mode=L.COMBINE_GSAM)
-        self._direction_key = key
+            self._fused_dir = bind(self.update.kernel, n, (self.rows_d, self.chunks_d, self.hyper_d, sums, alpha),
+                                   dtype, _aligned(self._tab, used), self.phase1.copy, mode=L.COMBINE_GSAM)
+        else:
+            self._combine = bind("combine", n, (self.rows_d, self.chunks_d, sums, alpha), dtype, pair, False,
+                                 mode=mode)
         return True
+
+    def dots(self) -> None:
+        if self._dots is not None:
+            self._dots()
+
+    def combine(self) -> None:
+        if self._combine is not None:
+            self._combine()
 
     def refresh_addresses(self) -> bool:
         """The second-pass gradients moved: rewrite their column in place, if they are still laid out like their
@@ -446,7 +489,7 @@ class UpdateRunner:
             _upload(self.hyper_d, torch.tensor(host, dtype=torch.float32, pin_memory=cuda), "hyper-parameters", cuda)
 
     def run(self, direction: bool = False) -> None:
-        """The fused restore + update (``direction``: along the direction bound by ``bind_direction``), the plain
+        """The fused restore + update (``direction``: along GSAM's direction, bound by ``bind_variant``), the plain
         restore of the other perturbed kernel tensors, the foreach part's restore."""
         fused = self._fused_dir if direction else self._fused
         if fused is not None:
