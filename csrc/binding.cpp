@@ -10,6 +10,11 @@
 #include <torch/library.h>
 
 #include "multi_tensor.h"
+#include "elementwise.h"  // FA_FUSED_UPDATES
+
+extern "C" {
+FA_FUSED_UPDATES(FA_DECLARE_UPDATE)
+}
 
 namespace {
 
@@ -106,17 +111,13 @@ void restore_update(UpdateLauncher launch, const char* what, at::Tensor& rows, c
            what);
 }
 
-void restore_sgd(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& sums,
-                 const at::Tensor& alpha, int64_t count, int64_t chunk_size, int64_t dtype, bool copy, int64_t mode) {
-  restore_update(fa_restore_sgd, "restore + SGD", rows, chunks, hyper, sums, alpha, count, chunk_size, dtype, copy,
-                 mode);
-}
-
-void restore_adam(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& sums,
-                  const at::Tensor& alpha, int64_t count, int64_t chunk_size, int64_t dtype, bool copy, int64_t mode) {
-  restore_update(fa_restore_adam, "restore + Adam", rows, chunks, hyper, sums, alpha, count, chunk_size, dtype, copy,
-                 mode);
-}
+// one op per fused update (FA_FUSED_UPDATES)
+#define FA_UPDATE_OP(NAME, WHAT)                                                                                  \
+  void NAME(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& sums,          \
+            const at::Tensor& alpha, int64_t count, int64_t chunk_size, int64_t dtype, bool copy, int64_t mode) { \
+    restore_update(fa_##NAME, WHAT, rows, chunks, hyper, sums, alpha, count, chunk_size, dtype, copy, mode);      \
+  }
+FA_FUSED_UPDATES(FA_UPDATE_OP)
 
 void dots(at::Tensor& rows, const at::Tensor& chunks, at::Tensor& partials, at::Tensor& counter, at::Tensor& out,
           int64_t count, int64_t chunk_size, int64_t dtype) {
@@ -160,10 +161,10 @@ TORCH_LIBRARY(fastasam, m) {
   m.def("perturb(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor sqnorm, int count, int chunk_size, int dtype, "
         "bool copy) -> ()");
   m.def("restore(Tensor(a!) rows, Tensor chunks, int count, int chunk_size, int dtype, bool copy) -> ()");
-  m.def("restore_sgd(Tensor(a!) rows, Tensor chunks, Tensor hyper, Tensor sums, Tensor alpha, int count, "
-        "int chunk_size, int dtype, bool copy, int mode) -> ()");
-  m.def("restore_adam(Tensor(a!) rows, Tensor chunks, Tensor hyper, Tensor sums, Tensor alpha, int count, "
-        "int chunk_size, int dtype, bool copy, int mode) -> ()");
+#define FA_UPDATE_SCHEMA(NAME, WHAT)                                                                          \
+  m.def(#NAME "(Tensor(a!) rows, Tensor chunks, Tensor hyper, Tensor sums, Tensor alpha, int count, "        \
+              "int chunk_size, int dtype, bool copy, int mode) -> ()");
+  FA_FUSED_UPDATES(FA_UPDATE_SCHEMA)
   m.def("dots(Tensor(a!) rows, Tensor chunks, Tensor(b!) partials, Tensor(c!) counter, Tensor(d!) out, int count, "
         "int chunk_size, int dtype) -> ()");
   m.def("combine(Tensor(a!) rows, Tensor chunks, Tensor sums, Tensor alpha, int count, int chunk_size, int dtype, "
@@ -174,8 +175,8 @@ TORCH_LIBRARY_IMPL(fastasam, CUDA, m) {
   m.impl("sqnorm", &sqnorm);
   m.impl("perturb", &perturb);
   m.impl("restore", &restore);
-  m.impl("restore_sgd", &restore_sgd);
-  m.impl("restore_adam", &restore_adam);
+#define FA_UPDATE_IMPL(NAME, WHAT) m.impl(#NAME, &NAME);
+  FA_FUSED_UPDATES(FA_UPDATE_IMPL)
   m.impl("dots", &dots);
   m.impl("combine", &combine);
 }

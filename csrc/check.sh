@@ -50,7 +50,7 @@ for src in *.cu; do
         done
         if [ "$total" -ne "$listed" ]; then
             echo "csrc/check.sh: $src sm_$arch: $total kernels in the PTX, $listed of them in the table of kernels" \
-                 "(fastasam/backends/_signatures.py: KERNELS); add the new kernel there" >&2
+                 "(fastasam/backends/_signatures.py: KERNELS; a fused update: FA_FUSED_UPDATES in csrc/elementwise.h)" >&2
             grep -E '^\.(visible )?\.?entry' "$ptx" >&2
             exit 1
         fi

@@ -149,18 +149,22 @@ namespace {
 namespace {
 
 // one instruction set's kernels
+// (the fused updates: one member each, from FA_FUSED_UPDATES, after the other kernels)
+#define FA_UPDATE_MEMBER(NAME, WHAT) decltype(&baseline::NAME) NAME;
 struct Kernels {
   const char* isa;
   decltype(&baseline::sqnorm) sqnorm;
   decltype(&baseline::perturb) perturb;
   decltype(&baseline::restore) restore;
-  decltype(&baseline::restore_sgd) restore_sgd;
-  decltype(&baseline::restore_adam) restore_adam;
   decltype(&baseline::dots) dots;
   decltype(&baseline::combine) combine;
+  FA_FUSED_UPDATES(FA_UPDATE_MEMBER)
 };
+#define FA_UPDATE_IN_baseline(NAME, WHAT) , &baseline::NAME
+#define FA_UPDATE_IN_avx2(NAME, WHAT) , &avx2::NAME
+#define FA_UPDATE_IN_avx512(NAME, WHAT) , &avx512::NAME
 #define FA_KERNELS(NS) \
-  Kernels { #NS, &NS::sqnorm, &NS::perturb, &NS::restore, &NS::restore_sgd, &NS::restore_adam, &NS::dots, &NS::combine }
+  Kernels { #NS, &NS::sqnorm, &NS::perturb, &NS::restore, &NS::dots, &NS::combine FA_FUSED_UPDATES(FA_UPDATE_IN_##NS) }
 
 // the builds this CPU runs, the baseline first and the widest last
 std::vector<Kernels> supported_kernels() {
@@ -185,10 +189,10 @@ void define_kernels(py::module_& m, const Kernels& k) {
         py::arg("sqnorm"), py::arg("count"), py::arg("chunk_size"), py::arg("copy"));
   m.def("restore", k.restore, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("count"),
         py::arg("chunk_size"), py::arg("copy"));
-  m.def("restore_sgd", k.restore_sgd, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("hyper"),
-        py::arg("sums"), py::arg("alpha"), py::arg("count"), py::arg("chunk_size"), py::arg("copy"), py::arg("mode"));
-  m.def("restore_adam", k.restore_adam, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("hyper"),
-        py::arg("sums"), py::arg("alpha"), py::arg("count"), py::arg("chunk_size"), py::arg("copy"), py::arg("mode"));
+#define FA_UPDATE_DEF(NAME, WHAT)                                                                              \
+  m.def(#NAME, k.NAME, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("hyper"), py::arg("sums"), \
+        py::arg("alpha"), py::arg("count"), py::arg("chunk_size"), py::arg("copy"), py::arg("mode"));
+  FA_FUSED_UPDATES(FA_UPDATE_DEF)
   m.def("dots", k.dots, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("count"), py::arg("chunk_size"),
         py::arg("out"));
   m.def("combine", k.combine, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("sums"), py::arg("alpha"),

@@ -14,7 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "multi_tensor.h"  // the table layout: FA_SGD_*, FA_ADAM_*, FA_COMBINE_*
+#include "multi_tensor.h"  // the table layout: FA_NHYPER, FA_COMBINE_*
 
 #ifdef __CUDACC__
 #define FA_HD __host__ __device__
@@ -154,17 +154,20 @@ template <int MODE> FA_HD FA_INLINE Coefficients combine_coefficients(const doub
   return {static_cast<float>(x), static_cast<float>(y)};
 }
 
-// torch.optim.SGD's hyper-parameters, from a row of the hyper table (FA_SGD_* columns, combined on the host).
-// nesterov and maximize stay floats (0 or 1) tested with != 0: a condition of the float's width lets a CPU compiler
-// vectorise the loop around the formula for 16-bit storage too, where a bool does not (GCC 12).
+// A fused update's hyper-parameters are one row of the hyper table, combined on the host: its struct's fields in
+// order are the row's columns, and the Python class that writes the row (fastasam/backends/_updates.py: `columns`)
+// names them alike (tests/test_signatures.py compares the two). A flag is a float column, 0 or 1.
+
+// torch.optim.SGD's hyper-parameters. nesterov and maximize stay floats tested with != 0: a condition of the
+// float's width lets a CPU compiler vectorise the loop around the formula for 16-bit storage too, where a bool does
+// not (GCC 12).
 struct SgdHyper {
   float lr, momentum, one_minus_dampening, weight_decay;
   bool has_momentum;
   float nesterov, maximize;
 };
 FA_HD FA_INLINE SgdHyper sgd_hyper(const float* h) {
-  return {h[FA_SGD_LR], h[FA_SGD_MOMENTUM], h[FA_SGD_ONE_MINUS_DAMPENING], h[FA_SGD_WEIGHT_DECAY],
-          h[FA_SGD_HAS_MOMENTUM] != 0.f, h[FA_SGD_NESTEROV], h[FA_SGD_MAXIMIZE]};
+  return {h[0], h[1], h[2], h[3], h[4] != 0.f, h[5], h[6]};
 }
 
 // torch.optim.SGD's update of one element: p the restored weight, d the update's gradient; m the momentum buffer's
@@ -181,16 +184,14 @@ FA_HD FA_INLINE float sgd_update(const SgdHyper& h, bool fresh, float p, float d
   return p - h.lr * d;
 }
 
-// torch.optim.Adam/AdamW's hyper-parameters (FA_ADAM_* columns; step size and bias corrections from the host)
+// torch.optim.Adam/AdamW's hyper-parameters (lerp_weight = 1 - beta1; step size and bias corrections from the host)
 struct AdamHyper {
   float lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt;
   bool amsgrad;
   float maximize;  // 0 or 1 (see SgdHyper)
 };
 FA_HD FA_INLINE AdamHyper adam_hyper(const float* h) {
-  return {h[FA_ADAM_ONE_MINUS_BETA1], h[FA_ADAM_BETA2], h[FA_ADAM_ONE_MINUS_BETA2], h[FA_ADAM_EPS],
-          h[FA_ADAM_WEIGHT_DECAY], h[FA_ADAM_DECAY_FACTOR], h[FA_ADAM_STEP_SIZE], h[FA_ADAM_BC2_SQRT],
-          h[FA_ADAM_AMSGRAD] != 0.f, h[FA_ADAM_MAXIMIZE]};
+  return {h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8] != 0.f, h[9]};
 }
 
 // torch.optim.Adam/AdamW's update of one element: p the restored weight, d the update's gradient; m, v the moments
@@ -210,3 +211,12 @@ FA_HD FA_INLINE float adam_update(const AdamHyper& h, float p, float d, float& m
 }
 
 }  // namespace fa
+
+// The fused restore + update kernels, one X(name, what) per base optimizer: `name` is the CUDA kernel
+// <name>_kernel (multi_tensor.cu) behind fa_<name>, the CPU function <name> (cpu_loops.h), the op
+// torch.ops.fastasam.<name> and the `kernel` of the Python class that plans it (fastasam/backends/_updates.py,
+// whose FUSED_UPDATES lists the same, in this order); `what` names it in errors. binding.cpp, cpu_kernels.cpp and
+// multi_tensor.cu register and declare every entry from this list.
+#define FA_FUSED_UPDATES(X)           \
+  X(restore_sgd, "restore + SGD")     \
+  X(restore_adam, "restore + Adam")

@@ -462,19 +462,14 @@ int fa_restore(int dtype, const int64_t* rows, const int32_t* chunks, int count,
   FA_DISPATCH(restore_kernel, rows, chunks, chunk_size, copy != 0)
 }
 
-int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
-                   const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream) {
-  if (count <= 0 || (mode != 0 && mode != FA_COMBINE_GSAM)) return static_cast<int>(cudaErrorInvalidValue);
-  const int blocks = count;
-  FA_DISPATCH(restore_sgd_kernel, rows, chunks, hyper, sums, alpha, chunk_size, copy != 0, mode)
-}
-
-int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
-                    const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream) {
-  if (count <= 0 || (mode != 0 && mode != FA_COMBINE_GSAM)) return static_cast<int>(cudaErrorInvalidValue);
-  const int blocks = count;
-  FA_DISPATCH(restore_adam_kernel, rows, chunks, hyper, sums, alpha, chunk_size, copy != 0, mode)
-}
+// every fused update's C entry point (FA_FUSED_UPDATES: <name>_kernel, launched as fa_<name>)
+#define FA_DEFINE_UPDATE(NAME, WHAT)                                                                   \
+  int fa_##NAME(FA_UPDATE_PARAMS) {                                                                    \
+    if (count <= 0 || (mode != 0 && mode != FA_COMBINE_GSAM)) return static_cast<int>(cudaErrorInvalidValue); \
+    const int blocks = count;                                                                          \
+    FA_DISPATCH(NAME##_kernel, rows, chunks, hyper, sums, alpha, chunk_size, copy != 0, mode)          \
+  }
+FA_FUSED_UPDATES(FA_DEFINE_UPDATE)
 
 int fa_dots(int dtype, const int64_t* rows, const int32_t* chunks, int count, int64_t chunk_size, double* partials,
             int* counter, double* out, cudaStream_t stream) {

@@ -9,7 +9,7 @@
 //   chunks int32[C][2]           (tensor row, chunk number): block b handles elements
 //                                [chunk * chunk_size, min((chunk + 1) * chunk_size, numel)) of its tensor;
 //   opts   float[G][FA_NOPT]     per parameter group: eta, rho, adaptive (0/1), the norm's eps;
-//   hyper  float[H][FA_NHYPER]   per base-optimizer group: the update's hyper-parameters (FA_SGD_*, FA_ADAM_*),
+//   hyper  float[H][FA_NHYPER]   per base-optimizer group: the update's hyper-parameters (elementwise.h),
 //                                combined on the host in double precision as torch.optim combines them.
 // One launch per phase covers `count` chunks (the first `count` rows of `chunks`). Math is fp32 for fp32/fp16/bf16
 // storage; every store rounds once. Each function returns the cudaError_t of the launch (0 on success).
@@ -43,24 +43,7 @@
 #define FA_OPT_ADAPTIVE 2
 #define FA_OPT_EPS 3
 #define FA_NOPT 4
-#define FA_SGD_LR 0
-#define FA_SGD_MOMENTUM 1
-#define FA_SGD_ONE_MINUS_DAMPENING 2
-#define FA_SGD_WEIGHT_DECAY 3
-#define FA_SGD_HAS_MOMENTUM 4
-#define FA_SGD_NESTEROV 5
-#define FA_SGD_MAXIMIZE 6
-#define FA_ADAM_ONE_MINUS_BETA1 0
-#define FA_ADAM_BETA2 1
-#define FA_ADAM_ONE_MINUS_BETA2 2
-#define FA_ADAM_EPS 3
-#define FA_ADAM_WEIGHT_DECAY 4
-#define FA_ADAM_DECAY_FACTOR 5
-#define FA_ADAM_STEP_SIZE 6
-#define FA_ADAM_BC2_SQRT 7
-#define FA_ADAM_AMSGRAD 8
-#define FA_ADAM_MAXIMIZE 9
-#define FA_NHYPER 10
+#define FA_NHYPER 10  // the hyper table's width: room for the widest update's row (elementwise.h)
 #define FA_COMBINE_KEEP 0
 #define FA_COMBINE_LOOK_FULL 1
 #define FA_COMBINE_LOOK_ONE 2
@@ -91,17 +74,16 @@ int fa_perturb(int dtype, const int64_t* rows, const int32_t* chunks, const floa
 int fa_restore(int dtype, const int64_t* rows, const int32_t* chunks, int count, int64_t chunk_size, int copy,
                cudaStream_t stream);
 
-// restore, then torch.optim.SGD's update; S1 = momentum buffer, flag FA_FLAG_FRESH_STATE: the buffer is new (torch's
-// first step sets it to d_p). The update's gradient: G (mode 0), or with mode FA_COMBINE_GSAM GSAM's direction
-// x * G + y * K with x = 1 + alpha * sums[1] / sums[0] (0 where sums[0] is 0), y = -alpha (as fa_combine; sums and
-// alpha are read only in that mode).
-int fa_restore_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
-                   const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream);
-
-// restore, then torch.optim.Adam/AdamW's update; S1 exp_avg, S2 exp_avg_sq, S3 max_exp_avg_sq (amsgrad); the
-// gradient as for fa_restore_sgd.
-int fa_restore_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const double* sums,
-                    const double* alpha, int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream);
+// The fused restore + updates (restore, then a base optimizer's update), one per entry of FA_FUSED_UPDATES
+// (elementwise.h), all of one signature: int fa_restore_<name>(FA_UPDATE_PARAMS), declared with that list. The
+// update's gradient: G (mode 0), or with mode FA_COMBINE_GSAM GSAM's direction x * G + y * K with
+// x = 1 + alpha * sums[1] / sums[0] (0 where sums[0] is 0), y = -alpha (as fa_combine; sums and alpha are read only
+// in that mode); hyper: the update's hyper-parameters, one row per base-optimizer group.
+#define FA_UPDATE_PARAMS                                                                                           \
+  int dtype, const int64_t *rows, const int32_t *chunks, const float *hyper, const double *sums, const double *alpha, \
+      int count, int64_t chunk_size, int copy, int mode, cudaStream_t stream
+// declares one: FA_FUSED_UPDATES(FA_DECLARE_UPDATE), inside extern "C", where elementwise.h is included
+#define FA_DECLARE_UPDATE(NAME, WHAT) int fa_##NAME(FA_UPDATE_PARAMS);
 
 // LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the variant's kept buffer in K (the
 // other columns are not read: the step plan's tables serve as they are). out[0..2] = sums over the chunks of

@@ -25,7 +25,7 @@ from . import _watch, backends
 from ._plan import Bucket, build_buckets, check_not_capturing, local_gradient, param_name, sum_over
 from .backends import _layout as L
 from .backends._multi_tensor import PerturbRunner, UpdateRunner
-from .backends._updates import AdamUpdate, flat_like, fused_update_for
+from .backends._updates import flat_like, fused_update_for
 
 _params_of = itemgetter("params")
 
@@ -518,8 +518,7 @@ class UpdatePlan:
 
     def _structure(self) -> list:
         """What of those options decides the plan itself (which tensors fuse, which state they have)."""
-        return [(self.update.group_reason(g), g.get("momentum", 1) != 0, bool(g.get("amsgrad")),
-                 isinstance(self.update, AdamUpdate) and self.update.decoupled(g)) for g in self.base.param_groups]
+        return [(self.update.group_reason(g), self.update.structure(g)) for g in self.base.param_groups]
 
     # --- run -------------------------------------------------------------------------------------------------------
 

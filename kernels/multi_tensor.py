@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from fastasam.backends import _layout as L
+from fastasam.backends._updates import AdamUpdate, SGDUpdate
 
 _W, _G, _B = tl.constexpr(L.COL_W), tl.constexpr(L.COL_G), tl.constexpr(L.COL_B)
 _S1, _S2, _S3 = tl.constexpr(L.COL_S1), tl.constexpr(L.COL_S2), tl.constexpr(L.COL_S3)
@@ -77,16 +78,14 @@ _FRESH, _OPT_SHIFT, _HYPER_SHIFT, _SLOT_MASK = (tl.constexpr(L.FLAG_FRESH_STATE)
 _ETA, _RHO, _ADAPTIVE, _EPS, _NOPT = (tl.constexpr(L.OPT_ETA), tl.constexpr(L.OPT_RHO), tl.constexpr(L.OPT_ADAPTIVE),
                                       tl.constexpr(L.OPT_EPS), tl.constexpr(L.NOPT))
 _NHYPER = tl.constexpr(L.NHYPER)
-_SGD_LR, _SGD_MOMENTUM, _SGD_OMD, _SGD_WD = (tl.constexpr(L.SGD_LR), tl.constexpr(L.SGD_MOMENTUM),
-                                             tl.constexpr(L.SGD_ONE_MINUS_DAMPENING), tl.constexpr(L.SGD_WEIGHT_DECAY))
-_SGD_HAS_MOMENTUM, _SGD_NESTEROV, _SGD_MAXIMIZE = (tl.constexpr(L.SGD_HAS_MOMENTUM), tl.constexpr(L.SGD_NESTEROV),
-                                                   tl.constexpr(L.SGD_MAXIMIZE))
-_ADAM_OMB1, _ADAM_BETA2, _ADAM_OMB2, _ADAM_EPS, _ADAM_WD = (
-    tl.constexpr(L.ADAM_ONE_MINUS_BETA1), tl.constexpr(L.ADAM_BETA2), tl.constexpr(L.ADAM_ONE_MINUS_BETA2),
-    tl.constexpr(L.ADAM_EPS), tl.constexpr(L.ADAM_WEIGHT_DECAY))
-_ADAM_DECAY, _ADAM_STEP_SIZE, _ADAM_BC2, _ADAM_AMSGRAD, _ADAM_MAXIMIZE = (
-    tl.constexpr(L.ADAM_DECAY_FACTOR), tl.constexpr(L.ADAM_STEP_SIZE), tl.constexpr(L.ADAM_BC2_SQRT),
-    tl.constexpr(L.ADAM_AMSGRAD), tl.constexpr(L.ADAM_MAXIMIZE))
+# hyper: each fused update's columns, as its class names them (fastasam/backends/_updates.py)
+_SGD_LR, _SGD_MOMENTUM, _SGD_OMD, _SGD_WD, _SGD_HAS_MOMENTUM, _SGD_NESTEROV, _SGD_MAXIMIZE = (
+    tl.constexpr(SGDUpdate.columns.index(c)) for c in ("lr", "momentum", "one_minus_dampening", "weight_decay",
+                                                       "has_momentum", "nesterov", "maximize"))
+_ADAM_OMB1, _ADAM_BETA2, _ADAM_OMB2, _ADAM_EPS, _ADAM_WD, _ADAM_DECAY, _ADAM_STEP_SIZE, _ADAM_BC2, _ADAM_AMSGRAD, \
+    _ADAM_MAXIMIZE = (tl.constexpr(AdamUpdate.columns.index(c)) for c in (
+        "lerp_weight", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay_factor", "step_size", "bc2_sqrt",
+        "amsgrad", "maximize"))
 _INF: tl.constexpr = tl.constexpr(float("inf"))
 _KEEP, _LOOK_FULL, _LOOK_ONE, _GSAM = (tl.constexpr(L.COMBINE_KEEP), tl.constexpr(L.COMBINE_LOOK_FULL),
                                        tl.constexpr(L.COMBINE_LOOK_ONE), tl.constexpr(L.COMBINE_GSAM))

@@ -52,8 +52,8 @@ FASTASAM_BUILD_CUDA=1 FASTASAM_BUILD_HOST=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_A
 "$STACK/bin/python" - <<'EOF'
 import torch
 import fastasam._C, fastasam._host  # noqa: F401
-ops = [n for n in ("sqnorm", "perturb", "restore", "restore_sgd", "restore_adam", "dots", "combine")
-       if hasattr(torch.ops.fastasam, n)]
+from fastasam.backends._signatures import KERNELS
+ops = [n for n in KERNELS if hasattr(torch.ops.fastasam, n)]
 print(f"[gpu-stack] fastasam._C imports; torch.ops.fastasam: {', '.join(ops)}")
 EOF
 

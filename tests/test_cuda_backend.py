@@ -30,11 +30,11 @@ def _setup_module():
 
 def test_the_cuda_header_and_the_host_agree_on_the_table_layout():
     """Every table constant of ``_layout`` is #defined in the header with the same value, and the header defines
-    nothing else but the dtype codes."""
+    nothing else but the dtype codes (a fused update's hyper columns are its struct's fields: test_signatures)."""
     header = (ROOT / "csrc" / "multi_tensor.h").read_text()
     defines = {k: int(v) for k, v in re.findall(r"#define FA_(\w+) (\d+)", header)}
     host = {k: v for k, v in vars(_layout).items() if k.isupper() and isinstance(v, int)}
-    assert len(host) >= 30
+    assert len(host) >= 25
     for name, value in host.items():
         assert defines.get(name) == value, name
     codes = {"FLOAT32": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}

@@ -9,11 +9,14 @@ from __future__ import annotations
 import ctypes
 import inspect
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from fastasam.backends import _layout as L
 from fastasam.backends import _signatures as S
 from fastasam.backends import cpu as cpu_backend
 from fastasam.backends import cuda as cuda_backend
@@ -24,6 +27,37 @@ CSRC = ROOT / "csrc"
 
 def _read(name: str) -> str:
     return (CSRC / name).read_text()
+
+
+# The fused updates are declared, defined and registered once each through macros (elementwise.h's list
+# FA_FUSED_UPDATES, multi_tensor.h's FA_UPDATE_PARAMS): the checks read each source as the C preprocessor expands it.
+_UPDATE_MACROS = ("FA_FUSED_UPDATES", "FA_UPDATE_PARAMS", "FA_DECLARE_UPDATE")
+# what an includer of multi_tensor.h writes to declare the fused updates (binding.cpp)
+_DECLARE_UPDATES = '\nextern "C" {\nFA_FUSED_UPDATES(FA_DECLARE_UPDATE)\n}\n'
+
+
+def _defines(text: str) -> str:
+    """The ``#define`` directives of the fused updates' macros in ``text`` (continuation lines included)."""
+    return "\n".join(m.group(0) for m in re.finditer(r"^#define (\w+)(?:[^\n]*\\\n)*[^\n]*", text, re.M)
+                     if m.group(1) in _UPDATE_MACROS)
+
+
+def _expanded(text: str, header: str, elementwise: str) -> str:
+    """``text`` through the C preprocessor (comments dropped, macros expanded), its ``#include`` lines dropped and
+    the fused updates' macros of ``header`` (multi_tensor.h) and ``elementwise`` (elementwise.h) defined first."""
+    source = _defines(elementwise) + "\n" + _defines(header) + "\n" + re.sub(r"^\s*#\s*(include|pragma)[^\n]*", "",
+                                                                          text, flags=re.M)
+    return subprocess.run(["cpp", "-P", "-w", "-x", "c++", "-"], input=source, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _source(name: str, files: dict[str, str] | None = None) -> str:
+    """A csrc file as the checks read it (of ``files``, else the repository's): expanded; the header with the fused
+    updates' declarations its includers make."""
+    files = files or {}
+    header, elementwise = (files.get(f) or _read(f) for f in ("multi_tensor.h", "elementwise.h"))
+    text = files.get(name) or _read(name)
+    return _expanded(text + (_DECLARE_UPDATES if name == "multi_tensor.h" else ""), header, elementwise)
 
 
 def _no_comments(text: str) -> str:
@@ -67,11 +101,11 @@ def c_problems(text: str, definitions: bool) -> list[str]:
 
 
 def test_the_c_header_declares_each_kernel_as_the_table_orders_it():
-    assert c_problems(_read("multi_tensor.h"), definitions=False) == []
+    assert c_problems(_source("multi_tensor.h"), definitions=False) == []
 
 
 def test_the_cuda_source_defines_each_kernel_as_the_table_orders_it():
-    assert c_problems(_read("multi_tensor.cu"), definitions=True) == []
+    assert c_problems(_source("multi_tensor.cu"), definitions=True) == []
 
 
 # --- binding.cpp: the op schemas, the C++ ops, their calls into the C interface -------------------------------------
@@ -129,7 +163,7 @@ def binding_problems(text: str) -> list[str]:
         want = [(p.name, "at::Tensor&" if p.type.endswith("!)") else cpp_type[p.type])
                 for p in S.SIGNATURES["schema"][k]]
         problems += _compare("C++ op", k, _params(m.group(1)) if m else [], want)
-        call = re.search(rf"\bfa_{k}\(", code) or re.search(r"\blaunch\(", code)
+        call = re.search(rf"(?<!int )\bfa_{k}\(", code) or re.search(r"\blaunch\(", code)  # not the declaration
         passed = [_value_of(a) for a in _call_args(code, call.end() - 1)] if call else []
         problems += _compare("the call of fa_", k, [(v, "") for v in passed],
                              [(p.value, "") for p in S.SIGNATURES["c"][k]])
@@ -142,7 +176,7 @@ def binding_problems(text: str) -> list[str]:
 
 
 def test_the_op_schemas_and_the_cpp_ops_follow_the_table():
-    assert binding_problems(_read("binding.cpp")) == []
+    assert binding_problems(_source("binding.cpp")) == []
 
 
 # --- the cpu backend's module: cpu_loops.h's functions, cpu_kernels.cpp's Python names -----------------------------
@@ -163,7 +197,55 @@ def cpu_problems(kernels_cpp: str, loops_h: str) -> list[str]:
 
 
 def test_the_cpu_module_follows_the_table():
-    assert cpu_problems(_read("cpu_kernels.cpp"), _read("cpu_loops.h")) == []
+    assert cpu_problems(_source("cpu_kernels.cpp"), _read("cpu_loops.h")) == []
+
+
+# --- the fused updates: elementwise.h's list and hyper-parameter structs, the _updates classes -----------------------
+
+
+def _update_classes() -> tuple:
+    from fastasam.backends._updates import FUSED_UPDATES
+
+    return FUSED_UPDATES
+
+
+def _struct_fields(text: str, struct: str) -> list[str]:
+    m = re.search(rf"\bstruct {struct} \{{([^}}]*)\}};", _no_comments(text))
+    if not m:
+        return []
+    return [name.strip() for decl in m.group(1).split(";") if decl.strip()
+            for name in re.sub(r"^\s*\w+\s+", "", decl).split(",")]
+
+
+def update_problems(elementwise_h: str, classes: tuple) -> list[str]:
+    """elementwise.h's FA_FUSED_UPDATES lists the classes' kernels in their order; each kernel's hyper struct
+    (``restore_sgd``: ``SgdHyper``) has the class's ``columns`` as its fields, in order, and its reader takes column i
+    into field i; the widest row fits the table."""
+    listed, kernels = S.c_update_kernels(elementwise_h), tuple(c.kernel for c in classes)
+    problems = [] if listed == kernels else [f"FA_FUSED_UPDATES lists {listed}, _updates.FUSED_UPDATES {kernels}"]
+    for c in classes:
+        struct = c.kernel.removeprefix("restore_").title().replace("_", "") + "Hyper"
+        fields = _struct_fields(elementwise_h, struct)
+        if fields != list(c.columns):
+            problems.append(f"struct {struct} has the fields {fields}, {c.__name__}.columns {list(c.columns)}")
+        m = re.search(rf"\b{struct} \w+\(const float\* h\)\s*\{{\s*return \{{([^}}]*)\}}", elementwise_h)
+        read = [int(i) for i in re.findall(r"\bh\[(\d+)\]", m.group(1))] if m else []
+        if read != list(range(len(c.columns))):
+            problems.append(f"{struct}'s reader takes the columns {read}, not 0..{len(c.columns) - 1} in order")
+        if len(c.columns) > L.NHYPER:
+            problems.append(f"{c.__name__} has {len(c.columns)} columns, the hyper table {L.NHYPER}")
+    return problems
+
+
+def test_the_fused_updates_hyper_rows_are_their_structs():
+    assert update_problems(_read("elementwise.h"), _update_classes()) == []
+
+
+def test_the_script_mode_reads_the_c_list():
+    """``csrc/check.sh`` runs ``_signatures.py`` without torch: it reads the fused updates from elementwise.h."""
+    out = subprocess.run([sys.executable, "-S", str(ROOT / "fastasam/backends/_signatures.py"), "cuda-entries"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [e for k in S.KERNELS.values() for e in k.cuda_entries]
 
 
 # --- planted mismatches: each check above reports them -------------------------------------------------------------
@@ -196,6 +278,18 @@ PLANTS = {
     "py::arg: count and chunk_size": ("cpu_kernels.cpp", 'py::arg("alpha"), py::arg("count"), py::arg("chunk_size"), '
                                       'py::arg("mode")', 'py::arg("alpha"), py::arg("chunk_size"), '
                                       'py::arg("count"), py::arg("mode")'),
+    "update list: a kernel renamed": ("elementwise.h", 'X(restore_adam, "restore + Adam")',
+                                      'X(restore_adamw, "restore + Adam")'),
+    "update struct: two fields swapped": ("elementwise.h", "float lr, momentum, one_minus_dampening, weight_decay;",
+                                          "float momentum, lr, one_minus_dampening, weight_decay;"),
+    "update reader: two columns swapped": ("elementwise.h", "return {h[0], h[1], h[2], h[3], h[4] != 0.f, h[5], h[6]};",
+                                           "return {h[0], h[2], h[1], h[3], h[4] != 0.f, h[5], h[6]};"),
+    "FA_UPDATE_PARAMS: count and chunk_size": ("multi_tensor.h", "int count, int64_t chunk_size, int copy, int mode",
+                                               "int64_t chunk_size, int count, int copy, int mode"),
+    "update schema: copy and mode": ("binding.cpp", '"int chunk_size, int dtype, bool copy, int mode) -> ()");',
+                                     '"int chunk_size, int dtype, int mode, bool copy) -> ()");'),
+    "update py::arg: hyper and sums": ("cpu_kernels.cpp", 'py::arg("hyper"), py::arg("sums"),',
+                                       'py::arg("sums"), py::arg("hyper"),'),
     "cpu_loops.h: sums and alpha": ("cpu_loops.h", "void combine(int dtype, int64_t rows, int64_t chunks, "
                                     "int64_t sums, int64_t alpha", "void combine(int dtype, int64_t rows, "
                                     "int64_t chunks, int64_t alpha, int64_t sums"),
@@ -203,14 +297,16 @@ PLANTS = {
 
 
 def _problems_with(files: dict[str, str]) -> list[str]:
-    return (c_problems(files["multi_tensor.h"], False) + c_problems(files["multi_tensor.cu"], True)
-            + binding_problems(files["binding.cpp"]) + cpu_problems(files["cpu_kernels.cpp"], files["cpu_loops.h"]))
+    return (c_problems(_source("multi_tensor.h", files), False) + c_problems(_source("multi_tensor.cu", files), True)
+            + binding_problems(_source("binding.cpp", files))
+            + cpu_problems(_source("cpu_kernels.cpp", files), files["cpu_loops.h"])
+            + update_problems(files["elementwise.h"], _update_classes()))
 
 
 @pytest.mark.parametrize("plant", list(PLANTS))
 def test_a_planted_mismatch_is_reported(plant):
     files = {f: _read(f) for f in ("multi_tensor.h", "multi_tensor.cu", "binding.cpp", "cpu_kernels.cpp",
-                                   "cpu_loops.h")}
+                                   "cpu_loops.h", "elementwise.h")}
     assert _problems_with(files) == []
     name, old, new = PLANTS[plant]
     pattern = r"\s+".join(re.escape(word) for word in old.split())  # whatever the line breaks
@@ -293,7 +389,7 @@ def test_the_shim_launches_pass_each_value_to_its_parameter(monkeypatch):
     library's ctypes argument types are the header's."""
     from fastasam.testing import cuda_shim
 
-    header = {k: _params(a) for k, a in re.findall(r"\bint fa_(\w+)\(([^)]*)\);", _read("multi_tensor.h"))}
+    header = {k: _params(a) for k, a in re.findall(r"\bint fa_(\w+)\(([^)]*)\);", _source("multi_tensor.h"))}
     calls = []
     fake = type("Shim", (), {"lib": type("Lib", (), {"fa_shim_ranges_from_rows": staticmethod(lambda *a: None)}),
                              "launch": staticmethod(lambda kernel, *args: calls.append((kernel, args)))})
@@ -328,7 +424,7 @@ def test_the_shim_librarys_ctypes_are_the_headers(monkeypatch):
     monkeypatch.setattr(cuda_shim.ShimLibrary, "configure", lambda self, *a, **k: None)
     cuda_shim.ShimLibrary(Path("unused.so"))
     ctype = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "cudaStream_t": ctypes.c_void_p}
-    for k, params in re.findall(r"\bint fa_(\w+)\(([^)]*)\);", _read("multi_tensor.h")):
+    for k, params in re.findall(r"\bint fa_(\w+)\(([^)]*)\);", _source("multi_tensor.h")):
         want = [ctypes.c_void_p if t.endswith("*") else ctype[t] for _, t in _params(params)]
         assert seen[f"fa_{k}"] == {"argtypes": want, "restype": ctypes.c_int}, k
 
@@ -351,3 +447,40 @@ def test_triton_launches_pass_each_value_to_its_parameter():
 def test_arguments_refuses_a_wrong_number_of_tensors():
     with pytest.raises(TypeError, match=r"fastasam: the perturb kernel takes 4 tensors \(rows, chunks, opts, sqnorm\)"):
         S.arguments(S.SIGNATURES["schema"]["perturb"], "perturb", (1, 2, 3), count=1, chunk_size=8, dtype=0, copy=1)
+
+
+# --- where a fused update is written: five files --------------------------------------------------------------------
+
+# the formula (and its hyper struct, and the list of updates), the CUDA, CPU and Triton loops, the Python class
+UPDATE_FILES = {"csrc/elementwise.h", "csrc/multi_tensor.cu", "csrc/cpu_loops.h", "kernels/multi_tensor.py",
+                "fastasam/backends/_updates.py"}
+
+
+def _update_names(cls) -> set[str]:
+    """What names one fused update: its kernel, its class, its hyper struct and the struct's reader / the formula
+    (``restore_adam``: ``AdamUpdate``, ``AdamHyper``, ``adam_hyper``, ``adam_update``)."""
+    stem = cls.kernel.removeprefix("restore_")
+    return {cls.kernel, cls.__name__, stem.title().replace("_", "") + "Hyper", f"{stem}_hyper", f"{stem}_update"}
+
+
+def update_footprint(sources: dict[str, str], cls) -> set[str]:
+    """The product's source files (of ``sources``: path -> text) that name the fused update ``cls``."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, _update_names(cls))) + r")\b")
+    return {path for path, text in sources.items() if pattern.search(text)}
+
+
+def _product_sources() -> dict[str, str]:
+    paths = subprocess.run(["git", "ls-files", "fastasam", "csrc", "kernels", "setup.py"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    return {p: (ROOT / p).read_text() for p in paths if p.endswith((".py", ".h", ".cu", ".cpp"))}
+
+
+@pytest.mark.parametrize("cls", _update_classes(), ids=lambda c: c.kernel)
+def test_a_fused_update_is_written_in_five_files(cls):
+    """Everything else (declarations, op schemas and registrations, the CPU module's table, the fakes, the kernel
+    signatures, the binders) derives from the list in elementwise.h and the class in _updates.py; the engine and the
+    step plan see an update only through its class's interface. A mention elsewhere is caught."""
+    sources = _product_sources()
+    assert update_footprint(sources, cls) == UPDATE_FILES
+    planted = {**sources, "fastasam/_step_plan.py": sources["fastasam/_step_plan.py"] + f"\n# {cls.__name__}\n"}
+    assert update_footprint(planted, cls) == UPDATE_FILES | {"fastasam/_step_plan.py"}

@@ -40,12 +40,7 @@ def aligned_mask(*cols: int) -> int:
 OPT_ETA, OPT_RHO, OPT_ADAPTIVE, OPT_EPS = range(4)
 NOPT = 4
 
-# hyper: columns of torch.optim.SGD's update
-SGD_LR, SGD_MOMENTUM, SGD_ONE_MINUS_DAMPENING, SGD_WEIGHT_DECAY, SGD_HAS_MOMENTUM, SGD_NESTEROV, SGD_MAXIMIZE = range(7)
-# hyper: columns of torch.optim.Adam / AdamW's update
-(ADAM_ONE_MINUS_BETA1, ADAM_BETA2, ADAM_ONE_MINUS_BETA2, ADAM_EPS, ADAM_WEIGHT_DECAY, ADAM_DECAY_FACTOR,
- ADAM_STEP_SIZE, ADAM_BC2_SQRT, ADAM_AMSGRAD, ADAM_MAXIMIZE) = range(10)
-NHYPER = 10
+NHYPER = 10  # hyper: columns per row, room for the widest update's (each update's own: ``_updates``)
 
 # combine: modes (target <- x * target + y * other; x, y from the sums (gg, gb, bb) and alpha, in fp64)
 COMBINE_KEEP = 0  # K <- G (the first pass's gradient, kept)

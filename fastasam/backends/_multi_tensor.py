@@ -30,7 +30,7 @@ import torch
 from .._plan import Bucket, accumulate_dtype
 from . import _layout as L
 from . import foreach
-from ._updates import AdamUpdate, SGDUpdate, flat_like
+from ._updates import FusedUpdate, flat_like
 
 
 class Launcher(Protocol):
@@ -304,7 +304,7 @@ class UpdateRunner:
     (``fused``: bucket indices), a plain restore for the other perturbed kernel tensors. ``outcome[i]`` says what
     happens to bucket tensor ``i``: ``"fused"``, or the reason it is left to the base optimizer / only restored."""
 
-    def __init__(self, phase1: PerturbRunner, base: torch.optim.Optimizer, update: SGDUpdate | AdamUpdate,
+    def __init__(self, phase1: PerturbRunner, base: torch.optim.Optimizer, update: FusedUpdate,
                  owner: dict[int, int], restore_only: dict[int, str], base_step: dict[int, str]) -> None:
         b = phase1.bucket
         self.phase1, self.base, self.update = phase1, base, update
@@ -336,7 +336,7 @@ class UpdateRunner:
             if reason is not None:
                 base_step[i] = reason
         self._steps: dict[int, torch.Tensor] = {}
-        if isinstance(update, AdamUpdate):  # one bias correction per group: one step count per group
+        if update.counts_steps:  # Adam: one bias correction per group, so one step count per group
             for gi, members in list(by_group.items()):
                 states = [base.state[b.keys[self.fused[m]]] for m in members]
                 values = [float(st["step"]) for st in states]

@@ -21,19 +21,39 @@ rule (``SIGNATURES[backend][kernel]``, a tuple of ``Param``):
 A backend binds a launch with ``arguments(SIGNATURES[backend][kernel], kernel, tensors, **values)``, once per plan
 (never per step). ``tests/test_signatures.py`` parses every source that spells a signature (the C header and its
 definitions, the op schemas, the C++ functions behind them, the CPU module's functions, the Triton kernels, the ops'
-fakes) and compares it with these. This module imports nothing but ``_layout``, so that ``csrc/check.sh`` can run it
-as a script: ``python3 fastasam/backends/_signatures.py cuda-entries`` prints the CUDA kernels' entry points.
+fakes) and compares it with these. The fused updates' kernels are the classes' of ``_updates`` (``FUSED_UPDATES``);
+run as a script (``csrc/check.sh``: ``python3 fastasam/backends/_signatures.py cuda-entries`` prints the CUDA kernels'
+entry points), this module needs no torch: it imports ``_layout`` alone and reads that list from ``csrc/elementwise.h``
+(``FA_FUSED_UPDATES``), which the test compares with the classes'.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+
+def c_update_kernels(elementwise_h: str) -> tuple[str, ...]:
+    """The fused updates' kernels that ``csrc/elementwise.h``'s ``FA_FUSED_UPDATES`` lists (the text given)."""
+    m = re.search(r"#define FA_FUSED_UPDATES\(X\)((?:[^\n]*\\\n)*[^\n]*)", elementwise_h)
+    return tuple(re.findall(r"\bX\((\w+),", m.group(1))) if m else ()
+
 
 if __package__:
     from . import _layout as L
-else:  # run as a script (csrc/check.sh): _layout.py sits beside this file
+    from ._updates import FUSED_UPDATES
+
+    UPDATE_KERNELS = tuple(u.kernel for u in FUSED_UPDATES)  # the classes' (tests/test_signatures.py: = the C list)
+else:  # run as a script (csrc/check.sh, without torch): _layout.py sits beside this file; the list from the C header
+    # (csrc/ is beside fastasam/ in a checkout, inside it where installed)
     import _layout as L
+
+    _here = Path(__file__).resolve().parent
+    _header = next(p for p in (_here.parents[1] / "csrc/elementwise.h", _here.parent / "csrc/elementwise.h")
+                   if p.exists())
+    UPDATE_KERNELS = c_update_kernels(_header.read_text())
 
 
 @dataclass(frozen=True)
@@ -102,8 +122,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                       Tensor("out", "acc", written=True)), copy=False),
     Kernel("perturb", (_ROWS, _CHUNKS, _OPTS, Tensor("sqnorm", "acc"))),
     Kernel("restore", (_ROWS, _CHUNKS)),
-    Kernel("restore_sgd", _UPDATE, mode="DIRECTION", modes=_DIRECTIONS),
-    Kernel("restore_adam", _UPDATE, mode="DIRECTION", modes=_DIRECTIONS),
+    *(Kernel(name, _UPDATE, mode="DIRECTION", modes=_DIRECTIONS) for name in UPDATE_KERNELS),
     Kernel("dots", (_ROWS, _CHUNKS, Tensor("partials", "float64", written=True, scratch=True), _COUNTER,
                     Tensor("out", "float64", written=True)), copy=False),
     Kernel("combine", (_ROWS, _CHUNKS, _SUMS, _ALPHA), copy=False, mode="MODE", mode_entries=True,

@@ -5,6 +5,11 @@ One class per optimizer family (``torch.optim.SGD``; ``torch.optim.Adam`` / ``Ad
 update: hyper-parameters are combined on the host in double precision exactly as torch.optim combines them
 (``1 - dampening``, ``1 - lr * weight_decay``, ``lr / (1 - beta1 ** step)``, ...) and rounded once into the fp32
 ``hyper`` table (``_layout``), which is what torch's fp32 kernels receive as scalars.
+
+A class names its kernel (``kernel``) and the columns of its hyper row (``columns``: the fields, in order, of the
+kernel's hyper-parameter struct in ``csrc/elementwise.h``); ``FUSED_UPDATES`` lists the classes in the order of that
+header's ``FA_FUSED_UPDATES``. Every signature, registration and binding of the kernel derives from these
+(``_signatures``; ``tests/test_signatures.py`` compares them with the C sources).
 """
 
 from __future__ import annotations
@@ -53,14 +58,21 @@ class SGDUpdate:
     dampening, nesterov, weight decay, maximize."""
 
     kernel = "restore_sgd"
+    columns = ("lr", "momentum", "one_minus_dampening", "weight_decay", "has_momentum", "nesterov", "maximize")
     # the options a group's fused update depends on; a change of any of them re-reads the group
     options = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "differentiable")
+
+    counts_steps = False  # a step count per tensor, counted by the plan (steps_for)
 
     def group_reason(self, group: dict) -> str | None:
         """Why the tensors of this group cannot be fused (None: they can)."""
         if group.get("differentiable"):
             return "differentiable=True"
         return _tensor_option(group, ("lr", "momentum", "dampening", "weight_decay"))
+
+    def structure(self, group: dict) -> tuple:
+        """What of a group's options decides the plan itself (which state its tensors have)."""
+        return (group["momentum"] != 0,)
 
     def state_columns(self, p: torch.Tensor, state: dict, group: dict) -> tuple[list, bool] | str:
         """(the S1..S3 state tensors, whether they are new) for a fused step of ``p``, creating what torch would
@@ -77,15 +89,9 @@ class SGDUpdate:
 
     def hyper_row(self, group: dict, step: float) -> list[float]:
         momentum = group["momentum"]
-        row = [0.0] * L.NHYPER
-        row[L.SGD_LR] = group["lr"]
-        row[L.SGD_MOMENTUM] = momentum
-        row[L.SGD_ONE_MINUS_DAMPENING] = 1 - group["dampening"]
-        row[L.SGD_WEIGHT_DECAY] = group["weight_decay"]
-        row[L.SGD_HAS_MOMENTUM] = float(momentum != 0)
-        row[L.SGD_NESTEROV] = float(bool(group["nesterov"]))
-        row[L.SGD_MAXIMIZE] = float(bool(group["maximize"]))
-        return row
+        return _row(self, lr=group["lr"], momentum=momentum, one_minus_dampening=1 - group["dampening"],
+                    weight_decay=group["weight_decay"], has_momentum=float(momentum != 0),
+                    nesterov=float(bool(group["nesterov"])), maximize=float(bool(group["maximize"])))
 
 
 
@@ -99,11 +105,18 @@ class AdamUpdate:
     element; a checkpoint holds the same numbers either way."""
 
     kernel = "restore_adam"
+    columns = ("lerp_weight", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay_factor", "step_size",
+               "bc2_sqrt", "amsgrad", "maximize")  # lerp_weight: 1 - beta1
     options = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "differentiable",
                "decoupled_weight_decay")
 
+    counts_steps = True
+
     def __init__(self, decoupled_default: bool) -> None:
         self.decoupled_default = decoupled_default
+
+    def structure(self, group: dict) -> tuple:
+        return bool(group["amsgrad"]), self.decoupled(group)
 
     def group_reason(self, group: dict) -> str | None:
         if group.get("capturable"):
@@ -140,18 +153,11 @@ class AdamUpdate:
         decoupled = self.decoupled(group)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        row = [0.0] * L.NHYPER
-        row[L.ADAM_ONE_MINUS_BETA1] = 1 - beta1
-        row[L.ADAM_BETA2] = beta2
-        row[L.ADAM_ONE_MINUS_BETA2] = 1 - beta2
-        row[L.ADAM_EPS] = group["eps"]
-        row[L.ADAM_WEIGHT_DECAY] = 0.0 if decoupled else wd
-        row[L.ADAM_DECAY_FACTOR] = 1 - lr * wd if (decoupled and wd != 0) else 1.0
-        row[L.ADAM_STEP_SIZE] = lr / bias_correction1
-        row[L.ADAM_BC2_SQRT] = bias_correction2**0.5
-        row[L.ADAM_AMSGRAD] = float(bool(group["amsgrad"]))
-        row[L.ADAM_MAXIMIZE] = float(bool(group["maximize"]))
-        return row
+        return _row(self, lerp_weight=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=group["eps"],
+                    weight_decay=0.0 if decoupled else wd,
+                    decay_factor=1 - lr * wd if (decoupled and wd != 0) else 1.0, step_size=lr / bias_correction1,
+                    bc2_sqrt=bias_correction2**0.5, amsgrad=float(bool(group["amsgrad"])),
+                    maximize=float(bool(group["maximize"])))
 
     def steps_for(self, states: list[dict]) -> torch.Tensor:
         """One CPU tensor holding the step counts of a group's fused tensors, each ``state["step"]`` re-pointed to its
@@ -164,10 +170,22 @@ class AdamUpdate:
         return steps
 
 
+def _row(update: FusedUpdate, **values: float) -> list[float]:
+    """The hyper row: ``values`` in the order of the update's ``columns``, padded to the table's width."""
+    row = [values.pop(c) for c in update.columns]
+    if values:
+        raise KeyError(f"fastasam: {sorted(values)} are not columns of {type(update).__name__}")
+    return row + [0.0] * (L.NHYPER - len(row))
+
+
+# the fused updates in the order of csrc/elementwise.h's FA_FUSED_UPDATES
+FUSED_UPDATES: tuple[type, ...] = (SGDUpdate, AdamUpdate)
+FusedUpdate = SGDUpdate | AdamUpdate
+
 _FUSED = {torch.optim.SGD: SGDUpdate(), torch.optim.Adam: AdamUpdate(False), torch.optim.AdamW: AdamUpdate(True)}
 
 
-def fused_update_for(base: torch.optim.Optimizer) -> SGDUpdate | AdamUpdate | None:
+def fused_update_for(base: torch.optim.Optimizer) -> FusedUpdate | None:
     """The fused update that can replace ``base.step()`` for its tensors, or None (any other optimizer class; a
     subclass may change the update, so only the exact classes qualify)."""
     return _FUSED.get(type(base))

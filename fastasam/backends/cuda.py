@@ -27,7 +27,7 @@ import torch
 from .. import _toolchain
 from . import _layout
 from ._multi_tensor import MultiTensorBackend
-from ._signatures import KERNELS, SIGNATURES, arguments
+from ._signatures import KERNELS, SIGNATURES, UPDATE_KERNELS, arguments
 
 name = "cuda"
 traceable = False
@@ -121,9 +121,8 @@ def _fake_combine(rows, chunks, sums, alpha, count, chunk_size, dtype, mode) -> 
                  lambda: f"fastasam: unknown combine mode {mode}")
 
 
-FAKES = {"sqnorm": _fake_sqnorm, "perturb": _fake_perturb, "restore": _fake_restore,
-         "restore_sgd": _fake_restore_update, "restore_adam": _fake_restore_update, "dots": _fake_dots,
-         "combine": _fake_combine}
+FAKES = {"sqnorm": _fake_sqnorm, "perturb": _fake_perturb, "restore": _fake_restore, "dots": _fake_dots,
+         "combine": _fake_combine, **dict.fromkeys(UPDATE_KERNELS, _fake_restore_update)}
 _FAKES_REGISTERED = False
 
 
