@@ -90,6 +90,23 @@ def _rows_table(columns: Sequence[Sequence[torch.Tensor | None]], numels: Sequen
     return _mark_aligned(tab)
 
 
+def _write_kept(tab: torch.Tensor, rows_d: torch.Tensor, bucket: Bucket, rows: Sequence[int], members: Sequence[int],
+                kept) -> bool:
+    """LookSAM's / GSAM's kept buffers into the K column of a runner's table: ``kept[param]`` for the bucket tensor of
+    each row (``rows``: bucket indices), written into the host table ``tab`` and uploaded to ``rows_d``. False,
+    nothing written, when one of ``members`` (the runner's tensors, the empty ones included) has no kept buffer of
+    its dtype laid out like it."""
+    bufs = [kept.get(bucket.keys[i]) for i in rows]
+    if any(k is None or k.dtype != bucket.params[i].dtype or not flat_like(k, bucket.params[i])
+           for k, i in zip(bufs, rows, strict=True)) or any(bucket.keys[i] not in kept for i in members):
+        return False
+    if bufs:
+        tab[:, L.COL_K] = torch.tensor([k.data_ptr() for k in bufs], dtype=torch.int64)
+        _mark_aligned(tab)
+        _upload(rows_d, tab, "the variant's kept buffers")
+    return True
+
+
 class MultiTensorBackend:
     """The backend interface over a :class:`Launcher`: ``prepare(bucket, restore, eps)`` gives the bucket's
     :class:`PerturbRunner`."""
@@ -195,7 +212,7 @@ class PerturbRunner:
     def refresh_addresses(self) -> None:
         """The gradients moved (same shapes, dtypes and layouts): rewrite ``rows`` in place."""
         tab = self._rows_host()
-        _upload(self.rows_d, tab.clone(), "gradient addresses")
+        _upload(self.rows_d, tab, "gradient addresses")
         self._launches = self._keep = None  # the alignment may have changed
 
     def bind(self, share_is_total: bool) -> None:
@@ -221,21 +238,16 @@ class PerturbRunner:
         tables, the K column from ``kept[param]``; False (nothing bound) when a kernel tensor has no kept buffer laid
         out like it."""
         b = self.bucket
-        bufs = [kept.get(b.keys[i]) for i in self.rows]
-        if any(k is None or k.dtype != b.params[i].dtype or not flat_like(k, b.params[i])
-               for k, i in zip(bufs, self.rows, strict=True)) or any(b.keys[i] not in kept for i in self.kernel_index):
+        if not _write_kept(self._tab, self.rows_d, b, self.rows, self.kernel_index, kept):
             return False
         self._keep = None
         if not self.n_chunks:
             return True
-        tab = self._tab
-        tab[:, L.COL_K] = torch.tensor([k.data_ptr() for k in bufs], dtype=torch.int64)
-        _mark_aligned(tab)
-        _upload(self.rows_d, tab.clone(), "the variant's kept buffers")
         dev = self.rows_d.device
         unused = torch.zeros(3, dtype=torch.float64, device=dev)  # KEEP reads no sums and no alpha
         self._keep = self.launcher.bind("combine", self.n_chunks, (self.rows_d, self.chunks_d, unused, unused[:1]),
-                                        b.dtype, _aligned(tab, (L.COL_G, L.COL_K)), False, mode=L.COMBINE_KEEP)
+                                        b.dtype, _aligned(self._tab, (L.COL_G, L.COL_K)), False,
+                                        mode=L.COMBINE_KEEP)
         return True
 
     # --- run every step ------------------------------------------------------------------------------------------
@@ -409,14 +421,8 @@ class UpdateRunner:
         ``COMBINE_GSAM`` the fused update along GSAM's direction (from ``sums``, ``alpha``), else ``combine`` in that
         mode (writing K) before the plain fused update."""
         b = self.phase1.bucket
-        bufs = [kept.get(b.keys[i]) for i in self.fused_rows]
-        if any(k is None or k.dtype != b.params[i].dtype or not flat_like(k, b.params[i])
-               for k, i in zip(bufs, self.fused_rows, strict=True)) or any(b.keys[i] not in kept for i in self.fused):
+        if not _write_kept(self._tab, self.rows_d, b, self.fused_rows, self.fused, kept):
             return False
-        if bufs:
-            self._tab[:, L.COL_K] = torch.tensor([k.data_ptr() for k in bufs], dtype=torch.int64)
-            _mark_aligned(self._tab)
-            _upload(self.rows_d, self._tab.clone(), "the variant's kept buffers")
         self._dots = self._combine = self._fused_dir = None
         n, dtype, bind = self.n_fused_chunks, b.dtype, self.phase1.launcher.bind
         if not n:
