@@ -171,6 +171,22 @@ def _extensions() -> tuple[list, dict]:
     return exts, {"build_ext": Build}
 
 
+# The optional extras (``pip install "fastasam[test]"``); scripts/setup_env.py (``make setup``, ``make docs``) reads
+# this literal too, to install an extra's requirements alone.
+EXTRAS = {
+    # lightning, transformers, accelerate: no torch of their own over an installed one (~10 s and ~40 s here)
+    "test": ["pytest>=7", "pytest-xdist", "pytest-benchmark", "ruff", "triton>=3.6,<4; platform_system == 'Linux'",
+             "lightning>=2.2", "transformers>=4.46", "accelerate>=1.0"],
+    "bench": ["matplotlib", "pytorch_optimizer"],  # pytorch_optimizer: its SAM, a published peer
+    "docs": ["mkdocs-material", "mkdocstrings[python]"],  # make docs: the documentation site (mkdocs.yml)
+    "tensorboard": ["tensorboard"],  # the ImageNet trainer's TensorBoard scalars (optional)
+    "triton": ["triton>=3.6,<4"],  # tested: 3.6 (the GPU machines'), 3.9
+    "lightning": ["lightning>=2.2"],  # fastasam.lightning; tested: 2.6.6
+    "hf": ["transformers>=4.46", "accelerate>=1.0"],  # fastasam.hf; tested: transformers 5.23, accelerate 1.15
+    "dali": ["nvidia-dali-cuda130"],  # the ImageNet trainer's --loader dali (~750 MB); tested: 2.4.0
+}
+
+
 if __name__ == "__main__":
     ext_modules, cmdclass = _extensions()
     setup(
@@ -190,18 +206,7 @@ if __name__ == "__main__":
         package_data={"fastasam": ["py.typed"], "fastasam.csrc": ["*.cu", "*.h", "*.cpp", "*.sh"],
                       "fastasam.csrc.cpu_shim": ["*.h", "*.cpp"]},
         install_requires=["torch>=2.4"],
-        extras_require={
-            # lightning, transformers, accelerate: no torch of their own over an installed one (~10 s and ~40 s here)
-            "test": ["pytest>=7", "pytest-benchmark", "ruff", "triton>=3.6,<4; platform_system == 'Linux'",
-                     "lightning>=2.2", "transformers>=4.46", "accelerate>=1.0"],
-            "bench": ["matplotlib", "pytorch_optimizer"],  # pytorch_optimizer: its SAM, a published peer
-            "docs": ["mkdocs-material", "mkdocstrings[python]"],  # make docs: the documentation site (mkdocs.yml)
-            "tensorboard": ["tensorboard"],  # the ImageNet trainer's TensorBoard scalars (optional)
-            "triton": ["triton>=3.6,<4"],  # tested: 3.6 (the GPU machines'), 3.9
-            "lightning": ["lightning>=2.2"],  # fastasam.lightning; tested: 2.6.6
-            "hf": ["transformers>=4.46", "accelerate>=1.0"],  # fastasam.hf; tested: transformers 5.23, accelerate 1.15
-            "dali": ["nvidia-dali-cuda130"],  # the ImageNet trainer's --loader dali (~750 MB); tested: 2.4.0
-        },
+        extras_require=EXTRAS,
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         zip_safe=False,

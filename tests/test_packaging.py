@@ -5,6 +5,7 @@ a comment, docstring or documentation page names exists."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
 import os
 import re
@@ -166,12 +167,29 @@ else:
 """
 
 
+def _borrow_packages(python: Path) -> None:
+    """Make this interpreter's installed packages (torch, triton, pip) importable in the new environment of
+    ``python``, after its own: a ``.pth`` file naming this interpreter's site directories. (``venv
+    --system-site-packages`` would borrow the base interpreter's instead, which has no torch when this one is itself
+    a virtual environment.) The ``.pth`` files of the borrowed directories are not run, so this interpreter's
+    editable install of fastasam does not follow."""
+    import site
+    import sysconfig
+
+    theirs = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                          *site.getsitepackages()])
+    (Path(theirs) / "_borrowed.pth").write_text("".join(f"{p}\n" for p in ours if Path(p).is_dir()))
+
+
 def test_a_plain_wheel_install_imports_the_kernels_and_the_test_helpers(wheel, tmp_path):
-    """The wheel installed (no editable finder, no source tree) into a venv that borrows this interpreter's torch:
+    """The wheel installed (no editable finder, no source tree) into a venv that borrows this interpreter's packages:
     ``fastasam.kernels.multi_tensor`` (where triton imports) and ``fastasam.testing`` import from the install."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    _borrow_packages(python)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel.filename], check=True,
                    timeout=120)
     outside = tmp_path / "elsewhere"  # the working folder: not the checkout
@@ -320,3 +338,39 @@ def test_strings_in_code_and_link_targets_are_not_pointers(copy_of_the_tree):
     _append(copy_of_the_tree / "tests" / "conftest.py", '\nPLANTED = "fastasam/not_here.py"\n')
     _append(copy_of_the_tree / "docs" / "index.md", "\nSee [the results](benchmarks/not_here.md).\n")
     assert stale_pointers(copy_of_the_tree) == []
+
+
+# --- the checkout never hides an installed package ---------------------------------------------------------------------
+
+
+def test_the_checkouts_kernels_folder_does_not_hide_an_installed_kernels_package(tmp_path):
+    """Run from the checkout's root (its folder first on ``sys.path``, as ``python -m``/``-c`` and the test runner
+    put it): ``import kernels`` gets the installed package of that name (here a stand-in with the attribute
+    ``transformers`` imports from Hugging Face's), and ``fastasam.kernels``, ``fastasam.hf`` and ``transformers``
+    import beside it."""
+    standin = tmp_path / "site" / "kernels"
+    standin.mkdir(parents=True)
+    (standin / "__init__.py").write_text("CUDAProperties = 'the installed kernels package'\n")
+    (standin / "layers.py").write_text("WHERE = 'the installed kernels package'\n")
+    code = ("import kernels, kernels.layers, fastasam.kernels; "
+            "assert kernels.CUDAProperties == kernels.layers.WHERE == 'the installed kernels package', kernels; "
+            "assert fastasam.kernels.__name__ == 'fastasam.kernels'; "
+            "import importlib.util; assert importlib.util.find_spec('triton') is None or "
+            "__import__('fastasam.kernels.multi_tensor'); print('ok')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+    # the real packages where they are installed (transformers 5 imports Hugging Face's kernels)
+    env["PYTHONPATH"] = ""
+    code = "import fastasam.hf, transformers, kernels; print(kernels.__file__)"
+    if importlib.util.find_spec("transformers") is not None:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert Path(proc.stdout.strip().splitlines()[-1]).parent != ROOT / "kernels"
+    # with no package of that name installed, the folder imported as a top-level name stays an empty module
+    code = "import kernels; print(sorted(n for n in vars(kernels) if not n.startswith('__')))"
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
