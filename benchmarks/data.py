@@ -13,6 +13,13 @@ never changes which region is taken or any random draw; it changes pixel values 
 then a shorter bilinear filter, instead of one bilinear filter over the full-resolution region: under one level
 of 255 on average, single pixels up to ~16 levels on noisy content). ``draft=False`` always decodes at full scale.
 pillow-simd, a drop-in ``PIL`` with faster resampling and conversions, is used when installed in place of Pillow.
+
+Other pixel formats (``to_rgb``): 16-bit greys (PIL's ``I;16`` modes, and ``I`` with values in 0-65535, as a 16-bit
+PNG or PGM opens) are scaled to 8 bits (``round(v * 255 / 65535)``); transparency (``RGBA``, ``LA``, ``PA``, a
+palette's or a colour's ``tRNS``) is composited onto ``BACKGROUND``, ImageNet's mean colour (transparent pixels
+normalise to about 0, whatever colour the file stores under them); ``CMYK``, ``L``, ``1``, ``P`` and ``YCbCr`` are
+converted by PIL. Images PIL has no RGB for (32-bit float ``F``, ``I`` outside 0-65535, ``LAB``, ``HSV``) are
+refused, and a file that cannot be decoded (truncated, damaged, not an image) raises ``ImageDecodeError`` naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,49 @@ from torch.utils.data import Dataset, Sampler
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
+BACKGROUND = (124, 116, 104)  # transparent pixels are composited onto ImageNet's mean colour (MEAN * 255, rounded)
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageDecodeError(OSError):
+    """An image file that cannot be decoded to RGB; the message names the file, the problem and the fix."""
+
+
+def has_transparency(img) -> bool:
+    """Whether a PIL image has an alpha channel or a ``tRNS`` transparency (a palette's, or one colour's)."""
+    return img.mode in ALPHA_MODES or "transparency" in img.info
+
+
+def to_rgb(img, path: str | Path):
+    """``img`` (an open PIL image, not modified) as an 8-bit RGB image, as the module's docstring says; a new image
+    unless ``img`` is RGB already. Raises ``ImageDecodeError`` naming ``path`` for a format without an RGB form."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        import numpy as np
+
+        a = np.asarray(img)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ImageDecodeError(f"fastasam: {path} is a {mode} image with values from {int(a.min())} to "
+                                   f"{int(a.max())}, not 16-bit samples (0-65535), so it has no 8-bit RGB form here. "
+                                   "Fix: convert it to 8-bit RGB (JPEG or PNG), or remove it from the data set")
+        grey = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        raise ImageDecodeError(f"fastasam: {path} has 32-bit float pixels (PIL mode F), whose range is not known, so "
+                               "it has no 8-bit RGB form here. Fix: convert it to 8-bit RGB (JPEG or PNG), or remove "
+                               "it from the data set")
+    if has_transparency(img):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ImageDecodeError(f"fastasam: {path} is a {mode} image, which PIL cannot convert to RGB ({e}). Fix: "
+                               "convert it to 8-bit RGB (JPEG or PNG), or remove it from the data set") from None
 
 
 def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -78,26 +128,32 @@ def load_image(path: str | Path, size: int, train: bool, gen: torch.Generator, d
     """Decode ``path`` and crop it: training, ``random_resized_crop_box`` then a flip with probability 1/2 (both
     drawn from ``gen``, in that order); evaluation, ``center_crop_box``. Returns ``(3, size, size)`` uint8 RGB (a
     channels-last view: ``permute(1, 2, 0)`` of it is contiguous). JPEGs are decoded at a reduced scale where the
-    region allows (see the module's docstring) unless ``draft=False``."""
+    region allows (see the module's docstring) unless ``draft=False``; other pixel formats go through ``to_rgb``.
+    A file that cannot be decoded raises ``ImageDecodeError`` naming it."""
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as img:
-        w, h = img.size
-        box = random_resized_crop_box(w, h, gen) if train else center_crop_box(w, h, size, resize)
-        scale = 1.0
-        if draft and img.format == "JPEG":
-            bw, bh = box[2] - box[0], box[3] - box[1]
-            s = 8
-            while s > 1 and (bw / s < size or bh / s < size):
-                s //= 2
-            if s > 1:
-                drafted = img.draft("RGB", (w // s, h // s))
-                if drafted is not None:
-                    scale = w / drafted[1][2]
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        out = img.resize((size, size), Image.BILINEAR, box=tuple(v / scale for v in box))
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            box = random_resized_crop_box(w, h, gen) if train else center_crop_box(w, h, size, resize)
+            scale = 1.0
+            if draft and img.format == "JPEG":
+                bw, bh = box[2] - box[0], box[3] - box[1]
+                s = 8
+                while s > 1 and (bw / s < size or bh / s < size):
+                    s //= 2
+                if s > 1:
+                    drafted = img.draft("RGB", (w // s, h // s))
+                    if drafted is not None:
+                        scale = w / drafted[1][2]
+            out = to_rgb(img, path).resize((size, size), Image.BILINEAR, box=tuple(v / scale for v in box))
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL fails as OSError, SyntaxError, ValueError, EOFError, ...
+        raise ImageDecodeError(f"fastasam: cannot decode {path}: {type(e).__name__}: {e}. It is truncated, damaged "
+                               "or not an image. Fix: replace it with a whole copy, or remove it from the data "
+                               "set") from e
     if train and torch.rand((), generator=gen) < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.array(out)).permute(2, 0, 1)

@@ -21,12 +21,16 @@ and flips as the run it continues; its pixels are as reproducible as DALI's deco
 and DALI version (not documented as bit-exact: expect, but do not rely on, bit-identical weights after a resume).
 Its pixels differ slightly from ``pil``'s (another JPEG decoder and resampler). With ``device_id=None`` the pipeline
 runs DALI's CPU operators (how it is tested without a GPU; there a resumed run ends with the same weights, bit for
-bit).
+bit). The header read in Python (``dali_header``) refuses, naming the file, one it cannot read and an image whose
+transparency or 16-bit/float samples ``pil`` converts (``benchmarks.data.to_rgb``) and DALI would not the same way.
 
-Benchmark (a fresh process; uint8 output; a warm-up, then the rate):
+Benchmark (a fresh process; uint8 output; a warm-up, then the rate). ``--data`` is an ImageFolder
+(``ROOT/<class>/<image>``) or the trainer's ``--data`` root (``ROOT/train`` and ``ROOT/val``), whose ``train/`` it
+reads (printed; ``training_root``):
 
     python -m benchmarks.jpeg_set /tmp/jpegs --images 1024          # the reproducible ~100 KB 500x375 JPEG set
     python -m benchmarks.input_pipeline --data /tmp/jpegs --loader pil --workers 2 --images 2000 --node-rate 25000
+    python -m benchmarks.input_pipeline --data /data/imagenet --loader pil --workers 8     # reads /data/imagenet/train
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ from benchmarks.data import (
     MEAN,
     STD,
     EpochSampler,
+    ImageDecodeError,
     ImageFolder,
     ResumableSampler,
     _sample_generator,
     center_crop_box,
+    has_transparency,
     random_resized_crop_box,
 )
 
@@ -109,6 +115,32 @@ class PilLoader:
                 x = normalize(x.to(self.device, non_blocking=True), self.channels_last)
                 y = y.to(self.device, non_blocking=True)
             yield x, y
+
+
+def dali_header(path: str | Path, data) -> tuple[int, int]:
+    """``(width, height)`` of the image file ``path`` whose bytes are ``data`` (a uint8 array), from its header (PIL,
+    nothing decoded). Raises ``ImageDecodeError`` naming ``path`` for a header PIL cannot read, and for an image the
+    ``pil`` loader converts in a way DALI's decoder would not (transparency composited onto ``data.BACKGROUND``,
+    16-bit or float samples scaled: ``benchmarks.data.to_rgb``), so that both loaders train on the same pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as img:
+            w, h = img.size
+            mode, transparent = img.mode, has_transparency(img)
+    except Exception as e:  # noqa: BLE001 - PIL fails as OSError, SyntaxError, ValueError, ...
+        detail = ("PIL does not recognise it" if isinstance(e, UnidentifiedImageError)  # its text names the BytesIO
+                  else f"{type(e).__name__}: {e}")
+        raise ImageDecodeError(f"fastasam: --loader dali: cannot read the header of {path} ({detail}): it is "
+                               "truncated, damaged or not an image. Fix: replace it with a whole copy, or remove it "
+                               "from the data set") from e
+    if transparent or mode.startswith("I") or mode == "F":
+        what = (f"transparency ({mode})" if transparent
+                else f"{'32-bit float' if mode == 'F' else '16-bit'} samples ({mode})")
+        raise ImageDecodeError(f"fastasam: --loader dali: {path} has {what}, which --loader pil converts "
+                               "(benchmarks.data.to_rgb) and DALI's decoder would not the same way. Fix: convert it to "
+                               "8-bit RGB (a JPEG), or use --loader pil")
+    return w, h
 
 
 def dali_available() -> bool:
@@ -174,14 +206,12 @@ class DaliLoader:
 
     def _inputs(self, items: list[tuple[int, int]]) -> dict:
         import numpy as np
-        from PIL import Image
 
         ds, out = self.dataset, {"jpegs": [], "labels": [], "anchor": [], "shape": [], "mirror": []}
         for epoch, index in items:
             path, label = ds.samples[index]
             data = np.fromfile(path, dtype=np.uint8)
-            with Image.open(io.BytesIO(data.tobytes())) as img:
-                w, h = img.size
+            w, h = dali_header(path, data)
             gen = _sample_generator(ds.seed, epoch, index)
             if ds.train:
                 box = random_resized_crop_box(w, h, gen)
@@ -271,14 +301,21 @@ def _commit() -> str:
         return "?"
 
 
+def training_root(data: Path) -> Path:
+    """The ImageFolder the benchmark reads for ``--data``: ``data/train`` when ``data`` has a ``train/`` directory
+    (the trainer's ``--data`` root, with ``train/`` and ``val/``), else ``data`` itself (``data/<class>/<image>``)."""
+    data = Path(data)
+    return data / "train" if (data / "train").is_dir() else data
+
+
 def measure(data: Path, loader: str = "pil", workers: int = 1, images: int = 2000, warmup: int = 200,
             batch: int = 32, image_size: int = 224, progress_s: float = 5.0, out=sys.stdout,
             float_in_workers: bool = False) -> dict:
-    """Time ``loader`` over the training transform of the JPEGs under ``data`` (uint8 out, on the host for
-    ``pil``, DALI's CPU operators for ``dali``): ``warmup`` images untimed (workers start, caches warm), then
-    ``images`` timed. Returns images/s in total and per core (``workers`` processes, or DALI threads), and per
-    CPU-second of the loader's processes. ``float_in_workers``: the workers normalise to float32 (``pil``; the
-    trainer's previous pipeline), for comparison."""
+    """Time ``loader`` over the training transform of the JPEGs under ``data``, an ImageFolder root (``main`` passes
+    ``training_root``'s), uint8 out (on the host for ``pil``, DALI's CPU operators for ``dali``): ``warmup`` images
+    untimed (workers start, caches warm), then ``images`` timed. Returns images/s in total and per core (``workers``
+    processes, or DALI threads), and per CPU-second of the loader's processes. ``float_in_workers``: the workers
+    normalise to float32 (``pil``; the trainer's previous pipeline), for comparison."""
     ds = ImageFolder(data, image_size, train=True, uint8=not float_in_workers)
     sampler = ResumableSampler(len(ds), 0, 1, shuffle=True, seed=0)
     ld = make_loader(loader, ds, sampler, batch, workers, torch.device("cpu"), normalize=False, drop_last=True)
@@ -320,40 +357,51 @@ def measure(data: Path, loader: str = "pil", workers: int = 1, images: int = 200
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.train_imagenet import float_flag, int_flag  # here: train_imagenet imports this module
+
     p = argparse.ArgumentParser(description="Images/s of the trainer's input pipelines on a JPEG ImageFolder "
                                 "(training transform, uint8 out, after a warm-up), and the cores a node needs.")
-    p.add_argument("--data", type=Path, help="an ImageFolder of JPEGs (e.g. from --make-jpegs)")
+    p.add_argument("--data", type=Path,
+                   help="an ImageFolder of JPEGs (DIR/<class>/<image>, e.g. from --make-jpegs), or the trainer's "
+                        "--data root (DIR/train/ and DIR/val/): then DIR/train/ is read (the line 'data: ...' says "
+                        "which)")
     p.add_argument("--make-jpegs", type=Path, metavar="DIR",
                    help="first write the reproducible JPEG set (benchmarks.jpeg_set) to DIR and use it as --data")
-    p.add_argument("--jpegs", type=int, default=1024, help="images --make-jpegs writes")
+    p.add_argument("--jpegs", type=int_flag(1), default=1024, help="images --make-jpegs writes")
     p.add_argument("--loader", default="pil", choices=LOADERS)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int_flag(0), default=os.cpu_count() or 1,
                    help="loader worker processes (pil; 0: the main process) or DALI threads")
-    p.add_argument("--images", type=int, default=2000, help="timed images (after --warmup)")
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--node-rate", type=float, default=25000, help="images/s an N-GPU node trains at")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs of that node (for the printed line)")
+    p.add_argument("--images", type=int_flag(1), default=2000, help="timed images (after --warmup)")
+    p.add_argument("--warmup", type=int_flag(0), default=200)
+    p.add_argument("--batch", type=int_flag(1), default=32)
+    p.add_argument("--image-size", type=int_flag(1), default=224)
+    p.add_argument("--node-rate", type=float_flag(0, low_open=True), default=25000,
+                   help="images/s an N-GPU node trains at")
+    p.add_argument("--gpus", type=int_flag(1), default=8, help="GPUs of that node (for the printed line)")
     p.add_argument("--float-in-workers", action="store_true",
                    help="pil: normalise to float32 in the workers (the previous pipeline), for comparison")
-    p.add_argument("--repeat", type=int, default=1, help="runs, each in a fresh process; the best is reported")
+    p.add_argument("--repeat", type=int_flag(1), default=1, help="runs, each in a fresh process; the best is reported")
     p.add_argument("--json", type=Path, help="write the result (and the machine, versions, date, commit) here")
-    p.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--progress", type=float_flag(0, low_open=True), default=5.0,
+                   help="seconds between progress lines")
     args = p.parse_args(argv)
     if args.make_jpegs:
         from benchmarks.jpeg_set import make_jpegs
 
         args.data = make_jpegs(args.make_jpegs, args.jpegs)
     if args.data is None:
-        p.error("give --data DIR (an ImageFolder of JPEGs) or --make-jpegs DIR")
+        p.error("give --data DIR (an ImageFolder of JPEGs, or the trainer's --data root) or --make-jpegs DIR")
+    root = training_root(args.data)
+    if root != Path(args.data):
+        print(f"data: {root} (the train/ split of the trainer's --data root {args.data})",
+              file=sys.stderr if args.json and str(args.json) == "/dev/stdout" else sys.stdout, flush=True)
     runs = []
     for r in range(args.repeat):
         if args.repeat == 1 and os.environ.get("_INPUT_PIPELINE_CHILD"):
-            res = measure(args.data, args.loader, args.workers, args.images, args.warmup, args.batch,
+            res = measure(root, args.loader, args.workers, args.images, args.warmup, args.batch,
                           args.image_size, args.progress, float_in_workers=args.float_in_workers)
         else:  # a fresh process per run: no warm page cache of decoded state, workers started from scratch
-            cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--data", str(args.data), "--loader",
+            cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--data", str(root), "--loader",
                    args.loader, "--workers", str(args.workers), "--images", str(args.images), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--image-size", str(args.image_size),
                    "--progress", str(args.progress), "--json", "/dev/stdout",
@@ -376,8 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(runs, key=lambda r: r["images_per_s_per_core"])
     need = args.node_rate / best["images_per_s_per_core"]
     best_cpu = max((r["images_per_cpu_s"] or 0 for r in runs), default=0)
-    sizes = [f.stat().st_size for f in Path(args.data).rglob("*") if f.suffix.lower() in (".jpg", ".jpeg")]
-    result = {"best": best, "runs": runs, "node_rate": args.node_rate, "gpus": args.gpus,
+    sizes = [f.stat().st_size for f in root.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg")]
+    result = {"best": best, "runs": runs, "data": str(root), "node_rate": args.node_rate, "gpus": args.gpus,
               "cores_needed": need, "best_images_per_cpu_s": best_cpu,
               "cores_needed_by_cpu_time": args.node_rate / best_cpu if best_cpu else None,
               "jpegs": len(sizes), "mean_jpeg_kb": sum(sizes) / max(len(sizes), 1) / 1e3,

@@ -4,11 +4,18 @@
 ``read_log(run_dir)`` returns ``(steps, evals, targets)``: the records of ``log.jsonl`` as one uninterrupted run
 would have written them. A run resumed from a checkpoint older than its last records (a crash after the checkpoint)
 logs those steps again; a record for step ``s`` replaces every earlier record from step ``s`` on (an evaluation or
-target record: those after ``s`` and the evaluations/targets at ``s``), so the last run's records win.
+target record: those after ``s`` and the evaluations/targets at ``s``), so the last run's records win. The log's other
+records (a step skipped for a non-finite loss: ``nonfinite_loss``; the flags a resume changed: ``resume``) are
+superseded the same way and returned by none of the three lists.
+
+Nothing is written through a symbolic link in the run directory: ``refuse_symlink(path)`` raises
+``RunDirectoryError`` naming a link, ``open_nofollow`` opens with ``O_NOFOLLOW`` (a link is refused the same way);
+``write_json``, ``plot_curves`` and ``TensorBoard`` use them, and the trainer checks its other files with them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -18,6 +25,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from benchmarks.checkpoint import RunDirectoryError
 
 LOG = "log.jsonl"
 SUMMARY = "summary.json"
@@ -48,7 +57,40 @@ def read_log(run_dir: str | Path) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def _kind(entry: dict) -> str:
-    return "loss" if "loss" in entry else "target" if "target_top1" in entry else "eval"
+    if "loss" in entry:
+        return "loss"
+    for kind in ("target_top1", "top1", "nonfinite_loss", "resume"):
+        if kind in entry:
+            return kind
+    return "other"
+
+
+def _symlink_error(path: Path) -> RunDirectoryError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return RunDirectoryError(f"fastasam: {path} is a symbolic link{target}; nothing in the run directory is written "
+                             "through a link, which would overwrite the file it points to. Fix: remove the link "
+                             f"(rm {path}), or give the run another --ckpt-dir")
+
+
+def refuse_symlink(path: str | Path) -> None:
+    """Raise ``RunDirectoryError`` naming ``path`` if it is a symbolic link (a dangling one too)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise _symlink_error(path)
+
+
+def open_nofollow(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags | O_NOFOLLOW | O_CLOEXEC, mode)``: a file descriptor; a symbolic link at ``path`` is
+    refused (``RunDirectoryError`` naming it) by the open itself, so no link made before it is followed."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or Path(path).is_symlink():
+            raise _symlink_error(Path(path)) from None
+        raise
 
 
 def time_to_target(evals: list[dict], target: float | None) -> dict | None:
@@ -106,15 +148,20 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` to ``path`` through a temporary file renamed over it (never a half-written file)."""
+    """Write ``obj`` to ``path`` through a temporary file renamed over it (never a half-written file). A symbolic
+    link at ``path`` or at its temporary file is refused (``RunDirectoryError``; checked again before the rename)."""
+    refuse_symlink(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    refuse_symlink(path)
     os.replace(tmp, path)
 
 
 def plot_curves(run_dir: str | Path, out: str | Path, steps_per_epoch: int) -> bool:
     """``out``: top-1/top-5 (validation) and training loss against epochs (left) and wall-clock hours (right), from
-    the whole run's log. Returns False (and writes nothing) when matplotlib is not installed."""
+    the whole run's log. Returns False (and writes nothing) when matplotlib is not installed. ``out`` is opened with
+    ``O_NOFOLLOW``: a symbolic link there is refused (``RunDirectoryError``)."""
     try:
         import matplotlib
 
@@ -144,8 +191,11 @@ def plot_curves(run_dir: str | Path, out: str | Path, steps_per_epoch: int) -> b
         loss.grid(alpha=0.3)
     fig.suptitle(str(Path(run_dir)))
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with os.fdopen(open_nofollow(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -153,7 +203,8 @@ class TensorBoard:
     """Scalars to ``run_dir/tensorboard`` through ``torch.utils.tensorboard.SummaryWriter`` when the
     ``tensorboard`` package is installed (``pip install fastasam[tensorboard]``); without it nothing is written and
     one note is printed. The writer is made at the first scalar; a resumed run passes ``purge_step`` (the step it
-    resumes from), so TensorBoard hides what an interrupted run logged after its checkpoint."""
+    resumes from), so TensorBoard hides what an interrupted run logged after its checkpoint. A symbolic link at
+    ``run_dir/tensorboard`` is refused (``RunDirectoryError``) before anything is written."""
 
     def __init__(self, run_dir: Path, purge_step: int | None, enabled: bool, note) -> None:
         self.run_dir, self.purge_step, self.enabled, self.note = run_dir, purge_step, enabled, note
@@ -163,6 +214,7 @@ class TensorBoard:
         if not self.enabled:
             return
         if self.writer is None:
+            refuse_symlink(self.run_dir / TENSORBOARD)
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:

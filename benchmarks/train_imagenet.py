@@ -4,7 +4,10 @@
     torchrun --nproc_per_node=8 -m benchmarks.train_imagenet --data synthetic --opt asam --impl reference
     python -m benchmarks.train_imagenet --data synthetic --arch resnet_tiny --image-size 32 --epochs 1   # CPU
 
-``--data`` is an ImageFolder root with ``train/`` and ``val/`` (ImageNet's usual layout) or ``synthetic``.
+``--data`` is an ImageFolder root with ``train/`` and ``val/`` (ImageNet's usual layout) or ``synthetic``. Images in
+other pixel formats are converted (16-bit greys scaled to 8 bits, transparency composited onto ImageNet's mean colour)
+or refused, and a file that cannot be decoded is an error naming it (``benchmarks.data``). Every numeric flag is
+range-checked when parsed (the error names the flag, the range and the value).
 DDP with NCCL on GPUs and gloo on CPUs (one process without torchrun). ``--impl reference`` runs ASAM/SAM with
 fastasam's per-tensor ``reference`` loop (the published code's algorithm), ``--impl fastasam`` with ``--backend``
 (``auto``). AMP bf16 (no scaler) or fp16 (GradScaler, the README recipe), channels_last, label smoothing, linear
@@ -25,6 +28,11 @@ Reporting): ``best.pt``, ``summary.json``, ``curves.png``, ``tensorboard/``.
   ``last.pt.tmp``, fsynced, renamed over ``last.pt``, and the directory fsynced, so ``last.pt`` is always a whole
   checkpoint. They hold only tensors and plain data and are loaded with ``weights_only=True``; a full disk, an
   empty, truncated or foreign file is an error naming the file (and, for a full disk, the free space).
+- Nothing is written through a symbolic link: a link at any of the run directory's files (``RUN_FILES``: ``.lock``,
+  ``last.pt``, ``best.pt``, ``log.jsonl``, ``summary.json``, ``curves.png``, ``tensorboard/`` and the temporary
+  ``*.tmp``) is refused with an error naming it, when the run starts and again before each write (``log.jsonl``,
+  ``summary.json``'s temporary file and ``curves.png`` are opened with ``O_NOFOLLOW``). The directory itself may be a
+  link.
 
 Stopping: SIGTERM or SIGINT (preemption, Ctrl-C) on any process, or reaching ``--max-steps``, stops every process
 at the same step: the request is agreed by a MAX all-reduce of a one-element CPU flag after every step (on a gloo
@@ -41,7 +49,33 @@ records the step, the position in the epoch, the number of processes and the glo
 the same contiguous slice of the epoch's permutation whatever the number of processes, so a resume on another
 number of processes keeps the global sample order (with a printed note); its numbers are then not bit-identical,
 as BatchNorm normalises over each process's share of the batch. A resume with another ``--global-batch`` or
-another training set size is refused (both change the schedule).
+another training set size is refused (both change the schedule). Other flags, against those the checkpoint records:
+
+- applied from the resumed step on, each printed (``resume: --lr 0.1 -> 0.05 applied``) and logged (a ``resume``
+  record, ``{flag: [old, new]}``): ``--lr`` (the peak: the schedule's base and each group's lr at the step reached),
+  ``--momentum``, ``--weight-decay``, ``--rho``, ``--rho-min``, ``--eta``, ``--alpha``, ``--label-smoothing``,
+  ``--clip-grad``, ``--ema``'s decay, ``--amp``, ``--skip-nonfinite``, and ``--data`` naming another folder (the
+  training set's size is checked): how far and how each step goes, not which steps there are;
+- refused, naming both values, as they fix the model (``--arch``, ``--num-classes``), the algorithm and its param
+  groups (``--opt``, ``--adaptive``, ``--no-bn-bias-decay``, ``--every``, ``--sharpness``, ``--rho-follows-lr``,
+  ``--ema`` on or off), the schedule (``--epochs``, ``--warmup-epochs``) or the data and its order (``--data`` to or
+  from ``synthetic``, ``--seed``, ``--synthetic-size``, ``--image-size``, ``--val-crop``, ``--val-resize``);
+- free, as they only say how the run is executed: the intervals, ``--max-steps``, ``--target-top1``, ``--no-eval``,
+  the loader and its workers, ``--impl``, ``--backend``, ``--compile``, ``--channels-last``, ``--sync-bn``,
+  ``--cudnn-benchmark``.
+
+Non-finite losses: an inf or NaN training loss (either pass, any process) stops the run on every process with
+``NonFiniteLossError`` (a non-zero exit status) naming the step, the loss, the process and the fix (a lower ``--lr``,
+which a resume applies, ``--clip-grad``, bf16 instead of fp16, ``--skip-nonfinite``). Nothing is written after it:
+``last.pt`` and ``best.pt`` stay the last ones before that step, and there is no ``summary.json``. It is found without
+a device synchronisation per step: the losses stay on the device (``LossWatch``) and are read at the print interval
+(``--print-every``, agreed by the ranks with the stop flag's all-reduce) and before every checkpoint and evaluation,
+which also refuse (the same error) weights, buffers, EMA or optimizer state holding an inf or NaN. With
+``--skip-nonfinite N`` up to N such steps are skipped instead (no optimizer step: the gradients dropped, a perturbation
+undone, the BatchNorm running statistics restored, the EMA not updated; the learning-rate schedule goes on), each
+printed and logged (``nonfinite_loss``, ``pass``, ``skipped``: the count so far, kept over resumes, also in
+``summary.json``), and the next one stops the run as above; this reads each pass's loss on the host, one device
+synchronisation (and, with several processes, one CPU all-reduce) per pass.
 
 Optimizers (``--opt``): ``sgd``, ``sam``, ``asam``, ``looksam`` and ``gsam`` (``fastasam.LookSAM``/``GSAM``; SAM's
 perturbation, ASAM's with ``--adaptive``; ``--alpha``: 0.7 and 0.1 by default). The loop for each is ``backward();
@@ -101,6 +135,8 @@ import shutil
 import signal
 import sys
 import time
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -110,11 +146,26 @@ from torch.utils.data import DataLoader
 
 import fastasam
 from benchmarks import run_report
-from benchmarks.checkpoint import CheckpointError, RunDirectoryError, load_checkpoint, lock_run_dir, save_checkpoint
+from benchmarks.checkpoint import (
+    LOCK_NAME,
+    CheckpointError,
+    RunDirectoryError,
+    load_checkpoint,
+    lock_run_dir,
+    save_checkpoint,
+)
 from benchmarks.data import ImageFolder, ResumableSampler, Synthetic
 from benchmarks.input_pipeline import LOADERS, make_loader
 from benchmarks.models import get_model
-from benchmarks.run_report import CURVES, SUMMARY, TENSORBOARD, TensorBoard, peak_memory
+from benchmarks.run_report import (
+    CURVES,
+    SUMMARY,
+    TENSORBOARD,
+    TensorBoard,
+    open_nofollow,
+    peak_memory,
+    refuse_symlink,
+)
 
 # The paper's ImageNet setting for ASAM (Kwon et al. 2021): ResNet-50, rho = 1.0, eta = 0.01. The rest is the
 # standard ResNet-50 recipe used with it here: 100 epochs, batch 512 in all, lr 0.2, weight decay 1e-4, cosine
@@ -134,6 +185,57 @@ TIMED_AFTER = 5  # steps after each start left out of SAM's measured overhead (w
 LOG = "log.jsonl"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "step_in_epoch", "world",
                    "global_batch", "steps_per_epoch")
+# The run directory's files: none may be a symbolic link (refused when the run starts and before each write).
+RUN_FILES = (LOCK_NAME, CHECKPOINT, CHECKPOINT + ".tmp", BEST, BEST + ".tmp", LOG, SUMMARY, SUMMARY + ".tmp", CURVES,
+             TENSORBOARD)
+# --resume (module docstring): the flags a resume applies when they changed (printed and logged), and those it refuses
+# because they fix the model, the algorithm and its param groups, the schedule, or the data and its order.
+RESUME_APPLIED = ("lr", "momentum", "weight_decay", "rho", "rho_min", "eta", "alpha", "label_smoothing", "clip_grad",
+                  "ema", "amp", "skip_nonfinite", "data")
+RESUME_FIXED = ("arch", "num_classes", "opt", "adaptive", "no_bn_bias_decay", "every", "sharpness", "rho_follows_lr",
+                "ema", "epochs", "warmup_epochs", "data", "seed", "synthetic_size", "image_size", "val_crop",
+                "val_resize")
+
+
+def int_flag(low: int, high: int | None = None, describe: str | None = None):
+    """An argparse ``type``: the argument as an int in ``[low, high]`` (no upper bound when ``high`` is None), else
+    ``argparse.ArgumentTypeError`` with the range (``describe``, else ">= low" / "in [low, high]") and the value."""
+    rng = describe or (f">= {low}" if high is None else f"in [{low}, {high}]")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_flag(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    """An argparse ``type``: the argument as a finite float from ``low`` (excluded when ``low_open``) up to ``high``
+    (excluded when ``high_open``; no upper bound when None), else ``argparse.ArgumentTypeError`` with the range."""
+    if high is None:
+        rng = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        rng = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high))
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,63 +248,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--opt", default="asam", choices=["sgd", "sam", "asam", "looksam", "gsam"])
     p.add_argument("--impl", default="fastasam", choices=["reference", "fastasam"])
     p.add_argument("--backend", default="auto", help="fastasam backend for --impl fastasam")
-    p.add_argument("--rho", type=float, default=None,
+    p.add_argument("--rho", type=float_flag(0), default=None,
                    help="default: 1.0 for an adaptive optimizer (asam, --adaptive), else 0.05")
-    p.add_argument("--eta", type=float, default=0.01)
+    p.add_argument("--eta", type=float_flag(0), default=0.01)
     p.add_argument("--adaptive", action="store_true", help="looksam/gsam: ASAM's adaptive perturbation")
-    p.add_argument("--alpha", type=float, default=None, help="looksam/gsam's alpha (default 0.7 / 0.1)")
-    p.add_argument("--every", type=int, default=None,
+    p.add_argument("--alpha", type=float_flag(0), default=None, help="looksam/gsam's alpha (default 0.7 / 0.1)")
+    p.add_argument("--every", type=int_flag(1), default=None,
                    help="a two-pass step every K-th step: interval SAM (sam/asam, default 1), LookSAM's k (default 5)")
     p.add_argument("--sharpness", default="global", choices=["global", "replica"],
                    help="replica: m-sharpness, each process perturbs with its own gradient's norm")
     p.add_argument("--rho-follows-lr", action="store_true",
                    help="rho proportional to the lr (fastasam.RhoFollowsLR): --rho at --lr, --rho-min at lr 0")
-    p.add_argument("--rho-min", type=float, default=0.0)
+    p.add_argument("--rho-min", type=float_flag(0), default=0.0)
     p.add_argument("--no-bn-bias-decay", action="store_true", help="no weight decay on BatchNorm parameters and biases")
-    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+    p.add_argument("--ema", type=float_flag(0, 1, high_open=True), default=None, metavar="DECAY",
                    help="evaluate and save an exponential moving average of the weights too (e.g. 0.9999)")
-    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+    p.add_argument("--clip-grad", type=float_flag(0, low_open=True), default=None, metavar="NORM",
                    help="clip the gradient second_step uses (the second pass's) to this global norm")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm over the processes (GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training passes")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="cudnn.benchmark on GPUs (its algorithm choice may differ between a run and its resume)")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--global-batch", type=int, default=256, help="images per step over all processes")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--epochs", type=int_flag(1), default=90)
+    p.add_argument("--global-batch", type=int_flag(1), default=256, help="images per step over all processes")
+    p.add_argument("--lr", type=float_flag(0, low_open=True), default=0.1,
+                   help="the peak learning rate")
+    p.add_argument("--momentum", type=float_flag(0, 1, high_open=True), default=0.9)
+    p.add_argument("--weight-decay", type=float_flag(0), default=1e-4)
+    p.add_argument("--label-smoothing", type=float_flag(0, 1, high_open=True), default=0.1)
+    p.add_argument("--warmup-epochs", type=float_flag(0), default=0.0,
+                   help="linear warm-up, in epochs (at most --epochs)")
     p.add_argument("--amp", default="bf16" if torch.cuda.is_available() else "none", choices=["bf16", "fp16", "none"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available())
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--val-crop", type=int, default=None,
+    p.add_argument("--image-size", type=int_flag(1), default=224)
+    p.add_argument("--val-crop", type=int_flag(1), default=None,
                    help="evaluation: the center crop's side (default --image-size)")
-    p.add_argument("--val-resize", type=int, default=None,
+    p.add_argument("--val-resize", type=int_flag(1), default=None,
                    help="evaluation: the short side the image is resized to before the crop (default crop * 256/224)")
-    p.add_argument("--num-classes", type=int, default=1000, help="synthetic data only")
-    p.add_argument("--synthetic-size", type=int, default=12_800, help="synthetic training images per epoch")
-    p.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 0,
+    p.add_argument("--num-classes", type=int_flag(1), default=1000, help="synthetic data only")
+    p.add_argument("--synthetic-size", type=int_flag(1), default=12_800, help="synthetic training images per epoch")
+    p.add_argument("--workers", type=int_flag(0), default=8 if torch.cuda.is_available() else 0,
                    help="decoding processes per process (--loader pil, kept across epochs) or DALI threads")
     p.add_argument("--loader", default="pil", choices=LOADERS,
                    help="pil: CPU decoding in --workers processes, uint8 batches normalised on the device; dali: "
                         "NVIDIA DALI decodes on the GPU (pip install nvidia-dali-cuda130). Both take the same "
                         "samples, order, crop regions and flips from (seed, epoch, index), so a resume continues "
                         "them; dali's pixels are as reproducible as DALI's decoder (not documented bit-exact)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_flag(0, 2**63 - 1, ">= 0 and < 2**63"), default=0)
     p.add_argument("--ckpt-dir", type=Path, default=Path("runs/imagenet"),
                    help="run directory: last.pt, log.jsonl, .lock (one run at a time; runs/ is git-ignored)")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (also at epoch ends)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir from its last.pt")
+    p.add_argument("--ckpt-every", type=int_flag(1), default=1000,
+                   help="steps between checkpoints (also at epoch ends)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --ckpt-dir from its last.pt (which flags may change: see Resuming)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a --ckpt-dir that holds one (deletes its last.pt, log.jsonl and the "
                         "report: best.pt, summary.json, curves.png, tensorboard/)")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=int_flag(1), default=None,
                    help="stop (with a checkpoint, every process at the same step) after this global step")
-    p.add_argument("--print-every", type=int, default=50)
-    p.add_argument("--target-top1", type=float, default=None, metavar="X",
+    p.add_argument("--print-every", type=int_flag(1), default=50,
+                   help="steps between progress lines (where the loss is also checked for inf/NaN)")
+    p.add_argument("--target-top1", type=float_flag(0, 100), default=None, metavar="X",
                    help="print and log once when the validation top-1 reaches X percent, with the elapsed time")
+    p.add_argument("--skip-nonfinite", type=int_flag(0), default=0, metavar="N",
+                   help="skip up to N steps whose loss is inf or NaN (no optimizer step, the BatchNorm statistics "
+                        "restored; printed and logged) and stop at the next one; reads each pass's loss on the host "
+                        "(one device synchronisation per pass). 0 (default): stop at the first, checked at the print "
+                        "interval and before every checkpoint")
     p.add_argument("--no-eval", dest="eval", action="store_false")
     first, _ = p.parse_known_args(argv)
     if first.preset:
@@ -215,22 +327,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--adaptive is for --opt looksam/gsam (asam is adaptive, --opt {args.opt} is not)")
     if args.alpha is not None and not variant:
         p.error("--alpha is LookSAM's and GSAM's: give --opt looksam or --opt gsam")
-    if args.every is not None and (args.every < 1 or args.opt in ("sgd", "gsam")):
-        p.error(f"--every {args.every}: give an int >= 1, with --opt sam, asam or looksam (gsam and sgd take none)")
+    if args.every is not None and args.opt in ("sgd", "gsam"):
+        p.error(f"--every {args.every}: give it with --opt sam, asam or looksam (gsam and sgd take none)")
     if args.opt == "sgd" and (args.sharpness != "global" or args.rho_follows_lr):
         p.error("--sharpness and --rho-follows-lr are for the sharpness-aware optimizers, not --opt sgd")
-    if args.ema is not None and not 0 <= args.ema < 1:
-        p.error(f"--ema {args.ema}: the decay must be in [0, 1) (e.g. 0.9999)")
     if args.val_resize is not None and args.val_resize < (args.val_crop or args.image_size):
         p.error(f"--val-resize {args.val_resize} is smaller than the crop ({args.val_crop or args.image_size})")
-    if args.clip_grad is not None and not args.clip_grad > 0:
-        p.error(f"--clip-grad {args.clip_grad}: the norm must be > 0")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}): give at most "
+                f"{args.epochs}")
     if args.every is None:
         args.every = 5 if args.opt == "looksam" else 1
     if args.alpha is None and variant:
         args.alpha = 0.7 if args.opt == "looksam" else 0.1
     if args.rho is None:
         args.rho = 1.0 if args.opt == "asam" or args.adaptive else 0.05
+    if args.rho_follows_lr and args.rho_min > args.rho:
+        p.error(f"--rho-min {args.rho_min:g} is above --rho {args.rho:g}: --rho-follows-lr goes from --rho at the peak "
+                "lr down to --rho-min at lr 0; give --rho-min <= --rho")
     return args
 
 
@@ -262,11 +376,23 @@ class Run:
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank: a MAX all-reduce of one CPU int32 (no GPU sync)."""
+        return self.any_ranks(flag)[0]
+
+    def any_ranks(self, *flags: bool) -> tuple[bool, ...]:
+        """``any_rank`` of several flags in one MAX all-reduce of CPU int32s (no GPU sync)."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.flags)
-        return bool(t.item())
+        return tuple(bool(v) for v in t.tolist())
+
+    def gather(self, obj: object) -> list:
+        """``obj`` (a picklable host object) of every rank, in rank order, over the host flags' group."""
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.flags)
+        return out
 
     def agree(self, work, what: str):
         """Run ``work()`` on this rank; if it raises on any rank, raise on every rank (that rank's own error, the
@@ -386,6 +512,72 @@ class Ema:
             torch._foreach_lerp_(mine, theirs, 1 - self.decay)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss, or before a checkpoint a weight, buffer or optimizer state, is inf or NaN: the run stops
+    (on every rank) without writing a checkpoint. The message names the step, the loss, what was kept and the fix."""
+
+
+class LossWatch:
+    """The first inf/NaN loss since the last ``first()``, found without a host synchronisation per step.
+
+    ``add(step, loss)`` after each step keeps the detached 0-d loss tensor (no kernel, no copy); every ``FOLD`` steps
+    they are folded on the device into ``[found, step, loss]`` of the first non-finite one (a few small kernels, no
+    read). ``first()``, called where the loop reads the device anyway (the print interval, before a checkpoint),
+    reads that to the host: ``(step, loss)`` or None. Consecutive ``add`` calls must be consecutive steps. Mutates
+    only itself."""
+
+    FOLD = 64
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.start = 0  # the step of losses[0]
+        self.found: torch.Tensor | None = None  # float64 [found, step, loss], on the losses' device
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        if not self.losses:
+            self.start = step
+        self.losses.append(loss.detach())
+        if len(self.losses) >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self.losses:
+            return
+        values = torch.stack(self.losses).double()
+        bad = values.isfinite().logical_not_()
+        i = bad.int().argmax()  # the first non-finite loss (0 when none is)
+        here = torch.cat((bad.any().double().view(1), (i.double() + self.start).view(1),
+                          values.index_select(0, i.view(1))))
+        self.found = here if self.found is None else torch.where(self.found[0] > 0, self.found, here)
+        self.losses = []
+
+    def first(self) -> tuple[int, float] | None:
+        """``(step, loss)`` of the first inf/NaN loss added since the last call that found none, or None. Reads the
+        device (one synchronisation)."""
+        self._fold()
+        if self.found is None:
+            return None
+        found, step, loss = self.found.tolist()
+        if not found:
+            self.found = None
+            return None
+        return int(step), loss
+
+
+def first_nonfinite(named: Iterable[tuple[str, object]]) -> str | None:
+    """The name of the first floating tensor in ``named`` that holds an inf or NaN, or None; one host read per
+    device."""
+    tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    by_device: dict[torch.device, list[int]] = {}
+    for k, (_, t) in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(k)
+    bad = []
+    for indices in by_device.values():
+        finite = torch.stack([tensors[k][1].isfinite().all() for k in indices]).tolist()
+        bad += [k for k, ok in zip(indices, finite) if not ok]
+    return tensors[min(bad)][0] if bad else None
+
+
 class StepTimer:
     """Where a print interval's time went, measured without synchronising the device each step.
 
@@ -500,6 +692,7 @@ def finish_report(args: argparse.Namespace, steps_per_epoch: int, step: int, run
                           f"single pass of a plain SGD step, without its update); the first {TIMED_AFTER} steps "
                           "after each start are not timed",
         },
+        "nonfinite_skipped": report.get("nonfinite_skipped", 0),
         "peak_memory_bytes": report["peak_memory_bytes"], "peak_memory": peak_memory(run.device)["what"],
         "versions": run_report.versions(), "commit": run_report.git_commit(),
         "logged_steps": len(steps), "evaluations": len(evals),
@@ -594,8 +787,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def open_run_dir(args: argparse.Namespace):
-    """Rank 0: lock ``--ckpt-dir`` and check that this run may use it (a held run needs --resume or --overwrite);
-    remove a temporary checkpoint left by a killed writer. Returns the lock (released when the process ends)."""
+    """Rank 0: refuse a symbolic link among the run directory's files (``RUN_FILES``), lock ``--ckpt-dir`` and check
+    that this run may use it (a held run needs --resume or --overwrite); remove a temporary checkpoint left by a killed
+    writer. Returns the lock (released when the process ends)."""
+    for name in RUN_FILES:
+        refuse_symlink(args.ckpt_dir / name)
     lock = lock_run_dir(args.ckpt_dir)
     try:
         ckpt, log = args.ckpt_dir / CHECKPOINT, args.ckpt_dir / LOG
@@ -625,6 +821,85 @@ def train(args: argparse.Namespace, run: Run) -> dict:
     finally:
         if lock is not None:
             lock.release()
+
+
+def save_run_file(path: Path, state: dict) -> None:
+    """``save_checkpoint(path, state)``, refusing (``RunDirectoryError``) a symbolic link at ``path`` or at its
+    temporary file, checked just before the write."""
+    for p in (path, path.with_name(path.name + ".tmp")):
+        refuse_symlink(p)
+    save_checkpoint(path, state)
+
+
+def _flag(key: str, value: object) -> str:
+    """How a flag's value reads in a message: ``--lr 0.1``, ``--adaptive``, ``--adaptive off``, ``--ema off``."""
+    name = "--" + key.replace("_", "-")
+    if value is True:
+        return name
+    if value is False or value is None:
+        return f"{name} off"
+    return f"{name} {value}"
+
+
+def resume_changes(saved: dict, args: argparse.Namespace, ckpt: Path) -> dict[str, list]:
+    """The flags this resume changes against ``saved`` (the checkpoint's ``args``): ``{name: [old, new]}`` of those it
+    applies (``RESUME_APPLIED``). Raises ``CheckpointError`` naming every changed flag of ``RESUME_FIXED`` (both
+    values) and the fix. ``--num-classes`` and ``--synthetic-size`` count for synthetic data only; ``--data`` may
+    name another folder (the training set's size is checked apart) but not switch to or from ``synthetic``;
+    ``--ema`` may change its decay but not be turned on or off; ``--val-crop``/``--val-resize`` compare their
+    effective values."""
+    def effective(values: dict) -> dict:
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        if "image_size" in out:
+            out["val_crop"] = out.get("val_crop") or out["image_size"]
+            out["val_resize"] = out.get("val_resize") or round(out["val_crop"] * 256 / 224)
+        return out
+
+    old, new = effective(saved), effective(vars(args))
+    synthetic = new["data"] == "synthetic"
+    fixed = [k for k in RESUME_FIXED if k in old and old[k] != new.get(k)
+             and (k not in ("num_classes", "synthetic_size") or synthetic)
+             and (k != "data" or "synthetic" in (old[k], new[k]))
+             and (k != "ema" or None in (old[k], new[k]))]
+    if fixed:
+        raise CheckpointError(
+            f"fastasam: --resume: {ckpt} was written with {', '.join(_flag(k, old[k]) for k in fixed)}; this run has "
+            f"{', '.join(_flag(k, new.get(k)) for k in fixed)}. These cannot change mid-run: they fix the model "
+            "(--arch, --num-classes), the algorithm and its param groups (--opt, --adaptive, --no-bn-bias-decay, "
+            "--every, --sharpness, --rho-follows-lr, --ema on or off), the schedule (--epochs, --warmup-epochs) or "
+            "the data and its order (--data synthetic or a folder, --seed, --synthetic-size, --image-size, "
+            "--val-crop, --val-resize). Fix: resume with the values it was written with "
+            f"({', '.join(_flag(k, old[k]) for k in fixed)}), or start a new run (--overwrite, or another "
+            f"--ckpt-dir). A resume may change {', '.join('--' + k.replace('_', '-') for k in RESUME_APPLIED)}: "
+            "applied from the resumed step on")
+    return {k: [old[k], new.get(k)] for k in RESUME_APPLIED if k in old and old[k] != new.get(k)}
+
+
+def apply_changes(changed: dict, opt, sched, rho_sched, args: argparse.Namespace, fresh_decay: list[float]) -> None:
+    """Put the flags a resume changed (``resume_changes``) into the state loaded from the checkpoint: the param
+    groups' momentum, weight decay (this run's value per group, ``fresh_decay``: 0 for --no-bn-bias-decay's), rho and
+    eta; a new peak --lr into the LR schedule (its base lrs, each group's initial and current lr, at the step
+    reached); --lr, --rho and --rho-min into --rho-follows-lr's schedule (rho recomputed). The other applied flags
+    (--alpha, --label-smoothing, --clip-grad, --ema's decay, --amp, --skip-nonfinite, --data) are read from ``args``
+    by what was built from it. Mutates ``opt``'s param groups, ``sched`` and ``rho_sched``."""
+    groups = opt.param_groups
+    for key in ("momentum", "rho", "eta"):
+        if key in changed:
+            for g in groups:
+                if key in g:
+                    g[key] = getattr(args, key)
+    if "weight_decay" in changed:
+        for g, decay in zip(groups, fresh_decay, strict=True):
+            g["weight_decay"] = decay
+    if "lr" in changed:
+        sched.base_lrs = [args.lr] * len(groups)
+        for g, factor in zip(groups, sched.lr_lambdas, strict=True):
+            g["initial_lr"], g["lr"] = args.lr, args.lr * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]
+    if rho_sched is not None and {"lr", "rho", "rho_min"} & changed.keys():
+        rho_sched.rho_max, rho_sched.rho_min = args.rho, args.rho_min
+        rho_sched.lr_max, rho_sched._fixed_lr_max = [args.lr] * len(rho_sched.lr_max), args.lr
+        rho_sched.step()  # each group's rho from its lr now
 
 
 def _train(args: argparse.Namespace, run: Run) -> dict:
@@ -677,7 +952,10 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
 
     ckpt = args.ckpt_dir / CHECKPOINT
     step, epoch, start_in_epoch = 0, 0, 0
-    report = {"elapsed_s": 0.0, "best_top1": None, "target_reached": None, "peak_memory_bytes": 0, "timing": {}}
+    report = {"elapsed_s": 0.0, "best_top1": None, "target_reached": None, "peak_memory_bytes": 0, "timing": {},
+              "nonfinite_skipped": 0}
+    written = {"step": None}  # the step last.pt holds (None: no checkpoint yet)
+    changed: dict[str, list] = {}
     if args.resume:
         state = run.agree(lambda: load_checkpoint(ckpt, CHECKPOINT_KEYS, run.device), f"loading {ckpt}")
         if state["global_batch"] != args.global_batch or state["steps_per_epoch"] != steps_per_epoch:
@@ -686,7 +964,10 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                 f"{state['steps_per_epoch']} steps per epoch; this run has --global-batch {args.global_batch} and "
                 f"{steps_per_epoch} (from {len(train_set)} images): both set the schedule and the position in the "
                 f"epoch, so resume with --global-batch {state['global_batch']} and the same training data")
+        if isinstance(state.get("args"), dict):
+            changed = resume_changes(state["args"], args, ckpt)
         model.load_state_dict(state["model"])
+        fresh_decay = [g["weight_decay"] for g in opt.param_groups]  # this run's, per group (0: --no-bn-bias-decay)
         try:
             opt.load_state_dict(state["optimizer"])
         except ValueError as e:  # another number or size of param groups: another --opt/--adaptive/--no-bn-bias-decay
@@ -697,7 +978,8 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                                   f"({e}); resume with the optimizer flags it was written with "
                                   f"({flags or 'unknown'})") from None
         sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when written without fp16 (a resume may change --amp: a fresh scale then)
+            scaler.load_state_dict(state["scaler"])
         for name, what, flag in (("ema", ema, "--ema"), ("rho_schedule", rho_sched, "--rho-follows-lr")):
             if what is not None:
                 if state.get(name) is None:
@@ -709,7 +991,12 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                     what.load_state_dict(state[name])
         report.update(state.get("report", {}))
         step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        written["step"] = step
         run.print(f"resumed from {ckpt}: epoch {epoch}, step {step}")
+        apply_changes(changed, opt, sched, rho_sched, args, fresh_decay)
+        for k, (was, now) in changed.items():
+            run.print(f"resume: --{k.replace('_', '-')} {'off' if was is None else was} -> "
+                      f"{'off' if now is None else now} applied")
         if state["world"] != run.world:
             run.print(f"note: {ckpt} was written by {state['world']} process(es), this run has {run.world}: every "
                       "step trains on the same images as before, but BatchNorm now normalises over "
@@ -719,13 +1006,15 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         """Rank 0 writes; every rank raises if the write failed. ``step_in_epoch == steps_per_epoch``: the epoch
-        is trained but not evaluated (a resumed run evaluates it first)."""
+        is trained but not evaluated (a resumed run evaluates it first). Never after a non-finite loss or with a
+        non-finite weight (``guard``)."""
         if timer.steps:  # the steps since the last print count as training time
             timer.interval()
+        guard(f"{ckpt} is not written")
 
         def write() -> None:
             if run.rank == 0:
-                save_checkpoint(ckpt, {
+                save_run_file(ckpt, {
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                     "world": run.world, "global_batch": args.global_batch, "steps_per_epoch": steps_per_epoch,
@@ -734,7 +1023,53 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                     "rho_schedule": rho_sched.state_dict() if rho_sched is not None else None,
                     "report": current_report()})
         run.agree(write, f"writing {ckpt}")
+        written["step"] = step
         timer.restart()
+
+    def guard(refused: str) -> None:
+        """Before a checkpoint or an evaluation (every rank): raise ``NonFiniteLossError`` on every rank if a loss
+        since the last check was inf/NaN on any rank, or the weights, buffers, EMA or optimizer state hold one; the
+        message says ``refused`` (what is not done). Reads the device once (as the write or evaluation that follows
+        does)."""
+        bad_loss = watch.first()
+        names = {p: n for n, p in model.named_parameters()}
+        named = [(f"the model's {k}", v) for k, v in model.state_dict().items()]
+        named += [(f"the EMA's {k}", v) for k, v in (ema.module.state_dict().items() if ema is not None else ())]
+        named += [(f"the optimizer's {k} of {names.get(p, 'a parameter')}", v)
+                  for p, st in opt.state.items() for k, v in st.items()]
+        bad_tensor = first_nonfinite(named)
+        any_loss, any_tensor = run.any_ranks(bad_loss is not None, bad_tensor is not None)
+        if any_loss:
+            raise nonfinite_stop(bad_loss)
+        if any_tensor:
+            raise NonFiniteLossError(
+                f"fastasam: {bad_tensor or 'a tensor on another process'} is not finite after step {step}, though "
+                f"the training losses up to it were: {refused}. {kept()}. {fix()}")
+
+    def kept() -> str:
+        if written["step"] is None:
+            return (f"No checkpoint was written before it ({ckpt} does not exist): start again (--overwrite) with "
+                    "the fix below")
+        return (f"Nothing was written after it: {ckpt} (step {written['step']}) and {args.ckpt_dir / BEST} (if "
+                "any) are kept; continue from them with --resume and the fix below")
+
+    def fix() -> str:
+        return (f"Fix: lower the learning rate (--lr {args.lr:g} now; a resume applies a new --lr), clip the gradient "
+                "(--clip-grad NORM)" + (", train in bf16 (--amp bf16: fp16 overflows sooner)" if args.amp == "fp16"
+                                        else "")
+                + ", or give --skip-nonfinite N to skip up to N such steps (no optimizer step on them)")
+
+    def nonfinite_stop(mine: tuple | None, beyond: int | None = None) -> NonFiniteLossError:
+        """The error every rank raises for the first non-finite loss: ``mine`` is this rank's ``(step, loss)`` or
+        None; gathered over the ranks (every rank calls this at the same step)."""
+        found = [(s_, r, v) for r, m in enumerate(run.gather(mine)) if m is not None for s_, v in [m]]
+        bad_step, rank, value = min(found)
+        where = f" on process {rank}" if run.world > 1 else ""
+        over = (f" ({beyond} such steps, beyond --skip-nonfinite {args.skip_nonfinite})" if beyond is not None
+                else "")
+        return NonFiniteLossError(
+            f"fastasam: the training loss is not finite at step {bad_step} (epoch {(bad_step - 1) // steps_per_epoch})"
+            f": loss {value}{where}{over}. The run stops without writing a checkpoint. {kept()}. {fix()}")
 
     def current_report() -> dict:
         """What the report needs that lives in no log record: carried over resumes by the checkpoint."""
@@ -752,9 +1087,11 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
             report["best_top1"] = entry["top1"]
             best = args.ckpt_dir / BEST
 
+            guard(f"{best} is not written")
+
             def write() -> None:
                 if run.rank == 0:
-                    save_checkpoint(best, {"model": model.state_dict(), "epoch": entry["epoch"], "step": step,
+                    save_run_file(best, {"model": model.state_dict(), "epoch": entry["epoch"], "step": step,
                                            "top1": entry["top1"], "top5": entry["top5"],
                                            "ema": ema.module.state_dict() if ema is not None else None,
                                            "args": {k: str(v) if isinstance(v, Path) else v
@@ -774,7 +1111,10 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
 
-    log_file = open(args.ckpt_dir / LOG, "a") if run.rank == 0 else None  # noqa: SIM115 - closed below
+    log_file = (os.fdopen(open_nofollow(args.ckpt_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
+                if run.rank == 0 else None)  # closed below
+    if changed:
+        log({"epoch": epoch, "step": step, "resume": changed, "time": time.time()})
     board = TensorBoard(args.ckpt_dir, step if args.resume else None, run.rank == 0, run.print)
     timer = StepTimer(run.device, report["timing"])
     elapsed_before, started, eval_s = report["elapsed_s"], time.perf_counter(), 0.0
@@ -785,6 +1125,39 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
     def stopped(why: str) -> dict:
         run.print(f"stopped at step {step} ({why}); continue with --resume")
         return {**result, "steps": step, "stopped": True}
+
+    watch = LossWatch()  # without --skip-nonfinite: the losses, read at the print interval and before checkpoints
+    skipping = args.skip_nonfinite > 0
+    buffers = list(model.buffers())  # --skip-nonfinite: restored after a skipped step's forward
+    saved_buffers = [torch.empty_like(b) for b in buffers] if skipping else []
+
+    def nonfinite(loss: torch.Tensor, which: str | None) -> tuple | None:
+        """--skip-nonfinite: ``(which, this rank's loss)`` when the loss is inf/NaN on any rank, else None. Reads the
+        loss (a device synchronisation) and agrees on it with the other ranks."""
+        value = loss.item()
+        return (which, value) if run.any_rank(not math.isfinite(value)) else None
+
+    def skip(bad: tuple) -> None:
+        """Undo the step in progress (the perturbation, the gradients, the BatchNorm statistics), count it, print and
+        log it (the first rank's loss, gathered: every rank calls this at the same step); beyond --skip-nonfinite,
+        raise ``NonFiniteLossError`` on every rank."""
+        which, value = bad
+        if getattr(opt, "perturbed", False):
+            opt._abandon_step()  # back to w, no descent direction pending
+        opt.zero_grad(set_to_none=True)
+        if buffers:
+            torch._foreach_copy_(buffers, saved_buffers)
+        report["nonfinite_skipped"] += 1
+        count, s_ = report["nonfinite_skipped"], step + 1
+        mine = None if math.isfinite(value) else (s_, value)
+        if count > args.skip_nonfinite:
+            raise nonfinite_stop(mine, beyond=count)
+        rank, value = next((r, m[1]) for r, m in enumerate(run.gather(mine)) if m is not None)  # the first rank's
+        shown = f"{value}" + (f", {which}" if which else "") + (f", on process {rank}" if run.world > 1 else "")
+        run.print(f"step {s_} (epoch {epoch}): the loss is not finite ({shown}): skipped, no optimizer step ({count} "
+                  f"of --skip-nonfinite {args.skip_nonfinite})")
+        log({"epoch": epoch, "step": s_, "nonfinite_loss": str(value), "pass": which, "process": rank,
+             "skipped": count, "time": time.time()})
 
     # Built once (workers persist across epochs); batches arrive on run.device, normalised, in memory_format.
     loader = make_loader(args.loader, train_set, sampler, batch, args.workers, run.device, args.channels_last,
@@ -801,45 +1174,72 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                     x = x.to(run.device, non_blocking=True).to(memory_format=memory_format)
                     y = y.to(run.device, non_blocking=True)
                     timer.begin()
+                    if saved_buffers:
+                        torch._foreach_copy_(saved_buffers, buffers)
                     two_pass = sharpness and opt.second_pass_needed  # a host bool: no sync
+                    bad = None  # --skip-nonfinite: a pass whose loss is inf/NaN on some rank
+                    loss2 = None
                     if two_pass and replica:  # the first backward under no_sync, then first_step with this
                         with fastasam.distributed.replica_perturbation(ddp, opt):  # rank's own norm
                             with autocast():
                                 loss = loss_fn(net(x), y)
                             scaler.scale(loss).backward()
                             timer.first_pass_done()
+                        if skipping:
+                            bad = nonfinite(loss, "first pass")
                     else:
                         with autocast():
                             loss = loss_fn(net(x), y)
                         scaler.scale(loss).backward()
                         timer.first_pass_done()
-                        if two_pass:
+                        if skipping:
+                            bad = nonfinite(loss, "first pass" if two_pass else None)
+                        if two_pass and bad is None:
                             opt.first_step(zero_grad=True)
-                    if two_pass:
+                    if two_pass and bad is None:
                         with fastasam.frozen_batchnorm_stats(net), autocast():
                             loss2 = loss_fn(net(x), y)
                         scaler.scale(loss2).backward()
-                    if args.clip_grad is not None:  # the gradient second_step will use: the second pass's
-                        if scaler.is_enabled():
-                            scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                    if scaler.is_enabled():
-                        scaler.step(opt)  # ASAM/SAM: restore + base step, skipped on an fp16 overflow in either pass
-                        scaler.update()
-                    elif sharpness:
-                        opt.second_step()
+                        if skipping:
+                            bad = nonfinite(loss2, "second pass")
+                    if bad is not None:
+                        skip(bad)  # raises beyond --skip-nonfinite
                     else:
-                        opt.step()
+                        if args.clip_grad is not None:  # the gradient second_step will use: the second pass's
+                            if scaler.is_enabled():
+                                scaler.unscale_(opt)
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                        if scaler.is_enabled():
+                            scaler.step(opt)  # ASAM/SAM: restore + base step, skipped on an fp16 overflow
+                            scaler.update()
+                        elif sharpness:
+                            opt.second_step()
+                        else:
+                            opt.step()
                     opt.zero_grad(set_to_none=True)
-                    sched.step()
+                    if bad is None:
+                        sched.step()
+                    else:  # the schedule goes on (a skipped first step: "lr_scheduler.step() before optimizer.step()")
+                        with warnings.catch_warnings():
+                            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`",
+                                                    UserWarning)
+                            sched.step()
                     if rho_sched is not None:
                         rho_sched.step()
-                    if ema is not None:
+                    if ema is not None and bad is None:
                         ema.update(model)
+                    if not skipping:  # loss + 0 * loss2: NaN if either is inf/NaN; one small kernel, no read
+                        watch.add(step + 1, loss if loss2 is None else torch.add(loss.detach(), loss2.detach(),
+                                                                                 alpha=0))
                     timer.end()
                     step, i, seen = step + 1, i + 1, seen + len(x) * run.world
                     last = i == steps_per_epoch
-                    if step % args.print_every == 0 or last:
+                    printing = step % args.print_every == 0 or last
+                    bad_loss = watch.first() if printing else None  # reads the device where the print does anyway
+                    signalled, any_bad = run.any_ranks(stop.signum is not None, bad_loss is not None)
+                    if any_bad:  # every rank stops here, before any checkpoint
+                        raise nonfinite_stop(bad_loss)
+                    if printing and bad is None:  # a skipped step was printed and logged as such
                         loss_value = loss.item()
                         rate = seen / (time.perf_counter() - t0)
                         times = timer.interval()
@@ -858,7 +1258,7 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                         board.scalars(step, {"train/loss": loss_value, "train/lr": entry["lr"],
                                              "train/images_per_s": rate, "train/data_s": times["data_s"],
                                              "train/compute_s": times["compute_s"]})
-                    if run.any_rank(stop.signum is not None):  # every rank stops at this step
+                    if signalled:  # every rank stops at this step
                         checkpoint(epoch, i)  # at the epoch's end: trained, evaluated by the resumed run
                         return stopped("signal")
                     planned = args.max_steps is not None and step >= args.max_steps
@@ -868,6 +1268,7 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                     if step % args.ckpt_every == 0 and not last:
                         checkpoint(epoch, i)
                 if args.eval:
+                    guard(f"epoch {epoch} is not evaluated")  # no evaluation (nor best.pt) of non-finite weights
                     eval_t0 = time.perf_counter()
                     result = {"epoch": epoch, **evaluate(model, val_loader, run, autocast)}  # every image once
                     ema_result = {}

@@ -6,6 +6,7 @@ installed), and the benchmark's output."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -230,3 +231,125 @@ def test_the_jpeg_set_is_reproducible_and_about_100_kb(tmp_path):
     assert all(80_000 < (a / f).stat().st_size < 125_000 for f in files)
     shutil.rmtree(tmp_path)
     assert sys.modules["benchmarks.jpeg_set"].WIDTH == 500
+
+
+# --- images PIL decodes in other modes, and files it cannot decode --------------------------------------------------
+
+def _whole(path, size=8) -> np.ndarray:
+    """``load_image``'s evaluation crop of a ``size`` x ``size`` image at its own size: its pixels, HWC."""
+    x = load_image(path, size, False, data._sample_generator(0, 0, 0), resize=size)
+    return x.permute(1, 2, 0).numpy().astype(int)
+
+
+def test_other_image_modes_decode_to_the_right_rgb(tmp_path):
+    """16-bit greys scaled to 8 bits, CMYK converted, transparency (RGBA, LA, a palette's tRNS) composited onto
+    data.BACKGROUND, 1-bit black and white; a 32-bit float image is refused naming the file."""
+    from PIL import Image
+
+    bg = np.array(getattr(data, "BACKGROUND", (124, 116, 104)))
+    grey16 = np.tile(np.array([0, 257, 1000, 30000, 65535, 65535, 128 * 257, 65280], dtype=np.uint16), (8, 1))
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    got = _whole(tmp_path / "grey16.png")
+    assert (got == np.round(grey16.astype(float) * 255 / 65535)[:, :, None]).all(), got[0]
+
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[:, :4] = (200, 100, 50)
+    rgb[:, 4:] = (20, 180, 240)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    assert np.abs(_whole(tmp_path / "cmyk.jpg") - rgb).mean() < 4
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:, :, :3] = (200, 100, 50)
+    rgba[:, :4, 3] = 0  # the left half transparent, the right half opaque, one column half-transparent
+    rgba[:, 4:, 3] = 255
+    rgba[:, 3, 3] = 128
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    got = _whole(tmp_path / "rgba.png")
+    assert (got[:, :3] == bg).all() and (got[:, 4:] == (200, 100, 50)).all(), got[0]
+    assert np.abs(got[:, 3] - (np.array([200, 100, 50]) * 128 + bg * 127) / 255).max() <= 1
+
+    la = np.zeros((8, 8, 2), dtype=np.uint8)
+    la[:, :, 0], la[:, 4:, 1] = 90, 255
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    got = _whole(tmp_path / "la.png")
+    assert (got[:, :4] == bg).all() and (got[:, 4:] == 90).all(), got[0]
+
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([255, 0, 0, 0, 255, 0])
+    pal.paste(1, (4, 0, 8, 8))
+    pal.save(tmp_path / "palette.png", transparency=0)  # index 0 (red) transparent
+    got = _whole(tmp_path / "palette.png")
+    assert (got[:, :4] == bg).all() and (got[:, 4:] == (0, 255, 0)).all(), got[0]
+
+    bits = Image.new("1", (8, 8), 0)
+    bits.paste(1, (4, 0, 8, 8))
+    bits.save(tmp_path / "bits.png")
+    got = _whole(tmp_path / "bits.png")
+    assert (got[:, :4] == 0).all() and (got[:, 4:] == 255).all()
+
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(OSError, match=rf"fastasam: {re.escape(str(tmp_path / 'float.tif'))} .*32-bit float.*Fix"):
+        _whole(tmp_path / "float.tif")
+
+
+def test_a_file_that_cannot_be_decoded_is_named(tmp_path):
+    """A truncated JPEG, a truncated PNG and a text file named .jpg: the error names the file, in the dataset and
+    through the loader's workers."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    pixels = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    for ext in ("jpg", "png"):
+        Image.fromarray(pixels).save(tmp_path / f"whole.{ext}")
+        whole = (tmp_path / f"whole.{ext}").read_bytes()
+        (root / "a" / f"truncated.{ext}").write_bytes(whole[: len(whole) // 2])
+    (root / "a" / "text.jpg").write_text("not an image\n")
+    ds = ImageFolder(root, SIZE, train=True, uint8=True)
+    for k, (path, _) in enumerate(ds.samples):
+        with pytest.raises(OSError, match=rf"fastasam: cannot decode {re.escape(str(path))}: .*Fix"):
+            ds[k]
+    loader = PilLoader(ds, ResumableSampler(len(ds), 0, 1, shuffle=False), 1, 1, torch.device("cpu"))
+    loader.set_epoch(0)
+    with pytest.raises(OSError, match=rf"cannot decode {re.escape(str(ds.samples[0][0]))}"):
+        next(iter(loader))
+
+
+def test_the_dali_loader_refuses_what_it_would_decode_otherwise_naming_the_file(tmp_path):
+    """--loader dali reads each file's header in Python: an unreadable header, and an image whose transparency or
+    16-bit samples the pil loader converts (DALI would not, the same way), are errors naming the file."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8)).save(tmp_path / "rgba.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ok.jpg")
+    (tmp_path / "text.jpg").write_text("not an image\n")
+    header = getattr(input_pipeline, "dali_header", None)
+    assert header is not None, "input_pipeline.dali_header(path, data) reads (width, height)"
+    assert header(tmp_path / "ok.jpg", np.fromfile(tmp_path / "ok.jpg", dtype=np.uint8)) == (8, 8)
+    for name, match in (("rgba.png", "transparency"), ("grey16.png", "16-bit"), ("text.jpg", "cannot read")):
+        path = tmp_path / name
+        with pytest.raises(OSError, match=rf"^fastasam: .*{match}.*Fix") as err:
+            header(path, np.fromfile(path, dtype=np.uint8))
+        assert str(path) in str(err.value)
+
+
+def test_the_benchmark_takes_the_trainers_data_root(tmp_path, monkeypatch, capsys):
+    """``--data`` the trainer's root (train/ and val/): the benchmark reads its train/ and says so; a class-folder
+    root is read as it is. In-process (the child's path)."""
+    root = _folder(tmp_path / "data", 4)
+    monkeypatch.setenv("_INPUT_PIPELINE_CHILD", "1")
+    flags = ["--workers", "0", "--images", "8", "--warmup", "4", "--batch", "4", "--image-size", "16"]
+    out = input_pipeline.main(["--data", str(root), *flags])
+    assert out["data"] == str(root / "train") and out["jpegs"] == 12  # train/'s images only, not val/'s
+    assert f"{root / 'train'} (the train/ split of the trainer's --data root {root})" in capsys.readouterr().out
+    out = input_pipeline.main(["--data", str(root / "train"), *flags])
+    assert out["data"] == str(root / "train") and out["jpegs"] == 12
+    with pytest.raises(SystemExit):
+        input_pipeline.main(["--help"])
+    assert "train/" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        input_pipeline.main(["--data", str(root), "--batch", "0"])
+    assert "argument --batch: " in capsys.readouterr().err

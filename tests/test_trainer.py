@@ -9,7 +9,9 @@ import builtins
 import errno
 import fcntl
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -483,3 +485,285 @@ def test_resnet50_is_torchvisions_with_its_default_init(monkeypatch):
             assert abs(m.weight.std().item() / std - 1) < 0.1 and abs(m.weight.mean().item()) < 0.1 * std, name
     bound = 1 / 2048**0.5
     assert model.fc.weight.abs().max() <= bound and model.fc.weight.std() > 0.9 * bound / 3**0.5
+
+
+# --- a non-finite loss: stop (or skip with --skip-nonfinite), never checkpoint it ------------------------------------
+
+def _nonfinite_error():
+    return getattr(train_imagenet, "NonFiniteLossError", AssertionError)  # the trainer's error for it
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _all_finite(path: Path) -> bool:
+    return all(t.isfinite().all() for t in _tensors(torch.load(path, weights_only=True)) if t.is_floating_point())
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoints(tmp_path):
+    """Epoch 0 trained and evaluated (last.pt, best.pt), then resumed with --lr 1e30: the loss turns NaN/inf in epoch
+    1; the run stops with an error naming the step, the loss and the fix, and both checkpoints stay as they were."""
+    run = tmp_path / "run"
+    train_imagenet.main(_synthetic_args(run, "--epochs", "3", "--max-steps", "4"))
+    kept = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt")}
+    with pytest.raises(_nonfinite_error(), match=r"not finite at step [5-8] \(epoch 1\): loss (nan|inf|-inf)\b.*"
+                                                 r"last\.pt \(step 4\).*--resume.*--lr.*--skip-nonfinite"):
+        train_imagenet.main(_synthetic_args(run, "--epochs", "3", "--resume", "--lr", "1e30"))
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    assert not (run / "summary.json").exists()
+    assert all(math.isfinite(e["loss"]) for e in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+               if "loss" in e)
+
+
+def test_lr_1e30_exits_non_zero_and_writes_no_non_finite_checkpoint(tmp_path):
+    """From the command line, a checkpoint due after every step: the status is non-zero, the message names the step,
+    and whatever last.pt holds is finite."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_imagenet",
+                           *_synthetic_args(tmp_path, "--lr", "1e30", "--ckpt-every", "1", "--print-every", "100")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert re.search(r"NonFiniteLossError: fastasam: .*not finite .*step \d+", proc.stderr), proc.stderr
+    assert not (tmp_path / "last.pt").exists() or _all_finite(tmp_path / "last.pt")
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "best.pt").exists()
+
+
+def _nan_at(monkeypatch, forwards: set[int]) -> None:
+    """The model's output is NaN on these training forward passes (1-based), as a diverging step would make it."""
+    real, count = train_imagenet.get_model, [0]
+
+    def get_model(*a, **k):
+        m = real(*a, **k)
+
+        def hook(module, inputs, out):
+            if module.training:
+                count[0] += 1
+                if count[0] in forwards:
+                    return out * float("nan")
+            return None
+
+        m.register_forward_hook(hook)
+        return m
+
+    monkeypatch.setattr(train_imagenet, "get_model", get_model)
+
+
+def test_skip_nonfinite_skips_such_steps_without_a_trace_and_stops_beyond_n(tmp_path, monkeypatch, capsys):
+    """SGD (one forward per step), NaN on step 2: skipped with --skip-nonfinite 1 (logged, printed): after step 2 the
+    weights, BatchNorm statistics and momentum are those after step 1. NaN on steps 2 and 3: the second is beyond 1."""
+    sgd = ("--opt", "sgd", "--epochs", "2", "--print-every", "1")
+    train_imagenet.main(_synthetic_args(tmp_path / "one", *sgd, "--max-steps", "1"))
+    _nan_at(monkeypatch, {2})
+    out = train_imagenet.main(_synthetic_args(tmp_path / "skip", *sgd, "--skip-nonfinite", "1", "--max-steps", "2"))
+    assert out == {"steps": 2, "stopped": True}
+    a, b = _final(tmp_path / "one"), _final(tmp_path / "skip")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    printed = capsys.readouterr().out
+    assert re.search(r"step 2 \(epoch 0\): the loss is not finite \(nan\b.*skipped.*1 of --skip-nonfinite 1",
+                     printed), printed
+    log = [json.loads(line) for line in (tmp_path / "skip" / "log.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["nonfinite_loss"], e["skipped"]) for e in log if "nonfinite_loss" in e] == [(2, "nan", 1)]
+    assert [e["step"] for e in log if "loss" in e] == [1]
+    monkeypatch.undo()
+    _nan_at(monkeypatch, {2, 3})
+    with pytest.raises(_nonfinite_error(), match=r"not finite at step 3 .*beyond --skip-nonfinite 1"):
+        train_imagenet.main(_synthetic_args(tmp_path / "beyond", *sgd, "--skip-nonfinite", "1"))
+    assert not (tmp_path / "beyond" / "last.pt").exists()
+
+
+def test_the_non_finite_check_reads_the_device_only_where_the_loop_already_does(tmp_path, monkeypatch):
+    """The trainer reads no value to the host inside a step, nor after the steps between the print points (reads a GPU
+    would wait for): with --print-every 4 over 8 two-pass steps, every read after a step's end is at step 4 or 8 (the
+    print, the checkpoint's check, the next epoch's sample order). fastasam's own reads (of its host-side tables) are
+    not counted."""
+    reads, where = [], {"phase": "setup", "step": 0}
+    begin, end = train_imagenet.StepTimer.begin, train_imagenet.StepTimer.end
+
+    def began(self):
+        where["phase"] = "step"
+        begin(self)
+
+    def ended(self):
+        end(self)
+        where["phase"], where["step"] = "after", where["step"] + 1
+
+    monkeypatch.setattr(train_imagenet.StepTimer, "begin", began)
+    monkeypatch.setattr(train_imagenet.StepTimer, "end", ended)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, _real=real, **k):
+            if "fastasam" not in Path(sys._getframe(1).f_code.co_filename).parts:  # not its host-side tables
+                reads.append((where["phase"], where["step"]))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    train_imagenet.main(_synthetic_args(tmp_path, "--epochs", "2", "--print-every", "4", "--ckpt-every", "100",
+                                        "--no-eval"))
+    monkeypatch.undo()
+    assert where["step"] == 8 and not [r for r in reads if r[0] == "step"], sorted(set(reads))
+    assert {s for phase, s in reads if phase == "after"} <= {4, 8}, sorted(set(reads))
+
+
+def test_the_loss_watch_finds_the_first_non_finite_loss_across_its_folds(monkeypatch):
+    """Folded every 3 losses: the first inf/NaN is found whichever fold holds it, a later one does not replace it, and
+    a check that found none starts afresh."""
+    monkeypatch.setattr(train_imagenet.LossWatch, "FOLD", 3)
+    inf, nan = math.inf, math.nan
+    for start, losses, expect in ((1, [1.0] * 8, None), (1, [1.0, 2.0, 3.0, 4.0, inf, 6.0, nan], (5, "inf")),
+                                  (10, [nan, 1.0, 1.0, 1.0, inf], (10, "nan")),
+                                  (10, [1.0] * 6 + [-inf], (16, "-inf"))):
+        watch = train_imagenet.LossWatch()
+        for k, v in enumerate(losses):
+            watch.add(start + k, torch.tensor(v))
+        got = watch.first()
+        assert (got if got is None else (got[0], str(got[1]))) == expect, (losses, got)
+    watch = train_imagenet.LossWatch()
+    watch.add(1, torch.tensor(1.0))
+    assert watch.first() is None
+    watch.add(2, torch.tensor(nan))
+    assert watch.first()[0] == 2
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """torchrun, 2 processes, NaN on rank 1's third step only: both stop with a non-zero status, the message names
+    step 3 and process 1, and last.pt (written after step 2) is kept."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(
+        "import os\n"
+        "from benchmarks import train_imagenet\n"
+        "real, count = train_imagenet.get_model, [0]\n"
+        "def get_model(*a, **k):\n"
+        "    m = real(*a, **k)\n"
+        "    def hook(module, inputs, out):\n"
+        "        if module.training:\n"
+        "            count[0] += 1\n"
+        "            if count[0] == 3 and os.environ['RANK'] == '1':\n"
+        "                return out * float('nan')\n"
+        "    m.register_forward_hook(hook)\n"
+        "    return m\n"
+        "train_imagenet.get_model = get_model\n"
+        "train_imagenet.main()\n")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *_synthetic_args(run, "--opt", "sgd", "--epochs", "3", "--ckpt-every", "2", "--print-every", "4")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert re.search(r"not finite at step 3 \(epoch 0\): loss nan on process 1", out), out
+    state = _final(run)
+    assert state["step"] == 2 and _all_finite(run / "last.pt")
+
+
+# --- nothing is written through a symbolic link in the run directory -------------------------------------------------
+
+RUN_FILES = (".lock", "last.pt", "last.pt.tmp", "best.pt", "best.pt.tmp", "log.jsonl", "summary.json",
+             "summary.json.tmp", "curves.png", "tensorboard")
+
+
+def test_a_symlink_in_the_run_directory_is_refused_at_the_start(tmp_path):
+    victim, victim_dir = tmp_path / "victim", tmp_path / "victim_dir"
+    victim.write_text("keep me\n")
+    victim_dir.mkdir()
+    for k, name in enumerate(RUN_FILES):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / name).symlink_to(victim_dir if name == "tensorboard" else victim)
+        for extra in ((), ("--overwrite",), ("--resume",)):
+            with pytest.raises(RunDirectoryError, match=rf"{re.escape(str(run / name))} is a symbolic link .*Fix"):
+                train_imagenet.main(_synthetic_args(run, "--max-steps", "1", *extra))
+        assert victim.read_text() == "keep me\n" and not list(victim_dir.iterdir()), name
+        assert (run / name).is_symlink()
+
+
+def test_a_symlink_made_during_the_run_is_refused_before_the_write(tmp_path, monkeypatch):
+    """A link appears at step 2 of 4; the write it would redirect (the epoch-end checkpoint, best.pt, summary.json,
+    curves.png) is refused naming it, and the file it points to is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    lr_factor = train_imagenet.lr_factor
+    for name in ("last.pt.tmp", "last.pt", "best.pt", "summary.json", "curves.png"):
+        run = tmp_path / name
+
+        def link_at_step_2(step, *a, _run=run, _name=name):
+            if step == 2 and not (_run / _name).is_symlink():
+                (_run / _name).unlink(missing_ok=True)
+                (_run / _name).symlink_to(victim)
+            return lr_factor(step, *a)
+
+        monkeypatch.setattr(train_imagenet, "lr_factor", link_at_step_2)
+        with pytest.raises(RunDirectoryError, match=rf"{re.escape(str(run / name))} is a symbolic link"):
+            train_imagenet.main(_synthetic_args(run))
+        assert victim.read_text() == "keep me\n", name
+
+
+# --- numeric flags are range-checked by the parser -------------------------------------------------------------------
+
+def test_numeric_flags_are_range_checked_by_the_parser(capsys):
+    bad = [("--print-every", "0", ">= 1"), ("--ckpt-every", "0", ">= 1"), ("--global-batch", "0", ">= 1"),
+           ("--epochs", "0", ">= 1"), ("--max-steps", "0", ">= 1"), ("--print-every", "2.5", "integer"),
+           ("--lr", "0", "> 0"), ("--lr", "nan", "finite"), ("--lr", "inf", "finite"), ("--lr", "x", "number"),
+           ("--momentum", "1", "[0, 1)"), ("--momentum", "-0.1", "[0, 1)"), ("--weight-decay", "-0.0001", ">= 0"),
+           ("--rho", "-1", ">= 0"), ("--eta", "-0.01", ">= 0"), ("--rho-min", "-1", ">= 0"),
+           ("--alpha", "-0.5", ">= 0"), ("--every", "0", ">= 1"), ("--ema", "1", "[0, 1)"),
+           ("--clip-grad", "0", "> 0"), ("--image-size", "0", ">= 1"), ("--val-crop", "0", ">= 1"),
+           ("--val-resize", "0", ">= 1"), ("--num-classes", "0", ">= 1"), ("--synthetic-size", "0", ">= 1"),
+           ("--workers", "-1", ">= 0"), ("--label-smoothing", "1", "[0, 1)"), ("--warmup-epochs", "-1", ">= 0"),
+           ("--seed", "-1", ">= 0"), ("--target-top1", "101", "[0, 100]"), ("--skip-nonfinite", "-1", ">= 0")]
+    for flag, value, words in bad:
+        with pytest.raises(SystemExit):
+            train_imagenet.parse_args([flag, value])
+        err = capsys.readouterr().err
+        assert f"argument {flag}: " in err and words in err and value in err, (flag, value, err)
+    ok = train_imagenet.parse_args(["--label-smoothing", "0", "--momentum", "0", "--workers", "0", "--ema", "0",
+                                    "--target-top1", "100", "--warmup-epochs", "0", "--lr", "1e30", "--seed", "0"])
+    assert (ok.label_smoothing, ok.momentum, ok.ema, ok.lr) == (0.0, 0.0, 0.0, 1e30)
+    for flags in (["--warmup-epochs", "3", "--epochs", "2"], ["--rho-follows-lr", "--rho", "0.1", "--rho-min", "0.2"]):
+        with pytest.raises(SystemExit):
+            train_imagenet.parse_args(flags)
+        assert flags[1] in capsys.readouterr().err
+
+
+# --- a resume with changed flags: applied and said, or refused --------------------------------------------------------
+
+def test_a_resume_applies_a_changed_lr_momentum_weight_decay_and_rho_and_says_so(tmp_path, capsys):
+    base = ("--opt", "sam", "--epochs", "2", "--no-eval")
+    train_imagenet.main(_synthetic_args(tmp_path, *base, "--max-steps", "2"))
+    capsys.readouterr()
+    train_imagenet.main(_synthetic_args(tmp_path, *base, "--resume", "--max-steps", "3", "--lr", "0.02",
+                                        "--momentum", "0.5", "--weight-decay", "0.001", "--rho", "0.1"))
+    printed = capsys.readouterr().out
+    for line in ("resume: --lr 0.1 -> 0.02 applied", "resume: --momentum 0.9 -> 0.5 applied",
+                 "resume: --weight-decay 0.0001 -> 0.001 applied", "resume: --rho 0.05 -> 0.1 applied"):
+        assert line in printed, printed
+    state = _final(tmp_path)
+    (group,) = state["optimizer"]["param_groups"]
+    assert (group["initial_lr"], group["momentum"], group["weight_decay"], group["rho"]) == (0.02, 0.5, 0.001, 0.1)
+    assert group["lr"] == pytest.approx(0.02 * train_imagenet.lr_factor(3, 0, 8))
+    assert state["scheduler"]["base_lrs"] == [0.02]
+    records = [e for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "resume" in e]
+    assert len(records) == 1 and records[0]["step"] == 2
+    assert records[0]["resume"] == {"lr": [0.1, 0.02], "momentum": [0.9, 0.5], "weight_decay": [0.0001, 0.001],
+                                    "rho": [0.05, 0.1]}
+
+
+def test_a_resume_refuses_flags_that_fix_the_schedule_the_model_or_the_data(tmp_path):
+    train_imagenet.main(_synthetic_args(tmp_path, "--epochs", "2", "--max-steps", "1"))
+    before = (tmp_path / "last.pt").read_bytes()
+    for flags, match in ((["--epochs", "3"], r"--epochs 2.*this run has --epochs 3"),
+                         (["--seed", "1", "--warmup-epochs", "0.5"], r"--warmup-epochs 0\.0, --seed 0.*this run has "
+                                                                     r"--warmup-epochs 0\.5, --seed 1"),
+                         (["--opt", "sam"], r"--opt asam.*this run has --opt sam")):
+        with pytest.raises(CheckpointError, match=match + r".*cannot change.*Fix: resume with"):
+            train_imagenet.main(_synthetic_args(tmp_path, "--epochs", "2", "--resume", *flags))
+    assert (tmp_path / "last.pt").read_bytes() == before

@@ -151,6 +151,26 @@ def test_read_log_keeps_the_last_runs_records_after_a_resume_from_an_older_check
     assert run_report.time_to_target(evals, 15)["epoch"] == 1 and run_report.time_to_target(evals, 99) is None
 
 
+def test_read_log_leaves_out_skipped_steps_and_resume_records(tmp_path):
+    """A step skipped for a non-finite loss and the flags a resume changed are logged at a step, beside its training
+    record and evaluation: no list returns them, and they supersede neither."""
+    records = [{"step": 2, "loss": 3.0}, {"epoch": 0, "step": 3, "nonfinite_loss": "nan", "pass": None, "skipped": 1},
+               {"step": 4, "loss": 2.0}, {"epoch": 0, "step": 4, "top1": 10.0, "top5": 50},
+               {"epoch": 1, "step": 4, "resume": {"lr": [0.1, 0.05]}}, {"step": 6, "loss": 1.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    steps, evals, targets = run_report.read_log(tmp_path)
+    assert [e["step"] for e in steps] == [2, 4, 6] and [e["top1"] for e in evals] == [10.0] and targets == []
+
+
+def test_a_symlinked_tensorboard_directory_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "tensorboard").symlink_to(tmp_path / "elsewhere")
+    board = run_report.TensorBoard(tmp_path, None, True, print)
+    with pytest.raises(train_imagenet.RunDirectoryError, match=r"tensorboard is a symbolic link"):
+        board.scalars(1, {"train/loss": 1.0})
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
 def test_without_matplotlib_and_tensorboard_a_note_each(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
@@ -380,6 +400,11 @@ def test_replica_sharpness_perturbs_with_each_processes_own_norm(tmp_path):
 
 def test_resume_with_other_param_groups_is_a_clear_error(tmp_path):
     _main(*_args(tmp_path, "--opt", "sgd", "--no-eval", "--max-steps", "1"))
-    with pytest.raises(train_imagenet.CheckpointError, match=r"does not fit this run's param groups .*--opt sgd, "
-                                                             r"--adaptive False, --no-bn-bias-decay False"):
+    with pytest.raises(train_imagenet.CheckpointError, match=r"written with --no-bn-bias-decay off; this run has "
+                                                             r"--no-bn-bias-decay\. These cannot change mid-run"):
+        _main(*_args(tmp_path, "--opt", "sgd", "--no-eval", "--resume", "--no-bn-bias-decay"))
+    state = _final(tmp_path)
+    del state["args"]  # a checkpoint without its flags: the optimizer's state itself does not fit
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(train_imagenet.CheckpointError, match=r"does not fit this run's param groups .*unknown"):
         _main(*_args(tmp_path, "--opt", "sgd", "--no-eval", "--resume", "--no-bn-bias-decay"))
