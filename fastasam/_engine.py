@@ -15,18 +15,63 @@ step does not synchronise with the device.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from . import backends
-from ._plan import RESTORE_MODES
+from ._plan import RESTORE_MODES, param_name
 from ._step_plan import MOVED, Outcome, StepPlan, check_nonnegative
 from .report import StepReport, build_report
 
 __all__ = ["SharpnessEngine", "check_nonnegative"]
 
 TRACED = Outcome(False, "restore, then the base optimizer's step (torch.compile)")
+
+# the frames a warning passes over to point at the user's line: fastasam's and torch.optim's (its step wrappers)
+_NOT_USER_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep)
+NO_GRADIENT_FIRST = (
+    "fastasam: first_step() found no gradient on any parameter, so nothing was perturbed and this step is not "
+    "sharpness-aware. Call loss.backward() before first_step(); with step(closure), the closure must call "
+    "loss.backward() (and return the loss). This warning is shown once per optimizer."
+)
+NO_GRADIENT_SECOND = (
+    "fastasam: second_step() found no gradient on any perturbed parameter: the second backward pass (at w + e) did "
+    "not run, so the weights were restored to w and not updated. Call loss.backward() on the second forward pass, "
+    "between first_step() and second_step(); with step(closure), the closure must call loss.backward(). This warning "
+    "is shown once per optimizer."
+)
+
+
+# a weak reference to each engine between its first_step and its second_step (in this process)
+_PERTURBING: set[weakref.ref] = set()
+
+
+def _check_not_shared(engine: SharpnessEngine, groups: list[Mapping]) -> None:
+    """Raise a ``RuntimeError`` when a parameter of ``groups`` is perturbed by another optimizer right now: two
+    perturbations of one tensor in flight at once would each restore the other's ``w + e``."""
+    mine = {id(p): (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
+    for ref in list(_PERTURBING):
+        other = ref()
+        if other is None or other._pending is None:
+            _PERTURBING.discard(ref)
+            continue
+        if other is engine:
+            continue
+        shared = next((mine[id(p)] for p in other._pending.params if id(p) in mine), None)
+        if shared is not None:
+            gi, pi = shared
+            raise RuntimeError(
+                f"fastasam: {param_name(groups[gi], gi, pi)} is perturbed by another fastasam optimizer right now "
+                "(between its first_step() and second_step()); a parameter can take part in one perturbation at a "
+                "time, or each optimizer's restore would undo the other's. Finish the other optimizer's step "
+                "(second_step()) before this first_step(), or give the two optimizers disjoint parameters."
+            )
 
 
 class SharpnessEngine:
@@ -53,6 +98,19 @@ class SharpnessEngine:
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}
         self._sqnorm: torch.Tensor | None = None
         self._last: tuple[StepPlan, Outcome] | None = None  # the last step's plan and how its second step ran
+        self._warned: set[str] = set()  # the once-per-optimizer warnings already shown
+        self._ref = weakref.ref(self)  # what _PERTURBING holds while this engine's perturbation is in flight
+        # rho, eta and adaptive for a param group that lacks them (one added through the base optimizer)
+        self.group_defaults: dict[str, object] = {}
+
+    def __getstate__(self) -> dict:
+        """The configuration only: plans, buffers and the last step's results are rebuilt by the copy."""
+        return {"backend": self.backend, "eps": self.eps, "restore": self.restore_mode,
+                "group_defaults": self.group_defaults}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["backend"], state["eps"], state["restore"])
+        self.group_defaults = state["group_defaults"]
 
     # --- results of the last first_step ---------------------------------------------------------------------------
 
@@ -131,9 +189,24 @@ class SharpnessEngine:
             torch._C._set_grad_enabled(enabled)
 
     def _first_step_in(self, groups: list[Mapping], keep=None) -> None:
+        if _PERTURBING:  # another optimizer's perturbation is in flight: it must share no parameter with this one
+            _check_not_shared(self, groups)
         plan, self._sqnorm = StepPlan.run_first_step(self, groups, self._plan, keep)
         self._plan = self._pending = plan
         self.perturbed = True
+        _PERTURBING.add(self._ref)
+        if self._sqnorm is None:  # no parameter has a gradient
+            self._warn_once(NO_GRADIENT_FIRST)
+
+    def _warn_once(self, message: str) -> None:
+        """``message`` as a ``RuntimeWarning`` pointing at the user's code, the first time it is asked for."""
+        if message in self._warned:
+            return
+        self._warned.add(message)
+        frame, level = sys._getframe(1), 2
+        while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER_CODE):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, RuntimeWarning, stacklevel=level)
 
     def _traceable(self, groups: list[Mapping]) -> bool:
         devices = {p.device for g in groups for p in g["params"]}
@@ -159,6 +232,8 @@ class SharpnessEngine:
         try:
             outcome = plan.second_step(base, direction)
             self._done(plan, outcome)  # restored: whatever the base optimizer's step does next
+            if not outcome.fused and plan.second_pass_missing():  # a fused step found every gradient
+                self._warn_once(NO_GRADIENT_SECOND)
             plan.finish(base, outcome)
         finally:
             torch._C._set_grad_enabled(enabled)
@@ -166,6 +241,7 @@ class SharpnessEngine:
     def _done(self, plan: StepPlan, outcome: Outcome) -> None:
         """The perturbation is undone: nothing is pending; the report describes ``outcome``."""
         self._pending, self.perturbed = None, False
+        _PERTURBING.discard(self._ref)
         self._last = (plan, outcome)
         if outcome.replan:
             self._plan = None

@@ -163,6 +163,32 @@ def check_gradient(p: torch.Tensor, g: torch.Tensor, name: str) -> None:
         )
 
 
+def check_no_shared_memory(buckets: list[Bucket], groups: list[Mapping]) -> None:
+    """Raise a ``ValueError`` naming two parameters when their memory overlaps (views of one storage that share
+    elements, or whose elements interleave): perturbing one would move the other's weights too, and the restore of
+    one would undo part of the other's. One sweep over the tensors sorted by address (the plan's build only)."""
+    spans = []
+    for b in buckets:
+        for k, p in zip(b.keys, b.params, strict=True):
+            if p.numel() and p.device.type != "meta":
+                start = p.data_ptr()
+                last = sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
+                spans.append((p.device.type, p.device.index or 0, start, start + (last + 1) * p.element_size(), k))
+    spans.sort(key=lambda s: s[:3])
+    reach = None  # (device, end, key) of the span that reaches furthest so far
+    for dev_type, dev_index, start, end, key in spans:
+        if reach is not None and reach[0] == (dev_type, dev_index) and start < reach[1]:
+            names = {id(p): param_name(g, gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
+            raise ValueError(
+                f"fastasam: parameters {names.get(id(reach[2]), 'a parameter')} and {names.get(id(key), 'another')} "
+                "share memory (views of one storage whose elements overlap or interleave); perturbing one would move "
+                "the other, and restoring one would undo part of the other. Give each parameter its own memory "
+                "(p.data = p.data.clone()), or, for tied weights, pass the shared parameter once."
+            )
+        if reach is None or reach[0] != (dev_type, dev_index) or end > reach[1]:
+            reach = ((dev_type, dev_index), end, key)
+
+
 def build_buckets(groups: Iterable[Mapping]) -> tuple[list[Bucket], list[torch.Tensor]]:
     """Bucket every parameter of ``groups`` that has a gradient, validating what the kernels rely on; return the
     buckets and the parameters without a gradient.

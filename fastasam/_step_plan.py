@@ -15,19 +15,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, repeat
+from operator import attrgetter, is_, itemgetter
 from types import ModuleType
 
 import torch
 
 from . import _watch, backends
-from ._plan import Bucket, build_buckets, check_not_capturing, local_gradient, param_name, sum_over
+from ._plan import (
+    Bucket,
+    build_buckets,
+    check_no_shared_memory,
+    check_not_capturing,
+    local_gradient,
+    param_name,
+    sum_over,
+)
 from .backends import _layout as L
-from .backends._multi_tensor import PerturbRunner, UpdateRunner
-from .backends._updates import flat_like, fused_update_for
+from .backends._multi_tensor import PerturbRunner, UpdateRunner, gradient_mismatch
+from .backends._updates import fused_update_for
 
 _params_of = itemgetter("params")
+_grad_of = attrgetter("grad")
 
 
 def check_nonnegative(name: str, value: object, where: str = "") -> None:
@@ -125,12 +134,17 @@ class StepPlan:
         self.engine, self.traced = engine, traced
         if not traced:
             check_not_capturing({p.device for g in groups for p in g["params"]}, "the step plan")
+        for g in groups:  # a group added through the base optimizer has none of these until now
+            for key, value in engine.group_defaults.items():
+                g.setdefault(key, value)
         self.groups, self.options = groups, _options(groups)
         _check_options(self.options)
         self.group_ids = list(map(id, groups))
         self.sizes = [len(g["params"]) for g in groups]
         self.params = list(chain.from_iterable(map(_params_of, groups)))
         buckets, self.absent = build_buckets(groups)
+        if not traced:
+            check_no_shared_memory(buckets, groups)
         for b in buckets:
             n = b.n_perturbed
             b.buffers = [engine.buffer(k, p) for k, p in zip(b.keys[:n], b.params[:n])]
@@ -241,12 +255,15 @@ class StepPlan:
         if any(p.grad is not None for p in self.absent):
             return False
         for b, r, where in zip(self.buckets, self.runners, self.param_ptrs, strict=True):
-            if b.dtensor_shards or any(k.grad is None or k.grad.layout != torch.strided for k in b.keys):
+            if b.dtensor_shards or [(p.data_ptr(), p.shape, p.stride()) for p in b.params] != where:
                 return False
-            if [(p.data_ptr(), p.shape, p.stride()) for p in b.params] != where:
+            # a gradient of another shape, dtype or device: a new plan, whose build refuses it as the first one did;
+            # one the kernels cannot read as they did: a new plan, which hands it to foreach
+            if any(g is None or g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype
+                   or g.device != p.device for g, p in zip(map(_grad_of, b.keys), b.params, strict=True)):
                 return False
-            if isinstance(r, PerturbRunner) and not all(flat_like(b.keys[i].grad, b.params[i])
-                                                        for i in r.kernel_index):
+            if isinstance(r, PerturbRunner) and any(gradient_mismatch(b.keys[i].grad, b.params[i])
+                                                    for i in r.kernel_index):
                 return False
         for b in self.buckets:
             b.grads = [k.grad for k in b.keys]
@@ -344,6 +361,12 @@ class StepPlan:
             direction.apply()
         self.restore()
         return outcome
+
+    def second_pass_missing(self) -> bool:
+        """The first step perturbed tensors with a gradient, and none of them has one now: the second backward pass
+        did not run (one pass over the perturbed parameters; asked only of a step the fused update did not take)."""
+        keys = [k for b in self.buckets for k in b.keys[: b.n_perturbed]]
+        return bool(keys) and all(map(is_, map(_grad_of, keys), repeat(None)))
 
     # --- between the two steps ------------------------------------------------------------------------------------
 
@@ -454,13 +477,17 @@ class UpdatePlan:
         base_name = type(base).__name__
         if self.update is None:
             self._unfused(f"{base_name} has no fused update")
-            self.state_len = len(base.state)
+            return
+        if not isinstance(base.state, dict):
+            self.update = None
+            self._unfused(f"{base_name}'s state is a {type(base.state).__name__}, not a dict")
             return
         owner = {id(p): gi for gi, g in enumerate(base.param_groups) for p in g["params"]}
         self.structure = self._structure()
         for bi, (b, r) in enumerate(zip(plan.buckets, plan.runners, strict=True)):
             out = self.outcomes[bi]
             restore_only, base_step = {}, {}
+            shards = b.dtensor_shards
             for i in range(len(b.params)):
                 if i >= b.n_perturbed:
                     base_step[i] = "rho = 0: not perturbed"
@@ -470,11 +497,11 @@ class UpdatePlan:
                     restore_only[i] = "no gradient in the second pass"
                 elif not isinstance(r, PerturbRunner):
                     base_step[i] = f"backend {r.name} has no fused update"
-                elif b.dtensor_shards:
+                elif shards:
                     base_step[i] = "a DTensor shard: the base optimizer keeps DTensor state"
                 elif r.reasons[i] is not None:
                     base_step[i] = r.reasons[i]
-            if isinstance(r, PerturbRunner) and not b.dtensor_shards and any(
+            if isinstance(r, PerturbRunner) and not shards and any(
                     i not in restore_only and i not in base_step for i in r.kernel_index):
                 self.runners[bi] = UpdateRunner(r, base, self.update, owner, restore_only, base_step)
                 out.update({i: "fused" for i in self.runners[bi].fused})
@@ -482,7 +509,6 @@ class UpdatePlan:
             out.update({i: why for i, why in base_step.items()})
         self.counts_steps = any(u.counts_steps for u in self.runners.values())
         fused = {id(k) for u in self.runners.values() for k in u.fused_keys}
-        self.state_len = len(base.state)  # after the fused tensors' state was made
         if not fused:
             self._unfused("no tensor qualifies for the fused update")
             return
@@ -500,7 +526,7 @@ class UpdatePlan:
         # every parameter in the base optimizer's groups (this plan watches those that have no gradient)
         self.takes_variants = (self.covers_all and not self.subset and all(id(p) in owner for p in plan.params)
                                and len({b.device for b in plan.buckets}) == 1)
-        self.watch = _watch.watch(*self._watched(), check_params=True)
+        self.watch = self._watch()
 
     def _unfused(self, why: str) -> None:
         self.mode = "restore, then the base optimizer's step: " + why
@@ -561,7 +587,7 @@ class UpdatePlan:
     def valid(self, base: torch.optim.Optimizer) -> bool:
         """Nothing the plan relies on changed: the same optimizer, state, param groups (and their structural
         options)."""
-        if base is not self.base or base.state is not self.state or len(base.state) != self.state_len:
+        if base is not self.base or base.state is not self.state:  # the state's entries: check()'s watch
             return False
         groups = base.param_groups
         if groups is not self.base_groups or list(map(id, groups)) != self.base_group_ids:
@@ -585,18 +611,24 @@ class UpdatePlan:
         moved, which the engine then finds)."""
         if self.watch is None or self.watch.check() is not None:
             return True
-        if not self.watch.params_intact() or any(p.grad is not None for p in self.absent):
+        if not (self.watch.params_intact() and self.watch.state_intact()) or any(
+                p.grad is not None for p in self.absent):
             return False
         if not all(u.refresh_addresses() for u in self.runners.values()):
             return False
-        self.watch = _watch.watch(*self._watched(), check_params=True)
+        self.watch = self._watch()
         self.variant_key = None  # the runners bind the variants' launches again
         return True
 
-    def _watched(self) -> tuple[list, list, list, list, list]:
-        keys = [k for u in self.runners.values() for k in u.fused_keys]
-        return ([k for k in keys if k.is_contiguous()], [k for k in keys if not k.is_contiguous()], [], [],
-                self.absent)
+    def _watch(self):
+        """The fused update's watch: the fused tensors and their gradients (parameters checked too), the tensors left
+        without a gradient, and the base optimizer's state the fused tables point into."""
+        rows = [(k, st) for u in self.runners.values() for k, st in zip(u.fused_keys, u.fused_state, strict=True)]
+        contiguous = [r for r in rows if r[0].is_contiguous()]
+        strided = [r for r in rows if not r[0].is_contiguous()]
+        return _watch.watch([k for k, _ in contiguous], [k for k, _ in strided], [], [], self.absent,
+                            check_params=True, state=self.state,
+                            state_tensors=[st for _, st in contiguous + strided])
 
     def sync(self) -> bool:
         """Upload changed hyper-parameters (the first time, and Adam's every step); False (and nothing changed) when

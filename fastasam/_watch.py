@@ -40,6 +40,10 @@ _numel = torch.Tensor.numel
 _dtype = attrgetter("dtype")
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.numel(), t.dtype
+
+
 class PyWatch:
     """What one phase checks. ``params`` = kernel tensors with contiguous parameters, then kernel tensors with other
     dense layouts, then the other tensors with a gradient (plain tensors, then DTensors); ``absent`` = tensors expected
@@ -47,11 +51,13 @@ class PyWatch:
     storage is their local shard's): the first phase; the second trusts them."""
 
     __slots__ = ("params", "absent", "n_kernel", "n_contiguous", "n_plain", "param_ptrs", "param_sizes", "grad_ptrs",
-                 "grad_strides", "check_params")
+                 "grad_sizes", "grad_strides", "check_params", "state_dicts", "state_entries", "state_tensors",
+                 "state_layouts")
 
     def __init__(self, kernel_contiguous: list[torch.Tensor], kernel_strided: list[torch.Tensor],
                  others: list[torch.Tensor], dtensors: list[torch.Tensor], absent: list[torch.Tensor],
-                 check_params: bool) -> None:
+                 check_params: bool, state: dict | None = None,
+                 state_tensors: list[list[torch.Tensor]] | None = None) -> None:
         self.params = [*kernel_contiguous, *kernel_strided, *others, *dtensors]
         self.absent = absent
         self.n_contiguous = len(kernel_contiguous)
@@ -59,12 +65,29 @@ class PyWatch:
         self.n_plain = len(self.params) - len(dtensors)
         self.check_params = check_params
         kernel = self.params[: self.n_kernel]
-        grads = list(map(_grad, kernel))
+        grads = list(map(_grad, self.params))
+        self.grad_sizes = list(zip(map(_numel, grads), map(_dtype, grads)))  # every tensor's: elements and dtype
+        grads = grads[: self.n_kernel]
         self.grad_ptrs = list(map(_data_ptr, grads))
         self.grad_strides = list(map(_stride, grads[self.n_contiguous:]))
         plain = self.params[: self.n_plain] if check_params else []
         self.param_ptrs = list(map(_data_ptr, plain))
         self.param_sizes = list(zip(map(_numel, plain), map(_dtype, plain)))
+        # the base optimizer's state (the fused update's watch): the state dict, each kernel tensor's own state dict,
+        # their entries (objects, in order; references kept), and the layout of the state tensors the tables name
+        self.state_dicts: list[dict] = []
+        self.state_entries: list[list] = []
+        self.state_tensors: list[torch.Tensor] = []
+        self.state_layouts: list[tuple] = []
+        if state is not None:
+            if not isinstance(state, dict) or len(state_tensors or ()) != self.n_kernel:
+                raise ValueError("fastasam: a watch of the state needs a dict and one state entry per kernel tensor")
+            self.state_dicts = [state, *(state[p] for p in kernel)]
+            if not all(isinstance(d, dict) for d in self.state_dicts):
+                raise TypeError("fastasam: a kernel tensor's state must be a dict")
+            self.state_entries = [list(d.items()) for d in self.state_dicts]
+            self.state_tensors = [t for row in state_tensors for t in row]
+            self.state_layouts = list(map(_layout, self.state_tensors))
 
     def __len__(self) -> int:
         return len(self.params) + len(self.absent)
@@ -81,6 +104,16 @@ class PyWatch:
         except RuntimeError:  # a parameter without storage
             return False
 
+    def state_intact(self) -> bool:
+        """Whether the base optimizer's state is as recorded: the same entries (objects) in the state dict and in each
+        kernel tensor's own, and each state tensor the tables name where and as large as it was. True without a
+        state."""
+        for d, entries in zip(self.state_dicts, self.state_entries):
+            if len(d) != len(entries) or not all(
+                    a is c and b is e for (a, b), (c, e) in zip(d.items(), entries)):
+                return False
+        return list(map(_layout, self.state_tensors)) == self.state_layouts
+
     def check(self) -> list[torch.Tensor] | None:
         """The current gradients of the non-kernel ``params`` (``params[n_kernel:]``) when nothing moved, else None.
         One pass; no Python call per tensor."""
@@ -95,13 +128,18 @@ class PyWatch:
                 return None
         except (TypeError, RuntimeError):  # no gradient, or one without storage
             return None
+
         if c and not all(map(_is_contiguous, kernel_grads[:c] if c < n else kernel_grads)):
             return None
         if c < n and list(map(_stride, kernel_grads[c:])) != self.grad_strides:
             return None
         if n < len(grads) and any(map(is_, grads[n:], repeat(None))):
             return None
+        if list(zip(map(_numel, grads), map(_dtype, grads))) != self.grad_sizes:
+            return None
         if self.absent and any(map(is_not, map(_grad, self.absent), repeat(None))):
+            return None
+        if self.state_dicts and not self.state_intact():
             return None
         return grads[n:] if n else grads
 
@@ -145,14 +183,17 @@ def using(implementation: str) -> Iterator[None]:
 
 
 def watch(kernel_contiguous: list[torch.Tensor], kernel_strided: list[torch.Tensor], others: list[torch.Tensor],
-          dtensors: list[torch.Tensor], absent: list[torch.Tensor], check_params: bool):
-    """A watch over these tensors (see ``PyWatch``), in C++ when ``fastasam._host`` is in use."""
+          dtensors: list[torch.Tensor], absent: list[torch.Tensor], check_params: bool, state: dict | None = None,
+          state_tensors: list[list[torch.Tensor]] | None = None):
+    """A watch over these tensors (see ``PyWatch``), in C++ when ``fastasam._host`` is in use. ``state``: the base
+    optimizer's state dict, and ``state_tensors`` the state tensors of each kernel tensor (contiguous ones first, as
+    here), which ``state_intact()`` (and ``check()``) then confirm."""
     if _HOST is None:
-        return PyWatch(kernel_contiguous, kernel_strided, others, dtensors, absent, check_params)
+        return PyWatch(kernel_contiguous, kernel_strided, others, dtensors, absent, check_params, state, state_tensors)
     params = [*kernel_contiguous, *kernel_strided, *others, *dtensors]
     n_kernel = len(kernel_contiguous) + len(kernel_strided)
     return _HOST.Watch(params, list(absent), n_kernel, len(kernel_contiguous), len(params) - len(dtensors),
-                       check_params)
+                       check_params, state, [list(row) for row in state_tensors or ()])
 
 
 def same_params(groups: list, expected: list) -> bool:

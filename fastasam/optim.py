@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _amp
 from ._engine import SharpnessEngine, check_nonnegative
 from .report import StepReport
 
@@ -202,8 +203,38 @@ class ASAM(torch.optim.Optimizer):
             )
         self.base_optimizer = base
         self.param_groups = base.param_groups
-        self.state = base.state
+        self.__dict__.pop("_state_before_base", None)  # from here on ``state`` is the base optimizer's
         self.defaults.update(base.defaults)
+        # a param group added through the base optimizer (base.add_param_group) takes these when the next step plans
+        self._engine.group_defaults = {k: self.defaults[k] for k in _OWN_GROUP_KEYS}
+
+    @property
+    def state(self) -> Any:
+        """The base optimizer's ``state`` (a ``defaultdict`` keyed by parameter). Assigning to it replaces the base
+        optimizer's (``opt.state = defaultdict(dict)`` resets every tensor's state, as for a torch optimizer); the
+        next step plans again from the state as it is."""
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__["_state_before_base"] if base is None else base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # torch.optim.Optimizer.__init__, before the base optimizer exists
+            self.__dict__["_state_before_base"] = value
+        else:
+            base.state = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: the configuration, the base optimizer (its state included) and
+        the step counter; not the step plan (addresses and device tables), which the copy builds on its first step.
+        Refused between ``first_step`` and ``second_step`` (the weights then hold ``w + e``)."""
+        self._check_not_perturbed("copy.deepcopy() or pickle")
+        out = dict(self.__dict__)
+        for transient in self._TRANSIENT:
+            out.pop(transient, None)
+        return out
+
+    _TRANSIENT = ("_left_grads", "_deferred", "_dec", "_scalers")  # rebuilt when needed (weak references, tables)
 
     # --- the public API -----------------------------------------------------------------------------------------
 
@@ -254,6 +285,8 @@ class ASAM(torch.optim.Optimizer):
                 f"{self._steps_done}): opt.second_pass_needed is False. Call second_step() alone after the one "
                 "backward pass (loop: if opt.second_pass_needed: first_step, second backward; then second_step)."
             )
+        if self._scalers:  # not looked for yet, or a GradScaler is known: see fastasam._amp
+            self._amp_before_first_step()
         keep = self._first_gradient_keep() if self._keeps_first_gradient else None
         self._engine.first_step(self.param_groups, keep)
         if zero_grad:
@@ -287,6 +320,11 @@ class ASAM(torch.optim.Optimizer):
         skipped when either pass overflowed (weights and base state untouched)."""
         grad_scale: torch.Tensor | None = self.__dict__["grad_scale"]  # None: the user already called unscale_
         found_inf: torch.Tensor = self.__dict__["found_inf"]
+        scaler = _amp.calling_scaler()
+        if scaler is not None:
+            self._know_scaler(scaler)
+            if grad_scale is None and _amp.unscaled_nothing(scaler, self):  # unscale_ ran before the second backward
+                found_inf = _amp.unscale_now(scaler, self)
         first = None
         if self._descent_direction():
             deferred, self._deferred = self._deferred, None
@@ -321,6 +359,20 @@ class ASAM(torch.optim.Optimizer):
 
     ascent_step = first_step
     descent_step = second_step
+
+    _scalers: Any = [None]  # the GradScalers this optimizer knows (weak references); this truthy value: not looked yet
+
+    @torch.compiler.disable  # it scans the garbage collector's objects and reads GradScaler's records
+    def _amp_before_first_step(self) -> None:
+        if self._scalers is ASAM._scalers:
+            self._scalers = _amp.find_scalers()
+        if self._scalers:
+            _amp.before_first_step(self._scalers, self)
+
+    def _know_scaler(self, scaler) -> None:
+        known = [] if self._scalers is ASAM._scalers else list(self._scalers)
+        if not any(ref() is scaler for ref in known):
+            self._scalers = [*known, weakref.ref(scaler)]
 
     _deferred = None  # the variants' second-step decomposition for the step plan (fastasam._decompose.Direction)
 
@@ -491,7 +543,6 @@ class ASAM(torch.optim.Optimizer):
         self._load_own_state(own)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
         for group in self.param_groups:  # a checkpoint of the plain base optimizer has no ASAM options
             for key in _OWN_GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])

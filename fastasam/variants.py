@@ -165,6 +165,17 @@ class _Decomposed(ASAM):
         return [p for group in self.param_groups for p in group["params"]]
 
     @staticmethod
+    def _writable_grads(params: list[torch.Tensor]) -> None:
+        """Give each of ``params`` whose gradient is expanded (a stride of 0 over more than one element, as
+        ``tensor.expand`` makes) a dense copy of it in ``.grad``: the direction is written into the gradients, and
+        an expanded tensor cannot be written element by element. Run by the torch-op paths only (the kernels never
+        take such a gradient)."""
+        for p in params:
+            g = p.grad
+            if g is not None and any(st == 0 and n > 1 for n, st in zip(g.shape, g.stride())):
+                p.grad = g.clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
     def _grad(p: torch.Tensor) -> torch.Tensor | None:
         """The gradient as the decompositions see it: a DTensor's (FSDP2) local shard, which shares its memory."""
         g = p.grad
@@ -285,6 +296,7 @@ class LookSAM(_Decomposed):
 
     def _one_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]
+        self._writable_grads(with_grad)
         grads = [self._grad(p) for p in with_grad]
         kept = list(self._kept.values())
         gn, vn = self._dot(grads, grads, self._overs(with_grad)), self._dot(kept, kept, self._overs(self._kept))
@@ -338,6 +350,7 @@ class GSAM(_Decomposed):
 
     def _two_pass_torch_ops(self) -> None:
         with_grad = [p for p in self._params() if p.grad is not None]
+        self._writable_grads(with_grad)
         g_s = [self._grad(p) for p in with_grad]
         both = [p for p in with_grad if p in self._kept]
         c = self._ratio(self._dot([self._kept[p] for p in both], [self._grad(p) for p in both], self._overs(both)),

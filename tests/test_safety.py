@@ -414,3 +414,48 @@ def test_the_plain_base_optimizer_loads_a_fastasam_state():
     plain.load_state_dict(saved)
     assert plain.param_groups[0]["lr"] == 0.1
     assert torch.equal(plain.state[params[0]]["momentum_buffer"], opt.state[params[0]]["momentum_buffer"])
+
+
+# --- a step that saw no gradient at all -------------------------------------------------------------------------------
+
+
+@ALL
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["closure_without_backward", "forgotten_second_backward"])
+def test_a_step_that_saw_no_gradient_warns_once_naming_the_fix(backend, device, kind, how):
+    """A closure that never calls backward(), or a loop that forgets the second backward: a RuntimeWarning naming the
+    fix, once per optimizer (the same mistake again is silent), and none from the correct loop before or after."""
+    params = small_params(device)
+    opt = make_opt(kind, params, backend)
+
+    def good_step():
+        soup_loss(params).backward()
+        if opt.second_pass_needed:
+            opt.first_step(zero_grad=True)
+            soup_loss(params).backward()
+        opt.second_step(zero_grad=True)
+
+    def bad_step():
+        while not opt.second_pass_needed:  # LookSAM: the mistake is made on a two-pass step
+            good_step()
+        if how == "closure_without_backward":
+            opt.step(lambda: soup_loss(params).detach())
+        else:
+            soup_loss(params).backward()
+            opt.first_step(zero_grad=True)
+            opt.second_step(zero_grad=True)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        good_step()
+        assert not seen, [str(w.message) for w in seen]
+        bad_step()
+        bad_step()
+        good_step()
+    messages = [str(w.message) for w in seen]
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert message.startswith("fastasam: first_step() found no gradient" if how == "closure_without_backward"
+                              else "fastasam: second_step() found no gradient")
+    assert "loss.backward()" in message and seen[0].category is RuntimeWarning
+    assert seen[0].filename == __file__  # it points at the user's line, not at fastasam's

@@ -80,10 +80,9 @@ def _rows_table(columns: Sequence[Sequence[torch.Tensor | None]], numels: Sequen
                 flags: Sequence[int]) -> torch.Tensor:
     """The host ``rows`` table: ``columns[c][r]`` is the tensor of column ``c`` in row ``r`` (None = 0)."""
     tab = torch.zeros((len(numels), L.NCOL), dtype=torch.int64)
-    for c, col in enumerate(columns):
-        for r, t in enumerate(col):
-            if t is not None:
-                tab[r, c] = t.data_ptr()
+    if len(numels) and columns:
+        ptrs = [[0 if t is None else t.data_ptr() for t in col] for col in columns]
+        tab[:, : len(columns)] = torch.tensor(ptrs, dtype=torch.int64).t()
     if len(numels):
         tab[:, L.COL_NUMEL] = torch.tensor(numels, dtype=torch.int64)
         tab[:, L.COL_FLAGS] = torch.tensor(flags, dtype=torch.int64)
@@ -325,17 +324,22 @@ class UpdateRunner:
         columns: list[list] = []
         fresh: list[bool] = []
         by_group: dict[int, list[int]] = {}
+        group_reasons: dict[int, str | None] = {}
         for i in phase1.kernel_index:
             if i >= b.n_perturbed or i in restore_only or i in base_step:
                 continue
             key = b.keys[i]
             gi = owner[id(key)]
             group = base.param_groups[gi]
-            reason = update.group_reason(group)
+            if gi not in group_reasons:
+                group_reasons[gi] = update.group_reason(group)
+            reason = group_reasons[gi]
             if reason is None and not fused_dtype:
                 reason = f"no fused {phase1.name} update for {str(b.dtype).replace('torch.', '')}"
-            if reason is None and not flat_like(key.grad, b.params[i]):
-                reason = "its second-pass gradient is laid out unlike the parameter"
+            if reason is None:
+                reason = gradient_mismatch(key.grad, b.params[i], "second-pass ")
+            if reason is None and not isinstance(base.state[key], dict):
+                reason = f"its state is a {type(base.state[key]).__name__}, not a dict"
             if reason is None:
                 cols = update.state_columns(b.params[i], base.state[key], group)
                 if isinstance(cols, str):
@@ -379,8 +383,9 @@ class UpdateRunner:
             [[b.params[i] for i in fused_rows], [b.keys[i].grad for i in fused_rows],
              [b.buffers[i] for i in fused_rows], *([columns[pos[i]][k] for i in fused_rows] for k in range(3))],
             self.numels, self.flags)
-        # the optimizer state the table points into stays alive with the plan, whatever happens to the state dict
-        self.state_tensors = [t for i in fused_rows for t in columns[pos[i]] if t is not None]
+        # the state tensors of each fused tensor (the plan's watch confirms them every step); the optimizer state the
+        # table points into stays alive with the plan, whatever happens to the state dict
+        self.fused_state = [[t for t in cols if t is not None] for cols in columns]
         self.rows_d = tab.to(dev)
         self.grad_ptrs = tab[:, L.COL_G].tolist()
         chunks = _chunk_list(self.numels, range(len(fused_rows)), phase1.launcher.chunk)
@@ -451,11 +456,11 @@ class UpdateRunner:
             self._combine()
 
     def refresh_addresses(self) -> bool:
-        """The second-pass gradients moved: rewrite their column in place, if they are still laid out like their
-        parameters (else False: rebuild)."""
+        """The second-pass gradients moved: rewrite their column in place, if they are still gradients of their
+        parameters (shape, dtype, device) laid out like them (else False: rebuild)."""
         b = self.phase1.bucket
         grads = [b.keys[i].grad for i in self.fused_rows]
-        if any(g is None or not flat_like(g, b.params[i]) for g, i in zip(grads, self.fused_rows, strict=True)):
+        if any(gradient_mismatch(g, b.params[i]) for g, i in zip(grads, self.fused_rows, strict=True)):
             return False
         if grads:
             self._tab[:, L.COL_G] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
@@ -510,6 +515,18 @@ class UpdateRunner:
                 self._tab[:, L.COL_FLAGS] = torch.tensor(self.flags, dtype=torch.int64)
                 _mark_aligned(self._tab)
                 _upload(self.rows_d, self._tab.clone(), "optimizer state")
+
+
+def gradient_mismatch(g: torch.Tensor | None, p: torch.Tensor, which: str = "") -> str | None:
+    """Why the kernels cannot read ``g`` as the gradient of ``p`` (None: they can): it must be a dense tensor of
+    ``p``'s shape, dtype and device, laid out like ``p``."""
+    if g is None:
+        return f"no {which}gradient"
+    if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        return f"its {which}gradient is not a dense tensor of the parameter's shape, dtype and device"
+    if not flat_like(g, p):
+        return f"its {which}gradient is laid out unlike the parameter"
+    return None
 
 
 def _upload(dst: torch.Tensor, host: torch.Tensor, what: str, pinned: bool = False) -> None:
