@@ -340,7 +340,7 @@ def test_strings_in_code_and_link_targets_are_not_pointers(copy_of_the_tree):
     assert stale_pointers(copy_of_the_tree) == []
 
 
-# --- the checkout never hides an installed package ---------------------------------------------------------------------
+# --- the checkout never hides an installed package --------------------------------------------------------------------
 
 
 def test_the_checkouts_kernels_folder_does_not_hide_an_installed_kernels_package(tmp_path):
