@@ -408,9 +408,12 @@ class Run:
             raise RuntimeError(f"fastasam: {what} failed on another process; its error is above")
         return out
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Destroy the process group. After a run that ended on every rank (``ok``):
+        ``fastasam.distributed.destroy_process_group``, a barrier then torch's, which avoids PyTorch's gloo teardown
+        hang; after an error (other ranks may not come to a barrier): torch's alone."""
         if self.world > 1:
-            dist.destroy_process_group()
+            (fastasam.distributed.destroy_process_group if ok else dist.destroy_process_group)()
 
 
 def datasets(args: argparse.Namespace):
@@ -781,9 +784,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     run = Run()
     try:
-        return train(args, run)
-    finally:
-        run.close()
+        out = train(args, run)
+    except BaseException:
+        run.close(ok=False)
+        raise
+    run.close()
+    return out
 
 
 def open_run_dir(args: argparse.Namespace):

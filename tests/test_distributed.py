@@ -8,6 +8,7 @@ perturbs each replica with its own norm; it must equal a hand-written emulation 
 
 from __future__ import annotations
 
+import datetime
 import glob
 import os
 import socket
@@ -37,17 +38,17 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, fn: Callable, port: int, out_dir: str, *args) -> None:
-    """One spawned rank: ``fn(rank, out_dir, *args)`` in a gloo group, then a barrier, then ``os._exit``. Leaving
-    without the interpreter's teardown avoids a deadlock seen in PyTorch (about 1 run in 6 here): freeing the DDP
-    Reducer destroys the gloo process group while holding the GIL, and joins a gloo thread that needs the GIL to free
-    its last work item. A failure is written to ``rank<N>.err`` for the parent to report."""
+    """One spawned rank: ``fn(rank, out_dir, *args)`` in a gloo group, then ``fastasam.distributed``'s
+    ``destroy_process_group`` (a barrier, then torch's), then ``os._exit``: the results are saved, and the
+    interpreter's teardown would only cost time (the teardown itself is tested by
+    ``test_ddp_teardown_does_not_hang``). A failure is written to ``rank<N>.err`` for the parent to report."""
     code = 0
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         torch.set_num_threads(1)
         fn(rank, out_dir, *args)
-        dist.barrier()
+        fastasam.distributed.destroy_process_group()
     except BaseException:
         code = 1
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
@@ -298,3 +299,99 @@ def test_a_dtensor_gradient_that_is_not_reduced_yet_is_refused():
         assert not opt.perturbed
     finally:
         dist.destroy_process_group()
+
+
+# Teardown ----------------------------------------------------------------------------------------------------------
+# Destroying a gloo process group soon after DDP's last backward pass can hang in PyTorch: the group's destructor runs
+# with the GIL held and waits for a gloo worker that needs the GIL to free its last collective (see
+# fastasam.distributed.destroy_process_group). With torch's destroy_process_group one teardown in three to seven hangs
+# here, so 60 would hang almost surely. One spawned pair repeats init, training and teardown, in both orders (the
+# group freed with the DDP Reducer, or by destroy_process_group itself); a teardown that hangs stops the progress,
+# and the test fails instead of hanging.
+
+TEARDOWN_BACKENDS = (*CPU_BACKENDS, "auto")
+TEARDOWN_CYCLES = 12  # per backend
+TEARDOWN_LIMIT = 60.0  # seconds without a finished cycle (the first one also starts the process): a hang
+
+
+def _teardown_rank(rank: int, port: int, out_dir: str, backends: tuple[str, ...], cycles: int,
+                   teardown: Callable[[], None]) -> None:
+    """One spawned rank: for each backend, ``cycles`` times a gloo group, DDP training with fastasam and
+    ``teardown()``; after each cycle a line in ``rank<N>.progress``; then ``os._exit``."""
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=datetime.timedelta(seconds=60))
+        for backend in backends:
+            _load(backend)
+            for cycle in range(cycles):
+                dist.init_process_group("gloo", store=dist.PrefixStore(f"{backend}/{cycle}", store), rank=rank,
+                                        world_size=WORLD)
+                model = nn.parallel.DistributedDataParallel(_model())
+                opt = _optimizer(model.parameters(), backend)
+                _train(model, opt, _batches(), rank, WORLD)
+                if cycle % 2:  # the Reducer first; the group goes in teardown()
+                    del model, opt
+                    teardown()
+                else:  # the group goes with the Reducer, its last reference
+                    teardown()
+                    del model, opt
+                with open(os.path.join(out_dir, f"rank{rank}.progress"), "a") as f:
+                    f.write(f"{backend} {cycle}\n")
+    except BaseException:
+        code = 1
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _progress(out_dir: str) -> list[list[str]]:
+    """Each rank's finished cycles, as ``"backend cycle"`` lines."""
+    done = []
+    for r in range(WORLD):
+        path = os.path.join(out_dir, f"rank{r}.progress")
+        done.append(open(path).read().split("\n")[:-1] if os.path.exists(path) else [])
+    return done
+
+
+def _run_teardowns(teardown: Callable[[], None], backends: tuple[str, ...] = TEARDOWN_BACKENDS,
+                   cycles: int = TEARDOWN_CYCLES) -> int:
+    """Run ``_teardown_rank`` on ``WORLD`` spawned ranks; the number of cycles both ranks finished. A rank that
+    fails, or no finished cycle for ``TEARDOWN_LIMIT`` seconds (a hang), fails the test with where it stopped."""
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(_teardown_rank, args=(_free_port(), out, backends, cycles, teardown), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+        seen, since = -1, time.monotonic()
+        try:
+            while not ctx.join(timeout=0.5):
+                done = min(map(len, _progress(out)))
+                if done != seen:
+                    seen, since = done, time.monotonic()
+                elif time.monotonic() - since > TEARDOWN_LIMIT:
+                    raise TimeoutError(f"no cycle finished within {TEARDOWN_LIMIT:.0f} s: a teardown hangs")
+        except Exception as exc:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            last = [lines[-1] if lines else "none" for lines in _progress(out)]
+            errors = [open(path).read() for path in sorted(glob.glob(os.path.join(out, "rank*.err")))]
+            pytest.fail(f"the DDP teardown cycles failed: {exc}; the last cycle each rank finished (backend, cycle): "
+                        f"{last}\n" + "\n".join(errors))
+        return min(map(len, _progress(out)))
+
+
+def test_ddp_teardown_does_not_hang():
+    """12 DDP runs on each backend that runs here, each ended by fastasam.distributed.destroy_process_group and the
+    model's deletion: none hangs."""
+    assert _run_teardowns(fastasam.distributed.destroy_process_group) == len(TEARDOWN_BACKENDS) * TEARDOWN_CYCLES
+
+
+def test_destroy_process_group_destroys_every_group_after_a_kept_barrier_on_each_gloo_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.new_group([0], backend="gloo")
+    fastasam.distributed.destroy_process_group()
+    assert not dist.is_initialized()
+    assert len(fastasam.distributed._KEPT) == 2 and all(w.is_completed() for w in fastasam.distributed._KEPT)
