@@ -50,7 +50,9 @@ class RunLock:
 
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / LOCK_NAME
-        self._file = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the run
+        # held open for the life of the run; O_NOFOLLOW: a symbolic link put there is refused, not written through
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        self._file = os.fdopen(fd, "a+")
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -126,7 +128,9 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a link left there is removed; the file is made anew (O_EXCL), never followed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
