@@ -200,8 +200,8 @@ if __name__ == "__main__":
         # the C++/CUDA sources ship as fastasam/csrc: the cuda backend builds them just in time where the wheel has
         # no fastasam._C (fastasam/_toolchain.py finds them), and the test backend cuda_shim compiles them for the CPU.
         # fastasam.testing (that backend; test helpers, not API) ships too, so the test suite runs against a wheel.
-        packages=["fastasam", "fastasam.backends", "fastasam.testing", "fastasam.kernels", "fastasam.csrc",
-                  "fastasam.csrc.cpu_shim"],
+        packages=["fastasam", "fastasam.backends", "fastasam.variants", "fastasam.testing", "fastasam.kernels",
+                  "fastasam.csrc", "fastasam.csrc.cpu_shim"],
         package_dir={"fastasam.kernels": "kernels", "fastasam.csrc": "csrc", "fastasam.csrc.cpu_shim": "csrc/cpu_shim"},
         package_data={"fastasam": ["py.typed"], "fastasam.csrc": ["*.cu", "*.h", "*.cpp", "*.sh"],
                       "fastasam.csrc.cpu_shim": ["*.h", "*.cpp"]},

@@ -149,6 +149,61 @@ void combine(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& sums,
            "LookSAM/GSAM direction");
 }
 
+// Momentum-SAM: the fused steps (move back, update, the new norm's partials) and the perturbation
+void check_msam_update(const at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper,
+                       const at::Tensor& opts, const at::Tensor& factors, const at::Tensor& partials,
+                       const at::Tensor& counter, const at::Tensor& out, int64_t count, int64_t chunk_size,
+                       int64_t dtype) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check_table(hyper, "hyper", FA_NHYPER, rows);
+  check_table(opts, "opts", FA_NOPT, rows);
+  check(factors, "factors", at::kFloat, rows);
+  check(partials, "partials", at::kFloat, rows);
+  check(counter, "counter", at::kInt, rows);
+  check(out, "out", at::kFloat, rows);
+  TORCH_CHECK(factors.numel() >= opts.size(0), "fastasam: factors needs one value per row of opts");
+  TORCH_CHECK(partials.numel() >= count, "fastasam: partials has ", partials.numel(), " slots for ", count, " chunks");
+}
+
+void msam_sgd(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& opts,
+              const at::Tensor& factors, at::Tensor& partials, at::Tensor& counter, at::Tensor& out, int64_t count,
+              int64_t chunk_size, int64_t dtype, bool copy) {
+  check_msam_update(rows, chunks, hyper, opts, factors, partials, counter, out, count, chunk_size, dtype);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_msam_sgd(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                       hyper.data_ptr<float>(), opts.data_ptr<float>(), factors.data_ptr<float>(),
+                       static_cast<int>(count), chunk_size, partials.data_ptr<float>(), counter.data_ptr<int32_t>(),
+                       out.data_ptr<float>(), copy, stream_of(rows)),
+           "MSAM SGD step");
+}
+
+void msam_adam(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& opts,
+               const at::Tensor& factors, at::Tensor& partials, at::Tensor& counter, at::Tensor& out, int64_t count,
+               int64_t chunk_size, int64_t dtype, bool copy) {
+  check_msam_update(rows, chunks, hyper, opts, factors, partials, counter, out, count, chunk_size, dtype);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_msam_adam(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                        hyper.data_ptr<float>(), opts.data_ptr<float>(), factors.data_ptr<float>(),
+                        static_cast<int>(count), chunk_size, partials.data_ptr<float>(), counter.data_ptr<int32_t>(),
+                        out.data_ptr<float>(), copy, stream_of(rows)),
+           "MSAM Adam step");
+}
+
+void msam_perturb(at::Tensor& rows, const at::Tensor& chunks, const at::Tensor& opts, const at::Tensor& sqnorm,
+                  at::Tensor& factors, int64_t count, int64_t chunk_size, int64_t dtype, bool copy) {
+  check_tables(rows, chunks, count, chunk_size, dtype);
+  check_table(opts, "opts", FA_NOPT, rows);
+  check(sqnorm, "sqnorm", at::kFloat, rows);
+  check(factors, "factors", at::kFloat, rows);
+  TORCH_CHECK(sqnorm.numel() == 1, "fastasam: sqnorm must hold one value");
+  TORCH_CHECK(factors.numel() >= opts.size(0), "fastasam: factors needs one value per row of opts");
+  const c10::cuda::CUDAGuard guard(rows.device());
+  raise_on(fa_msam_perturb(static_cast<int>(dtype), rows.data_ptr<int64_t>(), chunks.data_ptr<int32_t>(),
+                           opts.data_ptr<float>(), sqnorm.data_ptr<float>(), static_cast<int>(count), chunk_size,
+                           factors.data_ptr<float>(), copy, stream_of(rows)),
+           "MSAM perturbation");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastasam, m) {
@@ -169,6 +224,12 @@ TORCH_LIBRARY(fastasam, m) {
         "int chunk_size, int dtype) -> ()");
   m.def("combine(Tensor(a!) rows, Tensor chunks, Tensor sums, Tensor alpha, int count, int chunk_size, int dtype, "
         "int mode) -> ()");
+  m.def("msam_sgd(Tensor(a!) rows, Tensor chunks, Tensor hyper, Tensor opts, Tensor factors, Tensor(b!) partials, "
+        "Tensor(c!) counter, Tensor(d!) out, int count, int chunk_size, int dtype, bool copy) -> ()");
+  m.def("msam_adam(Tensor(a!) rows, Tensor chunks, Tensor hyper, Tensor opts, Tensor factors, Tensor(b!) partials, "
+        "Tensor(c!) counter, Tensor(d!) out, int count, int chunk_size, int dtype, bool copy) -> ()");
+  m.def("msam_perturb(Tensor(a!) rows, Tensor chunks, Tensor opts, Tensor sqnorm, Tensor(b!) factors, int count, "
+        "int chunk_size, int dtype, bool copy) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastasam, CUDA, m) {
@@ -179,6 +240,9 @@ TORCH_LIBRARY_IMPL(fastasam, CUDA, m) {
   FA_FUSED_UPDATES(FA_UPDATE_IMPL)
   m.impl("dots", &dots);
   m.impl("combine", &combine);
+  m.impl("msam_sgd", &msam_sgd);
+  m.impl("msam_adam", &msam_adam);
+  m.impl("msam_perturb", &msam_perturb);
 }
 
 #define FA_STR_(...) #__VA_ARGS__

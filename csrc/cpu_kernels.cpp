@@ -158,13 +158,17 @@ struct Kernels {
   decltype(&baseline::restore) restore;
   decltype(&baseline::dots) dots;
   decltype(&baseline::combine) combine;
+  decltype(&baseline::msam_sgd) msam_sgd;
+  decltype(&baseline::msam_adam) msam_adam;
+  decltype(&baseline::msam_perturb) msam_perturb;
   FA_FUSED_UPDATES(FA_UPDATE_MEMBER)
 };
 #define FA_UPDATE_IN_baseline(NAME, WHAT) , &baseline::NAME
 #define FA_UPDATE_IN_avx2(NAME, WHAT) , &avx2::NAME
 #define FA_UPDATE_IN_avx512(NAME, WHAT) , &avx512::NAME
 #define FA_KERNELS(NS) \
-  Kernels { #NS, &NS::sqnorm, &NS::perturb, &NS::restore, &NS::dots, &NS::combine FA_FUSED_UPDATES(FA_UPDATE_IN_##NS) }
+  Kernels { #NS, &NS::sqnorm, &NS::perturb, &NS::restore, &NS::dots, &NS::combine, &NS::msam_sgd, &NS::msam_adam, \
+            &NS::msam_perturb FA_FUSED_UPDATES(FA_UPDATE_IN_##NS) }
 
 // the builds this CPU runs, the baseline first and the widest last
 std::vector<Kernels> supported_kernels() {
@@ -197,6 +201,13 @@ void define_kernels(py::module_& m, const Kernels& k) {
         py::arg("out"));
   m.def("combine", k.combine, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("sums"), py::arg("alpha"),
         py::arg("count"), py::arg("chunk_size"), py::arg("mode"));
+#define FA_MSAM_UPDATE_DEF(NAME)                                                                                 \
+  m.def(#NAME, k.NAME, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("hyper"), py::arg("opts"),   \
+        py::arg("factors"), py::arg("count"), py::arg("chunk_size"), py::arg("out"), py::arg("copy"));
+  FA_MSAM_UPDATE_DEF(msam_sgd)
+  FA_MSAM_UPDATE_DEF(msam_adam)
+  m.def("msam_perturb", k.msam_perturb, py::arg("dtype"), py::arg("rows"), py::arg("chunks"), py::arg("opts"),
+        py::arg("sqnorm"), py::arg("count"), py::arg("chunk_size"), py::arg("factors"), py::arg("copy"));
   m.attr("isa") = k.isa;
 }
 

@@ -312,6 +312,174 @@ void restore_adam(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_
   });
 }
 
+// --- Momentum-SAM (fastasam.MSAM): W at w~, G, B (the kept copy of w, with copy), S1 the momentum / exp_avg, S2
+// exp_avg_sq, S3 max_exp_avg_sq; factors: the factor a of each param group's perturbation in place ---------------
+
+// one element of the fused step, returning its (T * m)^2: the SGD update
+template <typename T, bool COPY, bool ADAPTIVE>
+FA_INLINE float msam_sgd_one(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ b, T* __restrict__ mom,
+                             int64_t i, const fa::SgdHyper& h, float a, float eta) {
+  const float wt = ld(w, i);
+  float m = ld(mom, i);
+  const float p = fa::msam_moved_back<T>(wt, COPY ? ld(b, i) : 0.f, a, m, COPY);
+  const float wn = fa::rounded<T>(fa::msam_sgd_update<T>(h, p, wt, ld(g, i), m));
+  st_exact(w, i, wn);
+  st_exact(mom, i, m);  // rounded to T by the formula
+  const float x = ADAPTIVE ? (fabsf(wn) + eta) * m : m;
+  return x * x;
+}
+
+template <typename T, bool COPY, bool ADAPTIVE>
+double msam_sgd_chunk(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ b, T* __restrict__ mom,
+                      int64_t n, fa::SgdHyper h, float a, float eta) {
+  double s[kNormLanes] = {};
+  const int64_t body = n - n % kNormLanes;
+  for (int64_t i = 0; i < body; i += kNormLanes)
+    for (int k = 0; k < kNormLanes; ++k) s[k] += msam_sgd_one<T, COPY, ADAPTIVE>(w, g, b, mom, i + k, h, a, eta);
+  for (int64_t i = body; i < n; ++i) s[i - body] += msam_sgd_one<T, COPY, ADAPTIVE>(w, g, b, mom, i, h, a, eta);
+  return lane_sum(s);
+}
+
+// the Adam / AdamW update
+template <typename T, bool COPY, bool ADAPTIVE, bool AMSGRAD>
+FA_INLINE float msam_adam_one(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ b, T* __restrict__ m1,
+                              T* __restrict__ m2, T* __restrict__ vmax, int64_t i, const fa::AdamHyper& h, float a,
+                              float eta) {
+  const float wt = ld(w, i);
+  float m = ld(m1, i), v = ld(m2, i), vm = AMSGRAD ? ld(vmax, i) : 0.f;
+  const float p = fa::msam_moved_back<T>(wt, COPY ? ld(b, i) : 0.f, a, m, COPY);
+  const float wn = fa::rounded<T>(fa::msam_adam_update(h, p, wt, ld(g, i), m, v, vm));
+  st_exact(w, i, wn);
+  const float ms = fa::rounded<T>(m);
+  st_exact(m1, i, ms);
+  st(m2, i, v);
+  if (AMSGRAD) st(vmax, i, vm);
+  const float x = ADAPTIVE ? (fabsf(wn) + eta) * ms : ms;
+  return x * x;
+}
+
+template <typename T, bool COPY, bool ADAPTIVE, bool AMSGRAD>
+double msam_adam_chunk(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ b, T* __restrict__ m1,
+                       T* __restrict__ m2, T* __restrict__ vmax, int64_t n, fa::AdamHyper h, float a, float eta) {
+  h.amsgrad = AMSGRAD;
+  double s[kNormLanes] = {};
+  const int64_t body = n - n % kNormLanes;
+  for (int64_t i = 0; i < body; i += kNormLanes)
+    for (int k = 0; k < kNormLanes; ++k)
+      s[k] += msam_adam_one<T, COPY, ADAPTIVE, AMSGRAD>(w, g, b, m1, m2, vmax, i + k, h, a, eta);
+  for (int64_t i = body; i < n; ++i)
+    s[i - body] += msam_adam_one<T, COPY, ADAPTIVE, AMSGRAD>(w, g, b, m1, m2, vmax, i, h, a, eta);
+  return lane_sum(s);
+}
+
+// The fused step's walk: f(T{}, COPY, ADAPTIVE, chunk, its hyper row, its factor, its eta) returns the chunk's partial
+// sum; out[0] = their sum in chunk order, rounded once to fp32.
+template <typename F>
+void for_each_msam_chunk(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t opts, int64_t factors,
+                         int64_t count, int64_t chunk_size, int64_t out, bool copy, const F& f) {
+  const Launch L = launch_of(rows, chunks, count, chunk_size);
+  const float* hyper_tab = ptr<const float>(hyper);
+  const float* opt_tab = ptr<const float>(opts);
+  const float* a_tab = ptr<const float>(factors);
+  std::vector<double> partials(count);
+  {
+    py::gil_scoped_release release;
+    with_dtype(dtype, [&](auto tag) {
+      with_bool(copy, [&](auto copy_c) {
+        for_each_chunk(L, [&](int64_t c, const Chunk& ch) {
+          const int64_t s = slot(ch.flags, FA_OPT_SHIFT);
+          const float* opt = opt_tab + s * FA_NOPT;
+          const bool adaptive = opt[FA_OPT_ADAPTIVE] != 0.f;
+          const float* row = hyper_tab + slot(ch.flags, FA_HYPER_SHIFT) * FA_NHYPER;
+          with_bool(adaptive, [&](auto adaptive_c) {
+            partials[c] = f(tag, copy_c, adaptive_c, ch, row, a_tab[s], adaptive ? opt[FA_OPT_ETA] : 0.f);
+          });
+        });
+      });
+    });
+  }
+  double total = 0.0;
+  for (double p : partials) total += p;
+  *ptr<float>(out) = static_cast<float>(total);
+}
+
+// move back, then the authors' SGD step; out[0] = the new sum of (T * m)^2
+void msam_sgd(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t opts, int64_t factors, int64_t count,
+              int64_t chunk_size, int64_t out, bool copy) {
+  for_each_msam_chunk(dtype, rows, chunks, hyper, opts, factors, count, chunk_size, out, copy,
+                      [](auto tag, auto copy_c, auto adaptive_c, const Chunk& ch, const float* row, float a,
+                         float eta) -> double {
+    using T = decltype(tag);
+    constexpr bool COPY = decltype(copy_c)::value, ADAPTIVE = decltype(adaptive_c)::value;
+    return msam_sgd_chunk<T, COPY, ADAPTIVE>(ch.col<T>(FA_COL_W), ch.col<const T>(FA_COL_G),
+                                             ch.col<const T>(FA_COL_B), ch.col<T>(FA_COL_S1), ch.length,
+                                             fa::sgd_hyper(row), a, eta);
+  });
+}
+
+// move back, then the authors' AdamW step (Adam's with L2 weight decay); out[0] = the new sum of (T * m)^2
+void msam_adam(int dtype, int64_t rows, int64_t chunks, int64_t hyper, int64_t opts, int64_t factors, int64_t count,
+               int64_t chunk_size, int64_t out, bool copy) {
+  for_each_msam_chunk(dtype, rows, chunks, hyper, opts, factors, count, chunk_size, out, copy,
+                      [](auto tag, auto copy_c, auto adaptive_c, const Chunk& ch, const float* row, float a,
+                         float eta) -> double {
+    using T = decltype(tag);
+    constexpr bool COPY = decltype(copy_c)::value, ADAPTIVE = decltype(adaptive_c)::value;
+    const fa::AdamHyper h = fa::adam_hyper(row);
+    T* w = ch.col<T>(FA_COL_W);
+    const T* g = ch.col<const T>(FA_COL_G);
+    const T* b = ch.col<const T>(FA_COL_B);
+    T* m1 = ch.col<T>(FA_COL_S1);
+    T* m2 = ch.col<T>(FA_COL_S2);
+    T* vmax = ch.col<T>(FA_COL_S3);
+    return h.amsgrad ? msam_adam_chunk<T, COPY, ADAPTIVE, true>(w, g, b, m1, m2, vmax, ch.length, h, a, eta)
+                     : msam_adam_chunk<T, COPY, ADAPTIVE, false>(w, g, b, m1, m2, vmax, ch.length, h, a, eta);
+  });
+}
+
+template <typename T, bool COPY, bool ADAPTIVE>
+void msam_perturb_chunk(T* __restrict__ w, const T* __restrict__ mom, T* __restrict__ b, int64_t n, float eta,
+                        float a) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float wv = ld(w, i);
+    if (COPY) st_exact(b, i, wv);
+    st(w, i, wv - fa::msam_perturbation(wv, ld(mom, i), ADAPTIVE, eta, a));
+  }
+}
+
+// the new perturbation w~ = w - a * T^2 * m, a = rho * (1 / (sqrt(*sqnorm) + eps)) (perturb_scale; 0 when the norm is
+// 0 or not finite), written into factors[group] for the next step; with copy the kept copy gets w first
+void msam_perturb(int dtype, int64_t rows, int64_t chunks, int64_t opts, int64_t sqnorm, int64_t count,
+                  int64_t chunk_size, int64_t factors, bool copy) {
+  const Launch L = launch_of(rows, chunks, count, chunk_size);
+  const float* opt_tab = ptr<const float>(opts);
+  float* a_tab = ptr<float>(factors);
+  const float sq = *ptr<const float>(sqnorm);
+  for (int64_t c = 0; c < count; ++c) {  // each group's factor, once, before the walk reads it
+    const float* opt = opt_tab + slot(L.chunk(c).flags, FA_OPT_SHIFT) * FA_NOPT;
+    a_tab[slot(L.chunk(c).flags, FA_OPT_SHIFT)] = fa::perturb_scale(sq, opt[FA_OPT_RHO], opt[FA_OPT_EPS]).scale;
+  }
+  py::gil_scoped_release release;
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    with_bool(copy, [&](auto copy_c) {
+      constexpr bool COPY = decltype(copy_c)::value;
+      for_each_chunk(L, [&](int64_t, const Chunk& ch) {
+        const int64_t s = slot(ch.flags, FA_OPT_SHIFT);
+        const float* opt = opt_tab + s * FA_NOPT;
+        T* w = ch.col<T>(FA_COL_W);
+        const T* mom = ch.col<const T>(FA_COL_S1);
+        T* b = ch.col<T>(FA_COL_B);
+        if (opt[FA_OPT_ADAPTIVE] != 0.f) {
+          msam_perturb_chunk<T, COPY, true>(w, mom, b, ch.length, opt[FA_OPT_ETA], a_tab[s]);
+        } else {
+          msam_perturb_chunk<T, COPY, false>(w, mom, b, ch.length, 0.f, a_tab[s]);
+        }
+      });
+    });
+  });
+}
+
 // --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B -------------------
 
 template <typename T> void dots_chunk(const T* __restrict__ g, const T* __restrict__ b, int64_t n, double* out) {

@@ -210,6 +210,50 @@ FA_HD FA_INLINE float adam_update(const AdamHyper& h, float p, float d, float& m
   return p - h.step_size * div_rn(m, denom);
 }
 
+// --- Momentum-SAM (fastasam.MSAM): move back, the authors' update, the new perturbation along the momentum ---------
+//
+// Between steps the weights sit at w~ = w - a * T^2 * m (a: the group's factor, T = |w| + eta for adaptive tensors,
+// else 1). A step moves back (w = w~ + a * m, or the kept copy of w), applies the base optimizer's update with the
+// gradient g taken at w~ (the weight decay of SGD and of Adam's L2 at w~; AdamW's decoupled decay after the update:
+// the authors' order), sums the new (T * m)^2, then perturbs with a = rho / (sqrt(sum) + eps) (perturb_scale).
+
+// the weight moved back from w~: the kept copy (copy), or w~ + a * m rounded to T
+template <typename T> FA_HD FA_INLINE float msam_moved_back(float w_t, float b, float a, float m, bool copy) {
+  return copy ? b : rounded<T>(w_t + a * m);
+}
+
+// The authors' SGD step (momentum, no dampening, not nesterov): d = g + weight_decay * w~; m = momentum * m + d,
+// rounded to T (as stored, and used so). Returns the new weight p - lr * m.
+template <typename T>
+FA_HD FA_INLINE float msam_sgd_update(const SgdHyper& h, float p, float w_t, float g, float& m) {
+  float d = h.maximize != 0.f ? -g : g;
+  if (h.weight_decay != 0.f) d += h.weight_decay * w_t;
+  m = rounded<T>(m * h.momentum + h.one_minus_dampening * d);
+  return p - h.lr * m;
+}
+
+// The authors' AdamW step (decay_factor = 1 - lr * weight_decay, after the update) or Adam's (L2: weight_decay * w~
+// in the gradient): m, v (, vmax) as adam_update (stored rounded, used unrounded). Returns the new weight.
+FA_HD FA_INLINE float msam_adam_update(const AdamHyper& h, float p, float w_t, float g, float& m, float& v,
+                                       float& vmax) {
+  float d = h.maximize != 0.f ? -g : g;
+  if (h.weight_decay != 0.f) d += h.weight_decay * w_t;
+  const float w = h.lerp_weight;
+  m = w < 0.5f ? m + w * (d - m) : d - (d - m) * (1.f - w);
+  v = v * h.beta2 + h.one_minus_beta2 * d * d;
+  if (h.amsgrad) vmax = fmaxf(vmax, v);
+  const float denom = div_rn(sqrt_rn(h.amsgrad ? vmax : v), h.bc2_sqrt) + h.eps;
+  float out = p - h.step_size * div_rn(m, denom);
+  if (h.decay_factor != 1.f) out = out * h.decay_factor;
+  return out;
+}
+
+// the perturbation along the momentum, subtracted from w: T^2 * m * a (adaptive: T * (T * m) * a; else m * a)
+FA_HD FA_INLINE float msam_perturbation(float w, float m, bool adaptive, float eta, float a) {
+  const float t = adaptive ? fabsf(w) + eta : 1.f;
+  return adaptive ? t * (t * m) * a : m * a;
+}
+
 }  // namespace fa
 
 // The fused restore + update kernels, one X(name, what) per base optimizer: `name` is the CUDA kernel

@@ -325,6 +325,141 @@ __global__ void __launch_bounds__(kThreads) restore_adam_kernel(const int64_t* t
   });
 }
 
+// --- Momentum-SAM (fastasam.MSAM) ------------------------------------------------------------------------------
+
+// the block's partial into its slot; the last block to finish sums the partials in a fixed order into out (as
+// sqnorm_kernel)
+__device__ __forceinline__ void sum_partials(float part, int n_chunks, float* partials, int* counter, float* out) {
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = part;
+    __threadfence();
+    last = atomicAdd(counter, 1) == n_chunks - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  float total = 0.f;
+  for (int i = threadIdx.x; i < n_chunks; i += blockDim.x) total += *(volatile float*)(partials + i);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    *out = total;
+    *counter = 0;
+  }
+}
+
+// the columns a MSAM kernel reads: W, G, B (with copy), the state
+__device__ __forceinline__ bool aligned_msam(const Chunk& c, bool copy, int state_cols) {
+  int64_t bits = c.row[FA_COL_W] | c.row[FA_COL_G] | (copy ? c.row[FA_COL_B] : 0);
+  for (int k = 0; k < state_cols; ++k) bits |= c.row[FA_COL_S1 + k];
+  return (bits & 15) == 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) msam_sgd_kernel(const int64_t* tab, const int32_t* chunks,
+                                                            const float* hyper, const float* opts,
+                                                            const float* factors, int n_chunks, int64_t size,
+                                                            float* partials, int* counter, float* out, bool copy) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const fa::SgdHyper h = fa::sgd_hyper(hyper_of(hyper, c));
+  const float* opt = opts_of(opts, c);
+  const bool adaptive = opt[FA_OPT_ADAPTIVE] != 0.f;
+  const float eta = adaptive ? opt[FA_OPT_ETA] : 0.f;
+  const float a = factors[(c.flags >> FA_OPT_SHIFT) & FA_SLOT_MASK];
+  T* w = col<T>(c, FA_COL_W);
+  const T* g = col<T>(c, FA_COL_G);
+  const T* b = col<T>(c, FA_COL_B);
+  T* mom = col<T>(c, FA_COL_S1);
+  float acc = 0.f;
+  for_each_element<T>(c, aligned_msam(c, copy, 1), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float wt[W], gv[W], m[W], p[W] = {};
+    load<W>(w, i, wt);
+    load<W>(g, i, gv);
+    load<W>(mom, i, m);
+    if (copy) load<W>(b, i, p);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      p[j] = fa::msam_moved_back<T>(wt[j], p[j], a, m[j], copy);
+      p[j] = fa::rounded<T>(fa::msam_sgd_update<T>(h, p[j], wt[j], gv[j], m[j]));
+      const float x = adaptive ? (fabsf(p[j]) + eta) * m[j] : m[j];
+      acc += x * x;
+    }
+    store<W>(mom, i, m);
+    store<W>(w, i, p);
+  });
+  sum_partials(block_sum(acc), n_chunks, partials, counter, out);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) msam_adam_kernel(const int64_t* tab, const int32_t* chunks,
+                                                             const float* hyper, const float* opts,
+                                                             const float* factors, int n_chunks, int64_t size,
+                                                             float* partials, int* counter, float* out, bool copy) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const fa::AdamHyper h = fa::adam_hyper(hyper_of(hyper, c));
+  const float* opt = opts_of(opts, c);
+  const bool adaptive = opt[FA_OPT_ADAPTIVE] != 0.f;
+  const float eta = adaptive ? opt[FA_OPT_ETA] : 0.f;
+  const float a = factors[(c.flags >> FA_OPT_SHIFT) & FA_SLOT_MASK];
+  T* w = col<T>(c, FA_COL_W);
+  const T* g = col<T>(c, FA_COL_G);
+  const T* b = col<T>(c, FA_COL_B);
+  T* m1 = col<T>(c, FA_COL_S1);
+  T* m2 = col<T>(c, FA_COL_S2);
+  T* vmax = col<T>(c, FA_COL_S3);
+  float acc = 0.f;
+  for_each_element<T>(c, aligned_msam(c, copy, h.amsgrad ? 3 : 2), [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float wt[W], gv[W], m[W], v[W], vm[W] = {}, p[W] = {};
+    load<W>(w, i, wt);
+    load<W>(g, i, gv);
+    load<W>(m1, i, m);
+    load<W>(m2, i, v);
+    if (h.amsgrad) load<W>(vmax, i, vm);
+    if (copy) load<W>(b, i, p);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      p[j] = fa::msam_moved_back<T>(wt[j], p[j], a, m[j], copy);
+      p[j] = fa::rounded<T>(fa::msam_adam_update(h, p[j], wt[j], gv[j], m[j], v[j], vm[j]));
+      const float ms = fa::rounded<T>(m[j]);
+      const float x = adaptive ? (fabsf(p[j]) + eta) * ms : ms;
+      acc += x * x;
+    }
+    store<W>(m1, i, m);  // stored rounded (the norm summed those values)
+    store<W>(m2, i, v);
+    if (h.amsgrad) store<W>(vmax, i, vm);
+    store<W>(w, i, p);
+  });
+  sum_partials(block_sum(acc), n_chunks, partials, counter, out);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) msam_perturb_kernel(const int64_t* tab, const int32_t* chunks,
+                                                                const float* opts, const float* sqnorm, int64_t size,
+                                                                float* factors, bool copy) {
+  const Chunk c = chunk_of(tab, chunks, blockIdx.x, size);
+  const float* opt = opts_of(opts, c);
+  const bool adaptive = opt[FA_OPT_ADAPTIVE] != 0.f;
+  const float eta = adaptive ? opt[FA_OPT_ETA] : 0.f;
+  const float a = fa::perturb_scale(*sqnorm, opt[FA_OPT_RHO], opt[FA_OPT_EPS]).scale;
+  if (threadIdx.x == 0) factors[(c.flags >> FA_OPT_SHIFT) & FA_SLOT_MASK] = a;  // each block of a group: one value
+  T* w = col<T>(c, FA_COL_W);
+  const T* mom = col<T>(c, FA_COL_S1);
+  T* b = col<T>(c, FA_COL_B);
+  const bool vec = ((c.row[FA_COL_W] | c.row[FA_COL_S1] | (copy ? c.row[FA_COL_B] : 0)) & 15) == 0;
+  for_each_element<T>(c, vec, [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    float wv[W], m[W];
+    load<W>(w, i, wv);
+    load<W>(mom, i, m);
+    if (copy) store<W>(b, i, wv);
+#pragma unroll
+    for (int j = 0; j < W; ++j) wv[j] = wv[j] - fa::msam_perturbation(wv[j], m[j], adaptive, eta, a);
+    store<W>(w, i, wv);
+  });
+}
+
 // --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B -------------------
 
 // the three sums over the block in a fixed order (a shared-memory tree); the results in thread 0
@@ -489,6 +624,31 @@ int fa_combine(int dtype, const int64_t* rows, const int32_t* chunks, const doub
     case FA_COMBINE_GSAM: { FA_DISPATCH(combine_kernel_gsam, rows, chunks, sums, alpha, chunk_size) }
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
+}
+
+int fa_msam_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const float* opts,
+                const float* factors, int count, int64_t chunk_size, float* partials, int* counter, float* out,
+                int copy, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  FA_DISPATCH(msam_sgd_kernel, rows, chunks, hyper, opts, factors, count, chunk_size, partials, counter, out,
+              copy != 0)
+}
+
+int fa_msam_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const float* opts,
+                 const float* factors, int count, int64_t chunk_size, float* partials, int* counter, float* out,
+                 int copy, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  FA_DISPATCH(msam_adam_kernel, rows, chunks, hyper, opts, factors, count, chunk_size, partials, counter, out,
+              copy != 0)
+}
+
+int fa_msam_perturb(int dtype, const int64_t* rows, const int32_t* chunks, const float* opts, const float* sqnorm,
+                    int count, int64_t chunk_size, float* factors, int copy, cudaStream_t stream) {
+  if (count <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int blocks = count;
+  FA_DISPATCH(msam_perturb_kernel, rows, chunks, opts, sqnorm, chunk_size, factors, copy != 0)
 }
 
 }  // extern "C"

@@ -97,6 +97,21 @@ int fa_dots(int dtype, const int64_t* rows, const int32_t* chunks, int count, in
 int fa_combine(int dtype, const int64_t* rows, const int32_t* chunks, const double* sums, const double* alpha,
                int count, int64_t chunk_size, int mode, cudaStream_t stream);
 
+// Momentum-SAM (fastasam.MSAM): rows hold W (at w~), G, B (the kept copy of w, with copy), S1 (SGD's momentum or
+// Adam's exp_avg), S2, S3 (exp_avg_sq, max_exp_avg_sq); factors[group] the factor a of the perturbation in place.
+// fa_msam_sgd / fa_msam_adam: move back (w~ + a * m, or the copy), the authors' update with the gradient taken at
+// w~ (hyper: the fused SGD / Adam updates' rows), out[0] = the new sum of (T * m)^2 (deterministic as fa_sqnorm).
+// fa_msam_perturb: w~ = w - a * T^2 * m with a = rho * (1 / (sqrt(*sqnorm) + eps)) (0 when that norm is 0 or not
+// finite), written into factors[group]; with copy the buffer gets w first.
+int fa_msam_sgd(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const float* opts,
+                const float* factors, int count, int64_t chunk_size, float* partials, int* counter, float* out,
+                int copy, cudaStream_t stream);
+int fa_msam_adam(int dtype, const int64_t* rows, const int32_t* chunks, const float* hyper, const float* opts,
+                 const float* factors, int count, int64_t chunk_size, float* partials, int* counter, float* out,
+                 int copy, cudaStream_t stream);
+int fa_msam_perturb(int dtype, const int64_t* rows, const int32_t* chunks, const float* opts, const float* sqnorm,
+                    int count, int64_t chunk_size, float* factors, int copy, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -10,10 +10,10 @@ from .backends import available_backends
 from .optim import ASAM, SAM, adaptive_param_groups
 from .schedules import RhoFollowsLR
 from .utils import frozen_batchnorm_stats
-from .variants import GSAM, LookSAM
+from .variants import GSAM, MSAM, LookSAM
 
 __all__ = [
-    "ASAM", "GSAM", "LookSAM", "RhoFollowsLR", "SAM", "adaptive_param_groups", "available_backends", "compat",
+    "ASAM", "GSAM", "MSAM", "LookSAM", "RhoFollowsLR", "SAM", "adaptive_param_groups", "available_backends", "compat",
     "distributed", "frozen_batchnorm_stats",
 ]
 __version__ = "0.1.0"

@@ -40,8 +40,6 @@ _numel = torch.Tensor.numel
 _dtype = attrgetter("dtype")
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.numel(), t.dtype
 
 
 class PyWatch:
@@ -85,9 +83,10 @@ class PyWatch:
             self.state_dicts = [state, *(state[p] for p in kernel)]
             if not all(isinstance(d, dict) for d in self.state_dicts):
                 raise TypeError("fastasam: a kernel tensor's state must be a dict")
-            self.state_entries = [list(d.items()) for d in self.state_dicts]
+            self.state_entries = (list(map(len, self.state_dicts)),
+                                  list(chain.from_iterable(map(dict.values, self.state_dicts))))
             self.state_tensors = [t for row in state_tensors for t in row]
-            self.state_layouts = list(map(_layout, self.state_tensors))
+            self.state_layouts = self._state_layouts()
 
     def __len__(self) -> int:
         return len(self.params) + len(self.absent)
@@ -104,15 +103,22 @@ class PyWatch:
         except RuntimeError:  # a parameter without storage
             return False
 
+    def _state_layouts(self) -> tuple:
+        ts = self.state_tensors
+        return list(map(_data_ptr, ts)), list(map(_numel, ts)), list(map(_dtype, ts))
+
     def state_intact(self) -> bool:
-        """Whether the base optimizer's state is as recorded: the same entries (objects) in the state dict and in each
-        kernel tensor's own, and each state tensor the tables name where and as large as it was. True without a
-        state."""
-        for d, entries in zip(self.state_dicts, self.state_entries):
-            if len(d) != len(entries) or not all(
-                    a is c and b is e for (a, b), (c, e) in zip(d.items(), entries)):
-                return False
-        return list(map(_layout, self.state_tensors)) == self.state_layouts
+        """Whether the base optimizer's state is as recorded: the same values (objects) in the state dict and in
+        each kernel tensor's own, and each state tensor the tables name where and as large as it was. True without
+        a state. C-level passes, no Python call per tensor."""
+        if not self.state_dicts:
+            return True
+        sizes, values = self.state_entries
+        dicts = self.state_dicts
+        if list(map(len, dicts)) != sizes or not all(
+                map(is_, chain.from_iterable(map(dict.values, dicts)), values)):
+            return False
+        return self._state_layouts() == self.state_layouts
 
     def check(self) -> list[torch.Tensor] | None:
         """The current gradients of the non-kernel ``params`` (``params[n_kernel:]``) when nothing moved, else None.

@@ -698,3 +698,303 @@ def combine_kernel(
         _combine_row(rows, row, start, length, xa, ya, DTYPE, ACC, BLOCK, MODE, True)
     else:
         _combine_row(rows, row, start, length, xa, ya, DTYPE, ACC, BLOCK, MODE, False)
+
+
+# --- Momentum-SAM (fastasam.MSAM): W at w~, G, B (the kept copy of w, COPY), S1 momentum / exp_avg, S2 exp_avg_sq,
+# S3 max_exp_avg_sq; ``factors``: each param group's factor ``a`` of the perturbation in place ----------------------
+
+_V_MSAM_SGD = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_S1))
+_V_MSAM_SGD_COPY = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_S1, L.COL_B))
+_V_MSAM_ADAM = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_S1, L.COL_S2, L.COL_S3))
+_V_MSAM_ADAM_COPY = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_G, L.COL_S1, L.COL_S2, L.COL_S3, L.COL_B))
+_V_MSAM_PERTURB = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_S1))
+_V_MSAM_PERTURB_COPY = tl.constexpr(L.aligned_mask(L.COL_W, L.COL_S1, L.COL_B))
+
+
+@triton.jit
+def _moved_back(w, b, mv, idx, m, o, a, COPY: tl.constexpr, ACC: tl.constexpr):
+    """``(w~, w)``: the weight as loaded and moved back, ``w~ + a * m`` rounded to the storage dtype, or the kept
+    copy (``COPY``)."""
+    wt = tl.load(w + idx, mask=m, other=o).to(ACC)
+    if COPY:
+        p = tl.load(b + idx, mask=m, other=o).to(ACC)
+    else:
+        p = _to(wt + a * mv, w.dtype.element_ty).to(ACC)
+    return wt, p
+
+
+@triton.jit
+def _msam_sgd_block(
+    w, g, b, mom, idx, n, a, eta, lr, momentum, one_minus_dampening, weight_decay, maximize,
+    ADAPTIVE: tl.constexpr, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+):
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
+    mv = tl.load(mom + idx, mask=m, other=o).to(ACC)
+    wt, p = _moved_back(w, b, mv, idx, m, o, a, COPY, ACC)
+    d = tl.load(g + idx, mask=m, other=o).to(ACC)
+    if maximize:
+        d = -d
+    if weight_decay != 0:
+        d = d + weight_decay * wt
+    mv = _to(mv * momentum + one_minus_dampening * d, mom.dtype.element_ty)
+    tl.store(mom + idx, mv, mask=m)
+    wn = _to(p - lr * mv.to(ACC), w.dtype.element_ty)
+    tl.store(w + idx, wn, mask=m)
+    x = mv.to(ACC)
+    if ADAPTIVE:
+        x = (tl.abs(wn.to(ACC)) + eta) * x
+    x = x * x
+    if MASKED:
+        x = tl.where(m, x, 0.0)
+    return x
+
+
+@triton.jit
+def _msam_sgd_row(
+    rows, row, start, length, a, eta, lr, momentum, one_minus_dampening, weight_decay, maximize,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ADAPTIVE: tl.constexpr, COPY: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    w, g, b = _wgb(rows, row, DTYPE, VEC)
+    mom = _ptr(rows, row, _S1, DTYPE, VEC)
+    acc = tl.zeros([BLOCK], ACC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    end = start + length
+    for j in range(0, full):
+        acc += _msam_sgd_block(w, g, b, mom, start + j * BLOCK + lanes, end, a, eta, lr, momentum,
+                               one_minus_dampening, weight_decay, maximize, ADAPTIVE, COPY, False, ACC)
+    if full * BLOCK < length:
+        acc += _msam_sgd_block(w, g, b, mom, start + full * BLOCK + lanes, end, a, eta, lr, momentum,
+                               one_minus_dampening, weight_decay, maximize, ADAPTIVE, COPY, True, ACC)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _sum_partials(partials, counter, out, pid, part, n_programs, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Each program's partial into its slot; the last program to finish adds them in a fixed order into ``out`` and
+    resets the counter (as ``sqnorm_kernel``)."""
+    tl.store(partials + pid, part)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+    if ticket == n_programs - 1:
+        tl.debug_barrier()
+        lanes = tl.arange(0, BLOCK)
+        total = tl.zeros([BLOCK], ACC)
+        for base in range(0, n_programs, BLOCK):
+            idx = base + lanes
+            total += tl.load(partials + idx, mask=idx < n_programs, other=0.0, volatile=True)
+        tl.store(out, tl.sum(total, axis=0))
+        tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def msam_sgd_kernel(
+    rows, chunks, hyper, opts, factors, partials, counter, out, n_programs,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """Move back (``w = w~ + a * m``, or the kept copy), then the authors' SGD step with the gradient taken at ``w~``
+    (``d = g + weight_decay * w~``, ``m = momentum * m + d``, ``w = w - lr * m``); ``out = sum((T * m)^2)`` over all
+    chunks, deterministic as ``sqnorm_kernel``. ``hyper`` row: ``restore_sgd_kernel``'s."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    a = tl.load(factors + ((flags >> _OPT_SHIFT) & _SLOT_MASK)).to(ACC)
+    lr = _hyper(hyper, flags, _SGD_LR)
+    momentum = _hyper(hyper, flags, _SGD_MOMENTUM)
+    one_minus_dampening = _hyper(hyper, flags, _SGD_OMD)
+    weight_decay = _hyper(hyper, flags, _SGD_WD)
+    maximize = _hyper(hyper, flags, _SGD_MAXIMIZE) != 0
+    adaptive = _opt(opts, flags, _ADAPTIVE) != 0
+    eta = _opt(opts, flags, _ETA).to(ACC)
+    vec = _vector(flags, _V_MSAM_SGD_COPY if COPY else _V_MSAM_SGD, ALIGNED)
+    if adaptive:
+        if vec:
+            part = _msam_sgd_row(rows, row, start, length, a, eta, lr, momentum, one_minus_dampening, weight_decay,
+                                 maximize, DTYPE, ACC, BLOCK, True, COPY, True)
+        else:
+            part = _msam_sgd_row(rows, row, start, length, a, eta, lr, momentum, one_minus_dampening, weight_decay,
+                                 maximize, DTYPE, ACC, BLOCK, True, COPY, False)
+    else:
+        if vec:
+            part = _msam_sgd_row(rows, row, start, length, a, eta, lr, momentum, one_minus_dampening, weight_decay,
+                                 maximize, DTYPE, ACC, BLOCK, False, COPY, True)
+        else:
+            part = _msam_sgd_row(rows, row, start, length, a, eta, lr, momentum, one_minus_dampening, weight_decay,
+                                 maximize, DTYPE, ACC, BLOCK, False, COPY, False)
+    _sum_partials(partials, counter, out, pid, part, n_programs, ACC, BLOCK)
+
+
+@triton.jit
+def _msam_adam_block(
+    w, g, b, m1, m2, vmax, idx, n, a, eta, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+    step_size, bc2_sqrt, amsgrad, maximize,
+    ADAPTIVE: tl.constexpr, COPY: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+):
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
+    mv = tl.load(m1 + idx, mask=m, other=o).to(ACC)
+    wt, p = _moved_back(w, b, mv, idx, m, o, a, COPY, ACC)
+    d = tl.load(g + idx, mask=m, other=o).to(ACC)
+    if maximize:
+        d = -d
+    if weight_decay != 0:  # Adam: the L2 term at w~
+        d = d + weight_decay * wt
+    if lerp_weight < 0.5:
+        mv = mv + lerp_weight * (d - mv)
+    else:
+        mv = d - (d - mv) * (1.0 - lerp_weight)
+    vv = tl.load(m2 + idx, mask=m, other=o).to(ACC) * beta2 + one_minus_beta2 * d * d
+    ms = _to(mv, m1.dtype.element_ty)
+    tl.store(m1 + idx, ms, mask=m)
+    tl.store(m2 + idx, _to(vv, m2.dtype.element_ty), mask=m)
+    if amsgrad:
+        vv = tl.maximum(tl.load(vmax + idx, mask=m, other=o).to(ACC), vv)
+        tl.store(vmax + idx, _to(vv, vmax.dtype.element_ty), mask=m)
+    denom = _div(_sqrt(vv, ACC), bc2_sqrt, ACC) + eps
+    wn = p - step_size * _div(mv, denom, ACC)
+    if decay_factor != 1:  # AdamW: the decoupled decay after the update
+        wn = wn * decay_factor
+    wn = _to(wn, w.dtype.element_ty)
+    tl.store(w + idx, wn, mask=m)
+    x = ms.to(ACC)
+    if ADAPTIVE:
+        x = (tl.abs(wn.to(ACC)) + eta) * x
+    x = x * x
+    if MASKED:
+        x = tl.where(m, x, 0.0)
+    return x
+
+
+@triton.jit
+def _msam_adam_row(
+    rows, row, start, length, a, eta, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+    step_size, bc2_sqrt, amsgrad, maximize,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ADAPTIVE: tl.constexpr, COPY: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    w, g, b = _wgb(rows, row, DTYPE, VEC)
+    m1 = _ptr(rows, row, _S1, DTYPE, VEC)
+    m2 = _ptr(rows, row, _S2, DTYPE, VEC)
+    vmax = _ptr(rows, row, _S3, DTYPE, VEC)
+    acc = tl.zeros([BLOCK], ACC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    end = start + length
+    for j in range(0, full):
+        acc += _msam_adam_block(w, g, b, m1, m2, vmax, start + j * BLOCK + lanes, end, a, eta, lerp_weight, beta2,
+                                one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad,
+                                maximize, ADAPTIVE, COPY, False, ACC)
+    if full * BLOCK < length:
+        acc += _msam_adam_block(w, g, b, m1, m2, vmax, start + full * BLOCK + lanes, end, a, eta, lerp_weight, beta2,
+                                one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad,
+                                maximize, ADAPTIVE, COPY, True, ACC)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def msam_adam_kernel(
+    rows, chunks, hyper, opts, factors, partials, counter, out, n_programs,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """Move back, then the authors' AdamW step (its decoupled decay after the update; Adam's L2 term at ``w~``);
+    ``out = sum((T * m)^2)`` of the new ``exp_avg`` as stored. ``hyper`` row: ``restore_adam_kernel``'s."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    a = tl.load(factors + ((flags >> _OPT_SHIFT) & _SLOT_MASK)).to(ACC)
+    lerp_weight = _hyper(hyper, flags, _ADAM_OMB1)
+    beta2 = _hyper(hyper, flags, _ADAM_BETA2)
+    one_minus_beta2 = _hyper(hyper, flags, _ADAM_OMB2)
+    eps = _hyper(hyper, flags, _ADAM_EPS)
+    weight_decay = _hyper(hyper, flags, _ADAM_WD)
+    decay_factor = _hyper(hyper, flags, _ADAM_DECAY)
+    step_size = _hyper(hyper, flags, _ADAM_STEP_SIZE)
+    bc2_sqrt = _hyper(hyper, flags, _ADAM_BC2)
+    amsgrad = _hyper(hyper, flags, _ADAM_AMSGRAD) != 0
+    maximize = _hyper(hyper, flags, _ADAM_MAXIMIZE) != 0
+    adaptive = _opt(opts, flags, _ADAPTIVE) != 0
+    eta = _opt(opts, flags, _ETA).to(ACC)
+    vec = _vector(flags, _V_MSAM_ADAM_COPY if COPY else _V_MSAM_ADAM, ALIGNED)
+    if adaptive:
+        if vec:
+            part = _msam_adam_row(rows, row, start, length, a, eta, lerp_weight, beta2, one_minus_beta2, eps,
+                                  weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, DTYPE, ACC,
+                                  BLOCK, True, COPY, True)
+        else:
+            part = _msam_adam_row(rows, row, start, length, a, eta, lerp_weight, beta2, one_minus_beta2, eps,
+                                  weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, DTYPE, ACC,
+                                  BLOCK, True, COPY, False)
+    else:
+        if vec:
+            part = _msam_adam_row(rows, row, start, length, a, eta, lerp_weight, beta2, one_minus_beta2, eps,
+                                  weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, DTYPE, ACC,
+                                  BLOCK, False, COPY, True)
+        else:
+            part = _msam_adam_row(rows, row, start, length, a, eta, lerp_weight, beta2, one_minus_beta2, eps,
+                                  weight_decay, decay_factor, step_size, bc2_sqrt, amsgrad, maximize, DTYPE, ACC,
+                                  BLOCK, False, COPY, False)
+    _sum_partials(partials, counter, out, pid, part, n_programs, ACC, BLOCK)
+
+
+@triton.jit
+def _msam_perturb_block(w, mom, b, idx, n, eta, a, ADAPTIVE: tl.constexpr, COPY: tl.constexpr,
+                        MASKED: tl.constexpr, ACC: tl.constexpr):
+    m = idx < n if MASKED else None
+    o = 0.0 if MASKED else None
+    wv = tl.load(w + idx, mask=m, other=o)
+    if COPY:
+        tl.store(b + idx, wv, mask=m)
+    wa = wv.to(ACC)
+    mv = tl.load(mom + idx, mask=m, other=o).to(ACC)
+    if ADAPTIVE:
+        t = tl.abs(wa) + eta
+        e = t * (t * mv) * a
+    else:
+        e = mv * a
+    tl.store(w + idx, _to(wa - e, w.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _msam_perturb_row(rows, row, start, length, eta, a, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                      ADAPTIVE: tl.constexpr, COPY: tl.constexpr, VEC: tl.constexpr):
+    w = _ptr(rows, row, _W, DTYPE, VEC)
+    mom = _ptr(rows, row, _S1, DTYPE, VEC)
+    b = _ptr(rows, row, _B, DTYPE, VEC)
+    lanes = tl.arange(0, BLOCK)
+    full = length // BLOCK
+    for j in range(0, full):
+        _msam_perturb_block(w, mom, b, start + j * BLOCK + lanes, start + length, eta, a, ADAPTIVE, COPY, False, ACC)
+    if full * BLOCK < length:
+        _msam_perturb_block(w, mom, b, start + full * BLOCK + lanes, start + length, eta, a, ADAPTIVE, COPY, True, ACC)
+
+
+@triton.jit
+def msam_perturb_kernel(
+    rows, chunks, opts, sqnorm, factors,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """``w~ = w - a * T^2 * m``, ``a = rho * (1 / (sqrt(*sqnorm) + eps))`` (0 when that norm is 0 or not finite, as
+    ``perturb_kernel``'s scale), written into ``factors[group]`` for the next step (every program of a group writes
+    the same value); with ``COPY`` the kept copy gets ``w`` first."""
+    pid = tl.program_id(0)
+    row, start, length, flags = _chunk(rows, chunks, pid, CHUNK)
+    norm = _sqrt(tl.load(sqnorm).to(ACC), ACC)
+    ok = (norm < _INF) & (norm > 0)
+    inv = _div(tl.full([], 1.0, ACC), tl.where(ok, norm + _opt(opts, flags, _EPS).to(ACC), 1.0), ACC)
+    a = tl.where(ok, inv * _opt(opts, flags, _RHO).to(ACC), 0.0)
+    tl.store(factors + ((flags >> _OPT_SHIFT) & _SLOT_MASK), a)
+    eta = _opt(opts, flags, _ETA).to(ACC)
+    vec = _vector(flags, _V_MSAM_PERTURB_COPY if COPY else _V_MSAM_PERTURB, ALIGNED)
+    if _opt(opts, flags, _ADAPTIVE) != 0:
+        if vec:
+            _msam_perturb_row(rows, row, start, length, eta, a, DTYPE, ACC, BLOCK, True, COPY, True)
+        else:
+            _msam_perturb_row(rows, row, start, length, eta, a, DTYPE, ACC, BLOCK, True, COPY, False)
+    else:
+        if vec:
+            _msam_perturb_row(rows, row, start, length, eta, a, DTYPE, ACC, BLOCK, False, COPY, True)
+        else:
+            _msam_perturb_row(rows, row, start, length, eta, a, DTYPE, ACC, BLOCK, False, COPY, False)

@@ -116,6 +116,7 @@ _SUMS, _ALPHA = Tensor("sums", "float64"), Tensor("alpha", "float64")
 _DIRECTIONS = (("", 0), ("gsam", L.COMBINE_GSAM))
 _UPDATE = (_ROWS, _CHUNKS, _HYPER, _SUMS, _ALPHA)
 _COUNTER = Tensor("counter", "int32", written=True, scratch=True)
+_FACTORS = Tensor("factors", "acc")  # MSAM: each param group's factor of the perturbation in place
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("sqnorm", (_ROWS, _CHUNKS, _OPTS, Tensor("partials", "acc", written=True, scratch=True), _COUNTER,
@@ -128,6 +129,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("combine", (_ROWS, _CHUNKS, _SUMS, _ALPHA), copy=False, mode="MODE", mode_entries=True,
            modes=(("keep", L.COMBINE_KEEP), ("look_full", L.COMBINE_LOOK_FULL), ("look_one", L.COMBINE_LOOK_ONE),
                   ("gsam", L.COMBINE_GSAM))),
+    # Momentum-SAM (fastasam.MSAM): move back + the base optimizer's update + the new norm's partials; perturb
+    *(Kernel(name, (_ROWS, _CHUNKS, _HYPER, _OPTS, _FACTORS, Tensor("partials", "acc", written=True, scratch=True),
+                    _COUNTER, Tensor("out", "acc", written=True))) for name in ("msam_sgd", "msam_adam")),
+    Kernel("msam_perturb", (_ROWS, _CHUNKS, _OPTS, Tensor("sqnorm", "acc"), Tensor("factors", "acc", written=True))),
 )}
 
 _C_TYPE = {"int64": "int64_t", "int32": "int32_t", "float32": "float", "float64": "double", "acc": "float"}

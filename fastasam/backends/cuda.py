@@ -121,8 +121,30 @@ def _fake_combine(rows, chunks, sums, alpha, count, chunk_size, dtype, mode) -> 
                  lambda: f"fastasam: unknown combine mode {mode}")
 
 
+def _fake_msam_update(rows, chunks, hyper, opts, factors, partials, counter, out, count, chunk_size, dtype,
+                      copy) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+    _check(hyper, "hyper", torch.float32, rows, _layout.NHYPER)
+    _check(opts, "opts", torch.float32, rows, _layout.NOPT)
+    for t, name, dt in ((factors, "factors", torch.float32), (partials, "partials", torch.float32),
+                        (counter, "counter", torch.int32), (out, "out", torch.float32)):
+        _check(t, name, dt, rows)
+    torch._check(factors.numel() >= opts.shape[0], lambda: "fastasam: factors needs one value per row of opts")
+    torch._check(partials.numel() >= count, lambda: f"fastasam: partials has {partials.numel()} slots for {count}")
+
+
+def _fake_msam_perturb(rows, chunks, opts, sqnorm, factors, count, chunk_size, dtype, copy) -> None:
+    _check_tables(rows, chunks, count, chunk_size, dtype)
+    _check(opts, "opts", torch.float32, rows, _layout.NOPT)
+    _check(sqnorm, "sqnorm", torch.float32, rows)
+    _check(factors, "factors", torch.float32, rows)
+    torch._check(sqnorm.numel() == 1, lambda: "fastasam: sqnorm must hold one value")
+    torch._check(factors.numel() >= opts.shape[0], lambda: "fastasam: factors needs one value per row of opts")
+
+
 FAKES = {"sqnorm": _fake_sqnorm, "perturb": _fake_perturb, "restore": _fake_restore, "dots": _fake_dots,
-         "combine": _fake_combine, **dict.fromkeys(UPDATE_KERNELS, _fake_restore_update)}
+         "combine": _fake_combine, **dict.fromkeys(UPDATE_KERNELS, _fake_restore_update),
+         "msam_sgd": _fake_msam_update, "msam_adam": _fake_msam_update, "msam_perturb": _fake_msam_perturb}
 _FAKES_REGISTERED = False
 
 
