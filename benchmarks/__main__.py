@@ -14,9 +14,9 @@ Parts: optimizer step time (``step_time``), the host work of a warm step against
 (``e2e``). Every part times its variants interleaved, one step of each per round, and takes its ratios round by
 round (``benchmarks/timing.py``: this machine's load changes by 10x within a run); a variant whose times spread more
 than 25% is flagged. The progress lines say what a round times (one step of every variant). Writes
-``suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per table), with the device, versions, commit
-and date, into ``benchmarks/results/local/`` (ignored by git); ``--update-results`` writes them into
-``benchmarks/results/``, the committed results, and ``--out`` anywhere.
+``suite-<device>.json``, ``.md`` (every table) and ``.png`` (one panel per table, host work included, each drawn by
+its part's ``draw``), with the device, versions, commit and date, into ``benchmarks/results/local/`` (ignored by
+git); ``--update-results`` writes them into ``benchmarks/results/``, the committed results, and ``--out`` anywhere.
 ``python -m benchmarks.step_time`` / ``.host_overhead`` / ``.e2e`` run one part with more options.
 """
 
@@ -38,7 +38,7 @@ def plan(device: torch.device, smoke: bool) -> dict:
     host = {"param_sets": list(host_overhead.DEFAULT_SETS), "steps": host_overhead.ROUNDS, "warmup": 5}
     if smoke:
         return {"step_time": [("resnet_tiny", torch.float32)], "steps": 2, "warmup": 1,
-                "variants": ["asam-reference", "asam-auto", "sgd"],
+                "variants": ["asam-reference", "asam-auto", "asam-official", "sgd", "copy"],
                 "host": {"param_sets": ["resnet_tiny"], "steps": 3, "warmup": 1},
                 "e2e": {"arch": "resnet_tiny", "batch": 4, "image_size": 32, "amp": "none", "channels_last": True,
                         "steps": 2, "warmup": 1}}
@@ -82,27 +82,28 @@ def main(argv: list[str] | None = None) -> dict:
         variants = todo["variants"] or step_time.default_variants(device)
         result = step_time.run(param_set, device, dtype, todo["steps"], todo["warmup"], variants)
         results.append(result)
-        sections.append((step_time.markdown(result, env), (result, step_time.title(result, env))))
+        sections.append((step_time.markdown(result, env), step_time.panel(result, step_time.title(result, env))))
     host = todo["host"]
     print(f"[{total - 1}/{total}] host work of a warm step (CPU, launches made no-ops): {host['steps']} rounds per "
           f"parameter set ({', '.join(host['param_sets'])})", flush=True)
     host_results = [host_overhead.run(name, host["steps"], host["warmup"]) for name in host["param_sets"]]
-    host_md = host_overhead.markdown(host_results, step_time.environment(torch.device("cpu")))
+    host_env = step_time.environment(torch.device("cpu"))
+    sections.append((host_overhead.markdown(host_results, host_env),
+                     host_overhead.panel(host_results, host_overhead.title(host_env))))
     print(f"[{total}/{total}] end-to-end training step: {todo['e2e']['steps']} rounds, each one training step of "
           "every variant", flush=True)
     result = e2e.run(device, **todo["e2e"])
     results.append(result)
-    sections.append((e2e.markdown(result, env), (result, f"{result['param_set']}, batch {result['batch']}, "
-                                                          f"{env['device_name']} ({env['device']})")))
+    sections.append((e2e.markdown(result, env), e2e.panel(result, e2e.title(result, env))))
 
-    md = "\n".join([*(m for m, _ in sections[:-1]), host_md, sections[-1][0]])
+    md = "\n".join(m for m, _ in sections)  # the tables in the order they ran: step times, host work, end to end
     print("\n" + md)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"suite-{device.type}{'-smoke' if args.smoke else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results,
                                                      "host_overhead": host_results}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"# fastasam benchmark suite\n\n{md}")
-    plotted = step_time.plot([p for _, p in sections], stem.with_suffix(".png"))
+    plotted = step_time.figure([p for _, p in sections], stem.with_suffix(".png"))  # a panel per table
     print(f"wrote {stem}.json, .md{' and .png' if plotted else ''}"
           f"{'' if args.out != LOCAL else ' (untracked; --update-results writes the committed results)'}")
     return {"environment": env, "results": results, "host_overhead": host_results}

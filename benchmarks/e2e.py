@@ -7,7 +7,8 @@ Variants, each on a fresh copy of the same initial model: plain SGD (one forward
 ``reference`` per-tensor loop (the published code's way) and ASAM with fastasam's ``auto`` backend (two
 forward/backwards each), timed interleaved, one step each per round (``benchmarks.timing``). Reports step time, its
 spread, images/s and the ASAM / SGD step-time ratio (2.0 is the limit set by the two passes; the goal is
-<= 2.03), the ratios as medians of the per-round ratios, so that a load change between rounds cancels out.
+<= 2.03), the ratios as medians of the per-round ratios, so that a load change between rounds cancels out. ``draw``
+draws the table as a panel of the suite's figure.
 """
 
 from __future__ import annotations
@@ -130,6 +131,42 @@ def markdown(result: dict, env: dict) -> str:
                      f"{r['images_per_s']:.1f} | {ratio} | {speed} |")
     lines += ["", timing.legend(result["steps"], "step time / SGD's and speed-up")]
     return "\n".join(lines) + "\n"
+
+
+def draw(ax, result: dict, title: str) -> None:
+    """Draw the end-to-end table on the matplotlib axes ``ax`` (its artists are added, its title, labels and limits
+    set): one horizontal bar per variant at its median training-step time, labelled with its step time over SGD's
+    and its speed-up over ASAM with the ``reference`` backend (both paired per round)."""
+    rows = result["rows"]
+    ax.barh([r["name"] for r in rows], [r["median_s"] * 1e3 for r in rows], color="tab:green")
+    for i, r in enumerate(rows):
+        if r["variant"] == "sgd":
+            said = "SGD: one forward/backward"
+        else:
+            said = ", ".join(part for part in (
+                f"{r['ratio_vs_sgd']:.2f}x SGD's step" if r.get("ratio_vs_sgd") else "",
+                f"{r['speedup_vs_reference']:.2f}x vs asam-reference"
+                if r.get("speedup_vs_reference") and r["variant"] != "asam-reference" else "") if part)
+        noisy = f", spread {r['spread']:.0%}!" if r.get("noisy") else ""
+        ax.text(r["median_s"] * 1e3, i, f" {r['median_s'] * 1e3:.1f} ms" + (f"  ({said})" if said else "") + noisy,
+                va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median training-step time (ms), lower is better\nin brackets: the step time over SGD's (ASAM's "
+                  "two passes make 2.0 the limit)\nand the speed-up over ASAM with the reference backend, medians of "
+                  "the per-round ratios", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(0, max(r["median_s"] for r in rows) * 1e3 * 2.4)
+
+
+def panel(result: dict, title: str) -> tuple:
+    """The end-to-end table as a panel of ``step_time.figure``."""
+    return draw, result, title, 0.45 * len(result["rows"]) + 1.6
+
+
+def title(result: dict, env: dict) -> str:
+    """The end-to-end panel's title."""
+    return (f"{result['arch']} training step, batch {result['batch']}, {result['image_size']} px, amp {result['amp']}, "
+            f"{env['device_name']} ({env['device']})")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -41,7 +41,9 @@ them, the ratio of the minima by up to 13%, and by up to 4% with the same steps 
 costs on this machine as loaded) and the first step's (``after_other_vs_official``) are reported beside it. Also
 reported: Python-level calls per step (function calls and C calls from Python code, counted with ``sys.setprofile``: a
 number noise does not move), and with ``--callgrind`` instructions per step under valgrind (also noise-free). Writes
-``benchmarks/results/host-overhead-cpu.{json,md,png}``.
+``benchmarks/results/host-overhead-cpu.{json,md,png}``: the table and its plot (``draw``, also the host panel of the
+suite's figure) say that the numbers are host work only, not a step's time, and mark the rows whose kernel launches
+are no-ops (``launches``; the table's ``kernel launches`` column, the plot's hatched bars and labels).
 """
 
 from __future__ import annotations
@@ -73,6 +75,14 @@ PYTHON_PASS = ", Python pass"  # the variant's plan checks the tensors with fast
 # these two with the pass over the tensors skipped
 FUSED = ("fastasam triton", "fastasam cuda")
 RATIO_OF = "minima"  # ``vs_official``: a variant's fastest steady step over the official loop's (see the docstring)
+NO_OP_LAUNCHES = "launches no-ops"  # what the plot's labels of those variants say (the table: ``kernel launches``)
+
+
+def launches(name: str) -> str:
+    """``no-op`` for a variant whose kernel launches are made no-ops (the fused backends' rows, ``FUSED``: only the
+    host work of their step is timed, none of its kernels), ``real`` for the others (their ops run, on tiny
+    tensors)."""
+    return "no-op" if name.startswith(FUSED) else "real"
 
 
 class _NoLaunch:
@@ -263,7 +273,8 @@ def run(param_set: str, steps: int, warmup: int, callgrind: bool = False) -> dic
                "median_vs_official": timing.paired_ratio(times[v.name], official),
                "after_other_us": statistics.median(first[v.name]) * 1e6,
                "after_other_vs_official": timing.paired_ratio(first[v.name], official_first),
-               "steady_steps": len(steady[v.name]), "python_calls": v.python_calls()}
+               "steady_steps": len(steady[v.name]), "python_calls": v.python_calls(),
+               "kernel_launches": launches(v.name)}
         if callgrind:
             row["instructions"] = callgrind_instructions(param_set, v.name)
             if v.name in FUSED:
@@ -360,7 +371,12 @@ def _worker(param_set: str, variant: str, steps: int, trust_pass: bool = False) 
 
 
 def markdown(results: list[dict], env: dict) -> str:
-    lines = [f"### Host work of a warm step on {env['device_name']} (tiny CPU tensors, kernel launches no-ops)", "",
+    lines = [f"### Host work only, not a step's time: a warm step on {env['device_name']} (tiny CPU tensors; the "
+             "triton/cuda rows' kernel launches no-ops)", "",
+             "What is timed is the CPU's work before any kernel runs. The rows marked `no-op` under kernel launches "
+             "(the triton and cuda backends, whose launches are not made here) time only the Python, dispatch and "
+             "table bookkeeping of their step: their ratio to the official loop compares host work alone, not step "
+             "times (the step-time table has those, kernels included). The other rows' ops run, on tiny tensors.", "",
              f"torch {env['torch']}, fastasam {env['fastasam']} @ {env['commit']}, {env['date']}. "
              f"{results[0]['steps']} interleaved rounds, in each a variant's step right after another variant's, "
              f"then steps right after its own (for a fused variant {WARM_IN} untimed, then {STEADY_STEPS} timed; one "
@@ -370,14 +386,15 @@ def markdown(results: list[dict], env: dict) -> str:
              "per-round ratio of the former (partly cold caches). SGD momentum + weight decay, official weight/bias "
              f"split; the pass over the tensors: {env.get('host_pass', 'python')}.", ""]
     has_cg = any(r.get("instructions") for res in results for r in res["rows"])
-    head = ("| parameter set | variant | fastest us | median us (IQR) | vs official loop: fastest | median of rounds | "
-            "after another variant: us, vs official | Python calls / step |")
+    head = ("| parameter set | variant | kernel launches | fastest us | median us (IQR) | vs official loop: fastest | "
+            "median of rounds | after another variant: us, vs official | Python calls / step |")
     lines += [head + (" instructions / step |" if has_cg else ""),
-              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_cg else "")]
+              "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_cg else "")]
     for res in results:
         for r in res["rows"]:
             cg = f" {r['instructions']:,} |" if has_cg and r.get("instructions") else (" - |" if has_cg else "")
-            lines.append(f"| {res['param_set']} ({res['tensors']}) | {r['name']} | {r['min_us']:,.0f} | "
+            lines.append(f"| {res['param_set']} ({res['tensors']}) | {r['name']} | {launches(r['name'])} | "
+                         f"{r['min_us']:,.0f} | "
                          f"{r['median_us']:,.0f} ({r['iqr_us']:,.0f}) | {_ratio(r['vs_official'])} | "
                          f"{_ratio(r['median_vs_official'])} | {r['after_other_us']:,.0f}, "
                          f"{_ratio(r['after_other_vs_official'])} | {r['python_calls']:,} |{cg}")
@@ -438,34 +455,55 @@ def scaling_rows(results: list[dict]) -> list:
     return out
 
 
-def plot(results: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
+def title(env: dict) -> str:
+    """The host-work panel's title."""
+    return f"Host work of a warm ASAM step on {env['device_name']} (tiny CPU tensors)"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
+
+def draw(ax, results: list[dict], title: str) -> None:
+    """Draw the host-work table on the matplotlib axes ``ax`` (its artists are added, its title, labels and scale
+    set): per variant a group of horizontal bars, one per parameter set, at the fastest steady step (log scale), with
+    the median of the rounds (x) and the step after another variant's (|); the variants whose kernel launches are
+    no-ops (``launches``) hatched and labelled so."""
+    from matplotlib.patches import Patch
+
     names = [r["name"] for r in results[0]["rows"]]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(results)
     for k, res in enumerate(results):
-        xs = [i + k * width for i in range(len(names))]
-        ax.bar(xs, [r["min_us"] for r in res["rows"]], width, label=f"{res['param_set']} ({res['tensors']})")
-        ax.scatter(xs, [r["median_us"] for r in res["rows"]], marker="x", s=30, color="dimgray", zorder=3,
+        rows = {r["name"]: r for r in res["rows"]}
+        ys = [i + k * width for i, name in enumerate(names) if name in rows]
+        shown = [rows[name] for name in names if name in rows]
+        bars = ax.barh(ys, [r["min_us"] for r in shown], width, label=f"{res['param_set']} ({res['tensors']})")
+        for bar, r in zip(bars, shown):
+            if launches(r["name"]) == "no-op":
+                bar.set_hatch("//")
+                bar.set_edgecolor("black")
+        ax.scatter([r["median_us"] for r in shown], ys, marker="x", s=30, color="dimgray", zorder=3,
                    label="median of the rounds" if k == 0 else None)
-        ax.scatter(xs, [r["after_other_us"] for r in res["rows"]], marker="_", s=120, color="black", zorder=3,
+        ax.scatter([r["after_other_us"] for r in shown], ys, marker="|", s=120, color="black", zorder=3,
                    label="the step after another variant's" if k == 0 else None)
-    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], names, rotation=15)
-    ax.set_yscale("log")
-    ax.set_ylabel("host us per warm step, fastest steady step (log)")
-    ax.set_title("Host work of a warm ASAM step (tiny CPU tensors, launches no-ops)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    labels = [f"{name}\n({NO_OP_LAUNCHES})" if launches(name) == "no-op" else name for name in names]
+    ax.set_yticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("host us per warm step (log), fastest steady step: host work only, not a step's time")
+    ax.set_title(f"{title}\nhost work only, not a step's time; hatched: kernel launches no-ops (no kernel runs)",
+                 fontsize=10)
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=f"kernel {NO_OP_LAUNCHES}"))
+    ax.legend(handles=handles, fontsize=8, loc="best")
+
+
+def panel(results: list[dict], title: str) -> tuple:
+    """The host-work table as a panel of ``step_time.figure``."""
+    return draw, results, title, 0.2 * len(results[0]["rows"]) * len(results) + 2.4
+
+
+def plot(results: list[dict], path: Path, env: dict | None = None) -> bool:
+    """Write the host-work figure (one ``draw`` panel) to ``path``; False (and a message) when matplotlib is
+    missing."""
+    env = env or step_time.environment(torch.device("cpu"))
+    return step_time.figure([panel(results, title(env))], path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -503,7 +541,7 @@ def write(results: list[dict], md: str, out: Path, env: dict | None = None) -> N
     stem = out / "host-overhead-cpu"
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"# fastasam host overhead\n\n{md}")
-    if plot(results, stem.with_suffix(".png")):
+    if plot(results, stem.with_suffix(".png"), env):
         print(f"wrote {stem}.json, .md and .png")
 
 

@@ -12,11 +12,14 @@ NVIDIA apex where installed, plain ``torch.optim.SGD`` for scale, and a paramete
 bandwidth of the run. The variants are timed interleaved, one step each per round (``benchmarks.timing``: a shared
 machine's load changes by 10x within a run), and the speed-ups are the median of the per-round ratios. Every row gets
 achieved GB/s (the least bytes its algorithm must move, ``PASSES``, over its median) and its multiple of the memory
-floor (those bytes at the copy's bandwidth in the same run); % of peak where the device's peak is known. Prints a
-table (also median ms, spread, speed-up over reference, peak memory from a separate step per variant) and fastasam's
-paired speed-ups over the published loops, a warning for every variant whose times spread more than
-``timing.SPREAD_LIMIT``, and writes JSON (with every step's time), markdown and a PNG plot to benchmarks/results/.
-Times on CUDA come from CUDA events; on the CPU from perf_counter.
+floor (those bytes at the copy's bandwidth in the same run); % of peak where the device's peak is known. Every
+fastasam row also gets its paired speed-up over the published loop of its own algorithm (``PUBLISHED_LOOP``: the
+official asam.py for ASAM, sam.py for SAM); the other rows say what they are (``ROLES``). Prints a table (also median
+ms, spread, that speed-up, the speed-up over fastasam's ``reference`` backend, peak memory from a separate step per
+variant) and fastasam's paired speed-ups over the published loops, a warning for every variant whose times spread more
+than ``timing.SPREAD_LIMIT``, and writes JSON (with every step's time), markdown and a PNG plot (each row's bar
+labelled with its speed-up over its published loop, and a tick at the memory floor of its own algorithm) to
+benchmarks/results/. Times on CUDA come from CUDA events; on the CPU from perf_counter.
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
 COMPARE = {"asam-auto": ("asam-official", "asam-pytorch_optimizer", "asam-compile-foreach"),
            "sam-auto": ("sam-sam.py", "sam-pytorch_optimizer")}
 PUBLISHED = ("asam-official", "asam-pytorch_optimizer", "sam-sam.py", "sam-pytorch_optimizer")
+# the published loop of each algorithm, what a user would otherwise run: every fastasam row of the algorithm gets its
+# paired speed-up over it (``speedup_vs_published``)
+PUBLISHED_LOOP = {"asam": "asam-official", "sam": "sam-sam.py"}
+# what the rows that are not fastasam's are, said in their plot label and table cell instead of a speed-up
+ROLES = {"asam-official": "published loop", "sam-sam.py": "published loop",
+         "asam-pytorch_optimizer": "published, pytorch_optimizer",
+         "sam-pytorch_optimizer": "published, pytorch_optimizer", "asam-compile-foreach": "torch.compile baseline",
+         "asam-apex": "apex baseline", "sgd": "SGD alone, for scale", "copy": "bandwidth probe"}
+FLOOR_LABEL = "memory floor of the row's algorithm"
+VS_PUBLISHED = "speed-up over the published loop of the row's algorithm (ASAM: asam-official, SAM: sam-sam.py)"
 
 
 def peak_gbps(device: torch.device) -> float | None:
@@ -205,6 +218,11 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
         r["floor_ms"] = floor_bytes / (copy_gbps * 1e9) * 1e3 if copy_gbps else None
         r["x_floor"] = r["median_s"] * 1e3 / r["floor_ms"] if copy_gbps else None
         r["pct_of_peak"] = 100 * r["achieved_GBps"] / peak if peak else None
+    for r in rows:  # fastasam's rows against the published loop of their algorithm, paired per round
+        r["published"] = None if r["variant"] in ROLES else PUBLISHED_LOOP.get(kind_of(r["variant"]))
+        loop = by_variant.get(r["published"])
+        r["speedup_vs_published"] = timing.paired_ratio(loop["times_s"], r["times_s"]) if loop else None
+        r["published_spread"] = timing.paired_spread(loop["times_s"], r["times_s"]) if loop else None
     comparisons = {}
     for ours, peers in COMPARE.items():
         for peer in peers:
@@ -237,6 +255,18 @@ def environment(device: torch.device) -> dict:
             "host_pass": _watch.IMPLEMENTATION}
 
 
+def vs_published(row: dict, flag: bool = False) -> str:
+    """What a row's plot label and table cell say against the published loops: for a fastasam row its paired
+    speed-up over the published loop of its algorithm (``2.41x vs asam-official``, with the table's `` !`` after a
+    spread ratio where ``flag``), for the others what they are (``ROLES``: ``published loop``, ...)."""
+    if row.get("variant") in ROLES:
+        return ROLES[row["variant"]]
+    if row.get("speedup_vs_published"):
+        mark = timing.mark(row.get("published_spread")) if flag else ""
+        return f"{row['speedup_vs_published']:.2f}x{mark} vs {row['published']}"
+    return f"{row['published']} not run" if row.get("published") else "-"
+
+
 def markdown(result: dict, env: dict) -> str:
     threads = f"{result.get('cpu_threads') or env['cpu_threads']} CPU thread(s)"
     lines = [f"### {result['param_set']} ({result['tensors']} tensors, {result['elements']:,} elements, "
@@ -254,8 +284,9 @@ def markdown(result: dict, env: dict) -> str:
     elif result.get("floor_ms"):
         lines += [f"Memory floor: {result['memory_floor_bytes'] / 1e6:.1f} MB at {result['peak_GBps']:.0f} GB/s "
                   f"= {result['floor_ms']:.3f} ms.", ""]
-    lines += ["| implementation | median ms | spread | speed-up vs reference | GB/s | x floor | % of peak | peak MiB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| implementation | median ms | spread | vs published loop | speed-up vs reference | GB/s | x floor | "
+              "% of peak | peak MiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         speed = (f"{r['speedup_vs_reference']:.2f}x{timing.mark(r.get('speedup_spread'))}"
                  if r["speedup_vs_reference"] else "-")
@@ -263,34 +294,53 @@ def markdown(result: dict, env: dict) -> str:
         floor = f"{r['x_floor']:.2f}" if r.get("x_floor") else "-"
         pct = f"{r['pct_of_peak']:.0f}%" if r.get("pct_of_peak") else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
-        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {timing.spread_cell(r['spread'])} | {speed} | "
-                     f"{gbps} | {floor} | {pct} | {mem} |")
+        lines.append(f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {timing.spread_cell(r['spread'])} | "
+                     f"{vs_published(r, flag=True)} | {speed} | {gbps} | {floor} | {pct} | {mem} |")
     if result.get("comparisons"):
         lines += ["", "fastasam against the published loops in this run (median of the per-round ratios):", ""]
         lines += [f"- {k}: {v:.2f}x faster" for k, v in result["comparisons"].items()]
-    lines += ["", timing.legend(result["steps"], "speed-up: the reference's step time / the variant's")]
+    lines += ["", "vs published loop: the " + VS_PUBLISHED + ", the published loop's step time / the row's; the rows "
+              "that are not fastasam's say what they are. Speed-up vs reference: fastasam's own per-tensor "
+              "`reference` backend's step time / the row's.",
+              "", timing.legend(result["steps"], "Both speed-ups")]
     return "\n".join(lines) + "\n"
 
 
 def draw(ax, result: dict, title: str) -> None:
-    """One horizontal bar per row: median step time, labelled with the speed-up over ``reference``."""
+    """Draw a step-time table on the matplotlib axes ``ax`` (its artists are added, its title, labels and limits
+    set): one horizontal bar per row at its median step time, labelled with ``vs_published`` (a fastasam row's
+    paired speed-up over the published loop of its algorithm, what the others are), and a red tick on each row at
+    the memory floor of that row's algorithm (``floor_ms``: ``PASSES`` at the copy's bandwidth; none without a
+    copy in the run)."""
     rows = result["rows"]
     ax.barh([r["name"] for r in rows], [r["median_s"] * 1e3 for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
-        speed = f"  ({r['speedup_vs_reference']:.2f}x)" if r.get("speedup_vs_reference") else ""
         noisy = f", spread {r['spread']:.0%}!" if r.get("noisy") else ""
-        ax.text(r["median_s"] * 1e3, i, f" {r['median_s'] * 1e3:.2f} ms{speed}{noisy}", va="center", fontsize=8)
-    if result.get("floor_ms"):
-        ax.axvline(result["floor_ms"], color="tab:red", linestyle="--", label="memory floor")
+        ax.text(r["median_s"] * 1e3, i, f" {r['median_s'] * 1e3:.2f} ms  ({vs_published(r)}){noisy}", va="center",
+                fontsize=8)
+    floors = [(i, r["floor_ms"]) for i, r in enumerate(rows) if r.get("floor_ms")]
+    if floors:
+        ax.vlines([x for _, x in floors], [i - 0.45 for i, _ in floors], [i + 0.45 for i, _ in floors],
+                  colors="tab:red", linewidth=2, zorder=3, label=FLOOR_LABEL)
         ax.legend(loc="lower right", fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("median step time (ms), lower is better")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, max(r["median_s"] for r in rows) * 1e3 * 1.6)
+    ax.set_xlabel("median step time (ms), lower is better\nin brackets: the speed-up over the published loop of the "
+                  "row's algorithm\n(ASAM: asam-official, SAM: sam-sam.py), median of the per-round ratios",
+                  fontsize=8)
+    ax.set_title(f"{title}\nspeed-ups over the published ASAM/SAM loops", fontsize=10)
+    longest = max(r["median_s"] for r in rows) * 1e3
+    ax.set_xlim(0, max([longest * 2.1, *(x * 1.1 for _, x in floors)]))
 
 
-def plot(panels: list[tuple[dict, str]], path: Path) -> bool:
-    """Write one figure with a panel per (result, title); False (and a message) when matplotlib is missing."""
+def panel(result: dict, title: str) -> tuple:
+    """A step-time table as a panel of ``figure``."""
+    return draw, result, title, 0.45 * len(result["rows"]) + 1.6
+
+
+def figure(panels: list[tuple], path: Path, width: float = 9) -> bool:
+    """Write one PNG figure to ``path`` with a panel per (draw, data, title, height in inches), one under the other:
+    ``draw(ax, data, title)`` draws the panel's table on its axes (``step_time.draw``, ``host_overhead.draw``,
+    ``e2e.draw``). False (and a message) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -299,15 +349,21 @@ def plot(panels: list[tuple[dict, str]], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
-    heights = [0.45 * len(r["rows"]) + 1.2 for r, _ in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights)), squeeze=False,
+    heights = [height for *_, height in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    for ax, (result, title) in zip(axes[:, 0], panels):
-        draw(ax, result, title)
+    for ax, (draw_panel, data, title, _) in zip(axes[:, 0], panels):
+        draw_panel(ax, data, title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot(panels: list[tuple[dict, str]], path: Path) -> bool:
+    """Write one figure to ``path`` with a step-time panel per (result, title) (``figure``); False (and a message)
+    when matplotlib is missing."""
+    return figure([panel(result, title) for result, title in panels], path)
 
 
 def title(result: dict, env: dict) -> str:

@@ -26,7 +26,9 @@ def test_step_time_benchmark_runs_and_writes_results(tmp_path):
     data = json.loads(js.read_text())
     assert data["environment"]["torch"] and data["elements"] == 25_557_032
     md = (tmp_path / js.name.replace(".json", ".md")).read_text()
-    assert md.count("| asam-") == 2 and "| median ms | spread | speed-up vs reference |" in md
+    assert sum(line.startswith("| asam-") for line in md.splitlines()) == 2
+    assert "| median ms | spread | vs published loop | speed-up vs reference |" in md
+    assert "| asam-official not run |" in md  # no published loop in this run: said so, no speed-up over it
     assert "Median of 1 interleaved rounds" in md
     assert (tmp_path / js.name.replace(".json", ".png")).stat().st_size > 0
 
@@ -117,14 +119,36 @@ def test_the_community_sam_transcription_computes_fastasams_sam_step(adaptive):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+def _agg_axes():
+    """A figure with one matplotlib axes on the Agg backend (nothing shown), to draw a panel on and inspect it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    return plt, fig, ax
+
+
 def test_step_time_reports_the_published_loops_and_the_memory_floor(tmp_path):
-    """Every row gets GB/s and its multiple of the floor measured by the copy in the same run; fastasam's ASAM and
-    SAM rows are compared with the published loops."""
+    """Every row gets GB/s and its multiple of the floor measured by the copy in the same run; every fastasam row
+    gets its paired speed-up over the published loop of its own algorithm (ASAM: asam-official, SAM: sam-sam.py), in
+    the JSON, the table and the plot's labels; the plot draws each row's memory floor (its algorithm's passes) on
+    that row."""
     (result,) = step_time.main(["--device", "cpu", "--steps", "2", "--warmup", "0", "--param-sets", "resnet_tiny",
-                                "--variants", "asam-auto", "asam-official", "sam-auto", "sam-sam.py", "copy",
-                                "--out", str(tmp_path)])
+                                "--variants", "asam-reference", "asam-auto", "asam-official", "sam-auto",
+                                "sam-sam.py", "sgd", "copy", "--out", str(tmp_path)])
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"asam-auto", "asam-official", "sam-auto", "sam-sam.py", "copy"}
+    assert set(rows) == {"asam-reference", "asam-auto", "asam-official", "sam-auto", "sam-sam.py", "sgd", "copy"}
+    for ours, loop in (("asam-reference", "asam-official"), ("asam-auto", "asam-official"),
+                       ("sam-auto", "sam-sam.py")):
+        assert rows[ours]["published"] == loop
+        assert rows[ours]["speedup_vs_published"] == timing.paired_ratio(rows[loop]["times_s"],
+                                                                         rows[ours]["times_s"])
+    assert rows["asam-auto"]["speedup_vs_published"] == result["comparisons"]["asam-auto vs asam-official"]
+    assert rows["sam-auto"]["speedup_vs_published"] == result["comparisons"]["sam-auto vs sam-sam.py"]
+    for other in ("asam-official", "sam-sam.py", "sgd", "copy"):  # not fastasam's: what they are, no speed-up
+        assert rows[other]["published"] is None and rows[other]["speedup_vs_published"] is None
     assert result["copy_GBps"] > 0 and rows["copy"]["x_floor"] == pytest.approx(1.0)
     for r in rows.values():
         kind = step_time.kind_of(r["variant"])
@@ -139,12 +163,90 @@ def test_step_time_reports_the_published_loops_and_the_memory_floor(tmp_path):
     md = (tmp_path / "step_time-resnet_tiny-float32-cpu.md").read_text()
     assert "| x floor |" in md and "- asam-auto vs asam-official: " in md
     assert "Memory floor: a parameter-sized copy" in md
+    table = {line.split(" | ")[0].removeprefix("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert f" | {rows['sam-auto']['speedup_vs_published']:.2f}x" in table[rows["sam-auto"]["name"]]
+    assert "x vs sam-sam.py | " in table[rows["sam-auto"]["name"]]
+    assert " | published loop | " in table["asam-official"] and " | published loop | " in table["sam-sam.py"]
+    assert " | SGD alone, for scale | " in table["sgd"]
+
+    plt, fig, ax = _agg_axes()
+    try:
+        step_time.draw(ax, result, "resnet_tiny")
+        labels = dict(zip((r["variant"] for r in result["rows"]), (t.get_text() for t in ax.texts)))
+        for ours, loop in (("asam-reference", "asam-official"), ("asam-auto", "asam-official"),
+                           ("sam-auto", "sam-sam.py")):
+            assert f" ms  ({rows[ours]['speedup_vs_published']:.2f}x vs {loop})" in labels[ours]
+        assert " ms  (published loop)" in labels["asam-official"] and " ms  (published loop)" in labels["sam-sam.py"]
+        assert " ms  (SGD alone, for scale)" in labels["sgd"] and " ms  (bandwidth probe)" in labels["copy"]
+        assert "published loop" in ax.get_xlabel() and "published" in ax.get_title()
+        # one floor tick per row, on that row, at the floor of the row's own algorithm
+        (floors,) = [c for c in ax.collections if c.get_label() == step_time.FLOOR_LABEL]
+        ticks = floors.get_segments()
+        assert len(ticks) == len(result["rows"])
+        copy_floor = rows["copy"]["floor_ms"]
+        for i, (r, tick) in enumerate(zip(result["rows"], ticks)):
+            (x0, y0), (x1, y1) = tick
+            kind = step_time.kind_of(r["variant"])
+            assert x0 == x1 == pytest.approx(r["floor_ms"]) and y0 < i < y1
+            assert x0 == pytest.approx(copy_floor * step_time.PASSES[kind] / step_time.PASSES["copy"])
+        assert len({round(t[0][0], 9) for t in ticks}) == 4  # asam, sam, sgd and copy: four different floors
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [step_time.FLOOR_LABEL]
+        assert not ax.lines  # no line across every row
+    finally:
+        plt.close(fig)
 
 
-def test_suite_smoke_configuration_writes_table_and_plot(tmp_path):
+def test_rows_that_are_not_fastasams_say_what_they_are_instead_of_a_speedup():
+    """The plot's labels and the table's ``vs published loop`` cells: a fastasam row's speed-up over its own
+    algorithm's published loop (with the table's ``!`` after a spread ratio), the published loops, the other
+    baselines, SGD and the copy by what they are, and a fastasam row whose published loop did not run says so."""
+    def cell(variant: str, **row) -> str:
+        return step_time.vs_published({"variant": variant, **row}, flag=True)
+
+    assert cell("asam-foreach", published="asam-official", speedup_vs_published=2.5,
+                published_spread=0.5) == "2.50x ! vs asam-official"
+    assert step_time.vs_published({"variant": "sam-auto", "published": "sam-sam.py", "speedup_vs_published": 1.5,
+                                   "published_spread": 0.5}) == "1.50x vs sam-sam.py"  # the plot: no flag
+    assert cell("sam-foreach", published="sam-sam.py", speedup_vs_published=None) == "sam-sam.py not run"
+    assert {v: cell(v) for v in ("asam-official", "sam-sam.py", "asam-pytorch_optimizer", "sam-pytorch_optimizer",
+                                 "asam-compile-foreach", "asam-apex", "sgd", "copy")} == {
+        "asam-official": "published loop", "sam-sam.py": "published loop",
+        "asam-pytorch_optimizer": "published, pytorch_optimizer",
+        "sam-pytorch_optimizer": "published, pytorch_optimizer",
+        "asam-compile-foreach": "torch.compile baseline", "asam-apex": "apex baseline",
+        "sgd": "SGD alone, for scale", "copy": "bandwidth probe"}
+    assert set(step_time.ROLES) >= set(step_time.PUBLISHED) | set(step_time.PUBLISHED_LOOP.values())
+
+
+def test_suite_smoke_configuration_writes_table_and_plot(tmp_path, monkeypatch):
+    """The suite's tables, JSON and figure; the figure has a panel per table it prints, in the same order: each
+    step-time table, the host-work table and the end-to-end table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
     from benchmarks.__main__ import main as suite
 
+    saved = []  # (path, the figure's panels: title and y labels) of every figure written
+    real_savefig = Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        saved.append((Path(path).name, [(ax.get_title(), [t.get_text() for t in ax.get_yticklabels()])
+                                        for ax in fig.axes]))
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
     out = suite(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    ((name, panels),) = saved
+    assert name == "suite-cpu-smoke.png"
+    assert len(panels) == 3  # the step-time table, the host-work table, the end-to-end table
+    (step, step_labels), (host, host_labels), (end, end_labels) = panels
+    assert step.startswith("resnet_tiny optimizer step") and "published" in step
+    assert step_labels == [r["name"] for r in out["results"][0]["rows"]]
+    assert "Host work" in host and "not a step's time" in host
+    assert [label.split("\n")[0] for label in host_labels] == [r["name"] for r in out["host_overhead"][0]["rows"]]
+    assert end.startswith("resnet_tiny training step") and end_labels == [r["name"] for r in out["results"][1]["rows"]]
     kinds = [r["param_set"] for r in out["results"]]
     assert kinds == ["resnet_tiny", "resnet_tiny training step"]
     e2e_rows = {r["variant"]: r for r in out["results"][1]["rows"]}
@@ -154,6 +256,8 @@ def test_suite_smoke_configuration_writes_table_and_plot(tmp_path):
     assert [r["param_set"] for r in out["host_overhead"]] == ["resnet_tiny"]
     md = (tmp_path / "suite-cpu-smoke.md").read_text()
     assert md.count("### ") == 3 and "step time / SGD's" in md and "vs official loop" in md
+    assert [line.split(" ")[1] for line in md.splitlines() if line.startswith("### ")] == ["resnet_tiny", "Host",
+                                                                                          "End"]
     assert md.count("| median ms | spread |") == 2 and md.count("interleaved rounds") == 3  # + host work
     assert (tmp_path / "suite-cpu-smoke.png").stat().st_size > 0
     assert json.loads((tmp_path / "suite-cpu-smoke.json").read_text())["environment"]["commit"]
@@ -187,6 +291,7 @@ def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_coun
         assert tiny[name]["python_calls"] == many[name]["python_calls"] < many["official loop"]["python_calls"] / 100
     assert many["official loop"]["python_calls"] > 10 * tiny["official loop"]["python_calls"]
     assert (tmp_path / "host-overhead-cpu.md").read_text().count("| many_2000 (2000) |") == len(many)
+    assert all(r["kernel_launches"] == ("no-op" if r["name"] in fused else "real") for r in many.values())
     for res in results:
         rows = {r["name"]: r for r in res["rows"]}
         assert res["ratio_of"] == host_overhead.RATIO_OF == "minima"
@@ -198,6 +303,46 @@ def test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_coun
             assert row["steady_steps"] == 3 * per_round
         official = rows["official loop"]
         assert official["after_other_vs_official"] == official["vs_official"] == official["median_vs_official"] == 1
+
+
+def _host_row(name: str, us: float) -> dict:
+    """A host-overhead table row of ``name`` whose fastest step took ``us`` (the official loop: 1,000 us)."""
+    return {"name": name, "min_us": us, "median_us": 1.2 * us, "iqr_us": 0.1 * us, "vs_official": us / 1000,
+            "median_vs_official": us / 1000, "after_other_us": 2 * us, "after_other_vs_official": us / 500,
+            "steady_steps": 3, "python_calls": 10}
+
+
+def test_the_host_table_and_plot_say_host_work_only_and_mark_the_rows_with_no_op_launches():
+    """The triton/cuda rows (their GSAM and Python-pass rows too) time host work with their kernel launches made
+    no-ops: the table has a ``kernel launches`` column (no-op / real) and a heading that says host work only, not a
+    step's time; the plot labels those rows ``(launches no-ops)``, hatches their bars and says the same."""
+    names = {"official loop": 1000, "torch SGD (foreach)": 200, "fastasam foreach": 800, "fastasam triton": 3,
+             "fastasam triton, Python pass": 30, "fastasam triton GSAM": 4, "fastasam cuda": 3}
+    results = [{"param_set": s, "tensors": n, "steps": 3, "ratio_of": "minima", "skipped": {},
+                "rows": [_host_row(name, us * k) for name, us in names.items()]}
+               for s, n, k in (("resnet50", 161, 1), ("many_2000", 2000, 10))]
+    env = {"device_name": "cpu", "device": "cpu", "torch": "t", "fastasam": "f", "commit": "c", "date": "d"}
+    md = host_overhead.markdown(results, env)
+    heading = next(line for line in md.splitlines() if line.startswith("### "))
+    assert heading.startswith("### Host work only, not a step's time") and "no-ops" in heading
+    assert "| parameter set | variant | kernel launches | fastest us |" in md
+    no_op = {"fastasam triton", "fastasam triton, Python pass", "fastasam triton GSAM", "fastasam cuda"}
+    for name in names:
+        cell = "no-op" if name in no_op else "real"
+        assert md.count(f"| {name} | {cell} | ") == 2, name
+
+    plt, fig, ax = _agg_axes()
+    try:
+        host_overhead.draw(ax, results, "Host work")
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert labels == [f"{n}\n(launches no-ops)" if n in no_op else n for n in names]
+        assert "host work only, not a step's time" in ax.get_title() and "not a step's time" in ax.get_xlabel()
+        bars = [b for c in ax.containers for b in c]
+        assert len(bars) == 2 * len(names)
+        assert [b.get_hatch() == "//" for b in bars] == [n in no_op for n in names] * 2
+        assert "kernel launches no-ops" in [t.get_text() for t in ax.get_legend().get_texts()]
+    finally:
+        plt.close(fig)
 
 
 def test_host_overhead_times_steady_steps_after_each_step_after_another_variant():
@@ -294,7 +439,7 @@ def test_measure_flags_a_high_spread_variant_and_not_a_steady_one(monkeypatch, c
     env = {"device_name": "cpu", "device": "cpu", "torch": "t", "fastasam": "f", "commit": "c", "date": "d",
            "cpu_threads": 2}
     table = {line.split(" | ")[0]: line for line in step_time.markdown(result, env).splitlines()}
-    assert "| 0% | 1.00x |" in table["| steady"]
+    assert "| 0% | - | 1.00x |" in table["| steady"]  # no published loop in the rows: "-"
     assert "% ! | " in table["| jumpy"] and "x ! |" in table["| jumpy"]  # its times and its paired ratio
     e2e_result = {"arch": "fake", "batch": 1, "image_size": 1, "amp": "none", "channels_last": False, "steps": 8,
                   "rows": [{**r, "images_per_s": 1.0, "ratio_vs_sgd": 1.0, "ratio_spread": r["spread"],

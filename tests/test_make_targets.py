@@ -51,12 +51,18 @@ def test_the_suite_writes_untracked_results_unless_asked_to_update_the_committed
              "e2e": {"steps": 1}}
     monkeypatch.setattr(suite, "plan", lambda device, smoke: small)  # the parts themselves are tested elsewhere
     monkeypatch.setattr(host_overhead, "markdown", lambda results, env: "host\n")
-    monkeypatch.setattr(e2e, "run", lambda device, **kw: {"param_set": "p training step", "batch": 1, "rows": []})
+    monkeypatch.setattr(host_overhead, "panel", lambda results, title: ("host panel", results))
+    monkeypatch.setattr(e2e, "run", lambda device, **kw: {"param_set": "p training step", "arch": "p", "batch": 1,
+                                                          "image_size": 1, "amp": "none", "rows": []})
     monkeypatch.setattr(e2e, "markdown", lambda result, env: "e2e\n")
-    monkeypatch.setattr(step_time, "plot", lambda sections, path: False)
+    monkeypatch.setattr(e2e, "panel", lambda result, title: ("e2e panel", result))
+    figures = []
+    monkeypatch.setattr(step_time, "figure", lambda panels, path: figures.append(panels) and False)
 
     suite.main(["--device", "cpu"])
     assert sorted(p.name for p in local.iterdir()) == ["suite-cpu.json", "suite-cpu.md"]
+    assert [name for name, _ in figures[0]] == ["host panel", "e2e panel"]  # a panel per table, host work included
+    assert (local / "suite-cpu.md").read_text().endswith("host\n\ne2e\n")
     assert not (committed / "suite-cpu.json").exists()
     out = capsys.readouterr().out
     assert "[1/2] host work of a warm step (CPU, launches made no-ops): 2 rounds per parameter set" in out
