@@ -1,23 +1,33 @@
 # `make bench`: set up and run the main job (the benchmark suite on whatever device is present).
 # `make test`:  set up and run the tests.
-# torch is installed first and only when missing (a CPU machine here takes the local 2.13.0 CPU wheel); the package
-# is then built with --no-build-isolation so pip never resolves a second, CUDA, torch.
+# `make setup` (scripts/setup_env.py): torch first, only when missing (a CPU machine here takes the local 2.13.0 CPU
+# wheel), then the package, editable, built with --no-build-isolation so pip never resolves a second, CUDA, torch. The
+# C++ extensions are built once per Python environment and again only when their sources (or torch) change; a run
+# that has nothing to do says so in one line.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,bench
+# pytest-xdist workers (make test JOBS=1 runs in one process)
+JOBS ?= auto
 
-.PHONY: setup bench test test-bigmem lint gpu-stack gpu-evidence
+.PHONY: setup bench test test-slow test-bigmem lint gpu-stack gpu-evidence
 setup:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	@$(PYTHON) scripts/setup_env.py --torch "$(TORCH_SPEC)" --extras "$(EXTRAS)"
 
-# Results go to benchmarks/results/local/ (untracked); `make bench UPDATE=1` rewrites the committed benchmarks/results/.
+# Results go to benchmarks/results/local/ (untracked); `make bench UPDATE=1` rewrites the committed benchmarks/results/;
+# `make bench SMOKE=1` runs the suite's tiny configuration (seconds).
 bench: setup
-	$(PYTHON) -m benchmarks $(if $(UPDATE),--update-results)
+	$(PYTHON) -m benchmarks $(if $(UPDATE),--update-results) $(if $(SMOKE),--smoke)
 
-# One line per test file with the running count ([ n/total]), then the 15 slowest tests. Within 4 GB of memory: the
-# tests that need more are marked bigmem and left out (pyproject.toml); `make test-bigmem` runs them (16 GB).
+# The tests on every core (pytest-xdist), a running count ([ n/total]) and the 15 slowest at the end. Within 4 GB of
+# memory per worker. Two tiers are left out (pyproject.toml's markers): `make test-slow` runs the slow tier (the
+# subprocess builds, the long distributed and trainer runs, the interpreter's biggest cases), `make test-bigmem` the
+# one test that needs 16 GB (a CPU tensor of more than 2^31 elements). CI runs all three.
 test: setup
-	$(PYTHON) -m pytest --durations=15
+	$(PYTHON) -m pytest -n $(JOBS) --durations=15
+
+test-slow: setup
+	$(PYTHON) -m pytest -n $(JOBS) -m "slow and not bigmem" --durations=15
 
 test-bigmem: setup
 	$(PYTHON) -m pytest -m bigmem --durations=15
@@ -38,8 +48,8 @@ gpu-evidence:
 	bash scripts/gpu_evidence.sh part$(PART)
 
 # The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link, page or docstring fails it.
-# Only the docs extra's packages are installed (no torch: the API pages read the sources).
+# Only the docs extra's packages are installed, when missing (no torch: the API pages read the sources).
 .PHONY: docs
 docs:
-	$(PYTHON) -m pip install -q --no-build-isolation -e ".[docs]"
+	@$(PYTHON) scripts/setup_env.py --extras docs --requirements-only
 	$(PYTHON) -m mkdocs build --strict -d build/site
