@@ -24,7 +24,7 @@ bench: setup
 # subprocess builds, the long distributed and trainer runs, the interpreter's biggest cases), `make test-bigmem` the
 # one test that needs 16 GB (a CPU tensor of more than 2^31 elements). CI runs all three.
 test: setup
-	$(PYTHON) -m pytest -n $(JOBS) --durations=15
+	$(PYTHON) -m pytest -n $(JOBS) -m "not bigmem and not slow" --durations=15
 
 test-slow: setup
 	$(PYTHON) -m pytest -n $(JOBS) -m "slow and not bigmem" --durations=15

@@ -3,8 +3,8 @@
 The published loops, transcribed as plain per-tensor torch ops exactly as their repositories run them (their code is
 not shipped here): ``OfficialASAM``, the ASAM paper's ``asam.py`` (``ascent_step`` + ``descent_step``);
 ``CommunitySAM``, the widely used community ``sam.py`` (``first_step`` + ``second_step``, ``adaptive`` for its ASAM
-form); and ``pytorch_optimizer_sam``, the ``pytorch_optimizer`` package's ``SAM`` itself where it is installed (an
-optional bench dependency).
+form); ``AuthorsMSAM``, the Momentum-SAM authors' SGD step; and ``pytorch_optimizer_sam``, the ``pytorch_optimizer``
+package's ``SAM`` itself where it is installed (an optional bench dependency).
 
 ``compiled_foreach``: the same ASAM + SGD step written with ``torch._foreach_*`` ops and handed to ``torch.compile``
 (Inductor fuses the foreach ops into a few generated kernels). ``apex``: NVIDIA apex's ``multi_tensor_l2norm`` for
@@ -110,6 +110,39 @@ class CommunitySAM:
     def step(self) -> None:
         self.first_step()
         self.second_step()
+
+
+class AuthorsMSAM:
+    """The Momentum-SAM authors' SGD step (Becker et al. 2024), op for op as their repository runs it: per tensor the
+    weight decay added to the gradient in place (at the perturbed point), the move back ``p += rho * inv * buf``,
+    ``buf = momentum * buf + d_p``, ``p -= lr * buf``; the norm of the per-tensor norms of the new buffers; then
+    ``p -= rho * inv * buf`` with the new inverse norm (a 0-d tensor passed as ``alpha``: one host read a step, as
+    theirs). Buffers start at zero."""
+
+    def __init__(self, params: list[torch.Tensor], *, rho: float, lr: float, momentum: float,
+                 weight_decay: float) -> None:
+        self.params, self.rho, self.lr, self.momentum, self.weight_decay = params, rho, lr, momentum, weight_decay
+        self.buffers = [torch.zeros_like(p) for p in params]
+        self.inverse_norm: torch.Tensor | float = 0.0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        bufs = []
+        for p, buf in zip(self.params, self.buffers, strict=True):
+            if p.grad is None:
+                continue
+            d_p = p.grad
+            if self.weight_decay != 0:
+                d_p.add_(p, alpha=self.weight_decay)
+            p.add_(buf, alpha=self.rho * self.inverse_norm)
+            buf.mul_(self.momentum).add_(d_p)
+            p.add_(buf, alpha=-self.lr)
+            bufs.append(buf)
+        norm = torch.norm(torch.stack([b.norm(p=2) for b in bufs]), p=2)
+        self.inverse_norm = 1 / (norm + 1e-12)
+        for p, buf in zip(self.params, self.buffers, strict=True):
+            if p.grad is not None:
+                p.sub_(buf, alpha=self.rho * self.inverse_norm)
 
 
 def pytorch_optimizer_unavailable_reason() -> str | None:

@@ -5,7 +5,9 @@
 
 Variants, each on a fresh copy of the same initial model: plain SGD (one forward/backward), ASAM with the
 ``reference`` per-tensor loop (the published code's way) and ASAM with fastasam's ``auto`` backend (two
-forward/backwards each), timed interleaved, one step each per round (``benchmarks.timing``). Reports step time, its
+forward/backwards each), interval ASAM (every 5th step two passes), LookSAM (k = 5), GSAM, and Momentum-SAM
+(``fastasam.MSAM``: one forward/backward a step, as SGD), timed interleaved, one step each per round
+(``benchmarks.timing``). Reports step time, its
 spread, images/s and the ASAM / SGD step-time ratio (2.0 is the limit set by the two passes; the goal is
 <= 2.03), the ratios as medians of the per-round ratios, so that a load change between rounds cancels out. ``draw``
 draws the table as a panel of the suite's figure.
@@ -29,7 +31,7 @@ from benchmarks.models import get_model
 from benchmarks.step_time import RESULTS, environment
 
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
-VARIANTS = ("sgd", "asam-reference", "asam-auto", "asam-every5", "looksam-k5", "gsam")
+VARIANTS = ("sgd", "asam-reference", "asam-auto", "asam-every5", "looksam-k5", "gsam", "msam")
 # the interval and LookSAM variants perturb on every 5th step: one timed call runs 5 steps, and their times are per
 # step (the mean over the 5, a full step included)
 STEPS_PER_CALL = {"asam-every5": 5, "looksam-k5": 5}
@@ -61,6 +63,16 @@ def run(device: torch.device, arch: str, batch: int, image_size: int, amp: str, 
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return sgd_step
+        if variant == "msam":  # one forward/backward, as SGD's
+            msam = fastasam.MSAM(model.parameters(), torch.optim.SGD, rho=3.0, **HPARAMS)
+
+            def msam_step() -> None:
+                with autocast():
+                    loss = loss_fn(model(x), y)
+                loss.backward()
+                msam.step()
+                msam.zero_grad(set_to_none=True)
+            return msam_step
         if variant == "asam-every5":
             asam = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01, every=5, **HPARAMS)
         elif variant == "looksam-k5":

@@ -47,6 +47,8 @@ PASSES = {
                  # read the saved w, g', momentum, write w, momentum
     "sam": 10,   # the same, but the norm reads g alone
     "sgd": 5,    # SGD momentum: read w, g, momentum, write w, momentum
+    "msam": 8,   # Momentum-SAM with SGD: move back + update + the norm's partials (read w~, g, m, write w, m), the
+                 # perturbation (read w, m, write w~)
     "copy": 2,   # the bandwidth probe: read one tensor, write another
 }
 PASSES_ASAM_SGD = PASSES["asam"]
@@ -58,18 +60,19 @@ PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
 # fastasam's row and the published rows it is compared with (``comparisons``: the paired speed-up of the first over
 # each of the others measured in the run)
 COMPARE = {"asam-auto": ("asam-official", "asam-pytorch_optimizer", "asam-compile-foreach"),
-           "sam-auto": ("sam-sam.py", "sam-pytorch_optimizer")}
-PUBLISHED = ("asam-official", "asam-pytorch_optimizer", "sam-sam.py", "sam-pytorch_optimizer")
+           "sam-auto": ("sam-sam.py", "sam-pytorch_optimizer"), "msam-auto": ("msam-authors",)}
+PUBLISHED = ("asam-official", "asam-pytorch_optimizer", "sam-sam.py", "sam-pytorch_optimizer", "msam-authors")
 # the published loop of each algorithm, what a user would otherwise run: every fastasam row of the algorithm gets its
 # paired speed-up over it (``speedup_vs_published``)
-PUBLISHED_LOOP = {"asam": "asam-official", "sam": "sam-sam.py"}
+PUBLISHED_LOOP = {"asam": "asam-official", "sam": "sam-sam.py", "msam": "msam-authors"}
 # what the rows that are not fastasam's are, said in their plot label and table cell instead of a speed-up
-ROLES = {"asam-official": "published loop", "sam-sam.py": "published loop",
+ROLES = {"asam-official": "published loop", "sam-sam.py": "published loop", "msam-authors": "published loop",
          "asam-pytorch_optimizer": "published, pytorch_optimizer",
          "sam-pytorch_optimizer": "published, pytorch_optimizer", "asam-compile-foreach": "torch.compile baseline",
          "asam-apex": "apex baseline", "sgd": "SGD alone, for scale", "copy": "bandwidth probe"}
 FLOOR_LABEL = "memory floor of the row's algorithm"
-VS_PUBLISHED = "speed-up over the published loop of the row's algorithm (ASAM: asam-official, SAM: sam-sam.py)"
+VS_PUBLISHED = ("speed-up over the published loop of the row's algorithm (ASAM: asam-official, SAM: sam-sam.py, "
+                "MSAM: msam-authors)")
 
 
 def peak_gbps(device: torch.device) -> float | None:
@@ -88,11 +91,11 @@ def default_variants(device: torch.device) -> list[str]:
                                                                             "asam-compile-foreach"]
     if device.type == "cuda" and baselines.apex_unavailable_reason() is None:
         names.append("asam-apex")
-    return [*names, "sam-auto", "sam-sam.py", "sam-pytorch_optimizer", "sgd", "copy"]
+    return [*names, "sam-auto", "sam-sam.py", "sam-pytorch_optimizer", "msam-auto", "msam-authors", "sgd", "copy"]
 
 
 def kind_of(variant: str) -> str:
-    """Which algorithm's memory floor a row is measured against: asam, sam, sgd or copy."""
+    """Which algorithm's memory floor a row is measured against: asam, sam, msam, sgd or copy."""
     return variant.split("-", 1)[0]
 
 
@@ -120,6 +123,9 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
 
     def fastasam_step(variant: str, params: list, adaptive: list, plain: list) -> Callable[[], None]:
         kind, backend = variant.split("-", 1)
+        if kind == "msam":  # one pass a step: the whole optimizer step is step()
+            return with_grads(params, fastasam.MSAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"],
+                                                    **sgd_kw).step)
         if kind == "sam":
             opt = fastasam.SAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"], **sgd_kw)
         else:
@@ -152,6 +158,8 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             return with_grads(params, baselines.compiled_foreach(adaptive, plain, **HPARAMS))
         if variant == "asam-apex":
             return with_grads(params, baselines.apex_asam(adaptive, plain, **HPARAMS))
+        if variant == "msam-authors":
+            return with_grads(params, baselines.AuthorsMSAM(params, rho=HPARAMS["rho"], **sgd_kw).step)
         return fastasam_step(variant, params, adaptive, plain)
 
     def why_not(variant: str) -> str | None:
@@ -159,11 +167,11 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             return baselines.apex_unavailable_reason() or (None if device.type == "cuda" else "apex needs CUDA")
         if variant.endswith("-pytorch_optimizer"):
             return baselines.pytorch_optimizer_unavailable_reason()
-        if variant in ("sgd", "copy", "asam-compile-foreach", "asam-official", "sam-sam.py") or variant.endswith(
-                "-auto"):
+        if variant in ("sgd", "copy", "asam-compile-foreach", "asam-official", "sam-sam.py", "msam-authors") or \
+                variant.endswith("-auto"):
             return None
         name = variant.split("-", 1)[-1]
-        if kind_of(variant) not in ("asam", "sam"):
+        if kind_of(variant) not in ("asam", "sam", "msam"):
             return f"unknown variant {variant!r}"
         return fastasam.backends.unavailable_reason(name, device) if name in fastasam.backends.names() else (
             f"unknown variant {variant!r}")
@@ -277,8 +285,9 @@ def markdown(result: dict, env: dict) -> str:
     if result.get("copy_GBps"):
         p = result["passes"]
         lines += [f"Memory floor: a parameter-sized copy moved {result['copy_GBps']:.1f} GB/s in this run; a step "
-                  f"moves at least {p['asam']} parameter-sized passes for ASAM, {p['sam']} for SAM, {p['sgd']} for "
-                  f"SGD momentum ({result['param_bytes'] / 1e6:.1f} MB each): ASAM's floor is "
+                  f"moves at least {p['asam']} parameter-sized passes for ASAM, {p['sam']} for SAM, "
+                  f"{p.get('msam', PASSES['msam'])} for "
+                  f"MSAM, {p['sgd']} for SGD momentum ({result['param_bytes'] / 1e6:.1f} MB each): ASAM's floor is "
                   f"{result['floor_ms']:.2f} ms. GB/s: those bytes over the row's median; x floor: the median over "
                   "the row's floor.", ""]
     elif result.get("floor_ms"):

@@ -78,7 +78,10 @@ printed and logged (``nonfinite_loss``, ``pass``, ``skipped``: the count so far,
 synchronisation (and, with several processes, one CPU all-reduce) per pass.
 
 Optimizers (``--opt``): ``sgd``, ``sam``, ``asam``, ``looksam`` and ``gsam`` (``fastasam.LookSAM``/``GSAM``; SAM's
-perturbation, ASAM's with ``--adaptive``; ``--alpha``: 0.7 and 0.1 by default). The loop for each is ``backward();
+perturbation, ASAM's with ``--adaptive``; ``--alpha``: 0.7 and 0.1 by default), and ``msam`` (``fastasam.MSAM``,
+Momentum-SAM: one forward/backward a step, as ``sgd``; ``--rho`` 3 by default, the paper's ResNet-50 value; its
+weights sit at the perturbed point between steps, so the evaluations, the EMA and ``best.pt`` take them through
+``MSAM.unperturbed()``, while ``last.pt`` keeps them as they are, for a bit-exact resume). The loop for each is ``backward();
 if opt.second_pass_needed: first_step(zero_grad=True), backward(); second_step()``. An adaptive optimizer (``asam``,
 or a variant with ``--adaptive``) takes the official ASAM code's split (``fastasam.adaptive_param_groups``:
 parameters named ``weight`` adaptive, biases not). ``--every K``: a two-pass step every K-th step (the others one
@@ -126,6 +129,7 @@ step costs; two-pass SAM's floor is 2.0, interval SAM and LookSAM between 1 and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -245,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="synthetic", help="ImageFolder root (with train/ and val/) or 'synthetic'")
     p.add_argument("--preset", choices=sorted(PRESETS), help="set the paper's hyper-parameters (flags after it win)")
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet_tiny"])
-    p.add_argument("--opt", default="asam", choices=["sgd", "sam", "asam", "looksam", "gsam"])
+    p.add_argument("--opt", default="asam", choices=["sgd", "sam", "asam", "looksam", "gsam", "msam"])
     p.add_argument("--impl", default="fastasam", choices=["reference", "fastasam"])
     p.add_argument("--backend", default="auto", help="fastasam backend for --impl fastasam")
     p.add_argument("--rho", type=float_flag(0), default=None,
@@ -323,12 +327,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --ckpt-dir and --overwrite deletes it: give one of them")
     variant = args.opt in ("looksam", "gsam")
-    if args.adaptive and not variant:
-        p.error(f"--adaptive is for --opt looksam/gsam (asam is adaptive, --opt {args.opt} is not)")
+    if args.adaptive and not (variant or args.opt == "msam"):
+        p.error(f"--adaptive is for --opt looksam/gsam/msam (asam is adaptive, --opt {args.opt} is not)")
     if args.alpha is not None and not variant:
         p.error("--alpha is LookSAM's and GSAM's: give --opt looksam or --opt gsam")
-    if args.every is not None and args.opt in ("sgd", "gsam"):
-        p.error(f"--every {args.every}: give it with --opt sam, asam or looksam (gsam and sgd take none)")
+    if args.every is not None and args.opt in ("sgd", "gsam", "msam"):
+        p.error(f"--every {args.every}: give it with --opt sam, asam or looksam (gsam, msam and sgd take none)")
+    if args.opt == "msam" and args.sharpness != "global":
+        p.error("--sharpness replica is for the two-pass optimizers; msam perturbs along the momentum, one pass a step")
     if args.opt == "sgd" and (args.sharpness != "global" or args.rho_follows_lr):
         p.error("--sharpness and --rho-follows-lr are for the sharpness-aware optimizers, not --opt sgd")
     if args.val_resize is not None and args.val_resize < (args.val_crop or args.image_size):
@@ -340,8 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.every = 5 if args.opt == "looksam" else 1
     if args.alpha is None and variant:
         args.alpha = 0.7 if args.opt == "looksam" else 0.1
-    if args.rho is None:
-        args.rho = 1.0 if args.opt == "asam" or args.adaptive else 0.05
+    if args.rho is None:  # the papers' ImageNet values (MSAM: Becker et al.'s ResNet-50 with SGD)
+        args.rho = 3.0 if args.opt == "msam" else 1.0 if args.opt == "asam" or args.adaptive else 0.05
     if args.rho_follows_lr and args.rho_min > args.rho:
         p.error(f"--rho-min {args.rho_min:g} is above --rho {args.rho:g}: --rho-follows-lr goes from --rho at the peak "
                 "lr down to --rho-min at lr 0; give --rho-min <= --rho")
@@ -486,8 +492,17 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module):
     if args.opt == "looksam":
         return fastasam.LookSAM(groups, torch.optim.SGD, rho=args.rho, k=args.every, alpha=args.alpha,
                                 adaptive=args.adaptive, eta=args.eta, backend=backend, **base)
+    if args.opt == "msam":
+        return fastasam.MSAM(groups, torch.optim.SGD, rho=args.rho, adaptive=args.adaptive, eta=args.eta,
+                             backend=backend, **base)
     return fastasam.GSAM(groups, torch.optim.SGD, rho=args.rho, alpha=args.alpha, adaptive=args.adaptive, eta=args.eta,
                          backend=backend, **base)
+
+
+def unperturbed(opt):
+    """The weights to evaluate and keep as the run's result: Momentum-SAM's sit at the perturbed point between steps
+    (``MSAM.unperturbed()`` moves them back for the block and returns them after); the others' are the weights."""
+    return opt.unperturbed() if isinstance(opt, fastasam.MSAM) else contextlib.nullcontext()
 
 
 class Ema:
@@ -931,7 +946,7 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
     if args.compile:
         net = torch.compile(net)
     opt = build_optimizer(args, model)
-    sharpness = args.opt != "sgd"
+    sharpness = args.opt not in ("sgd", "msam")  # the two-pass loop; msam steps once a pass, as sgd
     replica = args.sharpness == "replica" and ddp is not None
     if args.sharpness == "replica" and ddp is None:
         run.print("note: --sharpness replica with one process is --sharpness global (one replica)")
@@ -1097,7 +1112,9 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
 
             def write() -> None:
                 if run.rank == 0:
-                    save_run_file(best, {"model": model.state_dict(), "epoch": entry["epoch"], "step": step,
+                    with unperturbed(opt):  # the weights themselves (msam: not the perturbed point)
+                        weights = {k: v.clone() for k, v in model.state_dict().items()}
+                    save_run_file(best, {"model": weights, "epoch": entry["epoch"], "step": step,
                                            "top1": entry["top1"], "top5": entry["top5"],
                                            "ema": ema.module.state_dict() if ema is not None else None,
                                            "args": {k: str(v) if isinstance(v, Path) else v
@@ -1233,7 +1250,8 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                     if rho_sched is not None:
                         rho_sched.step()
                     if ema is not None and bad is None:
-                        ema.update(model)
+                        with unperturbed(opt):  # msam: the average of the weights, not of the perturbed points
+                            ema.update(model)
                     if not skipping:  # loss + 0 * loss2: NaN if either is inf/NaN; one small kernel, no read
                         watch.add(step + 1, loss if loss2 is None else torch.add(loss.detach(), loss2.detach(),
                                                                                  alpha=0))
@@ -1276,7 +1294,8 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
                 if args.eval:
                     guard(f"epoch {epoch} is not evaluated")  # no evaluation (nor best.pt) of non-finite weights
                     eval_t0 = time.perf_counter()
-                    result = {"epoch": epoch, **evaluate(model, val_loader, run, autocast)}  # every image once
+                    with unperturbed(opt):  # msam: evaluated at w, not at the perturbed point
+                        result = {"epoch": epoch, **evaluate(model, val_loader, run, autocast)}  # every image once
                     ema_result = {}
                     if ema is not None:
                         ema_result = {f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, run, autocast).items()

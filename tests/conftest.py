@@ -83,12 +83,82 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# --- the slow tier ------------------------------------------------------------------------------------------------
+# `make test` leaves out the tests marked slow; `make test-slow` runs them (CI runs both). Slow: every case of the
+# triton backend under Triton's interpreter (a GPU runs them in the default tier), and these, each measured over ~6 s
+# on 2 shared cores: separate processes (torchrun, spawned ranks, builds, compilers, the benchmarks), not the oracle
+# comparisons, which stay in the default tier for every other backend.
+SLOW_TESTS = frozenset({
+    "test_benchmarks.py::test_compiled_foreach_baseline_computes_the_reference_asam_step",
+    "test_benchmarks.py::test_host_overhead_counts_python_calls_that_do_not_grow_with_the_tensor_count",
+    "test_benchmarks.py::test_op_level_pytest_benchmarks_run",
+    "test_benchmarks.py::test_step_time_benchmark_runs_and_writes_results",
+    "test_cli.py::test_check_passes_here_and_fails_on_a_wrong_or_crashing_backend",
+    "test_decompose.py::test_planted_bugs_in_the_fused_direction_are_caught",
+    "test_distributed.py::test_ddp_global_mode_equals_one_process_on_the_global_batch",
+    "test_distributed.py::test_ddp_m_sharpness_perturbs_each_replica_with_its_own_norm",
+    "test_distributed.py::test_ddp_teardown_does_not_hang",
+    "test_distributed.py::test_fsdp2_looksam_and_gsam_equal_one_process_on_the_global_batch",
+    "test_distributed.py::test_fsdp2_sharded_run_equals_one_process_on_the_global_batch",
+    "test_make_targets.py::test_the_tests_that_need_16_gb_are_left_out_by_default_and_run_with_bigmem",
+    "test_packaging.py::test_a_planted_moved_file_leaves_its_pointers_stale",
+    "test_packaging.py::test_a_planted_stale_pointer_is_found_with_its_place",
+    "test_packaging.py::test_strings_in_code_and_link_targets_are_not_pointers",
+    "test_scripts.py::test_part1s_test_selection_collects_and_leaves_the_build_and_compile_only_tests_out",
+    "test_trainer.py::test_a_non_finite_loss_on_one_rank_stops_every_rank",
+    "test_trainer.py::test_a_second_signal_ends_a_stopping_process_at_once",
+    "test_trainer.py::test_a_stop_at_an_epochs_last_step_keeps_its_evaluation",
+    "test_trainer.py::test_interrupted_run_resumes_to_the_same_weights",
+    "test_trainer.py::test_lr_1e30_exits_non_zero_and_writes_no_non_finite_checkpoint",
+    "test_trainer.py::test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_bit_exact",
+    "test_trainer.py::test_torchrun_two_gloo_processes",
+    "test_trainer_report.py::test_replica_sharpness_perturbs_with_each_processes_own_norm",
+    "test_trainer_report.py::test_stateful_flags_resume_bit_exact",
+    "test_training_loop.py::test_torch_compile_of_a_training_step_that_calls_fastasam",
+    "test_triton.py::test_every_launch_compiles_without_floating_point_contraction",
+    "test_triton.py::test_kernels_compile_for_sm80_and_sm90_with_vector_loads_and_no_contraction",
+})
+
+
+def slow_reason(item) -> str | None:
+    """Why ``item`` is in the slow tier, or None."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("backend") == "triton" and not torch.cuda.is_available():
+        return "the triton backend under Triton's interpreter"
+    if f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+        return "listed in conftest.SLOW_TESTS"
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if slow_reason(item) is not None:
+            item.add_marker(pytest.mark.slow)
+
+
+# Triton's interpreter runs a kernel's programs one by one in Python: a test of the triton backend on the CPU leaves
+# out the two tensors either side of the foreach chunk (most of the soup's elements; the triton kernels' own chunk is
+# crossed by the 4097-element tensor), which make such a test 5-10x slower and exercise foreach's chunking only.
+_INTERPRETED_TRITON = [False]
+
+
+@pytest.fixture(autouse=True)
+def _cheaper_interpreter(request):
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    _INTERPRETED_TRITON[0] = params.get("backend") == "triton" and not torch.cuda.is_available()
+    yield
+    _INTERPRETED_TRITON[0] = False
+
+
 def awkward_params(device: str, dtype: torch.dtype, start: torch.dtype | None = None,
-                   chunk_sized: bool = True) -> list[torch.nn.Parameter]:
+                   chunk_sized: bool | None = None) -> list[torch.nn.Parameter]:
     """Shapes that break naive multi-tensor code: size 1, 9x41, 4097, empty, chunk boundaries, channels_last,
     non-contiguous, and many tiny tensors. ``start``: round the values to this dtype first (a high-precision run
     that starts where a low-precision one does). ``chunk_sized=False`` leaves out the two tensors either side of the
-    foreach chunk (most of the elements), for tests about numbers rather than chunking."""
+    foreach chunk (most of the elements), for tests about numbers rather than chunking; None (the default): they are
+    in, except in a test of the interpreted triton backend."""
+    if chunk_sized is None:
+        chunk_sized = not _INTERPRETED_TRITON[0]
     gen = torch.Generator().manual_seed(1234)
 
     def make(shape: tuple[int, ...], layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
@@ -132,7 +202,7 @@ def trajectory(
     backend: str, device: str, dtype: torch.dtype, *, steps: int = 8, reload_at: int | None = 4,
     base: type[torch.optim.Optimizer] = torch.optim.SGD, restore: str = "copy",
     base_kwargs: dict | None = None, unused: bool = True, base_optimizer_kwargs: dict | None = None,
-    start: torch.dtype | None = None, chunk_sized: bool = True,
+    start: torch.dtype | None = None, chunk_sized: bool | None = None,
 ) -> list[list[torch.Tensor]]:
     """Run ``steps`` ASAM steps on the awkward parameter soup; reload a ``state_dict`` into a new optimizer midway.
 

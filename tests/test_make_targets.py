@@ -71,3 +71,20 @@ def test_the_suite_writes_untracked_results_unless_asked_to_update_the_committed
 
     suite.main(["--device", "cpu", "--update-results"])
     assert json.loads((committed / "suite-cpu.json").read_text())["results"][0]["batch"] == 1
+
+
+def test_every_test_named_slow_exists_and_the_default_tier_leaves_the_slow_ones_out():
+    """conftest.SLOW_TESTS names existing tests (a rename would put a slow test back in the default tier
+    silently); `make test`'s selection leaves out each of them and every interpreted triton case, and keeps the
+    other backends' oracle comparisons."""
+    import conftest
+
+    every = _collected()
+    names = {line.split("[")[0] for line in every}
+    stale = sorted(t for t in conftest.SLOW_TESTS if f"tests/{t}" not in names)
+    assert not stale, stale
+    default = set(_collected("-m", "not bigmem and not slow"))
+    assert not any(line.split("[")[0].removeprefix("tests/") in conftest.SLOW_TESTS for line in default)
+    if not __import__("torch").cuda.is_available():
+        assert not any("triton-cpu" in line for line in default)
+    assert "tests/test_backends.py::test_state_dict_reload_is_bit_exact[cpu-cpu]" in default

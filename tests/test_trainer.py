@@ -767,3 +767,22 @@ def test_a_resume_refuses_flags_that_fix_the_schedule_the_model_or_the_data(tmp_
         with pytest.raises(CheckpointError, match=match + r".*cannot change.*Fix: resume with"):
             train_imagenet.main(_synthetic_args(tmp_path, "--epochs", "2", "--resume", *flags))
     assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_msam_trains_in_one_pass_and_evaluates_and_keeps_its_unperturbed_weights(image_folder, tmp_path):
+    """--opt msam: one forward/backward a step; the evaluation and best.pt see w (unperturbed), last.pt holds the
+    weights as they are between steps (w~ = w - a * m) with the optimizer's state: w = w~ + a * m gives best.pt's."""
+    out = train_imagenet.main(_args(image_folder, tmp_path, "--opt", "msam", "--epochs", "1", "--lr", "0.05"))
+    assert out["steps"] == 6
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)  # the one evaluation: the same step as last.pt
+    (factor,) = last["optimizer"]["fastasam"]["factors"]  # one param group
+    assert factor > 0
+    names = [n for n, _ in train_imagenet.get_model("resnet_tiny", 3).named_parameters()]
+    moved = 0
+    for i, name in enumerate(names):
+        m = last["optimizer"]["state"][i]["momentum_buffer"]
+        want = last["model"][name] + factor * m
+        torch.testing.assert_close(best["model"][name], want, atol=1e-6, rtol=1e-6, msg=name)
+        moved += int(not torch.equal(best["model"][name], last["model"][name]))
+    assert moved > len(names) // 2
