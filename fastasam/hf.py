@@ -19,6 +19,11 @@ the whole batch's gradient before the second pass, which the Trainer's accumulat
 ``per_device_train_batch_size`` instead). bf16 (``bf16=True``) runs under autocast and needs nothing more; fp16 with
 its gradient scaler goes through ``GradScaler.step(optimizer)``, which fastasam supports, but is untested here (no GPU).
 
+``fastasam.MSAM`` (Momentum-SAM, one forward/backward a step) needs no second pass: :class:`SAMTrainer` lets the
+Trainer's own training step run, and evaluates and predicts at its unperturbed weights (``MSAM.unperturbed()``);
+``gradient_accumulation_steps`` may then be anything. Its checkpoints keep the weights as they are between steps,
+with the optimizer's state: a resume continues the same trajectory.
+
 With ``accelerate`` directly, prepare the fastasam optimizer like any other and use :func:`unwrap` for the first
 step; ``optimizer.step()`` after it is the second step::
 
@@ -34,6 +39,7 @@ step; ``optimizer.step()`` after it is the second step::
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -41,13 +47,14 @@ from transformers import Trainer
 
 from .optim import ASAM
 from .utils import frozen_batchnorm_stats, unwrap_optimizer
+from .variants import MSAM
 
 
-def unwrap(optimizer: Any) -> ASAM:
+def unwrap(optimizer: Any) -> ASAM | MSAM:
     """The fastasam optimizer inside ``optimizer`` (accelerate's ``AcceleratedOptimizer`` keeps it in
     ``.optimizer``). Raises ``TypeError`` naming the fix when there is none."""
     opt = unwrap_optimizer(optimizer)
-    if not isinstance(opt, ASAM):
+    if not isinstance(opt, ASAM | MSAM):
         raise TypeError(f"fastasam: {type(optimizer).__name__} is not (and does not wrap) a fastasam optimizer; give "
                         "the Trainer one: optimizers=(fastasam.ASAM(...), None) or optimizer_cls_and_kwargs="
                         "(fastasam.ASAM, {...})")
@@ -59,6 +66,8 @@ class SAMTrainer(Trainer):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
+        if isinstance(unwrap(self.optimizer), MSAM):  # one pass a step: the Trainer's own
+            return super().training_step(model, inputs, num_items_in_batch)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(
                 f"fastasam: SAMTrainer needs gradient_accumulation_steps=1 (got "
@@ -72,3 +81,17 @@ class SAMTrainer(Trainer):
         with frozen_batchnorm_stats(model):
             super().training_step(model, inputs, num_items_in_batch)  # forward + backward at w + e
         return loss  # the loss at w, as the Trainer logs for plain optimizers; its optimizer.step() is second_step
+
+    def _unperturbed(self):
+        opt = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
+        return opt.unperturbed() if isinstance(opt, MSAM) else nullcontext()
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate`` at the unperturbed weights of an ``MSAM`` optimizer (as it is for the others)."""
+        with self._unperturbed():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.predict`` at the unperturbed weights of an ``MSAM`` optimizer."""
+        with self._unperturbed():
+            return super().predict(*args, **kwargs)

@@ -8,6 +8,9 @@ its only requirement and importing this module costs nothing.
   two calls apart, :func:`second_pass_frozen_batchnorm` keeps BatchNorm running statistics to the first.
 * Manual optimisation: :func:`manual_step` runs both passes through ``self.optimizers().step(...)``, so Lightning counts
   the step (``trainer.global_step``) and an fp16 ``GradScaler`` precision plugin does the descent.
+* ``fastasam.MSAM`` (Momentum-SAM, one forward/backward a step) needs no second pass: automatic optimisation runs it
+  as any optimizer. Its weights sit at the perturbed point between steps; :func:`unperturbed_evaluation` is a
+  callback that validates, tests and predicts at the unperturbed weights (``MSAM.unperturbed()``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from .utils import frozen_batchnorm_stats, unwrap_optimizer
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
 
-__all__ = ["is_second_pass", "manual_step", "second_pass_frozen_batchnorm", "sharpness_optimizer"]
+__all__ = ["is_second_pass", "manual_step", "second_pass_frozen_batchnorm", "sharpness_optimizer",
+           "unperturbed_evaluation"]
 
 
 def sharpness_optimizer(module: LightningModule, optimizer: Any = None) -> ASAM:
@@ -97,3 +101,51 @@ def manual_step(
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
     lightning_opt.step(closure=one_pass if scaler is None else both_passes)
     return losses[0]
+
+
+def unperturbed_evaluation() -> Any:
+    """A Lightning ``Callback`` that runs the validation, test and predict loops at the unperturbed weights of the
+    module's ``fastasam.MSAM`` optimizers (``MSAM.unperturbed()``; nothing for other optimizers). Lightning is imported
+    here, when the callback is made: ``Trainer(callbacks=[fastasam.lightning.unperturbed_evaluation()])``."""
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:  # the older package name
+        from pytorch_lightning import Callback
+
+    from .variants import MSAM
+
+    class UnperturbedEvaluation(Callback):
+        def __init__(self) -> None:
+            self._inside: list = []
+
+        def _enter(self, trainer) -> None:
+            for opt in trainer.optimizers:
+                opt = unwrap_optimizer(opt)
+                if isinstance(opt, MSAM):
+                    ctx = opt.unperturbed()
+                    ctx.__enter__()
+                    self._inside.append(ctx)
+
+        def _exit(self, *_: Any) -> None:
+            while self._inside:
+                self._inside.pop().__exit__(None, None, None)
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self._enter(trainer)
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self._exit()
+
+        def on_test_start(self, trainer, pl_module) -> None:
+            self._enter(trainer)
+
+        def on_test_end(self, trainer, pl_module) -> None:
+            self._exit()
+
+        def on_predict_start(self, trainer, pl_module) -> None:
+            self._enter(trainer)
+
+        def on_predict_end(self, trainer, pl_module) -> None:
+            self._exit()
+
+    return UnperturbedEvaluation()

@@ -153,3 +153,35 @@ def test_step_without_a_closure_is_the_second_step_only_after_the_first():
     assert opt.perturbed
     opt.step()
     assert not opt.perturbed and torch.allclose(p, torch.full((3,), 0.9))
+
+
+def test_msam_under_the_trainer_is_the_plain_loop_and_evaluates_unperturbed(tmp_path):
+    """fastasam.MSAM in SAMTrainer: the Trainer's own one-pass training step (clipping and the linear schedule
+    included), the plain MSAM loop's weights, and evaluate() at the unperturbed weights."""
+    model = tiny_bert()
+    start = copy.deepcopy(model)
+    opt = fastasam.MSAM(model.parameters(), torch.optim.AdamW, rho=RHO, lr=LR, weight_decay=0.0)
+    trainer = Recording(model=model, args=args(tmp_path), train_dataset=Rows(), eval_dataset=Rows(),
+                        optimizers=(opt, None))
+    trainer.batches = []
+    trainer.train()
+    ref = fastasam.MSAM(start.parameters(), torch.optim.AdamW, rho=RHO, lr=LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: max(0.0, (STEPS - s) / STEPS))
+    start.train()
+    for inputs in trainer.batches:
+        start(**inputs).loss.backward()
+        torch.nn.utils.clip_grad_norm_(start.parameters(), 1.0)
+        ref.step()
+        ref.zero_grad()
+        sched.step()
+    for a, b in zip(model.parameters(), start.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5)
+    seen = []
+    hook = model.bert.embeddings.word_embeddings.register_forward_hook(
+        lambda m, i, o: seen.append(m.weight.detach().clone()))
+    trainer.evaluate()
+    hook.remove()
+    with ref.unperturbed():
+        want = start.bert.embeddings.word_embeddings.weight.detach().clone()
+    torch.testing.assert_close(seen[0], want, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(seen[0], model.bert.embeddings.word_embeddings.weight)  # back at w~ after it
