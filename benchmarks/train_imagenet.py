@@ -79,13 +79,13 @@ synchronisation (and, with several processes, one CPU all-reduce) per pass.
 
 Optimizers (``--opt``): ``sgd``, ``sam``, ``asam``, ``looksam`` and ``gsam`` (``fastasam.LookSAM``/``GSAM``; SAM's
 perturbation, ASAM's with ``--adaptive``; ``--alpha``: 0.7 and 0.1 by default), and ``msam`` (``fastasam.MSAM``,
-Momentum-SAM: one forward/backward a step, as ``sgd``; ``--rho`` 3 by default, the paper's ResNet-50 value; its
-weights sit at the perturbed point between steps, so the evaluations, the EMA and ``best.pt`` take them through
-``MSAM.unperturbed()``, while ``last.pt`` keeps them as they are, for a bit-exact resume). The loop for each is ``backward();
-if opt.second_pass_needed: first_step(zero_grad=True), backward(); second_step()``. An adaptive optimizer (``asam``,
-or a variant with ``--adaptive``) takes the official ASAM code's split (``fastasam.adaptive_param_groups``:
-parameters named ``weight`` adaptive, biases not). ``--every K``: a two-pass step every K-th step (the others one
-pass, the base optimizer on the one gradient): interval SAM for ``sam``/``asam``, LookSAM's ``k`` (default 5).
+Momentum-SAM: one forward/backward a step, as ``sgd``; ``--rho`` 3 by default, the paper's ResNet-50 value; its weights
+sit at the perturbed point between steps, so the evaluations, the EMA and ``best.pt`` take them through
+``MSAM.unperturbed()``, while ``last.pt`` keeps them as they are, for a bit-exact resume). The loop for each is
+``backward(); if opt.second_pass_needed: first_step(zero_grad=True), backward(); second_step()``. An adaptive optimizer
+(``asam``, or a variant with ``--adaptive``) takes the official ASAM code's split (``fastasam.adaptive_param_groups``:
+parameters named ``weight`` adaptive, biases not). ``--every K``: a two-pass step every K-th step (the others one pass,
+the base optimizer on the one gradient): interval SAM for ``sam``/``asam``, LookSAM's ``k`` (default 5).
 ``--sharpness replica``: m-sharpness, each process perturbs with its own gradient's norm
 (``fastasam.distributed.replica_perturbation``: the first backward under DDP's ``no_sync``); ``global`` (default)
 perturbs with the all-reduced gradient; the two are the same on one process. ``--rho-follows-lr``: rho follows the

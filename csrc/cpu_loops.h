@@ -480,7 +480,7 @@ void msam_perturb(int dtype, int64_t rows, int64_t chunks, int64_t opts, int64_t
   });
 }
 
-// --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B -------------------
+// --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in K -------------------
 
 template <typename T> void dots_chunk(const T* __restrict__ g, const T* __restrict__ b, int64_t n, double* out) {
   double gg[kDotLanes] = {}, gb[kDotLanes] = {}, bb[kDotLanes] = {};

@@ -460,7 +460,7 @@ __global__ void __launch_bounds__(kThreads) msam_perturb_kernel(const int64_t* t
   });
 }
 
-// --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in B -------------------
+// --- LookSAM / GSAM (fastasam/_decompose.py): rows hold a gradient in G and the kept buffer in K -------------------
 
 // the three sums over the block in a fixed order (a shared-memory tree); the results in thread 0
 __device__ __forceinline__ void block_sum3(double (&s)[3]) {

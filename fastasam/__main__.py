@@ -70,7 +70,7 @@ def _extension_c() -> str:
 
 
 def _extension_host() -> str:
-    return _extension("_host", "the warm step's pass over the tensors runs in Python (~600 ns a tensor); pip install "
+    return _extension("_host", "the warm step's pass over the tensors runs in Python (slower); pip install "
                                "--no-build-isolation -e . with a C++ compiler builds it",
                       lambda ext: f"in use: {_watch.IMPLEMENTATION}")
 

@@ -15,10 +15,10 @@ tensor:
 Any difference returns None and the engine rebuilds what changed.
 
 Two interchangeable implementations: ``fastasam._host.Watch`` (csrc/host.cpp, built by setup.py wherever PyTorch is;
-it compares each tensor's storage allocation and offset read straight from the fields: ~70 instructions a kernel
-tensor in the first phase, which also checks the parameter, ~45 in the second) and ``PyWatch`` below (~600 ns a
-tensor), used when the extension is missing or ``FASTASAM_HOST=python`` is set. ``watch(...)`` makes whichever is
-in use; ``IMPLEMENTATION`` says which.
+it reads each tensor's storage allocation, offset, element count and dtype straight from the fields) and ``PyWatch``
+below (C-level ``map`` calls over the same, several times slower), used when the extension is missing or
+``FASTASAM_HOST=python`` is set. ``watch(...)`` makes whichever is in use; ``IMPLEMENTATION`` says which. What each
+costs a step is measured in ``benchmarks/results/host-overhead-cpu.md``.
 """
 
 from __future__ import annotations

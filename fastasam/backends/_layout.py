@@ -47,3 +47,6 @@ COMBINE_KEEP = 0  # K <- G (the first pass's gradient, kept)
 COMBINE_LOOK_FULL = 1  # K <- G - (gk / kk) * K: LookSAM's g_v from g_s (in G) and g (in K)
 COMBINE_LOOK_ONE = 2  # G <- G + alpha * (sqrt(gg) / sqrt(kk)) * K: LookSAM's one-pass direction
 COMBINE_GSAM = 3  # G <- (1 + alpha * gk / gg) * G - alpha * K: GSAM's direction from g_s (in G) and g (in K)
+
+# the storage dtypes' codes the C kernels take (multi_tensor.h: FA_FLOAT32, FA_FLOAT16, FA_BFLOAT16)
+DTYPE_CODE_NAMES = {"float32": 0, "float16": 1, "bfloat16": 2}

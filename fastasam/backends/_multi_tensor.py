@@ -312,8 +312,8 @@ class PerturbRunner:
 
 class UpdateRunner:
     """The second step of one bucket: restore + the base optimizer's update fused for the tensors that qualify
-    (``fused``: bucket indices), a plain restore for the other perturbed kernel tensors. ``outcome[i]`` says what
-    happens to bucket tensor ``i``: ``"fused"``, or the reason it is left to the base optimizer / only restored."""
+    (``fused``: bucket indices), a plain restore for the other perturbed kernel tensors; the update plan
+    (``fastasam._step_plan.UpdatePlan.outcomes``) says what happens to each bucket tensor and why."""
 
     def __init__(self, phase1: PerturbRunner, base: torch.optim.Optimizer, update: FusedUpdate,
                  owner: dict[int, int], restore_only: dict[int, str], base_step: dict[int, str]) -> None:
@@ -387,7 +387,6 @@ class UpdateRunner:
         # table points into stays alive with the plan, whatever happens to the state dict
         self.fused_state = [[t for t in cols if t is not None] for cols in columns]
         self.rows_d = tab.to(dev)
-        self.grad_ptrs = tab[:, L.COL_G].tolist()
         chunks = _chunk_list(self.numels, range(len(fused_rows)), phase1.launcher.chunk)
         self.chunks_d = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).to(dev)
         self.hyper_d = torch.zeros((max(1, len(groups)), L.NHYPER), dtype=torch.float32, device=dev)

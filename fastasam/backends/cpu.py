@@ -5,8 +5,8 @@ Same tables, foreach fallback and fused restore + ``torch.optim.SGD`` / ``Adam``
 and ``cuda`` backends (``_multi_tensor``), and the same per-element formulas (``csrc/elementwise.h``, shared with the
 CUDA kernels): one pass over memory per phase, fp32 math for fp32, bf16 and fp16 storage rounded once on store. fp64
 tensors go to ``foreach``, and so do fp16 ones unless the AVX-512 build runs: fp16's conversions are integer
-arithmetic that the 16-wide loops carry faster than ``foreach`` (ResNet-50's parameters, one thread: 41 ms against
-59), the 8-wide AVX2 and the baseline loops slower. The kernels are compiled for the build's
+arithmetic that the 16-wide loops carry faster than ``foreach``, the 8-wide AVX2 and the baseline loops slower
+(measured: ``benchmarks/results/``). The kernels are compiled for the build's
 baseline instruction set and, on x86-64, for AVX2 + F16C and for AVX-512 too (``fastasam._cpu.isa`` says which one
 runs: the widest the CPU supports; ``fastasam._cpu.isas`` lists the builds it runs). A launch
 spreads its chunks over PyTorch's intra-op threads (``torch.set_num_threads``); the squared norm and the dots are the
@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 
+from . import _layout
 from ._multi_tensor import MultiTensorBackend
 from ._signatures import SIGNATURES, arguments
 
@@ -31,7 +32,7 @@ traceable = False
 # elements per chunk: the unit of work a thread takes (ResNet-50's 25.6M elements make ~1,700 chunks); the tests
 # make it smaller (``_BACKEND.launcher.chunk``) so small tensors cross chunk boundaries
 CHUNK = 1 << 14
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FA_FLOAT32, FA_FLOAT16, FA_BFLOAT16
+_DTYPE_CODE = {getattr(torch, name): code for name, code in _layout.DTYPE_CODE_NAMES.items()}  # multi_tensor.h
 
 try:
     from .. import _cpu as EXTENSION

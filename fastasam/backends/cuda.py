@@ -32,7 +32,7 @@ from ._signatures import KERNELS, SIGNATURES, UPDATE_KERNELS, arguments
 name = "cuda"
 traceable = False
 CHUNK = 1 << 13  # 8192 elements per block: ResNet-50's 25.6M elements make ~3,200 blocks (~24 per H100 SM)
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # FA_FLOAT32, FA_FLOAT16, FA_BFLOAT16
+_DTYPE_CODE = {getattr(torch, name): code for name, code in _layout.DTYPE_CODE_NAMES.items()}  # multi_tensor.h
 OPS = tuple(KERNELS)  # torch.ops.fastasam.<op>: one per kernel, schema SIGNATURES["schema"][op]
 
 JIT_NAME = "fastasam_cuda_jit"  # the module name in PyTorch's extensions cache
