@@ -10,10 +10,10 @@ from .backends import available_backends
 from .optim import ASAM, SAM, adaptive_param_groups
 from .schedules import RhoFollowsLR
 from .utils import frozen_batchnorm_stats
-from .variants import GSAM, MSAM, LookSAM
+from .variants import BSAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
 
 __all__ = [
-    "ASAM", "GSAM", "MSAM", "LookSAM", "RhoFollowsLR", "SAM", "adaptive_param_groups", "available_backends", "compat",
-    "distributed", "frozen_batchnorm_stats",
+    "ASAM", "BSAM", "GSAM", "MSAM", "WSAM", "FriendlySAM", "LookSAM", "RhoFollowsLR", "SAM", "adaptive_param_groups",
+    "available_backends", "compat", "distributed", "frozen_batchnorm_stats",
 ]
 __version__ = "0.1.0"

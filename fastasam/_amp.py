@@ -54,9 +54,11 @@ def _record(scaler: _gs.GradScaler, opt) -> dict | None:
     return states.get(id(opt)) if states is not None else None
 
 
-def before_first_step(scalers: list[weakref.ref], opt) -> None:
+def before_first_step(scalers: list[weakref.ref], opt) -> bool:
     """``unscale_`` was called before ``first_step`` (the first pass's gradients): return the record to its initial
-    state, so that ``scaler.step`` unscales and checks the second pass's gradients."""
+    state, so that ``scaler.step`` unscales and checks the second pass's gradients. True when it was (the first
+    pass's gradients are unscaled)."""
+    found = False
     for ref in scalers:
         scaler = ref()
         if scaler is None or not scaler.is_enabled():
@@ -64,6 +66,8 @@ def before_first_step(scalers: list[weakref.ref], opt) -> None:
         record = _record(scaler, opt)
         if record is not None and record["stage"] is _gs.OptState.UNSCALED:
             _reset(record)
+            found = True
+    return found
 
 
 def _reset(record: dict) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import _amp
 from ._engine import SharpnessEngine, check_nonnegative
+from ._plan import accumulate_dtype
 from .report import StepReport
 
 _OWN_GROUP_KEYS = ("rho", "eta", "adaptive")
@@ -150,6 +151,11 @@ class ASAM(torch.optim.Optimizer):
             ``opt.requested_backend`` is this argument.
         every: perturb on every ``every``-th step only (Composer's interval SAM); the other steps are plain base
             optimizer steps on the one pass's gradient. ``opt.second_pass_needed`` says which (default 1: always).
+        use_gc: gradient centralization of the ascent (pytorch_optimizer's ``use_gc``): before ``first_step``'s norm,
+            each gradient of more than one dimension has its mean over all dimensions but the first subtracted, in
+            place (``g <- g - mean(g, dims 1..)``); 0- and 1-dimensional gradients (biases) are left as they are.
+            Only the perturbation sees it: the base optimizer steps with the second pass's gradient as it is. With
+            the default ``False`` a step does nothing for it.
         base_optimizer_kwargs: options for the base optimizer whose names clash with this class's (``eps`` of Adam).
         **base_kwargs: the base optimizer's options (``lr``, ``momentum``, ``weight_decay``, ...).
 
@@ -176,6 +182,7 @@ class ASAM(torch.optim.Optimizer):
         restore: str = "copy",
         backend: str = "auto",
         every: int = 1,
+        use_gc: bool = False,
         base_optimizer_kwargs: Mapping[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
@@ -186,6 +193,9 @@ class ASAM(torch.optim.Optimizer):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"fastasam: every must be an int >= 1 (perturb on every k-th step), got {every!r}.")
         self.every = every
+        self.use_gc = bool(use_gc)
+        if self.use_gc:  # the hook before the norm; without it a step pays nothing for the option
+            self._transforms_first_gradient = True
         self._steps_done = 0  # completed steps (second_step calls): which step perturbs; in state_dict when every > 1
         self._engine = SharpnessEngine(backend=backend, eps=norm_eps, restore=restore)
         super().__init__(params, dict(rho=rho, eta=eta, adaptive=bool(adaptive)))
@@ -285,6 +295,8 @@ class ASAM(torch.optim.Optimizer):
                 f"{self._steps_done}): opt.second_pass_needed is False. Call second_step() alone after the one "
                 "backward pass (loop: if opt.second_pass_needed: first_step, second backward; then second_step)."
             )
+        if self._transforms_first_gradient:  # use_gc, FriendlySAM's direction, WSAM's record: before the norm
+            self._transform_first_gradient()
         if self._scalers:  # not looked for yet, or a GradScaler is known: see fastasam._amp
             self._amp_before_first_step()
         keep = self._first_gradient_keep() if self._keeps_first_gradient else None
@@ -329,6 +341,8 @@ class ASAM(torch.optim.Optimizer):
         if self._descent_direction():
             deferred, self._deferred = self._deferred, None
             if deferred is not None:  # the base optimizer steps on the gradients: the direction goes into them
+                if self._first_pass_unscaled != (grad_scale is None):  # unscale_ ran on one pass only
+                    self._rescale_first_gradient(grad_scale, scaler)
                 deferred.apply()
             self._engine.restore("restore, then the base optimizer's step: GradScaler (scaler.step)")
             first = self._engine.perturbation_skipped
@@ -360,6 +374,13 @@ class ASAM(torch.optim.Optimizer):
     ascent_step = first_step
     descent_step = second_step
 
+    _first_pass_unscaled = False  # scaler.unscale_(opt) ran on this step's first pass (before first_step)
+
+    def _rescale_first_gradient(self, grad_scale: torch.Tensor | None, scaler: Any) -> None:
+        """``scaler.unscale_(opt)`` ran on one of the two passes only: bring what the variant kept of the first
+        pass's gradient (LookSAM's, GSAM's buffer) into the scale of the second's before the direction combines
+        them. Only for variants that keep it (``_keeps_first_gradient``)."""
+
     _scalers: Any = [None]  # the GradScalers this optimizer knows (weak references); this truthy value: not looked yet
 
     @torch.compiler.disable  # it scans the garbage collector's objects and reads GradScaler's records
@@ -367,7 +388,7 @@ class ASAM(torch.optim.Optimizer):
         if self._scalers is ASAM._scalers:
             self._scalers = _amp.find_scalers()
         if self._scalers:
-            _amp.before_first_step(self._scalers, self)
+            self._first_pass_unscaled = _amp.before_first_step(self._scalers, self)
 
     def _know_scaler(self, scaler) -> None:
         known = [] if self._scalers is ASAM._scalers else list(self._scalers)
@@ -375,6 +396,16 @@ class ASAM(torch.optim.Optimizer):
             self._scalers = [*known, weakref.ref(scaler)]
 
     _deferred = None  # the variants' second-step decomposition for the step plan (fastasam._decompose.Direction)
+
+    # True where first_step must change the first pass's gradient before the norm: ``use_gc=True`` (set on the
+    # instance), FriendlySAM's direction, WSAM's record of the gradients' scale. False: no call, no work.
+    _transforms_first_gradient = False
+
+    def _transform_first_gradient(self) -> None:
+        """Before the ascent's norm (and before a GradScaler's record is read): turn the first pass's ``.grad`` into
+        the gradient the ascent uses. Here: gradient centralization when ``use_gc``. Mutates ``.grad``."""
+        if self.use_gc:
+            centralize_gradients(self.param_groups)
 
     def _descent_direction(self) -> bool:
         """Turn ``.grad`` into the descent direction before the base step; True when the step restores first (it
@@ -411,22 +442,25 @@ class ASAM(torch.optim.Optimizer):
         self._steps_done = int(own.get("steps_done", 0))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Both passes: ``closure`` runs forward and backward and returns the loss; returns the first pass's loss.
+        """Both passes with ``closure``, which runs forward and backward and returns the loss. Two loops work:
+
+        * torch.optim's: no backward before ``step(closure)``; the closure runs twice (the first pass, then the second
+          at ``w + e``); returns the first pass's loss;
+        * the community sam.py's (and pytorch_optimizer's): ``loss.backward(); opt.step(closure)``: the gradients
+          present are the first pass's, and the closure runs once, for the second pass; returns its loss.
+
+        Which one is told from tensor identities on the host (no value is read): a gradient that the previous
+        ``step(closure)`` left in ``.grad`` (its second pass's, zeroed in place or not, as under
+        ``zero_grad(set_to_none=False)`` or a Lightning loop) is not a first pass: those are set to ``None`` and the
+        closure runs both passes. Any other gradient present is the first pass's. Refused with a ``RuntimeError``,
+        nothing run: some parameters holding a new gradient and others one left by the last step (a first pass that
+        would be part stale). On a step that does not perturb (``every > 1``) the one pass is the present gradients'
+        or the closure's.
+
         Without a closure after ``first_step()``, ``step()`` is ``second_step()`` (for training loops that call
-        ``optimizer.step()`` once, such as Hugging Face's Trainer; see ``fastasam.hf``).
-
-        Unlike the community sam.py, ``step`` runs the first backward pass itself, so do not call ``backward``
-        before it: a gradient it would add to is refused. The rule, checked on the host from tensor identities
-        (no value is read): a gradient present when ``step(closure)`` begins must be a tensor the previous
-        ``step(closure)`` left in ``.grad`` (the second pass's gradient, zeroed in place or not, as under
-        ``zero_grad(set_to_none=False)`` or a Lightning loop); those are set to ``None`` before the closure runs,
-        so its backward starts from nothing. Any other gradient raises a ``RuntimeError`` and nothing runs: remove
-        the ``backward`` before ``step(closure)`` (or call ``zero_grad()`` first), or run the passes yourself with
-        ``first_step``/``second_step`` as with sam.py. Gradients accumulated in place into the previous step's
-        tensors cannot be told from them: they are dropped, and the step is still the two-pass step of the closure.
-
-        If the closure raises in the second pass (at ``w + e``), the weights are restored to ``w`` and the exception
-        is re-raised: the optimizer's state is as before the step, and the next ``step(closure)`` runs normally.
+        ``optimizer.step()`` once, such as Hugging Face's Trainer; see ``fastasam.hf``). If the closure raises in the
+        second pass (at ``w + e``), the weights are restored to ``w`` and the exception is re-raised: the optimizer's
+        state is as before the step, and the next ``step(closure)`` runs normally.
 
         Mutates the parameters, their ``.grad`` and the base optimizer's state.
         """
@@ -443,22 +477,31 @@ class ASAM(torch.optim.Optimizer):
                 "(step() after first_step() is second_step()), or scaler.step(opt) after the second backward under a "
                 "torch.amp.GradScaler."
             )
-        self._drop_left_gradients()
+        first_pass_given = self._take_present_gradients()
+        if first_pass_given and _from_lightning(closure):
+            raise RuntimeError(
+                "fastasam: Lightning's automatic optimization called step(closure) with gradients already in .grad: "
+                "gradient accumulation (accumulate_grad_batches > 1), where the ascent would use the accumulated "
+                "gradient but the second pass rerun only the last micro-batch at w + e. Use accumulate_grad_batches=1, "
+                "or manual optimization (fastasam.lightning's manual_step, which accumulates over both passes)."
+            )
         try:
-            with torch.enable_grad():
-                loss = closure()
+            loss = None
+            if not first_pass_given:
+                with torch.enable_grad():
+                    loss = closure()
             if not self.second_pass_needed:  # every > 1: a plain base step on this step
                 self.second_step()
                 return loss
             self.first_step(zero_grad=True)
             try:
                 with torch.enable_grad():
-                    closure()
+                    second = closure()
             except BaseException:
                 self._abandon_step()
                 raise
             self.second_step()
-            return loss
+            return second if first_pass_given else loss
         finally:  # also after an error: the next step(closure) drops what this one left in .grad
             self._remember_left_gradients()
 
@@ -472,25 +515,29 @@ class ASAM(torch.optim.Optimizer):
         grads = list(filter(_not_none, map(_grad_of, self._all_params())))
         self._left_grads = dict(zip(map(id, grads), map(weakref.ref, grads)))
 
-    def _drop_left_gradients(self) -> None:
-        """Before step(closure)'s first pass: the gradients the last step(closure) left go (set to None); any other
-        gradient raises (see ``step``). C-level passes over the parameters, no Python call per tensor."""
+    def _take_present_gradients(self) -> bool:
+        """Before step(closure): True when the gradients present are a first pass (sam.py's loop: none of them left
+        by the last step(closure)); the left ones are set to None (the closure then runs both passes). C-level
+        passes over the parameters, no Python call per tensor."""
         params = self._all_params()
         present = list(filter(_not_none, map(_grad_of, params)))
         if not present:
-            return
+            return False
         left = self._left_grads
-        if not all(map(is_, present, map(_deref, map(left.get, map(id, present), repeat(_DEAD))))):
-            fresh = sum(1 for g in present if left.get(id(g), _DEAD)() is not g)
+        is_left = list(map(is_, present, map(_deref, map(left.get, map(id, present), repeat(_DEAD)))))
+        if not any(is_left):
+            return True
+        if not all(is_left):
+            fresh = len(is_left) - sum(is_left)
             raise RuntimeError(
-                f"fastasam: step(closure) found gradients already present in .grad ({fresh} parameter(s)) that no "
-                "earlier step(closure) left there. step(closure) runs the first forward and backward itself, so a "
-                "backward before it would be added to the first pass's gradient and change the step. Remove the "
-                "loss.backward() before opt.step(closure) (or call opt.zero_grad() first), or run the two passes "
-                "yourself as with sam.py: backward, opt.first_step(zero_grad=True), backward, "
-                "opt.second_step(zero_grad=True) (also the loop for gradient accumulation)."
+                f"fastasam: step(closure) found new gradients in .grad on {fresh} parameter(s) and the gradients the "
+                f"last step(closure) left on {sum(is_left)}: as the first pass of the community sam.py's loop "
+                "(backward, then opt.step(closure)) they would be part stale. Call opt.zero_grad() before that "
+                "backward (or after each step), or remove the backward before opt.step(closure) to let the closure "
+                "run both passes."
             )
         deque(map(setattr, params, repeat("grad"), repeat(None)), maxlen=0)
+        return False
 
     def _abandon_step(self) -> None:
         """The second pass raised: back to ``w`` (restore), with no descent direction left pending."""
@@ -570,6 +617,16 @@ class ASAM(torch.optim.Optimizer):
                 )
 
 
+def _from_lightning(closure: Any) -> bool:
+    """Whether ``closure`` is Lightning's (its automatic optimization hands step() a partial of its precision
+    plugin's closure wrapper): Lightning calls step(closure) with gradients present only when accumulating."""
+    for obj in (closure, getattr(closure, "func", None), getattr(getattr(closure, "func", None), "__self__", None)):
+        module = getattr(type(obj), "__module__", "") if obj is not None else ""
+        if module.startswith(("lightning.", "pytorch_lightning.")):
+            return True
+    return False
+
+
 def _options_on_load(cls: type[torch.optim.Optimizer], group: Mapping[str, Any]) -> dict[str, Any]:
     """The options a saved param group has once ``cls.load_state_dict`` took it: the group's own, plus those that
     ``cls.__setstate__`` fills in for states saved before an option existed (SGD's ``fused``, Adam's
@@ -607,13 +664,32 @@ class SAM(ASAM):
         restore: str = "copy",
         backend: str = "auto",
         every: int = 1,
+        use_gc: bool = False,
         base_optimizer_kwargs: Mapping[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
             params, base_optimizer, rho=rho, eta=0.0, adaptive=False, eps=eps, norm_eps=norm_eps, restore=restore,
-            backend=backend, every=every, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
+            backend=backend, every=every, use_gc=use_gc, base_optimizer_kwargs=base_optimizer_kwargs, **base_kwargs,
         )
+
+
+@torch.no_grad()
+def centralize_gradients(groups: Iterable[Mapping[str, Any]]) -> None:
+    """Gradient centralization (Yong et al., ECCV 2020; pytorch_optimizer's ``centralize_gradient`` with
+    ``gc_conv_only=False``): every gradient of more than one dimension gets ``g <- g - mean(g, dims 1..)``, computed in
+    fp32 (fp64 for fp64) and rounded once. Mutates ``.grad`` in place (an expanded gradient, which cannot be written
+    element by element, is replaced by a dense copy first)."""
+    for group in groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None or g.dim() < 2 or g.numel() == 0:
+                continue
+            if any(st == 0 and n > 1 for n, st in zip(g.shape, g.stride())):
+                g = p.grad = g.clone(memory_format=torch.contiguous_format)
+            acc = accumulate_dtype(g.dtype)
+            g32 = g.to(acc)
+            g.copy_(g32 - g32.mean(dim=tuple(range(1, g.dim())), keepdim=True))
 
 
 def adaptive_param_groups(model: nn.Module, **group_kwargs: Any) -> list[dict[str, Any]]:

@@ -262,11 +262,14 @@ def numel(params) -> int:
 
 
 def sharpness_loop(opt, params, steps: int, reload_at: int | None = None, make=None,
-                   scaler: torch.amp.GradScaler | None = None) -> list[list[torch.Tensor]]:
+                   scaler: torch.amp.GradScaler | None = None, unscale_at: str | None = None
+                   ) -> list[list[torch.Tensor]]:
     """The documented loop for every variant (``if opt.second_pass_needed``: first_step and the second backward;
     then second_step) on ``soup_loss``; at ``reload_at`` a ``state_dict`` goes into ``make()``'s new optimizer. With
-    ``scaler``: scaled losses and ``scaler.step(opt)`` / ``scaler.update()`` for the second step. Returns the
-    parameters after each step."""
+    ``scaler``: scaled losses and ``scaler.step(opt)`` / ``scaler.update()`` for the second step, and
+    ``scaler.unscale_(opt)`` where ``unscale_at`` says: ``"first"`` (before first_step), ``"between"`` (after
+    ``first_step(zero_grad=True)``, before the second backward) or ``"last"`` (after the last backward, to clip).
+    Returns the parameters after each step."""
     history = []
     for i in range(steps):
         if i == reload_at:
@@ -277,9 +280,15 @@ def sharpness_loop(opt, params, steps: int, reload_at: int | None = None, make=N
             if second and not opt.second_pass_needed:
                 break
             if second:
+                if unscale_at == "first":
+                    scaler.unscale_(opt)
                 opt.first_step(zero_grad=True)
+                if unscale_at == "between":
+                    scaler.unscale_(opt)
             loss = soup_loss(params)
             (scaler.scale(loss) if scaler is not None else loss).backward()
+        if unscale_at == "last":
+            scaler.unscale_(opt)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()

@@ -264,8 +264,10 @@ def test_automatic_gradient_clipping_by_norm() -> None:
 def test_automatic_gradient_accumulation_is_refused() -> None:
     """accumulate_grad_batches=3 cannot give SAM: Lightning steps after the last micro-batch, so the ascent would use
     the accumulated gradient but the second pass rerun only that last micro-batch at w + e. optimizer.step(closure)
-    finds the earlier micro-batches' gradients in .grad (left by no step) and refuses them with the fix."""
-    with pytest.raises(RuntimeError, match=r"step\(closure\) found gradients already present.*gradient accumulation"):
+    finds the earlier micro-batches' gradients in .grad from Lightning's closure and refuses them with the fix (the
+    community sam.py's loop, a backward and then step(closure) on one batch, is taken as its first pass)."""
+    with pytest.raises(RuntimeError, match=r"automatic optimization called step\(closure\) with gradients"
+                                           r".*accumulate_grad_batches"):
         fit(Net(freeze=False), epochs=1, accumulate_grad_batches=3)
 
 
@@ -371,3 +373,62 @@ def test_core_and_helpers_import_without_lightning() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# --- Momentum-SAM ------------------------------------------------------------------------------------------------
+
+
+class MsamNet(L.LightningModule):
+    """Automatic optimisation with fastasam.MSAM, as with any optimizer; records the weights each validation sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(INIT)
+        self.snapshots: list[Snapshot] = []
+        self.validated: list[Snapshot] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.validated.append(_snapshot(self.net))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.snapshots.append(_snapshot(self.net))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return fastasam.MSAM(self.parameters(), torch.optim.SGD, rho=0.3, lr=LR, momentum=0.9, backend="foreach")
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=BATCH)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=BATCH)
+
+
+def test_msam_under_automatic_optimisation_is_the_plain_loop_and_validates_unperturbed() -> None:
+    """Lightning's automatic optimisation steps fastasam.MSAM as the plain one-pass loop does, and with
+    fastasam.lightning.unperturbed_evaluation() every validation sees the unperturbed weights."""
+    from fastasam.lightning import unperturbed_evaluation
+
+    net = copy.deepcopy(INIT)
+    opt = fastasam.MSAM(net.parameters(), torch.optim.SGD, rho=0.3, lr=LR, momentum=0.9, backend="foreach")
+    want, want_unperturbed = [], []
+    for _ in range(EPOCHS):
+        for x, y in _batches():
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            want.append(_snapshot(net))
+        with opt.unperturbed():
+            want_unperturbed.append(_snapshot(net))
+    module = MsamNet()
+    fit(module, callbacks=[unperturbed_evaluation()], num_sanity_val_steps=0)
+    assert_same_steps(want, module.snapshots, "MSAM, automatic")
+    assert_same_steps(want_unperturbed, module.validated, "MSAM, validation weights")
+    assert not torch.equal(want_unperturbed[-1]["0.weight"], want[-1]["0.weight"])

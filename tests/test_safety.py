@@ -226,9 +226,41 @@ def test_an_eps_taken_through_kwargs_is_ambiguous_too():
 
 @ALL
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_backward_before_step_closure_is_refused(backend, device, kind):
-    """The community sam.py habit: loss.backward(), then opt.step(closure). step(closure) runs that backward itself:
-    the gradient would be counted twice. Refused on the first step and on a later one, before the closure runs."""
+@pytest.mark.parametrize("zero", ["zero_grad_after", "zero_grad_before"])
+def test_the_sam_py_loop_backward_then_step_closure_gives_the_two_pass_trajectory(backend, device, kind, zero):
+    """The community sam.py's README loop (and pytorch_optimizer's): loss.backward(), then opt.step(closure) whose
+    closure runs the second pass. The gradients present are the first pass's and the closure runs once: exactly the
+    trajectory of fastasam's own two-pass loop, and step returns the closure's loss."""
+    params = small_params(device)
+    opt = make_opt(kind, params, backend)
+    want = two_pass_loop(make_opt(kind, (ref := small_params(device)), backend), ref, 4)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = soup_loss(params)
+        loss.backward()
+        return loss
+
+    for step in range(4):
+        if zero == "zero_grad_before":
+            opt.zero_grad()
+        first = soup_loss(params)
+        first.backward()
+        loss = opt.step(closure)
+        assert len(calls) == (1 if opt.every == 1 or step % opt.every == 0 else 0), step
+        assert loss is None or calls
+        calls.clear()
+        if zero == "zero_grad_after":
+            opt.zero_grad()
+        assert_equal(snapshot(params), want[step], f"step {step}")
+
+
+@ALL
+@pytest.mark.parametrize("kind", ["asam", "gsam"])
+def test_a_first_pass_mixing_new_and_left_gradients_is_refused_before_anything_runs(backend, device, kind):
+    """After a step(closure) that left its second pass's gradients, a backward that reaches only some parameters:
+    new gradients on those, stale ones on the others. Refused, nothing run."""
     params = small_params(device)
     opt = make_opt(kind, params, backend)
     calls = []
@@ -239,21 +271,16 @@ def test_a_backward_before_step_closure_is_refused(backend, device, kind):
         loss.backward()
         return loss
 
-    for step in range(3):
-        soup_loss(params).backward()  # the habit
-        before, grads = snapshot(params), [p.grad for p in params]
-        with pytest.raises(RuntimeError, match=r"step\(closure\) found gradients already present in \.grad \(5 "
-                                               r"parameter\(s\)\).*Remove the loss.backward\(\) before "
-                                               r"opt.step\(closure\).*first_step\(zero_grad=True\)"):
-            opt.step(closure)
-        assert not calls and not opt.perturbed
-        assert_equal(snapshot(params), before, f"step {step}: weights after the refusal")
-        assert all(p.grad is g for p, g in zip(params, grads))  # left as they were
-        opt.zero_grad()
-        opt.step(closure)  # without the backward: the step
-        assert len(calls) in (1, 2)
-        calls.clear()
-        opt.zero_grad()
+    opt.step(closure)
+    calls.clear()
+    params[0].grad = None
+    soup_loss(params[:1]).backward()
+    before = snapshot(params)
+    with pytest.raises(RuntimeError, match=r"step\(closure\) found new gradients in \.grad on 1 parameter\(s\) and the "
+                                           r"gradients the last step\(closure\) left on 4"):
+        opt.step(closure)
+    assert not calls and not opt.perturbed
+    assert_equal(snapshot(params), before, "weights after the refusal")
 
 
 @ALL

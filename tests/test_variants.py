@@ -193,3 +193,20 @@ def test_gradscaler_gives_the_unscaled_steps(kind, kw):
         out.append(sharpness_loop(opt, params, 5, scaler=scaler)[-1])
     assert_trajectories_close([out[1]], [out[0]], atol=1e-6, rtol=1e-5)
     assert not torch.equal(out[1][1], small_params()[1])
+
+
+@pytest.mark.parametrize("backend", ["foreach", "cpu"])
+@pytest.mark.parametrize("unscale_at", ["first", "between", "last"])
+@pytest.mark.parametrize("kind,kw", [("looksam", {"k": 2, "alpha": 0.7}), ("gsam", {"alpha": 0.3})],
+                         ids=["looksam", "gsam"])
+def test_gradscaler_unscale_anywhere_gives_the_unscaled_steps(kind, kw, unscale_at, backend):
+    """``scaler.unscale_(opt)`` on one pass only (before first_step, to clip the first pass; or after the second
+    backward, to clip the descent): the kept first-pass gradient and the second pass's are then in different scales,
+    and GSAM's direction, linear in the first, must bring them together; the run equals the unscaled one."""
+    out = []
+    for scaled in (False, True):
+        params = small_params()
+        opt = make(kind, params, backend, adaptive=True, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaled else None
+        out.append(sharpness_loop(opt, params, 5, scaler=scaler, unscale_at=unscale_at if scaled else None)[-1])
+    assert_trajectories_close([out[1]], [out[0]], atol=1e-6, rtol=1e-5)

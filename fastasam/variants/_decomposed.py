@@ -43,6 +43,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -106,6 +107,25 @@ class _Decomposed(ASAM):
             for p, buf in self._kept.items():
                 buf.copy_(self._grad(p))
         return t
+
+    @torch.no_grad()
+    def _rescale_first_gradient(self, grad_scale: torch.Tensor | None, scaler: Any) -> None:
+        # the first pass unscaled and the second not: times the scale; the other way round: divided by it
+        if grad_scale is not None:
+            factor = grad_scale.double()
+        elif scaler is not None and getattr(scaler, "_scale", None) is not None:
+            factor = scaler._scale.double().reciprocal()
+        else:
+            raise RuntimeError(
+                f"fastasam: {type(self).__name__} could not tell which torch.amp.GradScaler scaled the first pass, "
+                "and scaler.unscale_(opt) ran on one pass only. Call scaler.step(opt) for the second step, or "
+                "unscale_ after the second backward only.")
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for buf in self._kept.values():
+            buf = buf.to_local() if is_dtensor(buf) else buf
+            by_device.setdefault(buf.device, []).append(buf)
+        for device, bufs in by_device.items():
+            torch._foreach_mul_(bufs, factor.float().to(device))
 
     def _direction(self, phase: str, mode: int, torch_ops: Callable[[], None]) -> None:
         """The sums, then the combination ``mode``, on this optimizer's own tables (``fastasam._decompose``); or
