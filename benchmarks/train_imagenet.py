@@ -81,7 +81,10 @@ Optimizers (``--opt``): ``sgd``, ``sam``, ``asam``, ``looksam`` and ``gsam`` (``
 perturbation, ASAM's with ``--adaptive``; ``--alpha``: 0.7 and 0.1 by default), and ``msam`` (``fastasam.MSAM``,
 Momentum-SAM: one forward/backward a step, as ``sgd``; ``--rho`` 3 by default, the paper's ResNet-50 value; its weights
 sit at the perturbed point between steps, so the evaluations, the EMA and ``best.pt`` take them through
-``MSAM.unperturbed()``, while ``last.pt`` keeps them as they are, for a bit-exact resume). The loop for each is
+``MSAM.unperturbed()``, while ``last.pt`` keeps them as they are, for a bit-exact resume); ``friendlysam``, ``wsam``
+and ``bsam`` (``fastasam.FriendlySAM``/``WSAM``/``BSAM``, two passes a step; ``--sigma``/``--lmbda``, ``--gamma``;
+BSAM's own update takes ``--lr``, ``--weight-decay`` and ``--rho``, ``num_data`` the training set's size, and is
+evaluated and kept at its mean, as MSAM). The loop for each is
 ``backward(); if opt.second_pass_needed: first_step(zero_grad=True), backward(); second_step()``. An adaptive optimizer
 (``asam``, or a variant with ``--adaptive``) takes the official ASAM code's split (``fastasam.adaptive_param_groups``:
 parameters named ``weight`` adaptive, biases not). ``--every K``: a two-pass step every K-th step (the others one pass,
@@ -249,13 +252,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="synthetic", help="ImageFolder root (with train/ and val/) or 'synthetic'")
     p.add_argument("--preset", choices=sorted(PRESETS), help="set the paper's hyper-parameters (flags after it win)")
     p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet_tiny"])
-    p.add_argument("--opt", default="asam", choices=["sgd", "sam", "asam", "looksam", "gsam", "msam"])
+    p.add_argument("--opt", default="asam",
+                   choices=["sgd", "sam", "asam", "looksam", "gsam", "msam", "friendlysam", "wsam", "bsam"])
     p.add_argument("--impl", default="fastasam", choices=["reference", "fastasam"])
     p.add_argument("--backend", default="auto", help="fastasam backend for --impl fastasam")
     p.add_argument("--rho", type=float_flag(0), default=None,
                    help="default: 1.0 for an adaptive optimizer (asam, --adaptive), else 0.05")
     p.add_argument("--eta", type=float_flag(0), default=0.01)
-    p.add_argument("--adaptive", action="store_true", help="looksam/gsam: ASAM's adaptive perturbation")
+    p.add_argument("--adaptive", action="store_true",
+                   help="looksam/gsam/msam/friendlysam/wsam/bsam: ASAM's adaptive perturbation")
+    p.add_argument("--sigma", type=float_flag(0), default=1.0, help="friendlysam's sigma (default 1)")
+    p.add_argument("--lmbda", type=float_flag(0, 1, high_open=True), default=0.9,
+                   help="friendlysam's lmbda, in [0, 1) (default 0.9)")
+    p.add_argument("--gamma", type=float_flag(0, 1, high_open=True), default=0.9,
+                   help="wsam's gamma, in [0, 1) (default 0.9)")
     p.add_argument("--alpha", type=float_flag(0), default=None, help="looksam/gsam's alpha (default 0.7 / 0.1)")
     p.add_argument("--every", type=int_flag(1), default=None,
                    help="a two-pass step every K-th step: interval SAM (sam/asam, default 1), LookSAM's k (default 5)")
@@ -327,14 +337,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --ckpt-dir and --overwrite deletes it: give one of them")
     variant = args.opt in ("looksam", "gsam")
-    if args.adaptive and not (variant or args.opt == "msam"):
-        p.error(f"--adaptive is for --opt looksam/gsam/msam (asam is adaptive, --opt {args.opt} is not)")
+    if args.adaptive and args.opt in ("sgd", "sam", "asam"):
+        p.error(f"--adaptive is for --opt looksam/gsam/msam/friendlysam/wsam/bsam (asam is adaptive, --opt {args.opt} "
+                "is not)")
     if args.alpha is not None and not variant:
         p.error("--alpha is LookSAM's and GSAM's: give --opt looksam or --opt gsam")
-    if args.every is not None and args.opt in ("sgd", "gsam", "msam"):
-        p.error(f"--every {args.every}: give it with --opt sam, asam or looksam (gsam, msam and sgd take none)")
-    if args.opt == "msam" and args.sharpness != "global":
-        p.error("--sharpness replica is for the two-pass optimizers; msam perturbs along the momentum, one pass a step")
+    if args.every is not None and args.opt not in ("sam", "asam", "looksam"):
+        p.error(f"--every {args.every}: give it with --opt sam, asam or looksam (--opt {args.opt} takes none)")
+    if args.opt in ("msam", "bsam") and args.sharpness != "global":
+        p.error(f"--sharpness replica is for the optimizers whose ascent is normalised by a global norm; --opt "
+                f"{args.opt} has none")
+    if args.opt == "bsam" and args.rho_follows_lr:
+        p.error("--rho-follows-lr is for the optimizers built on fastasam.ASAM; --opt bsam takes a fixed --rho")
     if args.opt == "sgd" and (args.sharpness != "global" or args.rho_follows_lr):
         p.error("--sharpness and --rho-follows-lr are for the sharpness-aware optimizers, not --opt sgd")
     if args.val_resize is not None and args.val_resize < (args.val_crop or args.image_size):
@@ -478,12 +492,22 @@ def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
     return split
 
 
-def build_optimizer(args: argparse.Namespace, model: nn.Module):
+def build_optimizer(args: argparse.Namespace, model: nn.Module, num_data: int):
+    """``args.opt`` over ``model``'s param groups; ``num_data`` (the training set's size) is BSAM's."""
     base = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
     groups = param_groups(args, model)
     if args.opt == "sgd":
         return torch.optim.SGD(groups, **base)
     backend = "reference" if args.impl == "reference" else args.backend
+    if args.opt == "friendlysam":
+        return fastasam.FriendlySAM(groups, torch.optim.SGD, rho=args.rho, sigma=args.sigma, lmbda=args.lmbda,
+                                    adaptive=args.adaptive, backend=backend, **base)
+    if args.opt == "wsam":
+        return fastasam.WSAM(groups, torch.optim.SGD, rho=args.rho, gamma=args.gamma, adaptive=args.adaptive,
+                             backend=backend, **base)
+    if args.opt == "bsam":  # its own Adam-like update: --lr, --weight-decay and --rho; no momentum flag
+        return fastasam.BSAM(groups, num_data, lr=args.lr, weight_decay=args.weight_decay, rho=args.rho,
+                             adaptive=args.adaptive, backend=backend, seed=args.seed)
     if args.opt == "sam":
         return fastasam.SAM(groups, torch.optim.SGD, rho=args.rho, every=args.every, backend=backend, **base)
     if args.opt == "asam":
@@ -500,9 +524,10 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module):
 
 
 def unperturbed(opt):
-    """The weights to evaluate and keep as the run's result: Momentum-SAM's sit at the perturbed point between steps
-    (``MSAM.unperturbed()`` moves them back for the block and returns them after); the others' are the weights."""
-    return opt.unperturbed() if isinstance(opt, fastasam.MSAM) else contextlib.nullcontext()
+    """The weights to evaluate and keep as the run's result: Momentum-SAM's and BSAM's sit at a perturbed point
+    between steps (``unperturbed()`` moves them back for the block and returns them after); the others' are the
+    weights."""
+    return opt.unperturbed() if isinstance(opt, (fastasam.MSAM, fastasam.BSAM)) else contextlib.nullcontext()
 
 
 class Ema:
@@ -945,7 +970,7 @@ def _train(args: argparse.Namespace, run: Run) -> dict:
     net = ddp if ddp is not None else model
     if args.compile:
         net = torch.compile(net)
-    opt = build_optimizer(args, model)
+    opt = build_optimizer(args, model, len(train_set))
     sharpness = args.opt not in ("sgd", "msam")  # the two-pass loop; msam steps once a pass, as sgd
     replica = args.sharpness == "replica" and ddp is not None
     if args.sharpness == "replica" and ddp is None:

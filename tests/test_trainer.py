@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastasam
 from benchmarks import checkpoint, train_imagenet
 from benchmarks.checkpoint import CheckpointError, RunDirectoryError
 
@@ -786,3 +787,47 @@ def test_msam_trains_in_one_pass_and_evaluates_and_keeps_its_unperturbed_weights
         torch.testing.assert_close(best["model"][name], want, atol=1e-6, rtol=1e-6, msg=name)
         moved += int(not torch.equal(best["model"][name], last["model"][name]))
     assert moved > len(names) // 2
+
+
+@pytest.mark.parametrize("opt,flags", [("friendlysam", ["--sigma", "0.5", "--lmbda", "0.8"]),
+                                       ("wsam", ["--gamma", "0.8", "--adaptive"]),
+                                       ("bsam", ["--lr", "0.01", "--rho", "0.01"])])
+def test_the_peers_variants_train_and_bsam_is_kept_at_its_mean(image_folder, tmp_path, opt, flags):
+    """--opt friendlysam/wsam/bsam: two passes a step, the options reach the optimizer; BSAM's weights sit at
+    w + noise between steps, so best.pt (evaluated through unperturbed()) holds its mean and last.pt the noisy point."""
+    out = train_imagenet.main(_args(image_folder, tmp_path, "--opt", opt, "--epochs", "1", *flags))
+    assert out["steps"] == 6
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    names = [n for n, _ in train_imagenet.get_model("resnet_tiny", 3).named_parameters()]
+    if opt != "bsam":
+        for name in names:
+            assert torch.equal(best["model"][name], last["model"][name]), name
+        return
+    state = last["optimizer"]["state"]
+    for i, name in enumerate(names):
+        torch.testing.assert_close(best["model"][name], state[i]["mean"], atol=0, rtol=0, msg=name)
+    assert sum(not torch.equal(best["model"][n], last["model"][n]) for n in names) > len(names) // 2
+
+
+def test_the_peers_variants_take_their_flags(capsys):
+    model = train_imagenet.get_model("resnet_tiny", 3)
+
+    def build(*flags):
+        return train_imagenet.build_optimizer(train_imagenet.parse_args(list(flags)), model, 123)
+
+    friendly = build("--opt", "friendlysam", "--sigma", "0.5", "--lmbda", "0.8", "--rho", "0.2")
+    assert (type(friendly), friendly.sigma, friendly.lmbda, friendly.param_groups[0]["rho"]) == (
+        fastasam.FriendlySAM, 0.5, 0.8, 0.2)
+    wsam = build("--opt", "wsam", "--gamma", "0.7", "--adaptive")
+    assert (type(wsam), wsam.gamma, len(wsam.param_groups)) == (fastasam.WSAM, 0.7, 2)  # the adaptive split
+    bsam = build("--opt", "bsam", "--lr", "0.01", "--weight-decay", "0.001")
+    assert (type(bsam), bsam.num_data, bsam.param_groups[0]["lr"], bsam.param_groups[0]["weight_decay"]) == (
+        fastasam.BSAM, 123, 0.01, 0.001)
+    for flags, match in ((["--opt", "bsam", "--sharpness", "replica"], "--sharpness replica"),
+                         (["--opt", "wsam", "--every", "2"], "--every 2"),
+                         (["--opt", "friendlysam", "--lmbda", "1"], "lmbda"),
+                         (["--opt", "bsam", "--rho-follows-lr"], "--rho-follows-lr")):
+        with pytest.raises(SystemExit):
+            train_imagenet.parse_args(flags)
+        assert match in capsys.readouterr().err, flags

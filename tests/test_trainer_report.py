@@ -288,7 +288,7 @@ def test_no_bn_bias_decay_leaves_batchnorm_and_biases_undecayed():
     bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     for opt, groups in (("asam", 3), ("sgd", 2), ("gsam", 2)):
         args = train_imagenet.parse_args(["--opt", opt, "--no-bn-bias-decay", "--weight-decay", "0.001"])
-        optimizer = train_imagenet.build_optimizer(args, model)
+        optimizer = train_imagenet.build_optimizer(args, model, 100)
         assert len(optimizer.param_groups) == groups, opt
         for g in optimizer.param_groups:
             for p in g["params"]:
@@ -297,7 +297,7 @@ def test_no_bn_bias_decay_leaves_batchnorm_and_biases_undecayed():
                 if opt == "asam":  # the official adaptive split: names with "weight" adaptive
                     assert g["adaptive"] == ("weight" in names[id(p)]), names[id(p)]
         assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
-    plain = train_imagenet.build_optimizer(train_imagenet.parse_args(["--opt", "sgd"]), model)
+    plain = train_imagenet.build_optimizer(train_imagenet.parse_args(["--opt", "sgd"]), model, 100)
     assert [g["weight_decay"] for g in plain.param_groups] == [1e-4]
 
 

@@ -285,6 +285,7 @@ class BSAM(torch.optim.Optimizer):
             for idx in by_device(ps).values():
                 self._update(group, [ps[i] for i in idx])
         self._draw_noise(perturbed)
+        self._opt_called = True  # what LR schedulers check to confirm the optimizer stepped before them
 
     def _update(self, group: Mapping[str, Any], ps: list[torch.Tensor]) -> None:
         """m, s and w as the module docstring writes them (w stays in ``state["mean"]``)."""
