@@ -22,7 +22,8 @@ its gradient scaler goes through ``GradScaler.step(optimizer)``, which fastasam 
 ``fastasam.MSAM`` (Momentum-SAM, one forward/backward a step) needs no second pass: :class:`SAMTrainer` lets the
 Trainer's own training step run, and evaluates and predicts at its unperturbed weights (``MSAM.unperturbed()``);
 ``gradient_accumulation_steps`` may then be anything. Its checkpoints keep the weights as they are between steps,
-with the optimizer's state: a resume continues the same trajectory.
+with the optimizer's state: a resume continues the same trajectory. ``fastasam.BSAM`` takes the two passes as ASAM
+does and is evaluated and predicted at its mean; FriendlySAM and WSAM are ASAM's subclasses.
 
 With ``accelerate`` directly, prepare the fastasam optimizer like any other and use :func:`unwrap` for the first
 step; ``optimizer.step()`` after it is the second step::
@@ -47,14 +48,14 @@ from transformers import Trainer
 
 from .optim import ASAM
 from .utils import frozen_batchnorm_stats, unwrap_optimizer
-from .variants import MSAM
+from .variants import BSAM, MSAM
 
 
-def unwrap(optimizer: Any) -> ASAM | MSAM:
+def unwrap(optimizer: Any) -> ASAM | MSAM | BSAM:
     """The fastasam optimizer inside ``optimizer`` (accelerate's ``AcceleratedOptimizer`` keeps it in
     ``.optimizer``). Raises ``TypeError`` naming the fix when there is none."""
     opt = unwrap_optimizer(optimizer)
-    if not isinstance(opt, ASAM | MSAM):
+    if not isinstance(opt, ASAM | MSAM | BSAM):
         raise TypeError(f"fastasam: {type(optimizer).__name__} is not (and does not wrap) a fastasam optimizer; give "
                         "the Trainer one: optimizers=(fastasam.ASAM(...), None) or optimizer_cls_and_kwargs="
                         "(fastasam.ASAM, {...})")
@@ -84,14 +85,15 @@ class SAMTrainer(Trainer):
 
     def _unperturbed(self):
         opt = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
-        return opt.unperturbed() if isinstance(opt, MSAM) else nullcontext()
+        return opt.unperturbed() if isinstance(opt, MSAM | BSAM) else nullcontext()
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """``Trainer.evaluate`` at the unperturbed weights of an ``MSAM`` optimizer (as it is for the others)."""
+        """``Trainer.evaluate`` at the unperturbed weights of an ``MSAM`` optimizer and at the mean of a ``BSAM`` one
+        (as it is for the others)."""
         with self._unperturbed():
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.predict`` at the unperturbed weights of an ``MSAM`` optimizer."""
+        """``Trainer.predict`` at the unperturbed weights of an ``MSAM`` optimizer, the mean of a ``BSAM`` one."""
         with self._unperturbed():
             return super().predict(*args, **kwargs)

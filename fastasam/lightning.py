@@ -11,6 +11,9 @@ its only requirement and importing this module costs nothing.
 * ``fastasam.MSAM`` (Momentum-SAM, one forward/backward a step) needs no second pass: automatic optimisation runs it
   as any optimizer. Its weights sit at the perturbed point between steps; :func:`unperturbed_evaluation` is a
   callback that validates, tests and predicts at the unperturbed weights (``MSAM.unperturbed()``).
+* ``fastasam.BSAM`` (Bayesian SAM, an optimizer of its own) runs under automatic optimisation as ASAM does (its
+  ``step(closure)`` runs the closure at the noisy point and at the ascent); its weights hold ``w + noise`` between
+  steps, and :func:`unperturbed_evaluation` evaluates at the mean ``w``. FriendlySAM and WSAM are ASAM's subclasses.
 """
 
 from __future__ import annotations
@@ -105,14 +108,15 @@ def manual_step(
 
 def unperturbed_evaluation() -> Any:
     """A Lightning ``Callback`` that runs the validation, test and predict loops at the unperturbed weights of the
-    module's ``fastasam.MSAM`` optimizers (``MSAM.unperturbed()``; nothing for other optimizers). Lightning is imported
+    module's ``fastasam.MSAM`` optimizers and at the mean of its ``fastasam.BSAM`` ones (their ``unperturbed()``;
+    nothing for other optimizers). Lightning is imported
     here, when the callback is made: ``Trainer(callbacks=[fastasam.lightning.unperturbed_evaluation()])``."""
     try:
         from lightning.pytorch import Callback
     except ImportError:  # the older package name
         from pytorch_lightning import Callback
 
-    from .variants import MSAM
+    from .variants import BSAM, MSAM
 
     class UnperturbedEvaluation(Callback):
         def __init__(self) -> None:
@@ -121,7 +125,7 @@ def unperturbed_evaluation() -> Any:
         def _enter(self, trainer) -> None:
             for opt in trainer.optimizers:
                 opt = unwrap_optimizer(opt)
-                if isinstance(opt, MSAM):
+                if isinstance(opt, MSAM | BSAM):
                     ctx = opt.unperturbed()
                     ctx.__enter__()
                     self._inside.append(ctx)

@@ -185,3 +185,39 @@ def test_msam_under_the_trainer_is_the_plain_loop_and_evaluates_unperturbed(tmp_
         want = start.bert.embeddings.word_embeddings.weight.detach().clone()
     torch.testing.assert_close(seen[0], want, atol=1e-6, rtol=1e-5)
     assert not torch.equal(seen[0], model.bert.embeddings.word_embeddings.weight)  # back at w~ after it
+
+
+def test_bsam_under_the_trainer_is_the_two_pass_loop_and_evaluates_at_its_mean(tmp_path):
+    """fastasam.BSAM in SAMTrainer: its two passes (clipping and the linear schedule included) give the plain
+    loop's weights, and evaluate() runs at the mean, leaving the noisy point in place after."""
+    model = tiny_bert()
+    start = copy.deepcopy(model)
+
+    def make(m):
+        return fastasam.BSAM(m.parameters(), num_data=len(Rows()), lr=LR, rho=0.01, backend="foreach", seed=5)
+
+    trainer = Recording(model=model, args=args(tmp_path), train_dataset=Rows(), eval_dataset=Rows(),
+                        optimizers=(make(model), None))
+    trainer.batches = []
+    trainer.train()
+    ref = make(start)
+    sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: max(0.0, (STEPS - s) / STEPS))
+    start.train()
+    for inputs in trainer.batches:
+        start(**inputs).loss.backward()
+        ref.first_step(zero_grad=True)
+        start(**inputs).loss.backward()
+        torch.nn.utils.clip_grad_norm_(start.parameters(), 1.0)
+        ref.second_step(zero_grad=True)
+        sched.step()
+    for a, b in zip(model.parameters(), start.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5)
+    seen = []
+    hook = model.bert.embeddings.word_embeddings.register_forward_hook(
+        lambda m, i, o: seen.append(m.weight.detach().clone()))
+    trainer.evaluate()
+    hook.remove()
+    with ref.unperturbed():
+        want = start.bert.embeddings.word_embeddings.weight.detach().clone()
+    torch.testing.assert_close(seen[0], want, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(seen[0], model.bert.embeddings.word_embeddings.weight)  # back at w + noise after it

@@ -432,3 +432,35 @@ def test_msam_under_automatic_optimisation_is_the_plain_loop_and_validates_unper
     assert_same_steps(want, module.snapshots, "MSAM, automatic")
     assert_same_steps(want_unperturbed, module.validated, "MSAM, validation weights")
     assert not torch.equal(want_unperturbed[-1]["0.weight"], want[-1]["0.weight"])
+
+
+class BsamNet(MsamNet):
+    """Automatic optimisation with fastasam.BSAM: Lightning's step(closure) runs both passes."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return fastasam.BSAM(self.parameters(), num_data=len(X), lr=LR, rho=0.05, backend="foreach", seed=3)
+
+
+def test_bsam_under_automatic_optimisation_is_the_two_pass_loop_and_validates_at_its_mean() -> None:
+    """Lightning's automatic optimisation steps fastasam.BSAM as its two-pass loop does (the closure at w + noise,
+    then at the ascent), and with unperturbed_evaluation() every validation sees the mean."""
+    from fastasam.lightning import unperturbed_evaluation
+
+    net = copy.deepcopy(INIT)
+    opt = fastasam.BSAM(net.parameters(), num_data=len(X), lr=LR, rho=0.05, backend="foreach", seed=3)
+    want, want_mean = [], []
+    for _ in range(EPOCHS):
+        for x, y in _batches():
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.second_step()
+            want.append(_snapshot(net))
+        with opt.unperturbed():
+            want_mean.append(_snapshot(net))
+    module = BsamNet()
+    fit(module, callbacks=[unperturbed_evaluation()], num_sanity_val_steps=0)
+    assert_same_steps(want, module.snapshots, "BSAM, automatic")
+    assert_same_steps(want_mean, module.validated, "BSAM, validation weights")
+    assert not torch.equal(want_mean[-1]["0.weight"], want[-1]["0.weight"])
