@@ -5,8 +5,9 @@
 
 Variants, each on a fresh copy of the same initial model: plain SGD (one forward/backward), ASAM with the
 ``reference`` per-tensor loop (the published code's way) and ASAM with fastasam's ``auto`` backend (two
-forward/backwards each), interval ASAM (every 5th step two passes), LookSAM (k = 5), GSAM, and Momentum-SAM
-(``fastasam.MSAM``: one forward/backward a step, as SGD), timed interleaved, one step each per round
+forward/backwards each), interval ASAM (every 5th step two passes), LookSAM (k = 5), GSAM, Momentum-SAM
+(``fastasam.MSAM``: one forward/backward a step, as SGD), and FriendlySAM, WSAM and BSAM (two passes each, BSAM with
+its own update in place of SGD's), timed interleaved, one step each per round
 (``benchmarks.timing``). Reports step time, its
 spread, images/s and the ASAM / SGD step-time ratio (2.0 is the limit set by the two passes; the goal is
 <= 2.03), the ratios as medians of the per-round ratios, so that a load change between rounds cancels out. ``draw``
@@ -31,7 +32,8 @@ from benchmarks.models import get_model
 from benchmarks.step_time import RESULTS, environment
 
 HPARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
-VARIANTS = ("sgd", "asam-reference", "asam-auto", "asam-every5", "looksam-k5", "gsam", "msam")
+VARIANTS = ("sgd", "asam-reference", "asam-auto", "asam-every5", "looksam-k5", "gsam", "msam", "friendlysam", "wsam",
+            "bsam")
 # the interval and LookSAM variants perturb on every 5th step: one timed call runs 5 steps, and their times are per
 # step (the mean over the 5, a full step included)
 STEPS_PER_CALL = {"asam-every5": 5, "looksam-k5": 5}
@@ -73,7 +75,13 @@ def run(device: torch.device, arch: str, batch: int, image_size: int, amp: str, 
                 msam.step()
                 msam.zero_grad(set_to_none=True)
             return msam_step
-        if variant == "asam-every5":
+        if variant == "friendlysam":
+            asam = fastasam.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, **HPARAMS)
+        elif variant == "wsam":
+            asam = fastasam.WSAM(model.parameters(), torch.optim.SGD, rho=0.05, **HPARAMS)
+        elif variant == "bsam":
+            asam = fastasam.BSAM(model.parameters(), num_data=1_281_167, lr=0.1, weight_decay=1e-4, rho=0.05)
+        elif variant == "asam-every5":
             asam = fastasam.ASAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01, every=5, **HPARAMS)
         elif variant == "looksam-k5":
             asam = fastasam.LookSAM(model.parameters(), torch.optim.SGD, rho=1.0, eta=0.01, adaptive=True, k=5,
