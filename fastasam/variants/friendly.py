@@ -129,9 +129,11 @@ class FriendlySAM(ASAM):
     """FriendlySAM: (A)SAM whose ascent follows ``d = g - sigma * m``, ``m`` the exponential moving average of the
     first pass's gradients (see the module docstring). ``sigma=0`` is (A)SAM.
 
+    ``params``, ``base_optimizer``, ``backend`` and the base optimizer's options are as for :class:`fastasam.ASAM`
+    (``restore``, ``use_gc``, ``base_optimizer_kwargs`` too; an ``eps`` among the base options is the base
+    optimizer's, e.g. Adam's).
+
     Args:
-        params, base_optimizer, backend, **base_kwargs: as for :class:`fastasam.ASAM` (``restore``, ``use_gc``,
-            ``base_optimizer_kwargs`` too; an ``eps`` among the base options is the base optimizer's, e.g. Adam's).
         rho: the neighbourhood radius (>= 0; pytorch_optimizer's default 0.05).
         sigma: the weight of the moving average subtracted from the gradient (a finite number >= 0; default 1).
         lmbda: the moving average's decay, in [0, 1) (default 0.9).

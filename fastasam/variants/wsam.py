@@ -37,8 +37,10 @@ class WSAM(_Decomposed):
     """WSAM: sharpness as a weighted regularizer (see the module docstring). ``gamma=0`` (``alpha=0``) with
     ``decouple=False`` is the base optimizer on the first pass's gradient; ``gamma=0.5`` (``alpha=1``) is (A)SAM.
 
+    ``params``, ``base_optimizer``, ``backend`` and the base optimizer's options are as for :class:`fastasam.ASAM`
+    (``restore``, ``use_gc`` too).
+
     Args:
-        params, base_optimizer, backend, **base_kwargs: as for :class:`fastasam.ASAM` (``restore``, ``use_gc`` too).
         rho: the neighbourhood radius (>= 0; default 0.05).
         gamma: the sharpness' weight, in [0, 1): ``alpha = gamma / (1 - gamma)`` (default 0.9, ``alpha = 9``).
         adaptive: ASAM's scaling of the ascent with ``eta=0`` (``T = |w|``, pytorch_optimizer's ``w^2`` scaling).
