@@ -40,12 +40,15 @@ lint:
 gpu-stack:
 	bash scripts/gpu_stack.sh
 
-# On a GPU machine: the GPU evidence in two self-contained parts of at most 8 minutes each (scripts/gpu_evidence.sh):
-# PART=1 the driver, fastasam._C for this GPU, --check, the kernel/oracle tests on the GPU, compute-sanitizer;
-# PART=2 the step-time and end-to-end benchmarks. Results in benchmarks/results/gpu/.
+# On a machine with an NVIDIA GPU (scripts/gpu_evidence.sh, docs/guides/gpu-evidence.md), two commands of at most 8
+# minutes each from a fresh checkout, results in benchmarks/results/gpu/<GPU name>/. The first (PART=1) brings back
+# the most valuable evidence first: fastasam._C built for this GPU alone while the Triton kernel tests run, --check, the
+# CUDA kernel tests with opcheck and the CUDA-graph replay, the ResNet-50 fp32 step time, compute-sanitizer memcheck;
+# PART=2 the rest (bf16, end to end, racecheck, ViT/GPT-2, the torch.compile baseline). DRY_RUN=1, on any machine:
+# the plan, a line per step with its cap, what each test selection collects, the caps' sum.
 PART ?= 1
 gpu-evidence:
-	bash scripts/gpu_evidence.sh part$(PART)
+	PYTHON=$(PYTHON) bash scripts/gpu_evidence.sh part$(PART) $(if $(DRY_RUN),--dry-run)
 
 # The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link, page or docstring fails it.
 # Only the docs extra's packages are installed, when missing (no torch: the API pages read the sources).

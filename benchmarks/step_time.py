@@ -52,6 +52,7 @@ PASSES = {
     "copy": 2,   # the bandwidth probe: read one tensor, write another
 }
 PASSES_ASAM_SGD = PASSES["asam"]
+COPY_REPEATS = 8  # the bandwidth probe's copies per timed call on a GPU (copy_repeats)
 
 
 HPARAMS = {"rho": 0.5, "eta": 0.01, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
@@ -94,6 +95,26 @@ def default_variants(device: torch.device) -> list[str]:
     return [*names, "sam-auto", "sam-sam.py", "sam-pytorch_optimizer", "msam-auto", "msam-authors", "sgd", "copy"]
 
 
+def with_grads(params: list, step: Callable[[], None]) -> timing.Step:
+    """``step`` with the parameters' gradients as they are now assigned again before each call, untimed
+    (``timing.Step``'s setup): both passes of every step see the same gradients, so the work is what is measured, and
+    re-assigning 161 gradients (host work while a GPU idles) is not in the step's time."""
+    grads = [p.grad.clone() for p in params]
+
+    def setup() -> None:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    return timing.Step(step, setup)
+
+
+def copy_repeats(device: torch.device) -> int:
+    """Parameter-sized copies per timed call of the bandwidth probe, its time divided by it: on a GPU one copy is a
+    single launch of ~70 us (ResNet-50 fp32 on an H100), whose fixed launch and event costs read the bandwidth 5-10%
+    low; on the CPU one copy takes milliseconds."""
+    return COPY_REPEATS if device.type == "cuda" else 1
+
+
 def kind_of(variant: str) -> str:
     """Which algorithm's memory floor a row is measured against: asam, sam, msam, sgd or copy."""
     return variant.split("-", 1)[0]
@@ -112,15 +133,6 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
         params = [p for _, p in named]
         return named, params, [p for n, p in named if "weight" in n], [p for n, p in named if "weight" not in n]
 
-    def with_grads(params: list, step: Callable[[], None]) -> Callable[[], None]:
-        grads = [p.grad.clone() for p in params]
-
-        def wrapped() -> None:
-            for p, g in zip(params, grads):
-                p.grad = g  # both passes see the same gradients: the work is what is measured
-            step()
-        return wrapped
-
     def fastasam_step(variant: str, params: list, adaptive: list, plain: list) -> Callable[[], None]:
         kind, backend = variant.split("-", 1)
         if kind == "msam":  # one pass a step: the whole optimizer step is step()
@@ -138,10 +150,15 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
         return with_grads(params, step)
 
     def make(variant: str) -> Callable[[], None]:
-        if variant == "copy":  # the bandwidth probe: one parameter-sized copy
+        if variant == "copy":  # the bandwidth probe: parameter-sized copies, copy_repeats() per call
             src = torch.ones(numel(shapes), dtype=dtype, device=device)
             dst = torch.empty_like(src)
-            return lambda: dst.copy_(src)
+            repeats = copy_repeats(device)
+
+            def copies() -> None:
+                for _ in range(repeats):
+                    dst.copy_(src)
+            return copies
         named, params, adaptive, plain = fresh()
         if variant == "sgd":
             return with_grads(params, torch.optim.SGD(params, **sgd_kw).step)
@@ -201,14 +218,21 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
     # to zero while timing, so that no row's time depends on how many rounds ran before it (then back to torch's
     # default, which keeps them)
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
+    per_call = {label: copy_repeats(device) for variant, label in todo if variant == "copy"}  # progress lines per copy
     try:
         measured = timing.measure([(label, lambda v=variant: build(v)) for variant, label in todo], device, steps,
                                   warmup, param_set,
-                                  what="one optimizer step (first_step + second_step) of each variant")
+                                  what="one optimizer step (first_step + second_step) of each variant",
+                                  per_call=per_call)
     finally:
         if flush:
             torch.set_flush_denormal(False)
     rows = [{**row, "variant": variant} for row, (variant, _) in zip(measured, todo)]
+    repeats = copy_repeats(device)
+    for r in rows:  # the probe's times per copy
+        if r["variant"] == "copy" and repeats > 1:
+            times = [t / repeats for t in r["times_s"]]
+            r.update(timing.summary(times), times_s=times, copies_per_call=repeats)
     by_variant = {r["variant"]: r for r in rows}
     ref = by_variant.get("asam-reference")
     copy = by_variant.get("copy")

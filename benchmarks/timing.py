@@ -22,7 +22,9 @@ in a new process with them set). Huge pages and one thread alone did not stop th
 taking 108-165 ms a step from one process to the next; with malloc's thresholds fixed it took 97-101 ms in three.
 
 Used by ``step_time`` and ``e2e`` (through ``measure``: CUDA events on a GPU, ``perf_counter`` on the CPU, peak memory
-from one separate step per variant) and by ``host_overhead`` (its variants time their own phases).
+from one separate step per variant) and by ``host_overhead`` (its variants time their own phases). A variant's step
+may bring an untimed ``setup`` (``Step``: ``step_time`` sets the fixed gradients there), which ``measure`` runs right
+before each timed call, outside the timed region.
 """
 
 from __future__ import annotations
@@ -74,6 +76,25 @@ def cpu_threads(threads: int | None) -> None:
 THREADS_HELP = ("CPU threads for torch's ops (default: 1 on a CPU run, torch's own on a GPU run); on a CPU shared with "
                 "other busy processes fewer threads than cores keep the times far steadier (an op's threads wait for "
                 "each other)")
+
+
+class Step:
+    """A variant's step (``run``, the work timed) with an untimed ``setup`` that ``measure`` calls right before every
+    call of it, outside the timed region (``step_time``: the fixed gradients assigned again, so that every step sees
+    the same ones; that is host work during which a GPU would idle, not the optimizer's)."""
+
+    def __init__(self, run: Callable[[], None], setup: Callable[[], None]) -> None:
+        self.run, self.setup = run, setup
+
+    def __call__(self) -> None:
+        self.run()
+
+
+def prepare(step: Callable[[], None]) -> None:
+    """Run ``step``'s untimed ``setup`` (a ``Step``'s), if it has one."""
+    setup = getattr(step, "setup", None)
+    if setup is not None:
+        setup()
 
 
 def clock(device: torch.device) -> Callable[[Callable[[], None]], float]:
@@ -190,10 +211,11 @@ def legend(steps: int, ratios: str) -> str:
 
 
 def peak_memory(step: Callable[[], None], device: torch.device, held_by_others: int = 0) -> int | None:
-    """Make one un-timed call of ``step`` (a variant's first step, before the interleaved rounds) and return the peak
-    bytes allocated on ``device`` during it, less ``held_by_others`` (what the variants built before this one hold):
-    about what the variant would peak at alone. None off CUDA. Taken apart from the rounds, where the peak would mix
-    the variants."""
+    """Make one un-timed call of ``step`` (a variant's first step, before the interleaved rounds; its ``setup`` first,
+    ``prepare``) and return the peak bytes allocated on ``device`` during it, less ``held_by_others`` (what the
+    variants built before this one hold): about what the variant would peak at alone. None off CUDA. Taken apart from
+    the rounds, where the peak would mix the variants."""
+    prepare(step)
     if device.type != "cuda":
         step()
         return None
@@ -210,15 +232,20 @@ def measure(variants: Sequence[tuple[str, Callable[[], Callable[[], None]]]], de
     """Build every variant (name, make_step), take each one's peak memory in one step of its own (CUDA), warm each
     up, time ``steps`` interleaved rounds (``interleave``, whose progress lines say ``what`` a round times and divide
     out ``per_call``) and return one row per variant: ``summary`` fields, peak memory and the step times (``times_s``,
-    for ``paired_ratio``; per call of the variant's step). Prints a warning per noisy variant."""
+    for ``paired_ratio``; per call of the variant's step). A step's untimed ``setup`` (``Step``) runs before each of
+    its calls, outside the timed region. Prints a warning per noisy variant."""
     timed = clock(device)
+
+    def untimed_setup_then_timed(step: Callable[[], None]) -> float:
+        prepare(step)
+        return timed(step)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     built, peaks = [], {}
     for name, make_step in variants:
         held = torch.cuda.memory_allocated(device) - base if device.type == "cuda" else 0
         step = make_step()
         peaks[name] = peak_memory(step, device, held)
-        built.append((name, lambda s=step: timed(s)))
+        built.append((name, lambda s=step: untimed_setup_then_timed(s)))
     times = interleave(built, steps, warmup, label, what, per_call)
     rows = [{"name": name, **summary(times[name]), "peak_mem_bytes": peaks[name], "times_s": times[name]}
             for name, _ in variants]

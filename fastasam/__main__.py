@@ -2,7 +2,7 @@
 backend that works here against the ``reference`` oracle (exit status 1 when one disagrees).
 
     python -m fastasam            # versions, devices, backends (and why not), what ``auto`` picks, the extensions
-    python -m fastasam --check    # + 3 ASAM, GSAM, LookSAM steps per backend and device against the oracle
+    python -m fastasam --check    # + 3 ASAM, GSAM, LookSAM, MSAM steps per backend and device against the oracle
     python -m fastasam --build    # build the cuda backend's extension just in time where fastasam._C is missing
 """
 
@@ -97,7 +97,15 @@ def report() -> str:
 
 
 KINDS = {"ASAM": (fastasam.ASAM, {}), "GSAM": (fastasam.GSAM, {"alpha": 0.2}),
-         "LookSAM": (fastasam.LookSAM, {"k": 2, "alpha": 0.5})}
+         "LookSAM": (fastasam.LookSAM, {"k": 2, "alpha": 0.5}), "MSAM": (fastasam.MSAM, {"adaptive": True})}
+
+
+def phases(opt: torch.optim.Optimizer) -> tuple:
+    """The calls of one step of ``opt``, each after a backward: MSAM's ``step``; a two-pass optimizer's
+    ``first_step`` and ``second_step`` (``second_step`` alone on a step without a second pass)."""
+    if isinstance(opt, fastasam.MSAM):
+        return (opt.step,)
+    return (opt.first_step, opt.second_step) if opt.second_pass_needed else (opt.second_step,)
 
 
 def _steps(backend: str, device: torch.device, dtype: torch.dtype, kind: str = "ASAM") -> list[torch.Tensor]:
@@ -109,8 +117,7 @@ def _steps(backend: str, device: torch.device, dtype: torch.dtype, kind: str = "
     opt = cls(groups, torch.optim.SGD, backend=backend, rho=0.5, eta=0.01, lr=0.05, momentum=0.9, weight_decay=1e-3,
               **kw)
     for _ in range(3):
-        phases = (opt.first_step, opt.second_step) if opt.second_pass_needed else (opt.second_step,)
-        for phase in phases:
+        for phase in phases(opt):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
             phase()
@@ -118,7 +125,8 @@ def _steps(backend: str, device: torch.device, dtype: torch.dtype, kind: str = "
 
 
 def check() -> bool:
-    """Three ASAM, GSAM and LookSAM (+ SGD) steps per backend, device and dtype against the oracle; a line each."""
+    """Three ASAM, GSAM, LookSAM and MSAM (+ SGD) steps per backend, device and dtype against the oracle; a line
+    each."""
     ok = True
     for dev in _devices():
         # fused updates round once where torch.optim rounds after each op: a few bf16 ulps apart after 3 steps
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbuild: FAILED (the reason is above); backend=\"auto\" falls back to what works")
         return 1
     if args.check:
-        print("\ncheck: 3 ASAM, GSAM and LookSAM (+ SGD) steps per backend against the reference oracle")
+        print("\ncheck: 3 ASAM, GSAM, LookSAM and MSAM (+ SGD) steps per backend against the reference oracle")
         ok = check()
         print("check: all passed" if ok else "check: FAILED")
         return 0 if ok else 1

@@ -84,8 +84,11 @@ def check_not_capturing(devices: Iterable[torch.device], what: str) -> None:
         raise RuntimeError(
             f"fastasam: {what} would be built during CUDA-graph capture, which cannot allocate or copy from host "
             "memory. A step plan is built on the first step and again after the parameters, their gradients' "
-            "layout or the options change. Warm up first: run a few eager steps (first_step and second_step, with "
-            "the parameters, gradients and options the graph will see) on a side stream before capturing."
+            "layout or the options change (gradients at new addresses rewrite its tables). Warm up first: run a few "
+            "eager steps (first_step and second_step, with the parameters, gradients and options the graph will "
+            "see) on a side stream before capturing, and zero the gradients with zero_grad(set_to_none=False), in the "
+            "warm-up and in the captured step: the gradients must keep their addresses across a captured step, and "
+            "set_to_none=True frees them, so that the next backward makes new ones elsewhere."
         )
 
 

@@ -23,6 +23,19 @@ def test_the_check_asks_cuda_only_for_cuda_devices(monkeypatch):
         _plan.check_not_capturing({torch.device("cpu"), torch.device("cuda", 0)}, "the step plan")
 
 
+def test_the_capture_error_says_to_zero_the_gradients_in_place(monkeypatch):
+    """A captured step needs its gradients where the warm-up left them: the error names the fix that works,
+    ``zero_grad(set_to_none=False)``, and says why ``set_to_none=True`` cannot (capture faked: the check asks torch
+    whether the current stream is capturing, and only for CUDA devices)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError) as raised:
+        _plan.check_not_capturing({torch.device("cuda", 0)}, "the step plan")
+    message = str(raised.value)
+    assert "zero_grad(set_to_none=False)" in message
+    assert "must keep their addresses across a captured step" in message
+    assert "set_to_none=True frees them" in message
+
+
 @pytest.fixture
 def capture(monkeypatch):
     """``capture.on = True`` makes every plan build behave as under capture on a CUDA device."""

@@ -32,7 +32,7 @@ def test_check_passes_here_and_fails_on_a_wrong_or_crashing_backend(monkeypatch,
     assert cli.main(["--check"]) == 0
     out = capsys.readouterr().out
     assert "check: all passed" in out
-    for kind in ("ASAM", "GSAM", "LookSAM"):  # every variant, on every backend here
+    for kind in ("ASAM", "GSAM", "LookSAM", "MSAM"):  # every variant, on every backend here
         assert f"pass  foreach  cpu      torch.float32   {kind}" in out
     real = cli._steps
 

@@ -154,8 +154,11 @@ def test_the_module_the_library_names_registers_the_fakes_and_satisfies_torchs_r
 # addresses in rows into the parameters, which no clone copies, so both runs would write the same tensors.
 
 
-def launches(kind: str, base: type, **kw) -> dict[str, list]:
-    """The bound launches of three steps of ``kind`` on CUDA bf16 parameters: {op: [partial, ...]}."""
+def launches(kind: str, base: type, **kw) -> tuple[dict[str, list], tuple]:
+    """The bound launches of three steps of ``kind`` on CUDA bf16 parameters, {op: [partial, ...]}, and what their
+    tables point into: the optimizer (its state, buffers and tables) and the parameters (their gradients). The
+    launches write through the addresses in their tables, so the caller keeps the second alive while it runs them
+    again: freed, that memory would go to other tensors, which a re-run would overwrite."""
     from fastasam.__main__ import KINDS
 
     seen: dict[str, list] = {}
@@ -181,7 +184,7 @@ def launches(kind: str, base: type, **kw) -> dict[str, list]:
     finally:
         mp.undo()
     torch.cuda.synchronize()
-    return seen
+    return seen, (opt, params)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
@@ -189,9 +192,12 @@ def launches(kind: str, base: type, **kw) -> dict[str, list]:
                            "launches, on a GPU")
 def test_opcheck_schema_and_fake_on_every_launch_of_real_steps():
     seen: dict[str, list] = {}
+    alive = []  # every optimizer and its parameters, until the last opcheck has run their launches
     for kind, base, kw in (("ASAM", torch.optim.SGD, {"momentum": 0.9}), ("ASAM", torch.optim.AdamW, {}),
                            ("GSAM", torch.optim.AdamW, {}), ("LookSAM", torch.optim.SGD, {"momentum": 0.9})):
-        for op, bound in launches(kind, base, **kw).items():
+        bound_launches, keep = launches(kind, base, **kw)
+        alive.append(keep)
+        for op, bound in bound_launches.items():
             seen.setdefault(op, []).extend(bound)
     assert set(seen) == set(cuda_backend.OPS)
     for op, bound in seen.items():
@@ -199,3 +205,5 @@ def test_opcheck_schema_and_fake_on_every_launch_of_real_steps():
             assert b.func is getattr(torch.ops.fastasam, op).default
             result = torch.library.opcheck(b.func, tuple(b.args), test_utils=("test_schema", "test_faketensor"))
             assert result == {"test_schema": "SUCCESS", "test_faketensor": "SUCCESS"}, (op, result)
+    torch.cuda.synchronize()
+    assert len(alive) == 4  # held to here

@@ -102,13 +102,18 @@ class AdamUpdate:
     The fused kernel applies one bias correction per param group, so the group's fused tensors must share one step
     count. Their ``state["step"]`` tensors are made 0-d views of one CPU tensor per group (each tensor keeps its own
     element), so one ``add_`` counts a step for all of them, as torch's foreach ``_foreach_add_`` would element by
-    element; a checkpoint holds the same numbers either way."""
+    element; a checkpoint holds the same numbers either way.
+
+    A group with ``fused=True`` (or ``capturable=True``) on a GPU is left to torch's own update: torch keeps its step
+    counts on the parameters' device and its fused CUDA kernel reads them there, so a CPU step count made here would
+    reach that kernel as soon as a tensor of the group falls back to the base optimizer's step (a gradient laid out
+    differently, a plan rebuilt). Those tensors are restored, then stepped by torch."""
 
     kernel = "restore_adam"
     columns = ("lerp_weight", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay_factor", "step_size",
                "bc2_sqrt", "amsgrad", "maximize")  # lerp_weight: 1 - beta1
     options = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "differentiable",
-               "decoupled_weight_decay")
+               "decoupled_weight_decay", "fused")
 
     counts_steps = True
 
@@ -121,6 +126,9 @@ class AdamUpdate:
     def group_reason(self, group: dict) -> str | None:
         if group.get("capturable"):
             return "capturable=True (torch's own update keeps its step count on the device)"
+        if group.get("fused") and any(p.device.type != "cpu" for p in group["params"]):
+            return ("fused=True on a GPU (torch's fused Adam keeps its step count on the device, where fastasam's "
+                    "fused update keeps it on the CPU; fused=False lets fastasam fuse the restore and the update)")
         if group.get("differentiable"):
             return "differentiable=True"
         return _tensor_option(group, ("lr", "betas", "eps", "weight_decay"))
