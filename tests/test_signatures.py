@@ -484,3 +484,38 @@ def test_a_fused_update_is_written_in_five_files(cls):
     assert update_footprint(sources, cls) == UPDATE_FILES
     planted = {**sources, "fastasam/_step_plan.py": sources["fastasam/_step_plan.py"] + f"\n# {cls.__name__}\n"}
     assert update_footprint(planted, cls) == UPDATE_FILES | {"fastasam/_step_plan.py"}
+
+
+# --- where a fused variant is written: Momentum-SAM's files ---------------------------------------------------------
+
+# Momentum-SAM, the variant with kernels of its own, by what each file holds (docs/design/map.md, "Adding a variant")
+VARIANT_FILES = {
+    # the variant: its class, and the public names
+    "fastasam/variants/msam.py", "fastasam/variants/__init__.py", "fastasam/__init__.py",
+    # its per-element formulas, the loops over them (CUDA, CPU, Triton) and the oracle's per-tensor form
+    "csrc/elementwise.h", "csrc/multi_tensor.cu", "csrc/cpu_loops.h", "kernels/multi_tensor.py",
+    "fastasam/backends/reference.py",
+    # its two ops declared by hand: C declarations, op schemas and registrations, the CPU table, fakes, signatures
+    "csrc/multi_tensor.h", "csrc/binding.cpp", "csrc/cpu_kernels.cpp", "fastasam/backends/cuda.py",
+    "fastasam/backends/_signatures.py",
+    # where a one-pass optimizer differs for the integrations: --check, Hugging Face, Lightning
+    "fastasam/__main__.py", "fastasam/hf.py", "fastasam/lightning.py",
+}
+
+
+def variant_footprint(sources: dict[str, str], name: str) -> set[str]:
+    pattern = re.compile(re.escape(name), re.IGNORECASE)
+    return {path for path, text in sources.items() if pattern.search(text)}
+
+
+def test_a_fused_variant_is_written_in_the_files_the_design_page_lists():
+    """The files that name MSAM are exactly those the design page lists (a new mention elsewhere, as the step plan
+    learning of one variant, is caught), and the page lists each of them."""
+    sources = _product_sources()
+    assert variant_footprint(sources, "msam") == VARIANT_FILES
+    planted = {**sources, "fastasam/_step_plan.py": sources["fastasam/_step_plan.py"] + "\n# MSAM\n"}
+    assert variant_footprint(planted, "msam") == VARIANT_FILES | {"fastasam/_step_plan.py"}
+    page = (ROOT / "docs" / "design" / "map.md").read_text().split("\n## Adding a variant\n", 1)[1].split("\n## ")[0]
+    listed = set(re.findall(r"`((?:fastasam|csrc|kernels)/[\w/]+\.\w+)`", page))
+    assert listed == VARIANT_FILES, sorted(listed ^ VARIANT_FILES)
+    assert f"{len(VARIANT_FILES)} files" in page
