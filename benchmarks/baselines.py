@@ -167,6 +167,33 @@ def pytorch_optimizer_sam(params: list[torch.Tensor], *, rho: float, adaptive: b
     return step
 
 
+def pytorch_optimizer_peer(kind: str, params: list[torch.Tensor], *, rho: float, lr: float, momentum: float,
+                           weight_decay: float, num_data: int) -> Callable[[], None]:
+    """pytorch_optimizer's ``FriendlySAM``, ``WSAM`` (over SGD momentum) or ``BSAM`` (its own update), with
+    ``foreach=True`` (its fastest form), defaults otherwise: one optimizer step over the parameters' ``.grad``
+    (FriendlySAM, WSAM: ``first_step`` + ``second_step``; BSAM: its noise, perturbation and update steps)."""
+    import pytorch_optimizer as po
+
+    if kind == "bsam":
+        opt = po.BSAM(params, num_data=num_data, lr=lr, weight_decay=weight_decay, rho=rho, foreach=True)
+
+        def bsam_step() -> None:
+            opt.first_step()
+            opt.second_step()
+            opt.third_step()
+        return bsam_step
+    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    if kind == "friendlysam":
+        opt = po.FriendlySAM(params, torch.optim.SGD, rho=rho, foreach=True, **sgd)
+    else:  # WSAM takes a model for its BatchNorm handling and clipping: one holding the parameters
+        opt = po.WSAM(torch.nn.ParameterList(params), params, torch.optim.SGD, rho=rho, foreach=True, **sgd)
+
+    def step() -> None:
+        opt.first_step(zero_grad=False)
+        opt.second_step(zero_grad=False)
+    return step
+
+
 def _first(wa, ga, wn, gn, ba, bn, rho: float, eta: float, eps: float) -> None:
     ta = torch._foreach_add(torch._foreach_abs(wa), eta)
     tga = torch._foreach_mul(ta, ga)

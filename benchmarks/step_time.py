@@ -51,6 +51,9 @@ PASSES = {
                  # perturbation (read w, m, write w~)
     "copy": 2,   # the bandwidth probe: read one tensor, write another
 }
+# FriendlySAM, WSAM and BSAM: no floor is stated (PASSES has none); their rows are compared with pytorch_optimizer's
+PEERS = ("friendlysam", "wsam", "bsam")
+NUM_DATA = 1_281_167  # BSAM's training-set size (ImageNet's): it scales the noise only
 PASSES_ASAM_SGD = PASSES["asam"]
 COPY_REPEATS = 8  # the bandwidth probe's copies per timed call on a GPU (copy_repeats)
 
@@ -61,19 +64,23 @@ PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
 # fastasam's row and the published rows it is compared with (``comparisons``: the paired speed-up of the first over
 # each of the others measured in the run)
 COMPARE = {"asam-auto": ("asam-official", "asam-pytorch_optimizer", "asam-compile-foreach"),
-           "sam-auto": ("sam-sam.py", "sam-pytorch_optimizer"), "msam-auto": ("msam-authors",)}
-PUBLISHED = ("asam-official", "asam-pytorch_optimizer", "sam-sam.py", "sam-pytorch_optimizer", "msam-authors")
+           "sam-auto": ("sam-sam.py", "sam-pytorch_optimizer"), "msam-auto": ("msam-authors",),
+           **{f"{k}-auto": (f"{k}-pytorch_optimizer",) for k in PEERS}}
+PUBLISHED = ("asam-official", "asam-pytorch_optimizer", "sam-sam.py", "sam-pytorch_optimizer", "msam-authors",
+             *(f"{k}-pytorch_optimizer" for k in PEERS))
 # the published loop of each algorithm, what a user would otherwise run: every fastasam row of the algorithm gets its
 # paired speed-up over it (``speedup_vs_published``)
-PUBLISHED_LOOP = {"asam": "asam-official", "sam": "sam-sam.py", "msam": "msam-authors"}
+PUBLISHED_LOOP = {"asam": "asam-official", "sam": "sam-sam.py", "msam": "msam-authors",
+                  **{k: f"{k}-pytorch_optimizer" for k in PEERS}}
 # what the rows that are not fastasam's are, said in their plot label and table cell instead of a speed-up
 ROLES = {"asam-official": "published loop", "sam-sam.py": "published loop", "msam-authors": "published loop",
          "asam-pytorch_optimizer": "published, pytorch_optimizer",
          "sam-pytorch_optimizer": "published, pytorch_optimizer", "asam-compile-foreach": "torch.compile baseline",
+         **{f"{k}-pytorch_optimizer": "published, pytorch_optimizer (foreach)" for k in PEERS},
          "asam-apex": "apex baseline", "sgd": "SGD alone, for scale", "copy": "bandwidth probe"}
 FLOOR_LABEL = "memory floor of the row's algorithm"
 VS_PUBLISHED = ("speed-up over the published loop of the row's algorithm (ASAM: asam-official, SAM: sam-sam.py, "
-                "MSAM: msam-authors)")
+                "MSAM: msam-authors, FriendlySAM/WSAM/BSAM: pytorch_optimizer's)")
 
 
 def peak_gbps(device: torch.device) -> float | None:
@@ -92,7 +99,9 @@ def default_variants(device: torch.device) -> list[str]:
                                                                             "asam-compile-foreach"]
     if device.type == "cuda" and baselines.apex_unavailable_reason() is None:
         names.append("asam-apex")
-    return [*names, "sam-auto", "sam-sam.py", "sam-pytorch_optimizer", "msam-auto", "msam-authors", "sgd", "copy"]
+    peers = [f"{k}-{impl}" for k in PEERS for impl in ("auto", "pytorch_optimizer")]
+    return [*names, "sam-auto", "sam-sam.py", "sam-pytorch_optimizer", "msam-auto", "msam-authors", *peers, "sgd",
+            "copy"]
 
 
 def with_grads(params: list, step: Callable[[], None]) -> timing.Step:
@@ -138,7 +147,14 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
         if kind == "msam":  # one pass a step: the whole optimizer step is step()
             return with_grads(params, fastasam.MSAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"],
                                                     **sgd_kw).step)
-        if kind == "sam":
+        if kind == "bsam":
+            opt = fastasam.BSAM(params, num_data=NUM_DATA, lr=sgd_kw["lr"], weight_decay=sgd_kw["weight_decay"],
+                                rho=HPARAMS["rho"], backend=backend)
+        elif kind == "friendlysam":
+            opt = fastasam.FriendlySAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"], **sgd_kw)
+        elif kind == "wsam":
+            opt = fastasam.WSAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"], **sgd_kw)
+        elif kind == "sam":
             opt = fastasam.SAM(params, torch.optim.SGD, backend=backend, rho=HPARAMS["rho"], **sgd_kw)
         else:
             groups = [{"params": adaptive, "adaptive": True}, {"params": plain, "adaptive": False}]
@@ -175,6 +191,9 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
             return with_grads(params, baselines.compiled_foreach(adaptive, plain, **HPARAMS))
         if variant == "asam-apex":
             return with_grads(params, baselines.apex_asam(adaptive, plain, **HPARAMS))
+        if kind_of(variant) in PEERS and variant.endswith("-pytorch_optimizer"):
+            return with_grads(params, baselines.pytorch_optimizer_peer(kind_of(variant), params, rho=HPARAMS["rho"],
+                                                                       num_data=NUM_DATA, **sgd_kw))
         if variant == "msam-authors":
             return with_grads(params, baselines.AuthorsMSAM(params, rho=HPARAMS["rho"], **sgd_kw).step)
         return fastasam_step(variant, params, adaptive, plain)
@@ -188,7 +207,7 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
                 variant.endswith("-auto"):
             return None
         name = variant.split("-", 1)[-1]
-        if kind_of(variant) not in ("asam", "sam", "msam"):
+        if kind_of(variant) not in ("asam", "sam", "msam", *PEERS):
             return f"unknown variant {variant!r}"
         return fastasam.backends.unavailable_reason(name, device) if name in fastasam.backends.names() else (
             f"unknown variant {variant!r}")
@@ -241,15 +260,15 @@ def run(param_set: str, device: torch.device, dtype: torch.dtype, steps: int, wa
     peak = peak_gbps(device)
     for r in rows:
         kind = kind_of(r["variant"])
-        floor_bytes = PASSES[kind] * param_bytes
+        floor_bytes = PASSES[kind] * param_bytes if kind in PASSES else None
         # paired per round (timing.paired_ratio): a load change that slows a whole round cancels out
         versus = ref and kind != "copy"
         r["speedup_vs_reference"] = timing.paired_ratio(ref["times_s"], r["times_s"]) if versus else None
         r["speedup_spread"] = timing.paired_spread(ref["times_s"], r["times_s"]) if versus else None
-        r["achieved_GBps"] = floor_bytes / r["median_s"] / 1e9
-        r["floor_ms"] = floor_bytes / (copy_gbps * 1e9) * 1e3 if copy_gbps else None
-        r["x_floor"] = r["median_s"] * 1e3 / r["floor_ms"] if copy_gbps else None
-        r["pct_of_peak"] = 100 * r["achieved_GBps"] / peak if peak else None
+        r["achieved_GBps"] = floor_bytes / r["median_s"] / 1e9 if floor_bytes else None
+        r["floor_ms"] = floor_bytes / (copy_gbps * 1e9) * 1e3 if copy_gbps and floor_bytes else None
+        r["x_floor"] = r["median_s"] * 1e3 / r["floor_ms"] if r["floor_ms"] else None
+        r["pct_of_peak"] = 100 * r["achieved_GBps"] / peak if peak and floor_bytes else None
     for r in rows:  # fastasam's rows against the published loop of their algorithm, paired per round
         r["published"] = None if r["variant"] in ROLES else PUBLISHED_LOOP.get(kind_of(r["variant"]))
         loop = by_variant.get(r["published"])
@@ -313,7 +332,8 @@ def markdown(result: dict, env: dict) -> str:
                   f"{p.get('msam', PASSES['msam'])} for "
                   f"MSAM, {p['sgd']} for SGD momentum ({result['param_bytes'] / 1e6:.1f} MB each): ASAM's floor is "
                   f"{result['floor_ms']:.2f} ms. GB/s: those bytes over the row's median; x floor: the median over "
-                  "the row's floor.", ""]
+                  "the row's floor. FriendlySAM, WSAM and BSAM: no floor stated; their rows are compared with "
+                  "pytorch_optimizer's (foreach).", ""]
     elif result.get("floor_ms"):
         lines += [f"Memory floor: {result['memory_floor_bytes'] / 1e6:.1f} MB at {result['peak_GBps']:.0f} GB/s "
                   f"= {result['floor_ms']:.3f} ms.", ""]
@@ -414,7 +434,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="asam-<backend>, asam-auto, asam-official, asam-pytorch_optimizer, asam-compile-foreach, "
-                             "asam-apex, sam-<backend>, sam-auto, sam-sam.py, sam-pytorch_optimizer, sgd, copy "
+                             "asam-apex, sam-<backend>, sam-auto, sam-sam.py, sam-pytorch_optimizer, msam-<backend>, "
+                             "msam-auto, msam-authors, {friendlysam,wsam,bsam}-{<backend>,auto,pytorch_optimizer}, "
+                             "sgd, copy "
                              "(default: all that run on the device)")
     parser.add_argument("--threads", type=int, default=None, help=timing.THREADS_HELP)
     parser.add_argument("--out", type=Path, default=RESULTS)
