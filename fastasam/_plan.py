@@ -25,7 +25,7 @@ class Bucket:
     (perturbed tensors only) is the one parameter-sized buffer kept for the restore: the original weight
     (``restore="copy"``) or the perturbation ``e`` (``restore="subtract"``), in the storage dtype.
 
-    Per step (set by the engine before a backend reads them): ``grads[i]``; for the perturbation ``scales[i]``, a 0-d
+    Per step (set by the step plan before a backend reads them): ``grads[i]``; for the perturbation ``scales[i]``, a 0-d
     tensor on ``device`` holding ``rho / (norm + eps)`` (0 when the norm is not finite or is 0), and ``finite``.
     """
 

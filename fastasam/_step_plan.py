@@ -608,7 +608,7 @@ class UpdatePlan:
     def check(self) -> bool:
         """The fused tensors and their second-pass gradients are where the fused tables expect them (one pass); if
         only the gradients' addresses changed, the tables are rewritten in place. False: rebuild (or a parameter
-        moved, which the engine then finds)."""
+        moved, which the step plan then finds)."""
         if self.watch is None or self.watch.check() is not None:
             return True
         if not (self.watch.params_intact() and self.watch.state_intact()) or any(

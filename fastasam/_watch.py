@@ -12,7 +12,7 @@ tensor:
 * other tensors with a gradient: that they still have one (their gradients are handed to per-tensor code each step);
 * tensors without a gradient: that they still have none.
 
-Any difference returns None and the engine rebuilds what changed.
+Any difference returns None and the step plan rebuilds what changed.
 
 Two interchangeable implementations: ``fastasam._host.Watch`` (csrc/host.cpp, built by setup.py wherever PyTorch is;
 it reads each tensor's storage allocation, offset, element count and dtype straight from the fields) and ``PyWatch``

@@ -9,7 +9,7 @@ launch); :class:`MultiTensorBackend` turns a :class:`~fastasam._plan.Bucket` int
   kernels lack, go to ``foreach`` inside the same step;
 * an :class:`UpdateRunner` (second step): one launch that restores and applies ``torch.optim.SGD`` / ``Adam`` /
   ``AdamW``'s update to every tensor that qualifies, and one restore launch for the perturbed tensors that do not
-  (the engine then has the base optimizer step just those).
+  (the step plan then has the base optimizer step just those).
 
 Launches are bound once with their arguments (device tensors the plan owns, whose addresses never change while the
 plan lives), so a warm step calls them with nothing to compute. Tables are updated in place (``copy_``): only what
@@ -122,9 +122,9 @@ class MultiTensorBackend:
 class PerturbRunner:
     """The first step of one bucket on the kernels: norm, perturbation, and the restore when not fused.
 
-    ``kernel_index``: the bucket's tensors the kernels serve (their addresses are in ``rows``; the engine's watch
+    ``kernel_index``: the bucket's tensors the kernels serve (their addresses are in ``rows``; the step plan's watch
     checks them each step); ``reasons[i]``: why tensor ``i`` went to ``foreach`` instead (None for kernel tensors).
-    ``grad_target``: the bucket whose ``grads`` the engine sets each step (the foreach part; for DTensor shards the
+    ``grad_target``: the bucket whose ``grads`` the step plan sets each step (the foreach part; for DTensor shards the
     whole bucket, with local gradients, which this runner then checks itself)."""
 
     needs_scales: bool
@@ -195,7 +195,7 @@ class PerturbRunner:
         """Upload ``opts`` (eta, rho, adaptive, eps per group) from the bucket's current options (and have the
         foreach part re-read them)."""
         b = self.bucket
-        if self.rest is not None:  # in place: the engine hands this bucket its gradients each step
+        if self.rest is not None:  # in place: the step plan hands this bucket its gradients each step
             keep = [r is not None for r in self.reasons]
             for name in ("adaptive", "eta", "rho"):
                 setattr(self.rest, name, [x for x, k in zip(getattr(b, name), keep, strict=True) if k])
@@ -256,8 +256,8 @@ class PerturbRunner:
             self._keep()
 
     def _check_local_grads(self) -> None:
-        """DTensor shards: the engine cannot watch local gradients; compare them here and rewrite ``rows`` if one
-        moved or changed layout."""
+        """DTensor shards: the step plan's watch cannot see local gradients; compare them here and rewrite ``rows``
+        if one moved or changed layout."""
         b = self.bucket
         if [b.grads[i].data_ptr() for i in self.rows] != self.grad_ptrs or not all(
                 flat_like(b.grads[i], b.params[i]) for i in self.kernel_index):
