@@ -49,9 +49,18 @@ PASSES = {
     "sgd": 5,    # SGD momentum: read w, g, momentum, write w, momentum
     "msam": 8,   # Momentum-SAM with SGD: move back + update + the norm's partials (read w~, g, m, write w, m), the
                  # perturbation (read w, m, write w~)
+    # FriendlySAM with SGD: d = g - sigma * m with m's update and the norm's partials (read g, m, write m, d), the
+    # perturbation (read w, d, write w and the saved copy), restore + SGD-momentum update as ASAM's
+    "friendlysam": 13,
+    # WSAM (decoupled) with SGD: SAM's norm and perturbation keeping g (read g; read w, g, write w, the copy and g's),
+    # then restore + SGD on g + the decoupled term (read the copy, g_s, g, momentum, write w, momentum)
+    "wsam": 12,
+    # BSAM: the ascent keeping g (read g, the mean, s, write w + e and g's copy), then the update of m, s and the mean
+    # with the next noise drawn in place (read g_eps, the mean, m, s, g, write m, s, the mean and w + eps)
+    "bsam": 14,
     "copy": 2,   # the bandwidth probe: read one tensor, write another
 }
-# FriendlySAM, WSAM and BSAM: no floor is stated (PASSES has none); their rows are compared with pytorch_optimizer's
+# the peers' classes, compared with pytorch_optimizer's (foreach)
 PEERS = ("friendlysam", "wsam", "bsam")
 NUM_DATA = 1_281_167  # BSAM's training-set size (ImageNet's): it scales the noise only
 PASSES_ASAM_SGD = PASSES["asam"]
@@ -332,7 +341,8 @@ def markdown(result: dict, env: dict) -> str:
                   f"{p.get('msam', PASSES['msam'])} for "
                   f"MSAM, {p['sgd']} for SGD momentum ({result['param_bytes'] / 1e6:.1f} MB each): ASAM's floor is "
                   f"{result['floor_ms']:.2f} ms. GB/s: those bytes over the row's median; x floor: the median over "
-                  "the row's floor. FriendlySAM, WSAM and BSAM: no floor stated; their rows are compared with "
+                  f"the row's floor. FriendlySAM, WSAM and BSAM: {p.get('friendlysam', PASSES['friendlysam'])}, "
+                  f"{p.get('wsam', PASSES['wsam'])} and {p.get('bsam', PASSES['bsam'])} passes, compared with "
                   "pytorch_optimizer's (foreach).", ""]
     elif result.get("floor_ms"):
         lines += [f"Memory floor: {result['memory_floor_bytes'] / 1e6:.1f} MB at {result['peak_GBps']:.0f} GB/s "

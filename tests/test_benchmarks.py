@@ -198,9 +198,9 @@ def test_step_time_reports_the_published_loops_and_the_memory_floor(tmp_path):
 
 @pytest.mark.skipif(step_time.baselines.pytorch_optimizer_unavailable_reason() is not None,
                     reason="pytorch_optimizer is not installed (the test extra installs it)")
-def test_friendlysam_wsam_and_bsam_rows_are_compared_with_pytorch_optimizers_without_a_floor(tmp_path):
+def test_friendlysam_wsam_and_bsam_rows_are_compared_with_pytorch_optimizers_and_their_floors(tmp_path):
     """The peers' rows: fastasam's against pytorch_optimizer's (foreach) of the same algorithm, paired per round, in
-    the JSON, the comparisons and the table; no GB/s or floor (none is stated for them), while SGD keeps its own."""
+    the JSON, the comparisons and the table; each row measured against its own algorithm's floor."""
     peers = [f"{k}-{impl}" for k in step_time.PEERS for impl in ("auto", "pytorch_optimizer")]
     assert set(peers) <= set(step_time.default_variants(torch.device("cpu")))
     (result,) = step_time.main(["--device", "cpu", "--steps", "2", "--warmup", "0", "--param-sets", "resnet_tiny",
@@ -211,10 +211,11 @@ def test_friendlysam_wsam_and_bsam_rows_are_compared_with_pytorch_optimizers_wit
         assert ours["published"] == f"{kind}-pytorch_optimizer" and theirs["published"] is None
         assert ours["speedup_vs_published"] == timing.paired_ratio(theirs["times_s"], ours["times_s"])
         assert result["comparisons"][f"{kind}-auto vs {kind}-pytorch_optimizer"] == ours["speedup_vs_published"]
-        assert ours["x_floor"] is None and ours["achieved_GBps"] is None and theirs["floor_ms"] is None
-    assert rows["sgd"]["x_floor"] > 0
+        floor_s = step_time.PASSES[kind] * result["param_bytes"] / (result["copy_GBps"] * 1e9)
+        for r in (ours, theirs):
+            assert r["x_floor"] == pytest.approx(r["median_s"] / floor_s)
     md = (tmp_path / "step_time-resnet_tiny-float32-cpu.md").read_text()
-    assert "FriendlySAM, WSAM and BSAM: no floor stated" in md
+    assert "FriendlySAM, WSAM and BSAM: 13, 12 and 14 passes" in md
     assert "| published, pytorch_optimizer (foreach) |" in md and "x vs bsam-pytorch_optimizer |" in md
 
 
