@@ -104,7 +104,6 @@ SLOW_TESTS = frozenset({
     "test_packaging.py::test_a_planted_moved_file_leaves_its_pointers_stale",
     "test_packaging.py::test_a_planted_stale_pointer_is_found_with_its_place",
     "test_packaging.py::test_strings_in_code_and_link_targets_are_not_pointers",
-    "test_scripts.py::test_part1s_test_selection_collects_and_leaves_the_build_and_compile_only_tests_out",
     "test_trainer.py::test_a_non_finite_loss_on_one_rank_stops_every_rank",
     "test_trainer.py::test_a_second_signal_ends_a_stopping_process_at_once",
     "test_trainer.py::test_a_stop_at_an_epochs_last_step_keeps_its_evaluation",
