@@ -216,7 +216,7 @@ def test_friendlysam_wsam_and_bsam_rows_are_compared_with_pytorch_optimizers_and
             assert r["x_floor"] == pytest.approx(r["median_s"] / floor_s)
     md = (tmp_path / "step_time-resnet_tiny-float32-cpu.md").read_text()
     assert "FriendlySAM, WSAM and BSAM: 13, 12 and 14 passes" in md
-    assert "| published, pytorch_optimizer (foreach) |" in md and "x vs bsam-pytorch_optimizer |" in md
+    assert "| published, pytorch_optimizer (foreach) |" in md and " vs bsam-pytorch_optimizer |" in md  # "x" or "x !"
 
 
 def test_rows_that_are_not_fastasams_say_what_they_are_instead_of_a_speedup():
