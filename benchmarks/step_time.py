@@ -388,9 +388,10 @@ def draw(ax, result: dict, title: str) -> None:
         ax.legend(loc="lower right", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("median step time (ms), lower is better\nin brackets: the speed-up over the published loop of the "
-                  "row's algorithm\n(ASAM: asam-official, SAM: sam-sam.py), median of the per-round ratios",
+                  "row's algorithm\n(ASAM: asam-official, SAM: sam-sam.py, MSAM: msam-authors, the others: "
+                  "pytorch_optimizer's),\nmedian of the per-round ratios",
                   fontsize=8)
-    ax.set_title(f"{title}\nspeed-ups over the published ASAM/SAM loops", fontsize=10)
+    ax.set_title(f"{title}\nspeed-ups over the published loops", fontsize=10)
     longest = max(r["median_s"] for r in rows) * 1e3
     ax.set_xlim(0, max([longest * 2.1, *(x * 1.1 for _, x in floors)]))
 
