@@ -160,7 +160,11 @@ def pytorch_optimizer_sam(params: list[torch.Tensor], *, rho: float, adaptive: b
 
     opt = SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum,
               weight_decay=weight_decay)
+    return _both_steps(opt)
 
+
+def _both_steps(opt) -> Callable[[], None]:
+    """A pytorch_optimizer two-pass optimizer's step: ``first_step`` + ``second_step``, the gradients kept."""
     def step() -> None:
         opt.first_step(zero_grad=False)
         opt.second_step(zero_grad=False)
@@ -187,11 +191,7 @@ def pytorch_optimizer_peer(kind: str, params: list[torch.Tensor], *, rho: float,
         opt = po.FriendlySAM(params, torch.optim.SGD, rho=rho, foreach=True, **sgd)
     else:  # WSAM takes a model for its BatchNorm handling and clipping: one holding the parameters
         opt = po.WSAM(torch.nn.ParameterList(params), params, torch.optim.SGD, rho=rho, foreach=True, **sgd)
-
-    def step() -> None:
-        opt.first_step(zero_grad=False)
-        opt.second_step(zero_grad=False)
-    return step
+    return _both_steps(opt)
 
 
 def _first(wa, ga, wn, gn, ba, bn, rho: float, eta: float, eps: float) -> None:

@@ -27,6 +27,7 @@ import gc
 import sys
 import weakref
 
+import torch
 from torch.amp import grad_scaler as _gs
 
 
@@ -91,3 +92,16 @@ def unscale_now(scaler: _gs.GradScaler, opt):
     scaler.unscale_(opt)
     scale = scaler._scale
     return sum(t.to(scale.device, non_blocking=True) for t in record["found_inf_per_device"].values())
+
+
+def unscale_gradients(param_groups, grad_scale) -> None:
+    """Divide the gradients present in ``param_groups`` by ``grad_scale`` (GradScaler's scale tensor), as
+    ``GradScaler.unscale_`` does (its inverse computed in fp64, then fp32), one foreach op per device."""
+    per_device: dict = {}
+    for group in param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                per_device.setdefault(p.grad.device, []).append(p.grad)
+    inv = grad_scale.double().reciprocal().float()
+    for device, grads in per_device.items():
+        torch._foreach_mul_(grads, inv.to(device))

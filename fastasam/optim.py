@@ -358,14 +358,7 @@ class ASAM(torch.optim.Optimizer):
                 del base.grad_scale, base.found_inf  # type: ignore[attr-defined]
         else:  # what GradScaler itself does for such optimizers: unscale, then one host read of the flag
             if grad_scale is not None:
-                inv = grad_scale.double().reciprocal().float()
-                by_device: dict[torch.device, list[torch.Tensor]] = {}
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            by_device.setdefault(p.grad.device, []).append(p.grad)
-                for device, grads in by_device.items():
-                    torch._foreach_mul_(grads, inv.to(device))
+                _amp.unscale_gradients(self.param_groups, grad_scale)
             if not skip.item():
                 base.step()
         self._steps_done += 1

@@ -252,9 +252,8 @@ step_sanitize() {  # TOOL ARGS...: compute-sanitizer over scripts/gpu_small_run.
   rc=${PIPESTATUS[0]}
   set -e
   if grep -q "Device not supported" "$out"; then
-    rm -f "$out"
     echo "compute-sanitizer cannot attach to this machine's GPU (Device not supported): $tool did not run"
-    return 4
+    rc=4
   fi
   rm -f "$out"
   return "$rc"

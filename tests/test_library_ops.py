@@ -159,7 +159,7 @@ def launches(kind: str, base: type, **kw) -> tuple[dict[str, list], tuple]:
     tables point into: the optimizer (its state, buffers and tables) and the parameters (their gradients). The
     launches write through the addresses in their tables, so the caller keeps the second alive while it runs them
     again: freed, that memory would go to other tensors, which a re-run would overwrite."""
-    from fastasam.__main__ import KINDS
+    from fastasam.__main__ import KINDS, phases
 
     seen: dict[str, list] = {}
     bind = cuda_backend._Launcher.bind
@@ -177,7 +177,7 @@ def launches(kind: str, base: type, **kw) -> tuple[dict[str, list], tuple]:
     try:
         opt = cls(params, base, backend="cuda", rho=0.5, lr=0.01, **extra, **kw)
         for _ in range(3):
-            for phase in (opt.first_step, opt.second_step) if opt.second_pass_needed else (opt.second_step,):
+            for phase in phases(opt):
                 for p in params:
                     p.grad = torch.randn(p.shape, generator=gen).to("cuda", torch.bfloat16)
                 phase()

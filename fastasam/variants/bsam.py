@@ -212,7 +212,7 @@ class BSAM(torch.optim.Optimizer):
         grads = [p.grad for p in with_grad]
         if scale is not None:  # unscale in place and look for inf/NaN, as GradScaler.unscale_ does
             flags = []
-            for idx in _by_device_dtype(grads).values():
+            for idx in by_device(grads, dtype=True).values():
                 ts = [grads[i] for i in idx]
                 found = torch.zeros(1, dtype=torch.float32, device=ts[0].device)
                 torch._amp_foreach_non_finite_check_and_unscale_(ts, found, inverse(scale, ts[0].device).reshape(1))
@@ -408,10 +408,7 @@ class BSAM(torch.optim.Optimizer):
             if grad_scale is None and _amp.unscaled_nothing(scaler, self):  # unscale_ ran between the passes
                 found_inf = _amp.unscale_now(scaler, self)
         if grad_scale is not None:
-            grads = [p.grad for p in self._params() if p.grad is not None]
-            for idx in by_device(grads).values():
-                ts = [grads[i] for i in idx]
-                torch._foreach_mul_(ts, inverse(grad_scale, ts[0].device))
+            _amp.unscale_gradients(self.param_groups, grad_scale)
         skip = found_inf.float().clamp(max=1.0).bool()
         if self._first_skip is not None:
             skip = skip | self._first_skip.to(skip.device).bool().reshape(skip.shape)
@@ -510,9 +507,3 @@ def _check_options(group: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"fastasam: BSAM with betas[1]=0 and weight_decay + damping = 0 can make s 0 (a division by "
                          f"zero){where}; give damping > 0 (e.g. damping=0.1).")
 
-
-def _by_device_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
-    out: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault((t.device, t.dtype), []).append(i)
-    return out

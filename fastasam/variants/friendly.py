@@ -52,11 +52,11 @@ def torch_ops(backend: str, *lists: list[torch.Tensor]) -> ModuleType:
     return reference
 
 
-def by_device(tensors: Iterable[torch.Tensor]) -> dict[torch.device, list[int]]:
-    """Indices of ``tensors`` per device, in order."""
-    out: dict[torch.device, list[int]] = {}
+def by_device(tensors: Iterable[torch.Tensor], dtype: bool = False) -> dict[Any, list[int]]:
+    """Indices of ``tensors`` per device (``dtype=True``: per (device, dtype)), in order."""
+    out: dict[Any, list[int]] = {}
     for i, t in enumerate(tensors):
-        out.setdefault(t.device, []).append(i)
+        out.setdefault((t.device, t.dtype) if dtype else t.device, []).append(i)
     return out
 
 

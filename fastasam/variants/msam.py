@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import _watch, backends
+from .. import _amp, _watch, backends
 from .._plan import accumulate_dtype, check_gradient, check_no_shared_memory, is_dtensor, param_name
 from .._step_plan import check_nonnegative
 from ..backends import _layout as L
@@ -358,13 +358,7 @@ class MSAM(torch.optim.Optimizer):
         if bool(torch.as_tensor(found_inf).item()):
             return False
         if grad_scale is not None:
-            inv = grad_scale.double().reciprocal().float()
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for p in chain.from_iterable(map(_params_of, self.param_groups)):
-                if p.grad is not None:
-                    by_device.setdefault(p.grad.device, []).append(p.grad)
-            for device, grads in by_device.items():
-                torch._foreach_mul_(grads, inv.to(device))
+            _amp.unscale_gradients(self.param_groups, grad_scale)
         return True
 
     _step_supports_amp_scaling = True  # GradScaler hands grad_scale / found_inf to step() (see _unscale_for_scaler)
